@@ -1,0 +1,235 @@
+"""Typed, frozen configuration for every stage, with YAML in and out.
+
+Every config is a pydantic model with ``extra="forbid"`` so that a misspelt key in a YAML
+file is an error that names the key, never a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from cellscale.errors import CellscaleError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "SimulateConfig",
+    "CensusConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "SweepConfig",
+    "FitConfig",
+    "RunConfig",
+    "load_run_config",
+    "dump_yaml",
+    "config_hash",
+    "preset_path",
+    "list_presets",
+]
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(CellscaleError, ValueError):
+    """A configuration problem, with a message fit for a one-line ``error:``."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SimulateConfig(_Frozen):
+    """Negative-binomial simulator with discrete cell types and continuous programs."""
+
+    n_genes: int = Field(2000, ge=2)
+    n_types: int = Field(12, ge=1)
+    n_programs: int = Field(6, ge=0)
+    # log-mean shift of a cell type's marker genes, and the share of genes that are markers
+    type_effect: float = Field(1.5, ge=0)
+    marker_frac: float = Field(0.1, ge=0, le=1)
+    program_effect: float = Field(0.6, ge=0)
+    # library size ~ LogNormal(log(median), sigma): 10x data sits near 0.5-0.7
+    library_median: float = Field(4000.0, gt=0)
+    library_sigma: float = Field(0.6, ge=0)
+    # NB dispersion phi (variance = mu + phi mu^2) ~ LogNormal(log(median), sigma) per gene
+    dispersion_median: float = Field(0.3, gt=0)
+    dispersion_sigma: float = Field(0.5, ge=0)
+    # known-floor mode: a Gaussian latent-factor model on the log scale (issue 7)
+    mode: Literal["nb", "gaussian"] = "nb"
+    params_file: str | None = None
+
+
+class CensusConfig(_Frozen):
+    uri: str | None = None
+    version: str = "2025-01-30"
+    organism: str = "homo_sapiens"
+    obs_filter: str = "is_primary_data == True"
+    tissues: list[str] = Field(
+        default_factory=lambda: [
+            "blood", "lung", "brain", "kidney", "liver",
+            "heart", "intestine", "pancreas", "skin", "spleen",
+        ]
+    )
+    per_tissue_cap: int | None = Field(None, ge=1)
+    hvg_batch_key: str | None = None
+
+
+class DataConfig(_Frozen):
+    source: Literal["simulate", "h5ad", "census"] = "simulate"
+    input: str | None = None
+    layer: str | None = None
+    normalized: bool = False
+    genes: int = Field(512, ge=1, description="V, the number of genes the model sees")
+    cells: int = Field(10_000, ge=3, description="D, cells kept after QC (train+val+test)")
+    seed: int = 0
+    split: tuple[float, float, float] = (0.90, 0.05, 0.05)
+    split_by: str | None = Field(None, description="obs column held out as groups, e.g. dataset_id")
+    target_sum: float = Field(1e4, gt=0)
+    hvg_flavor: Literal["seurat_v3", "variance", "all"] = "seurat_v3"
+    hvg_batch_key: str | None = None
+    dtype: Literal["float32", "float16"] = "float32"
+    simulate: SimulateConfig = Field(default_factory=SimulateConfig)
+    census: CensusConfig = Field(default_factory=CensusConfig)
+
+    @field_validator("split")
+    @classmethod
+    def _split_sums_to_one(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(f <= 0 for f in v) or abs(sum(v) - 1.0) > 1e-9:
+            raise ValueError("split fractions must be positive and sum to 1")
+        return v
+
+
+class ModelConfig(_Frozen):
+    """One transformer size. ``n_genes`` is set from the dataset at train time."""
+
+    name: str = "custom"
+    d_model: int = Field(..., ge=1)
+    n_layers: int = Field(..., ge=1)
+    n_heads: int = Field(..., ge=1)
+    ffn_ratio: int = Field(4, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    n_genes: int = Field(512, ge=1)
+    objective: Literal["mse"] = "mse"
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelConfig":
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        return self
+
+
+class TrainConfig(_Frozen):
+    cells_seen: int = Field(240_000, ge=1, description="training budget: cells drawn (with repeats)")
+    batch_size: int = Field(64, ge=1)
+    # lr: a number, or "auto" = lr_base * sqrt(64 / d_model) clipped to [lr_min, lr_max],
+    # then scaled with batch (see lr_batch_scaling) relative to batch 256
+    lr: float | Literal["auto"] = "auto"
+    lr_base: float = Field(3e-3, gt=0)
+    lr_min: float = Field(1e-4, gt=0)
+    lr_max: float = Field(1e-2, gt=0)
+    lr_batch_scaling: Literal["none", "sqrt", "linear"] = "sqrt"
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_frac: float = Field(0.05, ge=0, lt=1)
+    final_lr_frac: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    mask_prob: float = Field(0.15, gt=0, lt=1)
+    eval_every: int = Field(0, ge=0, description="steps between evaluations; 0 = ~10 per run")
+    eval_batch_size: int = Field(256, ge=1)
+    max_eval_cells: int | None = Field(None, ge=1, description="cap on validation cells per eval")
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = at evals")
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False
+    num_threads: int | None = Field(None, ge=1)
+
+
+class FitConfig(_Frozen):
+    law: str = "power-floor"
+    method: str = "huber-log"
+    bootstrap: int = Field(1000, ge=0)
+    seed: int = 0
+
+
+class SweepConfig(_Frozen):
+    sizes: list[str] = Field(default_factory=lambda: ["XXS", "TINY", "XS", "S"])
+    train_cells: list[int | None] = Field(default_factory=lambda: [None])
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    # custom sizes, usable by name in ``sizes``: {name: {d_model, n_layers, n_heads, ffn_ratio}}
+    custom_sizes: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # per-size overrides of training settings, e.g. {"XXS": {"lr": 0.01}}
+    overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    backend: Literal["local", "ray"] = "local"
+    num_cpus_per_run: float = Field(1.0, gt=0)
+    num_gpus_per_run: float = Field(0.0, ge=0)
+
+
+class RunConfig(_Frozen):
+    """A whole study: data -> sweep of trainings -> fit -> report (a preset file)."""
+
+    name: str = "study"
+    description: str = ""
+    data: DataConfig = Field(default_factory=DataConfig)
+    dataset: str | None = Field(None, description="use an existing dataset dir instead of building")
+    model: dict[str, Any] = Field(default_factory=dict, description="defaults for every size, e.g. dropout")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+    fit: FitConfig = Field(default_factory=FitConfig)
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        return f"{origin}: unknown key '{loc}'"
+    return f"{origin}: key '{loc}': {first['msg']}"
+
+
+def parse_config(model: type[BaseModel], data: dict[str, Any], origin: str = "config") -> Any:
+    """Validate ``data`` into ``model``; raise ConfigError with a one-line message."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, origin)) from None
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return parse_config(RunConfig, data, origin=str(path))
+
+
+def dump_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def config_hash(cfg: BaseModel | dict[str, Any]) -> str:
+    """A short stable hash of a config, used to refuse resuming a run under other settings."""
+    payload = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def preset_path(name: str) -> Path:
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset '{name}' (available: {', '.join(list_presets())})")
+    return path
