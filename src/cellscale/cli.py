@@ -1,0 +1,278 @@
+"""cellscale command line: each subcommand parses, calls one function, prints.
+
+Bad input ends with one line ``error: ...`` on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cellscale import __version__
+from cellscale.errors import CellscaleError
+
+EPILOG = """examples:
+  cellscale run                                   # the demo study, offline, a few minutes on a laptop
+  cellscale run --preset smoke --out smoke-out    # a tiny end-to-end check (< 1 minute)
+  cellscale data build --source h5ad --input my.h5ad --genes 512 --cells 20000 --out ds
+  cellscale train --data ds --size XS --out runs/xs --cells-seen 100000
+  cellscale sweep configs/demo.yaml --out sweep
+  cellscale fit sweep/results.csv --law power-floor --json
+  cellscale report sweep
+"""
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="build a dataset directory")
+    dsub = data.add_subparsers(dest="data_cmd", required=True)
+    b = dsub.add_parser(
+        "build", help="QC -> library size over all genes -> normalise+log1p -> HVG -> splits",
+        description="Build a dataset directory (memory-mapped arrays + manifest.json) from a source.",
+    )
+    b.add_argument("--source", choices=["simulate", "h5ad", "census"], required=True)
+    b.add_argument("--input", help="the .h5ad file (--source h5ad)")
+    b.add_argument("--layer", help="read raw counts from this layer instead of X")
+    b.add_argument("--normalized", action="store_true",
+                   help="X already holds normalised log values: no count checks, no normalisation; "
+                        "HVG by variance, or all genes when --genes equals their number")
+    b.add_argument("--census-uri", help="open a local or mirrored Census copy (SOMA store)")
+    b.add_argument("--census-version", help="Census release (default: the pinned release)")
+    b.add_argument("--organism", help="Census organism, e.g. homo_sapiens")
+    b.add_argument("--obs-filter", help="Census obs value filter (default: is_primary_data == True)")
+    b.add_argument("--split-by", help="hold out whole groups of this obs column, e.g. dataset_id")
+    b.add_argument("--genes", type=int, required=True, help="V, the number of genes kept")
+    b.add_argument("--cells", type=int, required=True, help="D, the number of cells kept")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    b.add_argument("--config", help="a study YAML whose data section gives the other settings")
+    b.add_argument("--out", required=True)
+    b.add_argument("--overwrite", action="store_true", help="replace an existing directory at --out")
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser(
+        "train", help="train one model size; rerunning the same command resumes",
+        description="Train one model size on one training subset. Writes RUN_DIR/result.json, "
+                    "metrics.jsonl, best.safetensors and a resumable checkpoint.",
+    )
+    t.add_argument("--data", required=True, help="dataset directory from `cellscale data build`")
+    t.add_argument("--size", required=True, help="XXS, TINY, XS, S, M, L, XL or a custom size of --config")
+    t.add_argument("--out", required=True, help="run directory")
+    t.add_argument("--train-cells", type=int, help="use the first N cells of the fixed train permutation")
+    t.add_argument("--cells-seen", type=int, help="training budget in cells drawn")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--config", help="study YAML: its train/model sections and custom sizes apply")
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float, help="peak learning rate (default: auto by width)")
+    t.add_argument("--schedule", choices=["cosine", "constant"])
+    t.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    t.add_argument("--precision", choices=["auto", "fp32", "bf16"])
+    t.add_argument("--compile", action="store_true", help="torch.compile the model")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cellscale", description="Scaling laws for masked-reconstruction transformers "
+        "on single-cell expression: data -> sweep -> fitted law -> report.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"cellscale {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    _add_data(sub)
+
+    lad = sub.add_parser("ladder", help="table of model sizes and parameter counts")
+    lad.add_argument("--genes", type=int, default=512, help="V (default 512)")
+    lad.add_argument("--json", action="store_true")
+
+    _add_train(sub)
+
+    sw = sub.add_parser("sweep", help="train a grid of runs from a study YAML; resumable")
+    sw.add_argument("config", help="study YAML (see configs/)")
+    sw.add_argument("--out", required=True, help="sweep directory")
+    sw.add_argument("--backend", choices=["local", "ray"])
+    sw.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
+    sw.add_argument("--overwrite", action="store_true", help="replace a sweep dir that holds another study")
+
+    f = sub.add_parser("fit", help="fit a scaling law to a results table",
+                       description="Fit a scaling law to any CSV of runs (cellscale's results.csv by default).")
+    f.add_argument("table", help="CSV with one row per run")
+    f.add_argument("--law", default="power-floor", help="power, power-floor, chinchilla, data-constrained")
+    f.add_argument("--method", default="huber-log", help="huber-log, nls, paper")
+    f.add_argument("--x", help="comma-separated x column(s) (default params, or params,train_cells)")
+    f.add_argument("--y", help="loss column (default best_val_mse)")
+    f.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--json", action="store_true", help="print one JSON object")
+
+    r = sub.add_parser("report", help="write SWEEP_DIR/report.html and report.md")
+    r.add_argument("sweep_dir")
+
+    run = sub.add_parser("run", help="the whole flow (default preset 'demo' runs offline)")
+    run.add_argument("--preset", help="a preset name (see --list-presets); default demo")
+    run.add_argument("--config", help="a study YAML instead of a preset")
+    run.add_argument("--out", help="output directory (default cellscale-out/<preset>)")
+    run.add_argument("--backend", choices=["local", "ray"])
+    run.add_argument("--ray-address")
+    run.add_argument("--overwrite", action="store_true")
+    run.add_argument("--list-presets", action="store_true", help="print the presets and exit")
+    return p
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_data_build(a: argparse.Namespace) -> int:
+    from cellscale.config import DataConfig, load_run_config, parse_config
+    from cellscale.data.build import build_dataset
+
+    base = load_run_config(a.config).data.model_dump() if a.config else {}
+    base.update({"source": a.source, "genes": a.genes, "cells": a.cells, "seed": a.seed,
+                 "dtype": a.dtype, "normalized": a.normalized or base.get("normalized", False)})
+    for key, value in (("input", a.input), ("layer", a.layer), ("split_by", a.split_by)):
+        if value is not None:
+            base[key] = value
+    census = dict(base.get("census", {}))
+    for key, value in (("uri", a.census_uri), ("version", a.census_version),
+                       ("organism", a.organism), ("obs_filter", a.obs_filter)):
+        if value is not None:
+            census[key] = value
+    base["census"] = census
+    cfg = parse_config(DataConfig, base, origin="data build")
+    if cfg.source == "h5ad" and not cfg.input:
+        raise CellscaleError("--source h5ad needs --input PATH to a .h5ad file")
+    path = build_dataset(cfg, out=Path(a.out), overwrite=a.overwrite)
+    from cellscale.data.store import Dataset
+
+    m = Dataset.open(path).manifest
+    gm = m.get("baselines", {}).get("gene_mean", {})
+    print(f"dataset: {path}  ({m.get('D')} cells x {m.get('V')} genes; splits {m.get('split_sizes')})")
+    if gm:
+        print(f"gene-mean baseline MSE: validation {gm['val']:.4f}, test {gm['test']:.4f}")
+    return 0
+
+
+def cmd_ladder(a: argparse.Namespace) -> int:
+    from cellscale.ladder import ladder_table
+
+    rows = ladder_table(a.genes)
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"model ladder at V = {a.genes} genes (params include the gene-embedding table)")
+    print(f"{'size':<6} {'d':>5} {'L':>3} {'H':>3} {'FFN':>4} {'params':>14} {'non-emb':>14} {'train GFLOP/cell':>17}")
+    for r in rows:
+        print(f"{r['size']:<6} {r['d_model']:>5} {r['n_layers']:>3} {r['n_heads']:>3} {r['ffn_ratio']:>4} "
+              f"{r['params']:>14,} {r['non_embedding_params']:>14,} {r['flops_per_cell'] / 1e9:>17.4f}")
+    return 0
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from cellscale.config import RunConfig, TrainConfig, load_run_config, parse_config
+    from cellscale.data.store import Dataset
+    from cellscale.ladder import get_size
+    from cellscale.progress import console
+    from cellscale.train import train_run
+
+    study = load_run_config(a.config) if a.config else RunConfig()
+    ds = Dataset.open(a.data)
+    model = get_size(a.size, n_genes=ds.n_genes, custom=study.sweep.custom_sizes, **study.model)
+    train = study.train.model_dump()
+    train.update(study.sweep.overrides.get(a.size, {}))
+    for key, value in (("cells_seen", a.cells_seen), ("batch_size", a.batch_size), ("lr", a.lr),
+                       ("schedule", a.schedule), ("device", a.device), ("precision", a.precision)):
+        if value is not None:
+            train[key] = value
+    if a.compile:
+        train["compile"] = True
+    tcfg = parse_config(TrainConfig, train, origin="train")
+    from cellscale.progress import SweepProgress
+    from cellscale.sweep.plan import RunSpec
+
+    spec = RunSpec(Path(a.out).name, a.size, model, tcfg, a.train_cells, a.seed)
+    with SweepProgress(1) as bar:
+        hook = bar.run_started(spec)
+        result = train_run(ds, model, tcfg, out=a.out, train_cells=a.train_cells, seed=a.seed,
+                           on_step=hook)
+        bar.run_finished(spec, result)
+    console.print(f"result: {Path(a.out) / 'result.json'}")
+    return 0 if result.get("status") == "ok" else 1
+
+
+def cmd_sweep(a: argparse.Namespace) -> int:
+    from cellscale.sweep import run_sweep
+
+    path = run_sweep(a.config, out=a.out, backend=a.backend, ray_address=a.ray_address,
+                     overwrite=a.overwrite)
+    print(f"results: {path}")
+    return 0
+
+
+def cmd_fit(a: argparse.Namespace) -> int:
+    from cellscale.fit import fit_csv
+    from cellscale.io import to_json
+
+    x = [c.strip() for c in a.x.split(",")] if a.x else None
+    res = fit_csv(a.table, law=a.law, method=a.method, x=x, y=a.y, bootstrap=a.bootstrap, seed=a.seed)
+    d = res.to_dict()
+    if a.json:
+        print(to_json(d, indent=None))
+        return 0
+    print(res.summary() if hasattr(res, "summary") else to_json(d))
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from cellscale.report.writer import write_report
+
+    sweep_dir = Path(a.sweep_dir)
+    if not (sweep_dir / "results.csv").is_file():
+        raise CellscaleError(f"{sweep_dir} has no results.csv; run `cellscale sweep` into it first")
+    html, md = write_report(sweep_dir)
+    print(f"report: {html}\nreport: {md}")
+    return 0
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from cellscale.config import list_presets
+    from cellscale.pipeline import print_summary, resolve_config, run_study
+
+    if a.list_presets:
+        for name in list_presets():
+            print(name)
+        return 0
+    if a.preset and a.config:
+        raise CellscaleError("give --preset or --config, not both")
+    cfg = resolve_config(preset=a.preset, config=a.config)
+    out = Path(a.out or Path("cellscale-out") / (a.preset or (cfg.name if a.config else "demo")))
+    summary = run_study(cfg, out=out, backend=a.backend, ray_address=a.ray_address, overwrite=a.overwrite)
+    print_summary(summary)
+    return 0
+
+
+COMMANDS = {
+    "ladder": cmd_ladder, "train": cmd_train, "sweep": cmd_sweep, "fit": cmd_fit,
+    "report": cmd_report, "run": cmd_run,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.cmd == "data":
+            return cmd_data_build(args)
+        return COMMANDS[args.cmd](args)
+    except CellscaleError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as err:
+        print(f"error: {err.strerror}: {err.filename}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

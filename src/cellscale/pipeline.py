@@ -1,0 +1,82 @@
+"""The whole flow: dataset -> sweep of trainings -> results.csv -> fit -> report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cellscale.config import RunConfig, load_run_config, preset_path
+from cellscale.io import read_json
+from cellscale.progress import console
+from cellscale.report.writer import write_report
+from cellscale.sweep import run_sweep
+
+
+def resolve_config(*, preset: str | None = None, config: str | Path | None = None) -> RunConfig:
+    if config is not None:
+        return load_run_config(config)
+    return load_run_config(preset_path(preset or "demo"))
+
+
+def run_study(
+    cfg: RunConfig, *, out: str | Path, backend: str | None = None, ray_address: str | None = None,
+    overwrite: bool = False, progress: bool = True,
+) -> dict[str, Any]:
+    out = Path(out)
+    results = run_sweep(cfg, out=out, backend=backend, ray_address=ray_address,
+                        overwrite=overwrite, progress=progress)
+    html, md = write_report(out)
+    summary = summarize(out, results)
+    summary.update({"report_html": str(html), "report_md": str(md), "results": str(results)})
+    return summary
+
+
+def summarize(out: Path, results_csv: Path) -> dict[str, Any]:
+    table = pd.read_csv(results_csv)
+    ok = table[table["status"] == "ok"]
+    summary: dict[str, Any] = {
+        "runs": int(len(table)),
+        "finished": int(len(ok)),
+        "failed_or_diverged": int(len(table) - len(ok)),
+    }
+    if len(ok):
+        best = ok.loc[ok["best_val_mse"].idxmin()]
+        summary.update({
+            "best_run": str(best["run_id"]),
+            "best_val_mse": float(best["best_val_mse"]),
+            "gene_mean_val_mse": float(best["gene_mean_val_mse"]),
+        })
+    fit_path = out / "fit.json"
+    if fit_path.is_file():
+        summary["fit"] = read_json(fit_path)
+    return summary
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    console.print(
+        f"runs: {summary['finished']}/{summary['runs']} finished"
+        + (f", {summary['failed_or_diverged']} failed or diverged" if summary["failed_or_diverged"] else "")
+    )
+    if "best_val_mse" in summary:
+        console.print(
+            f"best: {summary['best_run']}  validation MSE {summary['best_val_mse']:.4f}"
+            f"  (gene-mean baseline {summary['gene_mean_val_mse']:.4f})"
+        )
+    fit = summary.get("fit") or {}
+    if fit.get("params"):
+        parts = []
+        for name, value in fit["params"].items():
+            lo, hi = (fit.get("ci95") or {}).get(name, [None, None])
+            ci = f" [{lo:.4g}, {hi:.4g}]" if lo is not None and hi is not None else ""
+            parts.append(f"{name}={value:.4g}{ci}")
+        console.print(f"fit ({fit.get('law')}, {fit.get('method')}): " + ", ".join(parts))
+        if fit.get("floor_at_boundary"):
+            console.print("warning: the floor estimate sits on its bound: the data do not pin it down")
+        ent = fit.get("entropy_bits") or {}
+        if ent.get("gaussian") is not None:
+            console.print(f"entropy per masked gene (homoscedastic Gaussian): {ent['gaussian']:.3f} bits")
+    elif fit.get("error"):
+        console.print(f"fit: not possible ({fit['error']})")
+    console.print(f"report: {summary['report_html']}")

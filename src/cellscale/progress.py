@@ -1,0 +1,87 @@
+"""Progress for long work: a bar for the sweep and one for the run in flight, with ETAs."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+)
+
+console = Console(stderr=True)
+
+
+class SweepProgress:
+    """Rich progress bars on stderr; plain lines when stderr is not a terminal (CI logs)."""
+
+    def __init__(self, n_runs: int, *, enabled: bool = True):
+        self.enabled = enabled
+        self.live = enabled and sys.stderr.isatty()
+        self.n_runs = n_runs
+        self.done = 0
+        self._bar = None
+        if self.live:
+            self._bar = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
+                TimeRemainingColumn(), console=console, transient=False,
+            )
+            self._sweep = self._bar.add_task("runs", total=n_runs, info="")
+            self._run = None
+
+    def __enter__(self) -> "SweepProgress":
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def _say(self, text: str) -> None:
+        if self.enabled:
+            console.print(text, highlight=False)
+
+    def run_skipped(self, spec: Any) -> None:
+        self.done += 1
+        if self._bar is not None:
+            self._bar.advance(self._sweep)
+        self._say(f"[{self.done}/{self.n_runs}] {spec.run_id}: already finished, skipped")
+
+    def run_started(self, spec: Any) -> Callable[[dict[str, Any]], None] | None:
+        if not self.enabled:
+            return None
+        if self._bar is None:
+            last = {"pct": -1}
+
+            def plain(info: dict[str, Any]) -> None:
+                pct = int(100 * info["step"] / info["total"])
+                if pct // 25 != last["pct"] // 25:
+                    last["pct"] = pct
+                    self._say(f"    {spec.run_id}: step {info['step']}/{info['total']} "
+                              f"loss {info['loss']:.4f}")
+
+            return plain
+        if self._run is not None:
+            self._bar.remove_task(self._run)
+        self._run = self._bar.add_task(f"  {spec.run_id}", total=None, info="")
+
+        def hook(info: dict[str, Any]) -> None:
+            self._bar.update(self._run, completed=info["step"], total=info["total"],
+                             info=f"loss {info['loss']:.4f}")
+
+        return hook
+
+    def run_finished(self, spec: Any, result: dict[str, Any]) -> None:
+        self.done += 1
+        if self._bar is not None:
+            self._bar.advance(self._sweep)
+        status = result.get("status")
+        if status == "ok":
+            msg = (f"val {result['best_val_mse']:.4f}  test {result['test_mse']:.4f}  "
+                   f"{result['wall_seconds']:.0f}s")
+        else:
+            msg = f"{status}: {result.get('error')}"
+        self._say(f"[{self.done}/{self.n_runs}] {spec.run_id} ({result.get('params', '?')} params): {msg}")

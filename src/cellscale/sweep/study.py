@@ -1,0 +1,71 @@
+"""A sweep directory: its config, its dataset, its runs and its results table."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from cellscale.config import RunConfig, config_hash, dump_yaml, load_run_config
+from cellscale.data.build import build_dataset
+from cellscale.data.store import Dataset
+from cellscale.errors import RunError
+from cellscale.io import atomic_write_json, atomic_write_text, read_json
+from cellscale.progress import SweepProgress, console
+from cellscale.sweep.plan import plan_runs
+from cellscale.sweep.results import write_results
+from cellscale.sweep.runner import run_local, run_ray
+
+
+def prepare_sweep_dir(cfg: RunConfig, out: Path, *, overwrite: bool = False) -> None:
+    """Claim ``out`` for this config: refuse a directory that holds something else."""
+    marker = out / "sweep.json"
+    if out.exists() and any(out.iterdir()):
+        if marker.is_file():
+            old = read_json(marker)
+            if old.get("config_hash") != config_hash(cfg) and not overwrite:
+                raise RunError(
+                    f"{out} holds a sweep with another config; use another --out, or --overwrite"
+                )
+        elif not overwrite:
+            raise RunError(f"{out} is not empty and is not a cellscale sweep; use another --out, or --overwrite")
+        if overwrite and (not marker.is_file() or read_json(marker).get("config_hash") != config_hash(cfg)):
+            shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(marker, {"config_hash": config_hash(cfg), "dataset": None})
+    atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+
+
+def ensure_dataset(cfg: RunConfig, out: Path) -> Path:
+    if cfg.dataset:
+        path = Path(cfg.dataset).expanduser().resolve()
+        Dataset.open(path)  # refuses a missing, changed or truncated dataset
+        return path
+    path = out / "dataset"
+    if (path / "manifest.json").is_file():
+        return path.resolve()
+    console.print(f"building dataset ({cfg.data.source}, V={cfg.data.genes}, D={cfg.data.cells}) -> {path}")
+    return build_dataset(cfg.data, out=path, overwrite=True).resolve()
+
+
+def run_sweep(
+    cfg: RunConfig | str | Path, *, out: str | Path, backend: str | None = None,
+    ray_address: str | None = None, overwrite: bool = False, progress: bool = True,
+) -> Path:
+    """Build (or reuse) the dataset, train every planned run, write ``results.csv``."""
+    if not isinstance(cfg, RunConfig):
+        cfg = load_run_config(cfg)
+    out = Path(out)
+    prepare_sweep_dir(cfg, out, overwrite=overwrite)
+    dataset = ensure_dataset(cfg, out)
+    ds = Dataset.open(dataset)
+    atomic_write_json(out / "sweep.json", {"dataset": str(dataset), "config_hash": config_hash(cfg)})
+    specs = plan_runs(cfg, n_genes=ds.n_genes)
+    backend = backend or cfg.sweep.backend
+    with SweepProgress(len(specs), enabled=progress) as bar:
+        if backend == "ray":
+            run_ray(specs, dataset=str(dataset), sweep_dir=str(out), address=ray_address,
+                    num_cpus_per_run=cfg.sweep.num_cpus_per_run,
+                    num_gpus_per_run=cfg.sweep.num_gpus_per_run, progress=bar)
+        else:
+            run_local(specs, dataset=str(dataset), sweep_dir=str(out), progress=bar)
+    return write_results(out, [s.run_id for s in specs])

@@ -1,0 +1,328 @@
+"""One training run: one model size on one training subset, resumable, with a result.json.
+
+The loop is deliberately short. Batches are a pure function of (seed, step) (see
+``data.loader``), the optimiser, schedule and torch RNG state are checkpointed, so a run killed
+at any moment and started again with the same call ends with the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from cellscale import __version__
+from cellscale.checkpoint import find_checkpoint, load_checkpoint, load_weights, save_checkpoint, save_weights
+from cellscale.config import ModelConfig, TrainConfig, config_hash
+from cellscale.data.loader import TrainBatches, eval_batches
+from cellscale.data.store import Dataset
+from cellscale.errors import RunError
+from cellscale.io import atomic_write_json, atomic_write_with, read_json, to_json
+from cellscale.model import CellTransformer, count_params, flops_per_cell, non_embedding_params
+
+RESULT_FIELDS = (
+    "run_id", "size", "params", "non_embedding_params", "d_model", "n_layers", "n_heads",
+    "n_genes", "train_cells", "seed", "steps", "cells_seen", "tokens_seen", "flops", "lr",
+    "best_step", "best_val_mse", "test_mse", "gene_mean_val_mse", "gene_mean_test_mse",
+    "wall_seconds", "status", "error",
+)
+FINISHED = ("ok", "diverged")
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def resolve_lr(model_cfg: ModelConfig, train_cfg: TrainConfig) -> float:
+    """Peak learning rate. "auto" shrinks with width (wider models need smaller steps, the
+    reason one rate for all sizes under-trained the study's large models) and grows with batch."""
+    if train_cfg.lr == "auto":
+        lr = train_cfg.lr_base * math.sqrt(64.0 / model_cfg.d_model)
+        lr = min(max(lr, train_cfg.lr_min), train_cfg.lr_max)
+    else:
+        lr = float(train_cfg.lr)
+    ratio = train_cfg.batch_size / 256.0
+    scale = {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[train_cfg.lr_batch_scaling]
+    return lr * scale
+
+
+def lr_at(step: int, *, total_steps: int, peak: float, cfg: TrainConfig) -> float:
+    if cfg.schedule == "constant":
+        return peak
+    warmup = int(cfg.warmup_frac * total_steps)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    floor = cfg.final_lr_frac * peak
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RunError("device 'cuda' requested but no CUDA device is visible; use --device cpu")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, precision: str):
+    # bf16 autocast keeps fp32 master weights; on CPU bf16 matmuls are slower here, so fp32
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    # decay matrices only: biases, LayerNorm gains and the mask vector are not shrunk to zero
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=1e-8)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(
+    model: CellTransformer, ds: Dataset, split: str, *, cfg: TrainConfig, device: torch.device,
+    autocast=nullcontext, max_cells: int | None = None,
+) -> float:
+    """MSE over every masked position of the split under the dataset's fixed evaluation mask."""
+    was_training = model.training
+    model.eval()
+    sq, n = 0.0, 0
+    for values, mask in eval_batches(ds, split, batch_size=cfg.eval_batch_size, max_cells=max_cells):
+        values = values.to(device, non_blocking=True)
+        mask = mask.to(device, non_blocking=True)
+        with autocast():
+            pred = model(values, mask)
+        sq += float(((pred.float() - values[mask]) ** 2).sum())
+        n += int(mask.sum())
+    model.train(was_training)
+    return sq / max(n, 1)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def run_identity(
+    model_cfg: ModelConfig, train_cfg: TrainConfig, *, dataset: Dataset, train_cells: int | None, seed: int
+) -> dict[str, Any]:
+    return {
+        "model": model_cfg.model_dump(mode="json"),
+        "train": train_cfg.model_dump(mode="json"),
+        "dataset_checksum": dataset.manifest.get("checksums", {}).get("values.npy"),
+        "train_cells": train_cells,
+        "seed": seed,
+    }
+
+
+def train_run(
+    dataset: str | Path | Dataset,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    *,
+    out: str | Path,
+    train_cells: int | None = None,
+    seed: int = 0,
+    run_id: str | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+    stop_after_steps: int | None = None,
+) -> dict[str, Any]:
+    """Train one model and write ``out/result.json``; rerunning the same call resumes.
+
+    ``on_step`` receives a small dict after every optimiser step (for progress bars);
+    ``stop_after_steps`` ends the process's work early without finishing the run (tests).
+    """
+    t_start = time.perf_counter()
+    ds = dataset if isinstance(dataset, Dataset) else Dataset.open(dataset)
+    out = Path(out)
+    model_cfg = model_cfg.model_copy(update={"n_genes": ds.n_genes})
+    n_train = len(ds.train_indices(train_cells))
+    identity = run_identity(model_cfg, train_cfg, dataset=ds, train_cells=n_train, seed=seed)
+    ident_hash = config_hash(identity)
+
+    result_path = out / "result.json"
+    config_path = out / "config.json"
+    if config_path.is_file():
+        old = read_json(config_path)
+        if old.get("hash") != ident_hash:
+            raise RunError(
+                f"{out} holds a run with other settings; choose another --out or delete it"
+            )
+        if result_path.is_file():
+            prev = read_json(result_path)
+            if prev.get("status") in FINISHED:
+                return prev
+    elif out.exists() and any(out.iterdir()):
+        raise RunError(f"{out} is not empty and holds no cellscale run; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(config_path, {"hash": ident_hash, **identity, "cellscale_version": __version__})
+
+    device = pick_device(train_cfg.device)
+    if train_cfg.num_threads:
+        torch.set_num_threads(train_cfg.num_threads)
+    autocast = autocast_for(device, train_cfg.precision)
+
+    torch.manual_seed(seed)
+    model = CellTransformer(model_cfg).to(device)
+    peak_lr = resolve_lr(model_cfg, train_cfg)
+    optimizer = make_optimizer(model, train_cfg, peak_lr)
+    loss_fn = torch.compile(model.loss) if train_cfg.compile else model.loss
+
+    batches = TrainBatches(
+        ds, train_cells=train_cells, batch_size=train_cfg.batch_size, seed=seed,
+        mask_prob=train_cfg.mask_prob,
+    )
+    total_steps = max(1, math.ceil(train_cfg.cells_seen / train_cfg.batch_size))
+    eval_every = train_cfg.eval_every or max(1, total_steps // 10)
+    ckpt_every = train_cfg.checkpoint_every or eval_every
+    log_every = max(1, min(eval_every, total_steps // 50 or 1))
+
+    ckpt_dir = out / "checkpoint"
+    metrics_path = out / "metrics.jsonl"
+    best_path = out / "best.safetensors"
+    state = {"step": 0, "best_val": math.inf, "best_step": -1, "metric_lines": 0,
+             "masked_tokens": 0, "wall": 0.0, "run_loss": 0.0, "run_n": 0, "status": "running", "diverged_at": None}
+    found = find_checkpoint(ckpt_dir)
+    if found is not None:
+        state = load_checkpoint(found, model=model, optimizer=optimizer)
+        _truncate_lines(metrics_path, state["metric_lines"])
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+    def log(record: dict[str, Any]) -> None:
+        with open(metrics_path, "a") as fh:
+            fh.write(to_json(record, indent=None) + "\n")
+        state["metric_lines"] += 1
+
+    def checkpoint() -> None:
+        state["wall"] = wall_before + (time.perf_counter() - t_loop)
+        save_checkpoint(ckpt_dir, model=model, optimizer=optimizer, loop_state=state)
+
+    wall_before = float(state["wall"])
+    t_loop = time.perf_counter()
+    model.train()
+    step = int(state["step"])
+    steps_this_call = 0
+    for values, mask in batches.iterate(step, total_steps - step):
+        if stop_after_steps is not None and steps_this_call >= stop_after_steps:
+            break
+        lr = lr_at(step, total_steps=total_steps, peak=peak_lr, cfg=train_cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        values = values.to(device, non_blocking=True)
+        mask = mask.to(device, non_blocking=True)
+        with autocast():
+            loss = loss_fn(values, mask)
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            state["status"], state["diverged_at"] = "diverged", step
+            log({"kind": "diverged", "step": step, "loss": None})
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+        optimizer.step()
+        step += 1
+        steps_this_call += 1
+        state["step"] = step
+        state["masked_tokens"] += int(mask.sum())
+        state["run_loss"] += loss_value
+        state["run_n"] += 1
+        if step % log_every == 0 or step == total_steps:
+            log({"kind": "train", "step": step, "cells_seen": step * train_cfg.batch_size,
+                 "lr": lr, "loss": state["run_loss"] / state["run_n"],
+                 "wall": _elapsed(wall_before, t_loop)})
+            state["run_loss"], state["run_n"] = 0.0, 0
+        if step % eval_every == 0 or step == total_steps:
+            val = evaluate(model, ds, "val", cfg=train_cfg, device=device, autocast=autocast,
+                           max_cells=train_cfg.max_eval_cells)
+            log({"kind": "eval", "step": step, "cells_seen": step * train_cfg.batch_size,
+                 "val_mse": val, "wall": _elapsed(wall_before, t_loop)})
+            if val < state["best_val"]:
+                state["best_val"], state["best_step"] = val, step
+                atomic_write_with(best_path, lambda p: save_weights(model, p))
+            if not math.isfinite(val):
+                state["status"], state["diverged_at"] = "diverged", step
+                break
+        if step % ckpt_every == 0 or step == total_steps:
+            checkpoint()
+        if on_step is not None:
+            on_step({"step": step, "total": total_steps, "loss": loss_value, "lr": lr})
+
+    if state["status"] == "running" and step < total_steps:
+        return {"status": "incomplete", "step": step}  # stop_after_steps: leave it resumable
+
+    status = "ok" if state["status"] == "running" else state["status"]
+    test_mse = None
+    best_val = state["best_val"] if math.isfinite(state["best_val"]) else None
+    if best_val is not None and best_path.is_file():
+        load_weights(model, best_path)
+        model.to(device)
+        # the full validation split scores the chosen checkpoint even when evals were capped
+        best_val = evaluate(model, ds, "val", cfg=train_cfg, device=device, autocast=autocast)
+        test_mse = evaluate(model, ds, "test", cfg=train_cfg, device=device, autocast=autocast)
+
+    baselines = ds.manifest.get("baselines", {}).get("gene_mean", {})
+    per_cell = flops_per_cell(model_cfg, mask_prob=train_cfg.mask_prob)["train"]
+    cells = step * train_cfg.batch_size
+    result = {
+        "run_id": run_id or out.name,
+        "size": model_cfg.name,
+        "params": count_params(model_cfg),
+        "non_embedding_params": non_embedding_params(model_cfg),
+        "d_model": model_cfg.d_model,
+        "n_layers": model_cfg.n_layers,
+        "n_heads": model_cfg.n_heads,
+        "n_genes": model_cfg.n_genes,
+        "train_cells": n_train,
+        "seed": seed,
+        "steps": step,
+        "cells_seen": cells,
+        "tokens_seen": cells * model_cfg.n_genes,
+        "masked_tokens_seen": state["masked_tokens"],
+        "flops": per_cell * cells,
+        "lr": peak_lr,
+        "best_step": state["best_step"] if best_val is not None else None,
+        "best_val_mse": best_val,
+        "test_mse": test_mse,
+        "gene_mean_val_mse": baselines.get("val"),
+        "gene_mean_test_mse": baselines.get("test"),
+        "wall_seconds": _elapsed(wall_before, t_loop),
+        "status": status,
+        "error": f"non-finite loss at step {state['diverged_at']}" if status == "diverged" else None,
+        "diverged_at": state["diverged_at"],
+        "batch_size": train_cfg.batch_size,
+        "schedule": train_cfg.schedule,
+        "device": str(device),
+        "total_wall_seconds": time.perf_counter() - t_start,
+    }
+    atomic_write_json(result_path, result)
+    return result
+
+
+def _elapsed(before: float, t0: float) -> float:
+    return before + (time.perf_counter() - t0)
+
+
+def _truncate_lines(path: Path, n: int) -> None:
+    """Drop metric lines written after the checkpoint we resume from (they will be redone)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    if len(lines) != n:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(lines[:n]))
+        os.replace(tmp, path)

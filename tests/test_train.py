@@ -1,0 +1,118 @@
+"""One training run: accounting, schedule, resume, divergence, refusal of a foreign run dir."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from cellscale.config import ModelConfig, TrainConfig
+from cellscale.data.store import Dataset
+from cellscale.errors import RunError
+from cellscale.ladder import get_size
+from cellscale.model import CellTransformer, count_params, flops_per_cell, non_embedding_params
+from cellscale.train import lr_at, resolve_lr, train_run
+
+TRAIN = TrainConfig(cells_seen=32 * 24, batch_size=32, eval_every=6, eval_batch_size=64,
+                    warmup_frac=0.1, num_threads=1)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for rec in lines:
+        rec.pop("wall", None)
+    return lines
+
+
+def test_result_accounting(tiny_dataset_dir: Path, tmp_path: Path):
+    ds = Dataset.open(tiny_dataset_dir)
+    model = get_size("XS", n_genes=ds.n_genes)
+    res = train_run(ds, model, TRAIN, out=tmp_path / "run", train_cells=100, seed=0)
+    assert res["status"] == "ok"
+    assert res["steps"] == 24
+    assert res["cells_seen"] == 24 * 32
+    assert res["tokens_seen"] == 24 * 32 * ds.n_genes
+    assert res["train_cells"] == 100
+    assert res["params"] == count_params(model) == sum(p.numel() for p in CellTransformer(model).parameters())
+    assert res["non_embedding_params"] == non_embedding_params(model)
+    assert res["flops"] == pytest.approx(flops_per_cell(model, mask_prob=0.15)["train"] * 24 * 32)
+    assert res["gene_mean_val_mse"] == ds.manifest["baselines"]["gene_mean"]["val"]
+    evals = [m for m in _metrics(tmp_path / "run") if m["kind"] == "eval"]
+    assert [m["step"] for m in evals] == [6, 12, 18, 24]
+    best = min(evals, key=lambda m: m["val_mse"])
+    assert res["best_step"] == best["step"]
+    assert res["best_val_mse"] == pytest.approx(best["val_mse"], rel=1e-6)
+    assert math.isfinite(res["test_mse"])
+    saved = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert saved["best_val_mse"] == res["best_val_mse"]
+
+
+def test_schedule_warmup_then_cosine():
+    cfg = TrainConfig(warmup_frac=0.1, final_lr_frac=0.1, schedule="cosine")
+    lrs = [lr_at(s, total_steps=100, peak=1.0, cfg=cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+    const = TrainConfig(schedule="constant")
+    assert {lr_at(s, total_steps=100, peak=0.5, cfg=const) for s in range(100)} == {0.5}
+
+
+def test_auto_lr_shrinks_with_width_and_scales_with_batch():
+    cfg = TrainConfig(batch_size=256, lr_batch_scaling="sqrt")
+    lr = {d: resolve_lr(ModelConfig(d_model=d, n_layers=1, n_heads=1), cfg) for d in (1, 64, 256, 1024)}
+    assert lr[1] == cfg.lr_max and lr[64] == pytest.approx(cfg.lr_base)
+    assert lr[256] == pytest.approx(cfg.lr_base / 2) and lr[1024] == pytest.approx(cfg.lr_base / 4)
+    small = TrainConfig(batch_size=64, lr_batch_scaling="sqrt")
+    assert resolve_lr(ModelConfig(d_model=64, n_layers=1, n_heads=1), small) == pytest.approx(cfg.lr_base / 2)
+
+
+def test_resume_gives_identical_metrics(tiny_dataset_dir: Path, tmp_path: Path):
+    ds = Dataset.open(tiny_dataset_dir)
+    model = get_size("XS", n_genes=ds.n_genes)
+    straight = train_run(ds, model, TRAIN, out=tmp_path / "a", seed=3)
+    # stop after 9 steps: the last checkpoint is at step 6, steps 7-9 are redone
+    partial = train_run(ds, model, TRAIN, out=tmp_path / "b", seed=3, stop_after_steps=9)
+    assert partial["status"] == "incomplete"
+    assert not (tmp_path / "b" / "result.json").exists()
+    resumed = train_run(ds, model, TRAIN, out=tmp_path / "b", seed=3)
+    assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
+    for key in ("best_val_mse", "test_mse", "best_step", "steps", "cells_seen", "masked_tokens_seen"):
+        assert resumed[key] == pytest.approx(straight[key], rel=1e-6, abs=0), key
+
+
+def test_finished_run_is_not_redone_and_foreign_settings_refused(tiny_dataset_dir: Path, tmp_path: Path):
+    ds = Dataset.open(tiny_dataset_dir)
+    model = get_size("TINY", n_genes=ds.n_genes)
+    first = train_run(ds, model, TRAIN, out=tmp_path / "r")
+    mtime = (tmp_path / "r" / "result.json").stat().st_mtime_ns
+    again = train_run(ds, model, TRAIN, out=tmp_path / "r")
+    assert again == first
+    assert (tmp_path / "r" / "result.json").stat().st_mtime_ns == mtime
+    other = TRAIN.model_copy(update={"cells_seen": 64})
+    with pytest.raises(RunError, match="holds a run with other settings"):
+        train_run(ds, model, other, out=tmp_path / "r")
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "notes.txt").write_text("mine")
+    with pytest.raises(RunError, match="not empty and holds no cellscale run"):
+        train_run(ds, model, TRAIN, out=tmp_path / "x")
+
+
+def test_nan_loss_marks_run_diverged(tiny_dataset_dir: Path, tmp_path: Path, monkeypatch):
+    ds = Dataset.open(tiny_dataset_dir)
+    model = get_size("TINY", n_genes=ds.n_genes)
+    calls = {"n": 0}
+    real = CellTransformer.loss
+
+    def flaky(self, values, mask):
+        calls["n"] += 1
+        loss = real(self, values, mask)
+        return loss * float("nan") if calls["n"] == 8 else loss
+
+    monkeypatch.setattr(CellTransformer, "loss", flaky)
+    res = train_run(ds, model, TRAIN, out=tmp_path / "d")
+    assert res["status"] == "diverged"
+    assert res["diverged_at"] == 7 and res["steps"] == 7
+    assert "non-finite loss at step 7" in res["error"]
+    assert res["best_step"] == 6  # the eval before the blow-up is kept
