@@ -1,0 +1,174 @@
+"""Training and evaluation batches straight from the dataset memmap.
+
+``TrainBatches.batch(step)`` is a pure function of ``(seed, step)``:
+
+* ``epoch = step // steps_per_epoch``; the train subset (``ds.train_indices(train_cells)``,
+  only ever the train split) is permuted by a generator seeded with ``(seed, epoch)``;
+* the batch is the contiguous slice ``[j*B, (j+1)*B)`` of that permutation, ``j = step %
+  steps_per_epoch``. The last partial batch of an epoch is DROPPED: ``steps_per_epoch =
+  n_train // B``, every batch has exactly ``B`` cells (so steps x B = cells seen), each cell
+  is visited at most once per epoch, and the dropped ``n_train % B`` cells differ between
+  epochs because the permutation does;
+* rows are read from the memmap in sorted order (locality), then put back in batch order,
+  and returned as float32 even when stored as float16;
+* the mask is Bernoulli(mask_prob) from a generator seeded with ``(seed, step)`` (so it is
+  resampled at every draw of a cell), with at least one masked gene per cell — the same rule
+  as the fixed evaluation mask (``cellscale.data.mask.draw_mask``).
+
+Resuming a run therefore needs only the step number.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from cellscale.data.mask import draw_mask, seed_sequence
+from cellscale.data.store import Dataset
+from cellscale.errors import DataError
+
+__all__ = ["TrainBatches", "eval_batches"]
+
+
+def _read_rows(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """values[rows] as float32, reading the memmap in ascending row order."""
+    order = np.argsort(rows, kind="stable")
+    block = values[rows[order]]
+    out = np.empty((rows.size, values.shape[1]), dtype=np.float32)
+    out[order] = block
+    return out
+
+
+class TrainBatches:
+    """Deterministic, resumable training batches of the train split (see module doc)."""
+
+    def __init__(
+        self,
+        ds: Dataset,
+        *,
+        train_cells: int | None = None,
+        batch_size: int,
+        seed: int,
+        mask_prob: float = 0.15,
+        prefetch: int = 4,
+    ) -> None:
+        if batch_size < 1:
+            raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0.0 < mask_prob < 1.0:
+            raise DataError(f"mask_prob must be in (0, 1), got {mask_prob}")
+        self.ds = ds
+        self.indices = np.asarray(ds.train_indices(train_cells), dtype=np.int64)
+        self.n_cells = int(self.indices.size)
+        if self.n_cells < batch_size:
+            raise DataError(
+                f"{self.n_cells} training cells are fewer than batch_size {batch_size}: "
+                "lower the batch size or use more training cells"
+            )
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.mask_prob = float(mask_prob)
+        self.prefetch = max(1, int(prefetch))
+        self.steps_per_epoch = self.n_cells // self.batch_size
+        self._values = ds.values
+        self._perm_epoch: int | None = None
+        self._perm: np.ndarray | None = None
+        self._lock = threading.Lock()
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """Dataset row indices of the train subset in the order of ``epoch``."""
+        with self._lock:
+            if self._perm_epoch != epoch:
+                rng = np.random.default_rng(seed_sequence(self.seed, "train-order", epoch))
+                self._perm = self.indices[rng.permutation(self.n_cells)]
+                self._perm_epoch = epoch
+            return self._perm
+
+    def rows(self, step: int) -> np.ndarray:
+        """Dataset row indices of the cells of batch ``step`` (in batch order)."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        epoch, j = divmod(int(step), self.steps_per_epoch)
+        return self.permutation(epoch)[j * self.batch_size : (j + 1) * self.batch_size]
+
+    def mask(self, step: int) -> np.ndarray:
+        rng = np.random.default_rng(seed_sequence(self.seed, "train-mask", int(step)))
+        return draw_mask(rng, self.batch_size, self._values.shape[1], self.mask_prob)
+
+    def batch_numpy(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        return _read_rows(self._values, self.rows(step)), self.mask(step)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(values float32 [B, V], mask bool [B, V])`` of step ``step``: pure in (seed, step)."""
+        values, mask = self.batch_numpy(step)
+        return torch.from_numpy(values), torch.from_numpy(mask)
+
+    def iterate(self, start_step: int = 0, n_steps: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``batch(start_step)``, ``batch(start_step + 1)``, ... (``n_steps`` of them, or
+        forever when None), prepared by a background thread through a bounded queue."""
+        stop = None if n_steps is None else start_step + int(n_steps)
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        halt = threading.Event()
+        done = object()
+
+        def produce() -> None:
+            step = start_step
+            try:
+                while not halt.is_set() and (stop is None or step < stop):
+                    item = self.batch(step)
+                    while not halt.is_set():
+                        try:
+                            q.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    step += 1
+                item = done
+            except BaseException as err:  # noqa: BLE001 - re-raised in the consumer
+                item = err
+            while not halt.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
+
+        thread = threading.Thread(target=produce, name="cellscale-prefetch", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            halt.set()
+            thread.join(timeout=5)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+
+def eval_batches(
+    ds: Dataset, split: str, *, batch_size: int, max_cells: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(values float32 [b, V], mask bool [b, V])`` over ``split`` in split order, under
+    the dataset's fixed evaluation mask; ``max_cells`` takes the first cells of the split."""
+    if split == "train":
+        raise DataError("eval_batches is for held-out splits: use 'val' or 'test'")
+    if batch_size < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    rows = ds.splits.get(split)
+    if rows is None:
+        raise DataError(f"unknown split '{split}': use one of {sorted(ds.splits)}")
+    mask = ds.eval_mask(split)
+    n = rows.size if max_cells is None else min(int(max_cells), rows.size)
+    values = ds.values
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        yield torch.from_numpy(_read_rows(values, rows[start:stop])), torch.from_numpy(mask[start:stop].copy())

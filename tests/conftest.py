@@ -1,0 +1,66 @@
+"""Shared tiny fixtures: a small simulated AnnData, an .h5ad writer and a built dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from cellscale.config import DataConfig, SimulateConfig
+
+TINY_SIM = SimulateConfig(n_genes=200, n_types=4, n_programs=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_sim_cfg() -> SimulateConfig:
+    return TINY_SIM
+
+
+@pytest.fixture(scope="session")
+def tiny_adata():
+    """300 cells x 200 genes of simulated raw counts (do not modify: shared)."""
+    from cellscale.data.sources.simulate import simulate
+
+    return simulate(n_cells=300, cfg=TINY_SIM, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_data_cfg() -> DataConfig:
+    return DataConfig(source="simulate", cells=300, genes=64, seed=0, simulate=TINY_SIM)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset_dir(tmp_path_factory, tiny_data_cfg) -> Path:
+    """A built dataset dir (300 cells, V=64: train 270, val 15, test 15). Read-only: shared."""
+    from cellscale.data.build import build_dataset
+
+    out = tmp_path_factory.mktemp("tiny") / "ds"
+    return build_dataset(tiny_data_cfg, out=out, progress=False)
+
+
+@pytest.fixture()
+def write_h5ad(tmp_path):
+    """write_h5ad(X, genes=None, name="x.h5ad", layers=None, obs=None) -> path of a new .h5ad."""
+
+    def _write(X, *, genes=None, name="x.h5ad", layers=None, obs=None) -> Path:
+        n_obs, n_vars = X.shape
+        var = pd.DataFrame(index=pd.Index(genes if genes is not None else [f"g{i}" for i in range(n_vars)]))
+        obs = obs if obs is not None else pd.DataFrame(index=pd.Index([f"c{i}" for i in range(n_obs)]))
+        a = ad.AnnData(X=X, obs=obs, var=var, layers=layers or {})
+        path = tmp_path / name
+        a.write_h5ad(path)
+        return path
+
+    return _write
+
+
+def counts_matrix(n_cells: int, n_genes: int, seed: int = 0, sparse: bool = True):
+    """Random Poisson counts with gene-specific rates (a few genes dominate)."""
+    rng = np.random.default_rng(seed)
+    rates = rng.gamma(0.5, 2.0, size=n_genes)
+    X = rng.poisson(rates * rng.gamma(2.0, 0.5, size=(n_cells, 1))).astype(np.float32)
+    return sp.csr_matrix(X) if sparse else X
