@@ -1,0 +1,409 @@
+"""Report figures: pure functions from data to a matplotlib ``Figure``.
+
+Nothing here reads or writes files, and nothing touches pyplot's global state: every figure
+is a ``matplotlib.figure.Figure`` with an Agg canvas, so the functions are safe headless and
+in threads. ``figure_png(fig)`` turns a figure into PNG bytes for the writer.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter
+from matplotlib import colormaps
+
+__all__ = [
+    "Curve",
+    "Floor",
+    "RefLine",
+    "loss_vs_params",
+    "learning_curves",
+    "loss_vs_data",
+    "compute_frontier",
+    "entropy_summary",
+    "figure_png",
+    "size_colors",
+]
+
+_STATUS_STYLE = {
+    "diverged": dict(marker="x", color="#d62728", s=60, linewidths=2, zorder=5),
+}
+
+
+@dataclass(frozen=True)
+class Curve:
+    """A fitted law evaluated on a grid, with an optional pointwise band."""
+
+    x: np.ndarray
+    y: np.ndarray
+    lo: np.ndarray | None = None
+    hi: np.ndarray | None = None
+    label: str = "fit"
+
+
+@dataclass(frozen=True)
+class Floor:
+    """An irreducible-loss estimate with its interval (lo/hi may be None)."""
+
+    value: float
+    lo: float | None = None
+    hi: float | None = None
+    label: str = "fitted floor c"
+    at_boundary: bool = False
+
+
+@dataclass(frozen=True)
+class RefLine:
+    """A horizontal reference line, e.g. the gene-mean baseline."""
+
+    value: float
+    label: str
+    color: str = "#444444"
+    style: str = "--"
+
+
+def _new_figure(w: float = 9.0, h: float = 4.8) -> tuple[Figure, object]:
+    fig = Figure(figsize=(w, h), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    return fig, ax
+
+
+def _plain_log_y(ax, lo: float, hi: float) -> None:
+    """Log y axis with a handful of plain-number ticks (losses span well under a decade)."""
+    ax.set_yscale("log")
+    ax.set_ylim(lo, hi)
+    if hi / lo < 20:
+        ticks = [t for t in MaxNLocator(nbins=7).tick_values(lo, hi) if lo <= t <= hi and t > 0]
+        if len(ticks) >= 2:
+            ax.yaxis.set_major_locator(FixedLocator(ticks))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def _legend_outside(ax, **kw) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                  borderaxespad=0.0, framealpha=0.9, **kw)
+
+
+def figure_png(fig: Figure, *, dpi: int = 110) -> bytes:
+    """PNG bytes of ``fig`` (white background, no file I/O)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, facecolor="white")
+    return buf.getvalue()
+
+
+def size_colors(params: Mapping[str, float]) -> dict[str, tuple]:
+    """One colour per size name, ordered along viridis by (log) parameter count."""
+    names = sorted(params, key=lambda k: params[k])
+    cmap = colormaps["viridis"]
+    n = len(names)
+    return {name: cmap(0.9 * i / max(n - 1, 1)) for i, name in enumerate(names)}
+
+
+def _finite_pos(values) -> np.ndarray:
+    arr = np.asarray(values, dtype=float)
+    return arr[np.isfinite(arr) & (arr > 0)]
+
+
+def _message(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes,
+            fontsize=11, color="#555555", wrap=True)
+
+
+def loss_vs_params(
+    runs: pd.DataFrame,
+    *,
+    curve: Curve | None = None,
+    floor: Floor | None = None,
+    refs: Sequence[RefLine] = (),
+    x: str = "params",
+    y: str = "best_val_mse",
+    title: str = "Validation loss against model size",
+) -> Figure:
+    """Log-log loss against parameters: one point per run, per-size seed spread, the fitted law
+    with its band, the floor with its interval, and horizontal reference lines.
+
+    ``runs`` needs columns ``x``, ``y``, ``size`` and ``status``; runs whose status is not
+    ``ok`` are drawn as red crosses when they have a finite loss (they are not fitted).
+    """
+    fig, ax = _new_figure()
+    df = runs.copy()
+    if "status" not in df:
+        df["status"] = "ok"
+    df[x] = pd.to_numeric(df.get(x), errors="coerce")
+    df[y] = pd.to_numeric(df.get(y), errors="coerce")
+    good = df[(df["status"] == "ok") & np.isfinite(df[x]) & np.isfinite(df[y]) & (df[x] > 0) & (df[y] > 0)]
+    bad = df[(df["status"] != "ok") & np.isfinite(df[x]) & np.isfinite(df[y]) & (df[x] > 0) & (df[y] > 0)]
+
+    # the view is set by the runs, the references and the floor estimate; a wide floor interval
+    # (an undetermined floor) runs off the bottom of the plot rather than squashing the points
+    all_y = list(good[y]) + list(bad[y]) + [r.value for r in refs]
+    data_min = min(list(good[y]) + list(bad[y]), default=np.nan)
+    if floor is not None and np.isfinite(floor.value) and floor.value > 0.3 * data_min:
+        all_y.append(floor.value)
+    elif floor is not None:  # far below the runs (or not positive): say so instead of flattening the plot
+        ax.text(0.01, 0.02, f"{floor.label}: below the plotted range", transform=ax.transAxes,
+                fontsize=8, color="#9467bd")
+        floor = None
+    if good.empty and bad.empty:
+        _message(ax, "no finished run with a finite validation loss")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(title)
+        return fig
+
+    sizes = good.groupby("size")[x].median().to_dict() if not good.empty else {}
+    colors = size_colors(sizes)
+    rng = np.random.default_rng(0)
+    for name, grp in good.groupby("size", sort=False):
+        # a small horizontal jitter so that seeds of one size do not hide each other
+        jitter = 10 ** rng.uniform(-0.02, 0.02, len(grp)) if len(grp) > 1 else np.ones(1)
+        ax.scatter(grp[x] * jitter, grp[y], s=28, color=colors[name], edgecolor="black",
+                   linewidths=0.4, alpha=0.85, zorder=4, label=str(name))
+    if not good.empty:
+        stats = good.groupby("size").agg(px=(x, "median"), mean=(y, "mean"), lo=(y, "min"),
+                                         hi=(y, "max"), n=(y, "size")).sort_values("px")
+        ax.errorbar(stats["px"], stats["mean"],
+                    yerr=[stats["mean"] - stats["lo"], stats["hi"] - stats["mean"]],
+                    fmt="_", color="black", ms=14, capsize=4, lw=1.2, zorder=3,
+                    label="mean over seeds (bar: min-max)")
+    if not bad.empty:
+        ax.scatter(bad[x], bad[y], label="diverged / failed (not fitted)", **_STATUS_STYLE["diverged"])
+
+    xs_all = np.concatenate([good[x].to_numpy(), bad[x].to_numpy()])
+    xlo, xhi = xs_all.min() / 2.0, xs_all.max() * 2.0
+    if curve is not None and len(curve.x):
+        if curve.lo is not None and curve.hi is not None:
+            ax.fill_between(curve.x, curve.lo, curve.hi, color="#1f77b4", alpha=0.18, lw=0,
+                            label="95% band of the fit", zorder=1)
+        ax.plot(curve.x, curve.y, color="#1f77b4", lw=2, label=curve.label, zorder=2)
+        all_y += list(_finite_pos(curve.y))
+        xlo, xhi = min(xlo, np.min(curve.x)), max(xhi, np.max(curve.x))
+    if floor is not None and np.isfinite(floor.value) and floor.value > 0:
+        ax.axhline(floor.value, color="#9467bd", lw=1.5, ls="-.", zorder=2,
+                   label=floor.label + (" (at search bound!)" if floor.at_boundary else ""))
+        if floor.lo is not None and floor.hi is not None and floor.hi > 0:
+            ax.axhspan(max(floor.lo, 1e-12), floor.hi, color="#9467bd", alpha=0.15, lw=0,
+                       label="floor 95% interval", zorder=0)
+    for ref in refs:
+        if ref.value is not None and np.isfinite(ref.value) and ref.value > 0:
+            ax.axhline(ref.value, color=ref.color, ls=ref.style, lw=1.3, label=ref.label, zorder=2)
+
+    ax.set_xscale("log")
+    ax.set_xlim(xlo, xhi)
+    ys = _finite_pos(all_y)
+    if len(ys):
+        _plain_log_y(ax, ys.min() / 1.06, ys.max() * 1.06)
+    ax.set_xlabel("parameters (total, incl. gene embeddings)" if x == "params" else x)
+    ax.set_ylabel("best validation MSE (masked genes)" if y == "best_val_mse" else y)
+    ax.set_title(title)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.grid(True, which="minor", axis="x", alpha=0.12)
+    _legend_outside(ax)
+    return fig
+
+
+def learning_curves(
+    metrics: Mapping[str, pd.DataFrame],
+    runs: pd.DataFrame,
+    *,
+    refs: Sequence[RefLine] = (),
+    max_points: int = 300,
+    title: str = "Learning curves (validation MSE solid, training loss faint)",
+) -> Figure:
+    """Validation MSE against cells seen for every run, training loss drawn faint.
+
+    ``metrics`` maps run_id to a frame of ``metrics.jsonl`` lines (columns ``kind``,
+    ``cells_seen``, ``loss``, ``val_mse``); ``runs`` supplies ``run_id``, ``size``, ``params``
+    and ``status`` for colours and labels.
+    """
+    fig, ax = _new_figure()
+    info = runs.set_index("run_id") if "run_id" in runs else pd.DataFrame()
+    params = {}
+    for rid in metrics:
+        if rid in info.index:
+            params[str(info.loc[rid, "size"])] = float(pd.to_numeric(info.loc[rid, "params"], errors="coerce") or 0)
+    colors = size_colors(params)
+    seen_labels: set[str] = set()
+    ys_all: list[float] = []
+    drew = False
+    for rid, m in metrics.items():
+        if m is None or m.empty or "kind" not in m:
+            continue
+        size = str(info.loc[rid, "size"]) if rid in info.index else rid
+        status = str(info.loc[rid, "status"]) if rid in info.index and "status" in info else "ok"
+        color = colors.get(size, "#777777")
+        tr = m[(m["kind"] == "train")]
+        if "loss" in tr and "cells_seen" in tr:
+            tr = tr[np.isfinite(pd.to_numeric(tr["loss"], errors="coerce")) & (tr["cells_seen"] > 0)]
+            if len(tr) > max_points:  # average consecutive steps: a readable faint curve, a small PNG
+                chunks = np.array_split(np.arange(len(tr)), max_points)
+                tr = pd.DataFrame({"cells_seen": [tr["cells_seen"].iloc[c].mean() for c in chunks],
+                                   "loss": [tr["loss"].iloc[c].mean() for c in chunks]})
+            if len(tr):
+                ax.plot(tr["cells_seen"], tr["loss"], color=color, alpha=0.22, lw=0.8)
+                ys_all += list(tr["loss"])
+                drew = True
+        ev = m[(m["kind"] == "eval")]
+        if "val_mse" in ev and "cells_seen" in ev:
+            ev = ev[np.isfinite(pd.to_numeric(ev["val_mse"], errors="coerce")) & (ev["cells_seen"] > 0)]
+            if len(ev):
+                label = size if size not in seen_labels else None
+                seen_labels.add(size)
+                ls = "-" if status == "ok" else ":"
+                ax.plot(ev["cells_seen"], ev["val_mse"], color=color, lw=1.6, ls=ls, marker="o",
+                        ms=2.5, label=label)
+                ys_all += list(ev["val_mse"])
+                drew = True
+    if drew:
+        for ref in refs:
+            if ref.value is not None and np.isfinite(ref.value) and ref.value > 0:
+                ax.axhline(ref.value, color=ref.color, ls=ref.style, lw=1.2, label=ref.label)
+                ys_all.append(ref.value)
+    if not drew:
+        _message(ax, "no learning curves recorded (no metrics.jsonl found)")
+    else:
+        ax.set_xscale("log")
+        ys = _finite_pos(ys_all)
+        if len(ys):
+            _plain_log_y(ax, ys.min() / 1.04, ys.max() * 1.04)
+        ax.grid(True, which="major", alpha=0.3)
+        handles, labels = ax.get_legend_handles_labels()
+        if handles:
+            order = sorted(range(len(labels)), key=lambda i: params.get(labels[i], float("inf")))
+            ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=8,
+                      title="size (dotted: not ok)", title_fontsize=8, loc="upper left",
+                      bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    ax.set_xlabel("cells seen")
+    ax.set_ylabel("MSE on masked genes")
+    ax.set_title(title)
+    return fig
+
+
+def loss_vs_data(
+    runs: pd.DataFrame,
+    *,
+    x: str = "train_cells",
+    y: str = "best_val_mse",
+    refs: Sequence[RefLine] = (),
+    curves: Mapping[str, Curve] | None = None,
+    title: str = "Validation loss against training cells, per model size",
+) -> Figure:
+    """Loss against training-set size, one line per model size (mean over seeds, runs as dots);
+    ``curves`` maps a size name to its fitted L(N, D) curve, drawn dashed in the size's colour."""
+    fig, ax = _new_figure()
+    df = runs.copy()
+    df[x] = pd.to_numeric(df.get(x), errors="coerce")
+    df[y] = pd.to_numeric(df.get(y), errors="coerce")
+    df = df[(df.get("status", "ok") == "ok") & np.isfinite(df[x]) & np.isfinite(df[y]) & (df[x] > 0)]
+    if df.empty:
+        _message(ax, "no finished runs with a training-set size")
+        ax.set_title(title)
+        return fig
+    params = df.groupby("size")["params"].median().to_dict()
+    colors = size_colors(params)
+    for name in sorted(params, key=params.get):
+        grp = df[df["size"] == name]
+        ax.scatter(grp[x], grp[y], s=16, color=colors[name], alpha=0.7, zorder=3)
+        mean = grp.groupby(x)[y].mean().sort_index()
+        ax.plot(mean.index, mean.to_numpy(), color=colors[name], lw=1.8, marker="o", ms=4,
+                label=f"{name} ({params[name]:,.0f} params)")
+        cv = (curves or {}).get(name)
+        if cv is not None and len(cv.x):
+            if cv.lo is not None and cv.hi is not None:
+                ax.fill_between(cv.x, cv.lo, cv.hi, color=colors[name], alpha=0.08, lw=0)
+            ax.plot(cv.x, cv.y, color=colors[name], lw=1.2, ls="--")
+    for ref in refs:
+        if ref.value is not None and np.isfinite(ref.value) and ref.value > 0:
+            ax.axhline(ref.value, color=ref.color, ls=ref.style, lw=1.3, label=ref.label)
+    ax.set_xscale("log")
+    if curves:
+        ax.plot([], [], color="#555555", ls="--", lw=1.2, label="fitted L(N, D) (band: 95%)")
+    ys = _finite_pos(list(df[y]) + [r.value for r in refs])
+    _plain_log_y(ax, ys.min() / 1.04, ys.max() * 1.04)
+    xt = np.unique(df[x].to_numpy(float))
+    if len(xt) <= 12:  # label the training-set sizes actually used, as plain numbers
+        ax.xaxis.set_major_locator(FixedLocator(xt))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.grid(True, which="major", alpha=0.3)
+    ax.set_xlabel("training cells (unique)")
+    ax.set_ylabel("best validation MSE")
+    ax.set_title(title)
+    _legend_outside(ax)
+    return fig
+
+
+def compute_frontier(table: Sequence[Mapping[str, object]], *, title: str = "Compute-optimal allocation") -> Figure:
+    """N*(C) and D*(C) of a fitted L(N, D) law against compute, log-log, with 95% bands.
+
+    ``table`` rows carry ``C``, ``N_opt``, ``D_opt`` and optionally ``N_opt_ci95``/``D_opt_ci95``.
+    """
+    fig, ax = _new_figure()
+    rows = [r for r in table if isinstance(r, Mapping) and r.get("C")]
+    if not rows:
+        _message(ax, "no compute-optimal table")
+        ax.set_title(title)
+        return fig
+    C = np.array([float(r["C"]) for r in rows])
+    for key, label, color in (("N_opt", "N* (parameters)", "#1f77b4"), ("D_opt", "D* (training cells)", "#ff7f0e")):
+        v = np.array([float(r.get(key) or np.nan) for r in rows])
+        ci = [r.get(f"{key}_ci95") for r in rows]
+        if all(isinstance(c, (list, tuple)) and len(c) == 2 and c[0] and c[1] for c in ci):
+            ax.fill_between(C, [c[0] for c in ci], [c[1] for c in ci], color=color, alpha=0.18, lw=0)
+        ax.plot(C, v, color=color, lw=2, marker="o", ms=3, label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.set_xlabel("training compute C (FLOPs)")
+    ax.set_ylabel("compute-optimal size")
+    ax.set_title(title)
+    _legend_outside(ax)
+    return fig
+
+
+def entropy_summary(
+    bits: float | None,
+    ci95: Sequence[float] | None = None,
+    *,
+    refs: Mapping[str, float] | None = None,
+    title: str = "Entropy per masked gene (homoscedastic Gaussian)",
+) -> Figure:
+    """A one-row dot-and-interval chart of the entropy estimate, with optional reference values
+    in bits (e.g. the gene-mean baseline's or the Bayes floor's Gaussian entropy)."""
+    fig = Figure(figsize=(9.0, 2.2), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    rows: list[tuple[str, float, Sequence[float] | None]] = []
+    if bits is not None and np.isfinite(bits):
+        rows.append(("fitted floor c", float(bits), ci95))
+    for name, val in (refs or {}).items():
+        if val is not None and np.isfinite(val):
+            rows.append((name, float(val), None))
+    if not rows:
+        _message(ax, "no entropy estimate (no fit)")
+        ax.set_axis_off()
+        return fig
+    cmap = colormaps["tab10"]
+    for i, (name, val, ci) in enumerate(rows):
+        color = cmap(i)
+        if ci is not None and len(ci) == 2 and all(np.isfinite(ci)):
+            ax.plot([ci[0], ci[1]], [i, i], color=color, lw=4, alpha=0.5, solid_capstyle="butt")
+        ax.plot([val], [i], "o", color=color, ms=8)
+        ax.annotate(f"{val:.3f} bits", (val, i), textcoords="offset points", xytext=(8, 6), fontsize=8)
+    ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    ax.set_xlabel("bits per masked gene, 0.5 log2(2 pi e MSE)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, axis="x", alpha=0.25)
+    return fig
+

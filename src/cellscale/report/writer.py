@@ -1,0 +1,915 @@
+"""Write a sweep's report: ``SWEEP_DIR/report.html`` (self-contained), ``report.md`` + ``figures/``,
+and ``fit.json``.
+
+``write_report(sweep_dir)`` reads the sweep directory described in docs/INTERNALS.md
+(config.yaml, sweep.json, the dataset manifest, results.csv, runs/*/metrics.jsonl), fits the
+config's law to the finished runs, draws the figures (``report.plots``) and writes both
+documents. Missing optional pieces (no manifest, no metrics for a run, no baselines, a failed
+fit) are reported in the document instead of raising. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import html
+import json
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from cellscale.errors import FitError, RunError
+from cellscale.report import plots
+from cellscale.report.methods import (
+    flat_manifest,
+    floor_name,
+    fmt_int,
+    fmt_num,
+    meaning_paragraph,
+    methods_paragraph,
+)
+
+__all__ = ["write_report", "load_sweep", "run_fit", "SweepData", "FitOutcome", "RESULT_COLUMNS"]
+
+RESULT_COLUMNS = [
+    "run_id", "size", "params", "non_embedding_params", "d_model", "n_layers", "n_heads", "n_genes",
+    "train_cells", "seed", "steps", "cells_seen", "tokens_seen", "flops", "lr", "best_step",
+    "best_val_mse", "test_mse", "gene_mean_val_mse", "gene_mean_test_mse", "wall_seconds", "status",
+    "error",
+]
+_NUMERIC = [c for c in RESULT_COLUMNS if c not in ("run_id", "size", "status", "error")]
+# laws of model size alone: runs of different training-set sizes must not be mixed in them
+_ONE_D_LAWS = {"power", "power-floor"}
+
+
+# ----------------------------------------------------------------------------------------------
+# reading
+
+
+@dataclass
+class SweepData:
+    sweep_dir: Path
+    config: dict[str, Any] | None = None
+    sweep_meta: dict[str, Any] | None = None
+    dataset_dir: Path | None = None
+    manifest: dict[str, Any] | None = None
+    runs: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=RESULT_COLUMNS))
+    metrics: dict[str, pd.DataFrame] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fit_config(self) -> dict[str, Any]:
+        base = {"law": "power-floor", "method": "huber-log", "bootstrap": 1000, "seed": 0}
+        base.update((self.config or {}).get("fit") or {})
+        return base
+
+    @property
+    def baselines(self) -> dict[str, dict[str, float]]:
+        """{name: {"val": mse, "test": mse}} from the manifest, else from results.csv."""
+        out: dict[str, dict[str, float]] = {}
+        man = (self.manifest or {}).get("baselines") or {}
+        if isinstance(man, dict):
+            for name, v in man.items():
+                if isinstance(v, dict):
+                    vals = {k: _float(v.get(k)) for k in ("val", "test")}
+                    if any(x is not None for x in vals.values()):
+                        out[name] = vals
+        if "gene_mean" not in out and not self.runs.empty:
+            vals = {k: _first_finite(self.runs.get(f"gene_mean_{k}_mse")) for k in ("val", "test")}
+            if any(x is not None for x in vals.values()):
+                out["gene_mean"] = vals
+        return out
+
+    @property
+    def bayes_floor(self) -> float | None:
+        man = self.manifest or {}
+        flat = flat_manifest(man)
+        v = _float(flat.get("bayes_floor_mse", flat.get("source_bayes_floor_mse")))
+        if v is None:
+            v = _float(((man.get("baselines") or {}).get("bayes_floor") or {}).get("val")) if isinstance(
+                (man.get("baselines") or {}).get("bayes_floor"), dict) else None
+        return v
+
+
+def _float(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _first_finite(col: pd.Series | None) -> float | None:
+    if col is None:
+        return None
+    vals = pd.to_numeric(col, errors="coerce").dropna()
+    vals = vals[np.isfinite(vals)]
+    return float(vals.iloc[0]) if len(vals) else None
+
+
+def _read_metrics(path: Path) -> tuple[pd.DataFrame | None, int]:
+    """Parse metrics.jsonl, skipping unparseable lines (a run killed mid-write); returns (frame, bad)."""
+    rows, bad = [], 0
+    with path.open() as fh:
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                bad += 1
+                continue
+            if isinstance(obj, dict):
+                rows.append(obj)
+    if not rows:
+        return None, bad
+    df = pd.DataFrame(rows)
+    for c in ("step", "cells_seen", "lr", "loss", "val_mse", "wall"):
+        if c in df:
+            df[c] = pd.to_numeric(df[c], errors="coerce")
+    if "kind" not in df:
+        df["kind"] = np.where(df.get("val_mse", pd.Series(np.nan, index=df.index)).notna(), "eval", "train")
+    return df, bad
+
+
+def load_sweep(sweep_dir: str | os.PathLike) -> SweepData:
+    """Read everything the report needs; record what is missing in ``notes``."""
+    sd = Path(sweep_dir)
+    if not sd.is_dir():
+        raise RunError(f"sweep directory not found: {sd}")
+    known = [sd / n for n in ("config.yaml", "sweep.json", "results.csv", "runs")]
+    if not any(p.exists() for p in known):
+        raise RunError(f"{sd} is not a sweep directory (no config.yaml, sweep.json, results.csv or runs/)")
+    data = SweepData(sweep_dir=sd)
+
+    cfg_path = sd / "config.yaml"
+    if cfg_path.is_file():
+        try:
+            raw = yaml.safe_load(cfg_path.read_text()) or {}
+            if not isinstance(raw, dict):
+                raise ValueError("not a mapping")
+            try:  # validate and fill defaults; fall back to the raw mapping if it no longer validates
+                from cellscale.config import RunConfig, parse_config
+
+                data.config = parse_config(RunConfig, raw, origin=str(cfg_path)).model_dump(mode="json")
+            except Exception as err:  # noqa: BLE001 - any validation problem only degrades the text
+                data.config = raw
+                data.notes.append(f"config.yaml does not validate against this version's RunConfig ({err}); "
+                                  "its raw values are used.")
+        except (yaml.YAMLError, ValueError) as err:
+            data.notes.append(f"config.yaml could not be read ({str(err).splitlines()[0]}).")
+    else:
+        data.notes.append("config.yaml is missing: training settings and fit settings are unknown "
+                          "(the fit uses the defaults power-floor / huber-log / 1000 resamples / seed 0).")
+
+    meta_path = sd / "sweep.json"
+    if meta_path.is_file():
+        try:
+            data.sweep_meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as err:
+            data.notes.append(f"sweep.json is not valid JSON ({err}).")
+    else:
+        data.notes.append("sweep.json is missing.")
+
+    candidates = []
+    if data.sweep_meta and data.sweep_meta.get("dataset"):
+        candidates.append(Path(data.sweep_meta["dataset"]))
+    if data.config and data.config.get("dataset"):
+        candidates.append(Path(data.config["dataset"]))
+    candidates.append(sd / "dataset")
+    for cand in candidates:
+        cand = cand if cand.is_absolute() else sd / cand
+        if (cand / "manifest.json").is_file():
+            data.dataset_dir = cand
+            try:
+                data.manifest = json.loads((cand / "manifest.json").read_text())
+            except json.JSONDecodeError as err:
+                data.notes.append(f"{cand / 'manifest.json'} is not valid JSON ({err}).")
+            break
+    else:
+        data.notes.append("The dataset manifest was not found (looked in: "
+                          + ", ".join(str(c) for c in candidates) + "): data facts and baselines may be missing.")
+
+    res_path = sd / "results.csv"
+    if res_path.is_file():
+        try:
+            runs = pd.read_csv(res_path)
+        except (pd.errors.EmptyDataError, pd.errors.ParserError) as err:
+            runs = pd.DataFrame(columns=RESULT_COLUMNS)
+            data.notes.append(f"results.csv could not be parsed ({str(err).splitlines()[0]}).")
+    else:
+        runs = pd.DataFrame(columns=RESULT_COLUMNS)
+        data.notes.append("results.csv is missing: no finished run to report yet.")
+    missing_cols = [c for c in RESULT_COLUMNS if c not in runs.columns]
+    if missing_cols and len(runs.columns):
+        data.notes.append("results.csv lacks the columns " + ", ".join(missing_cols) + ".")
+    for c in missing_cols:
+        runs[c] = np.nan
+    for c in _NUMERIC:
+        runs[c] = pd.to_numeric(runs[c], errors="coerce")
+    runs["run_id"] = runs["run_id"].astype(str)
+    runs["size"] = runs["size"].fillna("?").astype(str)
+    runs["status"] = runs["status"].fillna("unknown").astype(str).str.strip().str.lower()
+    runs["error"] = runs["error"].fillna("").astype(str)
+    # file order is kept, so that the fit sees exactly the rows a direct fit_table call on the csv sees
+    data.runs = runs.reset_index(drop=True)
+
+    runs_dir = sd / "runs"
+    no_metrics = []
+    for rid in runs["run_id"]:
+        path = runs_dir / rid / "metrics.jsonl"
+        if path.is_file():
+            m, bad = _read_metrics(path)
+            if m is not None:
+                data.metrics[rid] = m
+            else:
+                no_metrics.append(rid)
+            if bad:
+                data.notes.append(f"runs/{rid}/metrics.jsonl: {bad} unreadable line(s) skipped.")
+        else:
+            no_metrics.append(rid)
+    if no_metrics:
+        status = dict(zip(runs["run_id"], runs["status"]))
+        data.notes.append("No learning curve (metrics.jsonl missing or empty) for: "
+                          + ", ".join(f"{r} ({status.get(r, '?')})" for r in no_metrics) + ".")
+    if runs_dir.is_dir():
+        orphans = sorted(p.name for p in runs_dir.iterdir() if p.is_dir() and p.name not in set(runs["run_id"]))
+        if orphans:
+            data.notes.append("Run directories without a row in results.csv (unfinished or not collected): "
+                              + ", ".join(orphans) + ".")
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
+# fitting
+
+
+@dataclass
+class FitOutcome:
+    law: str
+    method: str
+    result: Any = None  # the FitResult, when the fit succeeded
+    data: dict[str, Any] | None = None  # FitResult.to_dict()
+    error: str | None = None
+    note: str | None = None  # which runs were used, when not all finished ones
+    used: pd.DataFrame | None = None
+    no_floor: dict[str, Any] | None = None  # the law without a floor, for AIC/BIC
+    curve: plots.Curve | None = None
+    curve_error: str | None = None
+
+
+def _fit_subset(runs: pd.DataFrame, law: str, full_train: float | None = None) -> tuple[pd.DataFrame, str | None]:
+    ok = runs[runs["status"] == "ok"]
+    usable = np.isfinite(ok["best_val_mse"]) & (ok["best_val_mse"] > 0) & np.isfinite(ok["params"]) & (ok["params"] > 0)
+    note = None
+    if not usable.all():
+        note = ("runs marked ok without a positive finite loss or parameter count were left out: "
+                + ", ".join(ok.loc[~usable, "run_id"].astype(str)))
+    ok = ok[usable]
+    if law in _ONE_D_LAWS and ok["train_cells"].nunique(dropna=False) > 1:
+        tc = ok["train_cells"]
+        if tc.isna().any():  # NaN means "all training cells": the largest subset
+            keep = ok[tc.isna()]
+            label = "all training cells"
+        else:
+            keep = ok[tc == tc.max()]
+            label = f"{fmt_int(tc.max())} training cells"
+        note = ((note + "; ") if note else "") + (
+            f"the law depends on model size only, so only the {len(keep)} runs on the largest training set "
+            f"({label}) were fitted; the others appear in the data figure")
+        ok = keep
+    elif law not in _ONE_D_LAWS and ok["train_cells"].isna().any() and full_train is not None:
+        # laws of data size need a number where the sweep says "all training cells"
+        ok = ok.assign(train_cells=ok["train_cells"].fillna(full_train))
+        note = ((note + "; ") if note else "") + (
+            f"runs on all training cells counted as {fmt_int(full_train)} cells (the train split)")
+    return ok.reset_index(drop=True), note
+
+
+def _to_jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return [_to_jsonable(v) for v in obj.tolist()]
+    if isinstance(obj, (np.bool_,)):
+        return bool(obj)
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    return obj
+
+
+def _eval_curve(result: Any, xs: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """predict/band on a grid of parameter counts, accepting an array or a one-column frame API."""
+    last: Exception | None = None
+    args = (xs,) if xs.ndim == 2 else (xs, xs.reshape(-1, 1), {"params": xs})
+    for arg in args:
+        try:
+            y = np.asarray(result.predict(arg), dtype=float).reshape(-1)
+        except Exception as err:  # noqa: BLE001 - try the next calling convention
+            last = err
+            continue
+        lo = hi = None
+        try:
+            lo, hi = result.band(arg, level=0.95)
+            lo, hi = np.asarray(lo, float).reshape(-1), np.asarray(hi, float).reshape(-1)
+        except Exception:  # noqa: BLE001 - no band (e.g. no bootstrap): draw the curve alone
+            lo = hi = None
+        return y, lo, hi
+    raise RuntimeError(f"cannot evaluate the fitted law on a grid: {last}")
+
+
+def _one_blas_thread():
+    """Limit BLAS to one thread during the fit: its many tiny L-BFGS problems run ~10x slower when
+    OpenBLAS threads compete for busy cores, and the numbers do not depend on the thread count."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def run_fit(runs: pd.DataFrame, fit_config: dict[str, Any], *, full_train: float | None = None) -> FitOutcome:
+    """Fit the configured law to the finished runs; never raises for a fit problem.
+
+    ``full_train`` (the train split's size) stands in for an empty ``train_cells`` in laws of data.
+    """
+    law, method = str(fit_config.get("law", "power-floor")), str(fit_config.get("method", "huber-log"))
+    out = FitOutcome(law=law, method=method)
+    used, out.note = _fit_subset(runs, law, full_train)
+    out.used = used
+    if used.empty:
+        n_bad = int((runs["status"] != "ok").sum())
+        out.error = ("no finished run with a finite validation loss" +
+                     (f" ({n_bad} run(s) diverged or failed)" if n_bad else ""))
+        return out
+    try:
+        from cellscale.fit import fit_table
+    except ImportError as err:
+        out.error = f"the fitting module is not available ({err})"
+        return out
+    kw = dict(law=law, method=method, bootstrap=int(fit_config.get("bootstrap", 1000)),
+              seed=int(fit_config.get("seed", 0)))
+    try:
+        with warnings.catch_warnings(), _one_blas_thread():
+            warnings.simplefilter("ignore")
+            out.result = fit_table(used, **kw)
+        out.data = _to_jsonable(out.result.to_dict())
+    except FitError as err:
+        out.error = str(err)
+        out.result = None
+        return out
+    except Exception as err:  # noqa: BLE001 - a bug in the fit must not cost the user the report
+        out.error = f"the fit raised {type(err).__name__}: {err}"
+        out.result = None
+        return out
+
+    if law == "power-floor" and "no_floor" not in (out.data or {}):  # older fit modules lack the comparison
+        try:
+            with warnings.catch_warnings(), _one_blas_thread():
+                warnings.simplefilter("ignore")
+                nf = fit_table(used, law="power", method=method, bootstrap=0, seed=kw["seed"])
+            nfd = _to_jsonable(nf.to_dict())
+            out.no_floor = {k: nfd.get(k) for k in ("law", "params", "r2", "aic", "bic", "n_points")}
+        except Exception:  # noqa: BLE001 - the comparison is optional
+            out.no_floor = None
+
+    n_x = len((out.data or {}).get("x") or ["params"])
+    if n_x == 1 and list((out.data or {}).get("x") or ["params"]) == ["params"]:
+        p = used["params"].to_numpy(float)
+        xs = np.logspace(np.log10(p.min()) - 0.3, np.log10(p.max()) + 0.5, 200)
+        try:
+            y, lo, hi = _eval_curve(out.result, xs)
+            label = f"fit: {law} ({method})"
+            out.curve = plots.Curve(xs, y, lo, hi, label=label)
+        except Exception as err:  # noqa: BLE001
+            out.curve_error = str(err)
+    elif n_x > 1:
+        out.curve_error = f"the '{law}' law depends on more than model size; its curve is not drawn against parameters"
+    else:
+        out.curve_error = f"the law was fitted against {out.data.get('x')}, not total parameters"
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# writing helpers
+
+
+def _atomic_write(path: Path, data: bytes | str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = "wb" if isinstance(data, bytes) else "w"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _bits(mse: float | None) -> float | None:
+    if mse is None or not (mse > 0):
+        return None
+    return 0.5 * math.log2(2 * math.pi * math.e * mse)
+
+
+@dataclass
+class _Figure:
+    key: str
+    title: str
+    caption: str
+    png: bytes
+
+
+def _make_figures(sd: SweepData, fit: FitOutcome) -> list[_Figure]:
+    figs: list[_Figure] = []
+    runs = sd.runs
+    fd = fit.data or {}
+    params, ci = fd.get("params") or {}, fd.get("ci95") or {}
+    fname = fd.get("floor_param") or floor_name(params)
+    floor = None
+    if fname and _float(params.get(fname)) is not None:
+        lohi = ci.get(fname) or [None, None]
+        if len(lohi) != 2:
+            lohi = [None, None]
+        floor = plots.Floor(float(params[fname]), _float(lohi[0]), _float(lohi[1]),
+                            label=f"fitted floor {fname} = {fmt_num(params[fname])}",
+                            at_boundary=bool(fd.get("floor_at_boundary")))
+    refs = []
+    palette = {"gene_mean": "#ff7f0e", "bayes_linear": "#2ca02c", "knn": "#8c564b"}
+    for name, vals in sd.baselines.items():
+        if vals.get("val") is not None:
+            refs.append(plots.RefLine(vals["val"], f"{name.replace('_', '-')} baseline (val) = {fmt_num(vals['val'])}",
+                                      color=palette.get(name, "#7f7f7f")))
+    if sd.bayes_floor is not None:
+        refs.append(plots.RefLine(sd.bayes_floor, f"true Bayes floor = {fmt_num(sd.bayes_floor)}",
+                                  color="#d62728", style=":"))
+
+    def add(key: str, title: str, caption: str, fig) -> None:
+        figs.append(_Figure(key, title, caption, plots.figure_png(fig)))
+
+    cap = ("One point per run (seeds of a size jittered horizontally); black bars: mean and min-max over seeds. "
+           "Blue: the fitted law with its 95% bootstrap band. Purple: the fitted floor with its 95% interval. "
+           "Dashed: baselines on the validation cells.")
+    if fit.error:
+        cap += f" No law drawn: {fit.error}."
+    elif fit.curve_error:
+        cap += f" No curve drawn: {fit.curve_error}."
+    if fit.note:
+        cap += f" Note: {fit.note}."
+    fig_runs = runs
+    if fit.note and fit.used is not None:  # show the fitted subset against its own law
+        fig_runs = pd.concat([fit.used, runs[runs["status"] != "ok"]], ignore_index=True)
+    add("loss_vs_params", "Validation loss against parameters", cap,
+        plots.loss_vs_params(fig_runs, curve=fit.curve, floor=floor, refs=refs))
+    add("learning_curves", "Learning curves", "Validation MSE (solid, markers) and training loss (faint) against "
+        "cells seen, every run; dotted curves are runs that did not finish ok.",
+        plots.learning_curves(sd.metrics, runs, refs=[r for r in refs if "baseline" in r.label]))
+    ok = runs[runs["status"] == "ok"]
+    if ok["train_cells"].nunique(dropna=False) > 1:
+        data_runs = runs.copy()
+        full = _float(((sd.manifest or {}).get("split_sizes") or {}).get("train"))
+        if full is not None:
+            data_runs["train_cells"] = data_runs["train_cells"].fillna(full)
+        curves = _data_curves(fit, data_runs) if fit.result is not None and fit.law not in _ONE_D_LAWS else {}
+        add("loss_vs_data", "Validation loss against training cells", "Best validation MSE against the number of "
+            "unique training cells, one line per model size (mean over seeds; dots are runs)"
+            + ("; dashed: the fitted L(N, D) law for each size with its 95% band." if curves else "."),
+            plots.loss_vs_data(data_runs, refs=refs, curves=curves))
+    co = fd.get("compute_optimal")
+    if isinstance(co, dict) and isinstance(co.get("table"), list) and co["table"]:
+        add("compute_frontier", "Compute-optimal frontier", "Model size N* and training cells D* that minimise "
+            "the fitted L(N, D) at each compute budget, with 95% bootstrap bands. " + str(co.get("C_definition", "")),
+            plots.compute_frontier(co["table"]))
+    eb = fd.get("entropy_bits") or {}
+    erefs = {}
+    gm = sd.baselines.get("gene_mean", {}).get("val")
+    if gm is not None:
+        erefs["gene-mean baseline"] = _bits(gm)
+    if sd.bayes_floor is not None:
+        erefs["true Bayes floor"] = _bits(sd.bayes_floor)
+    best = ok["best_val_mse"].min() if len(ok) else None
+    if best is not None and np.isfinite(best):
+        erefs["best run (val MSE)"] = _bits(float(best))
+    ent = _float(eb.get("gaussian")) if isinstance(eb, dict) else None
+    add("entropy", "Entropy per masked gene", "Homoscedastic-Gaussian entropy 0.5 log2(2 pi e MSE) in bits per "
+        "masked gene: the fitted floor with its 95% interval, and for scale the same figure for reference MSEs.",
+        plots.entropy_summary(ent, eb.get("ci95") if isinstance(eb, dict) else None, refs=erefs))
+    return figs
+
+
+def _data_curves(fit: FitOutcome, data_runs: pd.DataFrame) -> dict[str, plots.Curve]:
+    """The fitted two-variable law along training cells, one curve per model size."""
+    ok = data_runs[(data_runs["status"] == "ok") & np.isfinite(data_runs["train_cells"])]
+    if ok.empty:
+        return {}
+    d = ok["train_cells"].to_numpy(float)
+    grid = np.logspace(np.log10(d.min()) - 0.2, np.log10(d.max()) + 0.2, 60)
+    out = {}
+    for size, p in ok.groupby("size")["params"].median().items():
+        try:
+            X = np.column_stack([np.full_like(grid, float(p)), grid])
+            y, lo, hi = _eval_curve(fit.result, X)
+        except Exception:  # noqa: BLE001 - a law whose predict takes other inputs: no curves
+            return {}
+        out[str(size)] = plots.Curve(grid, y, lo, hi)
+    return out
+
+
+def _run_table_rows(runs: pd.DataFrame) -> tuple[list[str], list[list[str]], list[str]]:
+    cols = ["run_id", "size", "params", "train_cells", "seed", "cells_seen", "lr", "best_step",
+            "best_val_mse", "test_mse", "wall_seconds", "status", "error"]
+    rows, statuses = [], []
+    runs = runs.sort_values(["params", "train_cells", "seed", "run_id"], na_position="last")
+    for _, r in runs.iterrows():
+        row = [
+            str(r["run_id"]), str(r["size"]), fmt_int(r["params"]),
+            "all" if pd.isna(r["train_cells"]) else fmt_int(r["train_cells"]),
+            "" if pd.isna(r["seed"]) else fmt_int(r["seed"]), fmt_int(r["cells_seen"]), fmt_num(r["lr"], 3),
+            fmt_int(r["best_step"]), fmt_num(r["best_val_mse"]), fmt_num(r["test_mse"]),
+            fmt_num(r["wall_seconds"], 3), str(r["status"]), str(r["error"] or ""),
+        ]
+        rows.append(row)
+        statuses.append(str(r["status"]))
+    return cols, rows, statuses
+
+
+def _fit_rows(fit: FitOutcome) -> list[tuple[str, str, str]]:
+    """(quantity, value, note) rows summarising the fit."""
+    d = fit.data or {}
+    rows = []
+    if d.get("formula"):
+        rows.append(("law", str(d.get("law", fit.law)), str(d["formula"])))
+    rows.append(("method", str(d.get("method", fit.method)), str(d.get("method_description") or "")))
+    ci = d.get("ci95") or {}
+    for name, val in (d.get("params") or {}).items():
+        lohi = ci.get(name)
+        ci_txt = (f"[{fmt_num(lohi[0])}, {fmt_num(lohi[1])}]" if lohi and len(lohi) == 2 and lohi[0] is not None
+                  else "n/a (no bootstrap)")
+        rows.append((f"parameter {name}", fmt_num(val), f"95% CI {ci_txt}"))
+    if d.get("bootstrap") is not None:
+        note = str(d.get("ci_method") or "percentile bootstrap")
+        if d.get("bootstrap_units"):
+            note += f"; units: runs grouped by {', '.join(map(str, d['bootstrap_units']))}"
+        if d.get("bootstrap_failed"):
+            note += f"; {d['bootstrap_failed']} resample(s) failed to fit"
+        rows.append(("bootstrap resamples", fmt_int(d["bootstrap"]), note))
+    rows.append(("R^2", fmt_num(d.get("r2")), str(d.get("r2_definition") or "")))
+    rows.append(("points fitted (n)", fmt_int(d.get("n_points")), fit.note or ""))
+    fab = d.get("floor_at_boundary")
+    bounds = d.get("floor_bounds")
+    btxt = f" (search range {fmt_num(bounds[0])} to {fmt_num(bounds[1])})" if bounds and len(bounds) == 2 else ""
+    rows.append(("floor_at_boundary", str(fab),
+                 ("WARNING: the floor estimate touches its search bound" + btxt + "; it is an artefact of the "
+                  "bounds, not a measurement, and must not be quoted as the irreducible loss") if fab
+                 else "the floor lies inside its search range" + btxt))
+    nf = d.get("no_floor") or fit.no_floor or {}
+    for k in ("aic", "bic"):
+        if k in d:
+            note = ""
+            if nf.get(k) is not None and d.get(k) is not None:
+                diff = float(nf[k]) - float(d[k])
+                note = (f"law without a floor ({nf.get('law', 'power')}): {fmt_num(nf[k])}; difference "
+                        f"{diff:+.2f} ({'favours the floor' if diff > 0 else 'does not favour the floor'})")
+            elif nf:
+                note = "the law without a floor could not be fitted"
+            space = f" [{d['aic_space']}]" if d.get("aic_space") else ""
+            rows.append((k.upper() + space, fmt_num(d.get(k)), note))
+    llo = d.get("leave_largest_out")
+    if isinstance(llo, dict):
+        if llo.get("predicted") is not None and llo.get("observed") is not None:
+            val = f"{100 * float(llo.get('rel_error', 0.0)):+.2f}%"
+            note = (f"fitted without the largest model (P = {fmt_int(llo.get('x'))}, {llo.get('n_heldout')} run(s)), "
+                    f"predicted {fmt_num(llo['predicted'])}, observed {fmt_num(llo['observed'])}")
+        else:
+            val, note = "n/a", str(llo.get("note") or "could not be computed")
+        rows.append(("leave-largest-out error", val, note))
+    for k, v in d.items():
+        if k != "leave_largest_out" and ("leave" in k.lower() or "largest" in k.lower()):
+            rows.append((k.replace("_", " "), _compact(v), ""))
+    return rows
+
+
+def _compute_optimal_rows(fit: FitOutcome) -> tuple[str, list[list[str]]]:
+    """(definition line, rows) of the compute-optimal table of a two-variable law, if any."""
+    co = (fit.data or {}).get("compute_optimal")
+    if not isinstance(co, dict) or not isinstance(co.get("table"), list):
+        return "", []
+
+    def ci(v: Any) -> str:
+        return f"[{fmt_num(v[0], 3)}, {fmt_num(v[1], 3)}]" if isinstance(v, list) and len(v) == 2 else ""
+
+    rows = []
+    for r in co["table"]:
+        if isinstance(r, dict):
+            rows.append([fmt_num(r.get("C"), 3), fmt_num(r.get("N_opt"), 3), ci(r.get("N_opt_ci95")),
+                         fmt_num(r.get("D_opt"), 3), ci(r.get("D_opt_ci95")), fmt_num(r.get("data_per_param"), 3),
+                         fmt_num(r.get("loss"))])
+    parts = [str(co.get(k)) for k in ("C_definition", "k_source") if co.get(k)]
+    for k in ("N_opt_exponent", "D_opt_exponent"):
+        if co.get(k) is not None:
+            parts.append(f"{k.replace('_', ' ')} {fmt_num(co[k], 3)}")
+    return "; ".join(parts), rows
+
+
+_CO_HEADER = ["compute C", "N* (params)", "N* 95% CI", "D* (cells)", "D* 95% CI", "cells per param", "predicted loss"]
+
+
+def _compact(v: Any) -> str:
+    if isinstance(v, dict):
+        return ", ".join(f"{k}: {_compact(x)}" for k, x in v.items())
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_compact(x) for x in v[:8]) + (", ..." if len(v) > 8 else "") + "]"
+    if isinstance(v, float):
+        return fmt_num(v)
+    return str(v)
+
+
+def _entropy_rows(fit: FitOutcome, sd: SweepData) -> list[tuple[str, str, str]]:
+    d = fit.data or {}
+    eb = d.get("entropy_bits") or {}
+    rows = []
+    if isinstance(eb, dict) and eb.get("gaussian") is not None:
+        ci = eb.get("ci95")
+        rows.append(("fitted floor, homoscedastic Gaussian",
+                     f"{fmt_num(eb['gaussian'], 4)} bits",
+                     (f"95% CI [{fmt_num(ci[0], 4)}, {fmt_num(ci[1], 4)}]" if ci else "no interval")
+                     + ("; the floor sits on its search bound, so this is NOT a measurement"
+                        if d.get("floor_at_boundary") else "")))
+        if eb.get("label"):
+            rows.append(("label", str(eb["label"]), ""))
+        pg = eb.get("per_gene")
+        if isinstance(pg, dict) and pg.get("bits") is not None:
+            rows.append(("per-gene (heteroscedastic) Gaussian", f"{fmt_num(pg['bits'], 4)} bits",
+                         str(pg.get("label") or "")))
+        for k, v in eb.items():
+            if k not in ("gaussian", "ci95", "label", "per_gene"):
+                rows.append((k.replace("_", " "), _compact(v), ""))
+    elif isinstance(eb, dict) and eb.get("note"):
+        rows.append(("no entropy from this law", "n/a", str(eb["note"])))
+    gm = sd.baselines.get("gene_mean", {}).get("val")
+    if gm is not None:
+        rows.append(("gene-mean baseline (val), same formula", f"{fmt_num(_bits(gm), 4)} bits", "for scale"))
+    if sd.bayes_floor is not None:
+        rows.append(("true Bayes floor, same formula", f"{fmt_num(_bits(sd.bayes_floor), 4)} bits", "simulator"))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# HTML and Markdown
+
+_CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:24px auto;padding:0 16px;
+color:#222;line-height:1.45}
+h1{font-size:1.6em;margin-bottom:0.2em} h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:1.6em}
+.meta{color:#666;font-size:0.9em} .box{background:#f5f8fc;border-left:4px solid #1f77b4;padding:10px 14px}
+.warn{background:#fff4e5;border-left:4px solid #e67e22;padding:8px 14px;margin:8px 0}
+.notes li{color:#8a5a00}
+table{border-collapse:collapse;font-size:0.85em;margin:8px 0} th,td{border:1px solid #ddd;padding:3px 7px;
+text-align:left;vertical-align:top} th{background:#f0f0f0} td.num{text-align:right;font-variant-numeric:tabular-nums}
+tr.diverged td{background:#fde8e8} tr.failed td{background:#f3e6f7} tr.unknown td{background:#eee}
+td.id{white-space:nowrap} td.err{max-width:360px;word-break:break-word;font-family:monospace;font-size:0.9em}
+figure{margin:12px 0} figure img{max-width:100%;border:1px solid #eee} figcaption{font-size:0.85em;color:#555}
+"""
+
+_NUMCOLS = {"params", "train_cells", "seed", "cells_seen", "lr", "best_step", "best_val_mse", "test_mse",
+            "wall_seconds"}
+
+
+def _h(s: Any) -> str:
+    return html.escape(str(s), quote=True)
+
+
+def _html_table(header: list[str], rows: list[list[str]] | list[tuple], classes: list[str] | None = None,
+                numeric: set[str] = frozenset()) -> str:
+    out = ["<table><thead><tr>" + "".join(f"<th>{_h(c)}</th>" for c in header) + "</tr></thead><tbody>"]
+    for i, row in enumerate(rows):
+        cls = f' class="{_h(classes[i])}"' if classes else ""
+        cells = []
+        for c, v in zip(header, row):
+            tdc = (' class="num"' if c in numeric else ' class="err"' if c == "error"
+                   else ' class="id"' if c in ("run_id", "quantity") else "")
+            cells.append(f"<td{tdc}>{_h(v)}</td>")
+        out.append(f"<tr{cls}>" + "".join(cells) + "</tr>")
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+def _md_cell(v: Any) -> str:
+    return str(v).replace("|", "\\|").replace("\n", " ").strip()
+
+
+def _md_table(header: list[str], rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_md_cell(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+@dataclass
+class _Doc:
+    title: str
+    meta: list[str]
+    meaning: str
+    warnings: list[str]
+    notes: list[str]
+    figures: list[_Figure]
+    fit: FitOutcome
+    fit_rows: list[tuple[str, str, str]]
+    entropy_rows: list[tuple[str, str, str]]
+    run_cols: list[str]
+    run_rows: list[list[str]]
+    run_status: list[str]
+    status_counts: dict[str, int]
+    methods: str
+
+
+def _render_html(doc: _Doc) -> str:
+    figs = {f.key: f for f in doc.figures}
+
+    def fig_html(key: str) -> str:
+        f = figs.get(key)
+        if f is None:
+            return ""
+        b64 = base64.b64encode(f.png).decode("ascii")
+        return (f'<figure id="fig-{_h(key)}"><img alt="{_h(f.title)}" src="data:image/png;base64,{b64}">'
+                f"<figcaption><b>{_h(f.title)}.</b> {_h(f.caption)}</figcaption></figure>")
+
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{_h(doc.title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{_h(doc.title)}</h1>",
+        '<p class="meta">' + "<br>".join(_h(m) for m in doc.meta) + "</p>",
+        "<h2>What this means</h2>", f'<div class="box"><p>{_h(doc.meaning)}</p></div>',
+    ]
+    for w in doc.warnings:
+        parts.append(f'<div class="warn"><b>Warning:</b> {_h(w)}</div>')
+    if doc.notes:
+        parts.append("<h3>Missing or incomplete inputs</h3><ul class=\"notes\">"
+                     + "".join(f"<li>{_h(n)}</li>" for n in doc.notes) + "</ul>")
+    parts.append("<h2>Scaling with model size</h2>")
+    parts.append(fig_html("loss_vs_params"))
+    parts.append("<h2>The fit</h2>")
+    if doc.fit.error:
+        parts.append(f'<div class="warn"><b>No fit:</b> {_h(doc.fit.error)}</div>')
+    else:
+        parts.append(f"<p>Law <code>{_h(doc.fit.law)}</code>, method <code>{_h(doc.fit.method)}</code>.</p>")
+        parts.append(_html_table(["quantity", "value", "note"], doc.fit_rows))
+    co_def, co_rows = _compute_optimal_rows(doc.fit)
+    if co_rows:
+        parts.append(f"<h3>Compute-optimal allocation</h3><p>{_h(co_def)}</p>")
+        parts.append(_html_table(_CO_HEADER, co_rows))
+    parts.append(fig_html("compute_frontier"))
+    parts.append("<h2>Entropy per masked gene</h2>")
+    if doc.entropy_rows:
+        parts.append(_html_table(["quantity", "value", "interval / note"], doc.entropy_rows))
+    else:
+        parts.append("<p>No entropy estimate: there is no fit.</p>")
+    parts.append("<p>Bits are the differential entropy of a Gaussian with variance equal to the MSE "
+                 "(0.5 log2(2 pi e MSE)): the homoscedastic-Gaussian figure, which depends on the units of the "
+                 "normalised log1p values and is an upper bound on a per-gene (heteroscedastic) figure.</p>")
+    parts.append(fig_html("entropy"))
+    parts.append("<h2>Learning curves</h2>")
+    parts.append(fig_html("learning_curves"))
+    if "loss_vs_data" in figs:
+        parts.append("<h2>Scaling with data</h2>")
+        parts.append(fig_html("loss_vs_data"))
+    counts = ", ".join(f"{v} {k}" for k, v in doc.status_counts.items())
+    parts.append(f"<h2>Runs</h2><p>{_h(counts or 'no runs')}. Runs that diverged or failed are listed with "
+                 "their error and are not fitted.</p>")
+    parts.append(_html_table(doc.run_cols, doc.run_rows, doc.run_status, numeric=_NUMCOLS))
+    parts.append("<h2>Methods</h2>")
+    parts.append(f"<p>{_h(doc.methods)}</p>")
+    parts.append('<p class="meta">Generated by cellscale; this file is self-contained (figures embedded).</p>')
+    parts.append("</body></html>")
+    return "\n".join(p for p in parts if p)
+
+
+def _render_md(doc: _Doc, fig_rel: dict[str, str]) -> str:
+    figs = {f.key: f for f in doc.figures}
+
+    def fig_md(key: str) -> list[str]:
+        f = figs.get(key)
+        if f is None:
+            return []
+        return [f"![{f.title}]({fig_rel[key]})", "", f"*{f.title}.* {f.caption}", ""]
+
+    L = [f"# {doc.title}", ""] + [f"{m}  " for m in doc.meta] + ["", "## What this means", "", doc.meaning, ""]
+    for w in doc.warnings:
+        L += [f"> **Warning:** {w}", ""]
+    if doc.notes:
+        L += ["### Missing or incomplete inputs", ""] + [f"- {n}" for n in doc.notes] + [""]
+    L += ["## Scaling with model size", ""] + fig_md("loss_vs_params")
+    L += ["## The fit", ""]
+    if doc.fit.error:
+        L += [f"**No fit:** {doc.fit.error}", ""]
+    else:
+        L += [f"Law `{doc.fit.law}`, method `{doc.fit.method}`.", "",
+              _md_table(["quantity", "value", "note"], doc.fit_rows), ""]
+    co_def, co_rows = _compute_optimal_rows(doc.fit)
+    if co_rows:
+        L += ["### Compute-optimal allocation", "", co_def, "", _md_table(_CO_HEADER, co_rows), ""]
+    L += fig_md("compute_frontier")
+    L += ["## Entropy per masked gene", ""]
+    if doc.entropy_rows:
+        L += [_md_table(["quantity", "value", "interval / note"], doc.entropy_rows), ""]
+    else:
+        L += ["No entropy estimate: there is no fit.", ""]
+    L += ["Bits are the differential entropy of a Gaussian with variance equal to the MSE (0.5 log2(2 pi e MSE)): "
+          "the homoscedastic-Gaussian figure, which depends on the units of the normalised log1p values and is an "
+          "upper bound on a per-gene (heteroscedastic) figure.", ""] + fig_md("entropy")
+    L += ["## Learning curves", ""] + fig_md("learning_curves")
+    if "loss_vs_data" in figs:
+        L += ["## Scaling with data", ""] + fig_md("loss_vs_data")
+    counts = ", ".join(f"{v} {k}" for k, v in doc.status_counts.items())
+    L += ["## Runs", "", f"{counts or 'no runs'}. Runs that diverged or failed are listed with their error and are "
+          "not fitted.", "", _md_table(doc.run_cols, doc.run_rows), ""]
+    L += ["## Methods", "", doc.methods, ""]
+    return "\n".join(L)
+
+
+def write_report(sweep_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """Fit, draw and write ``report.html``, ``report.md``, ``figures/*.png`` and ``fit.json`` into
+    ``sweep_dir``; return ``(html_path, md_path)``.
+
+    Raises ``RunError`` only when ``sweep_dir`` is not a sweep directory at all; everything that
+    is merely missing (metrics, manifest, baselines) or unfittable is stated in the report.
+    """
+    sd = load_sweep(sweep_dir)
+    root = sd.sweep_dir
+    runs = sd.runs
+    fcfg = sd.fit_config
+    fit = run_fit(runs, fcfg, full_train=_float(((sd.manifest or {}).get("split_sizes") or {}).get("train")))
+
+    fit_json = fit.data if fit.data is not None else {
+        "law": fit.law, "method": fit.method, "error": fit.error,
+        "n_points": 0 if fit.used is None else int(len(fit.used)),
+    }
+    _atomic_write(root / "fit.json", json.dumps(_to_jsonable(fit_json), indent=2) + "\n")
+
+    figures = _make_figures(sd, fit)
+    fig_rel = {}
+    for f in figures:
+        rel = f"figures/{f.key}.png"
+        _atomic_write(root / rel, f.png)
+        fig_rel[f.key] = rel
+
+    status_counts = {k: int(v) for k, v in runs["status"].value_counts().items()} if len(runs) else {}
+    warns = []
+    if fit.data and fit.data.get("floor_at_boundary"):
+        warns.append("The fitted floor sits on the boundary of its search range: it is set by the fitting bounds, "
+                     "not by the data. Do not report it as the irreducible loss.")
+    n_bad = sum(v for k, v in status_counts.items() if k != "ok")
+    if n_bad:
+        warns.append(f"{n_bad} of {len(runs)} runs did not finish ok ("
+                     + ", ".join(f"{v} {k}" for k, v in status_counts.items() if k != "ok")
+                     + "); they are listed in the run table and excluded from the fit.")
+    if fit.error:
+        warns.append(f"No scaling law was fitted: {fit.error}.")
+    gm = sd.baselines.get("gene_mean", {})
+    if not gm:
+        sd.notes.append("No gene-mean baseline was recorded (manifest 'baselines' or results columns).")
+    meaning = meaning_paragraph(runs, fit.data, baseline_val=gm.get("val"), bayes_floor=sd.bayes_floor,
+                                fit_error=fit.error)
+    extra = {}
+    if sd.sweep_meta and sd.sweep_meta.get("config_hash"):
+        extra["config hash"] = sd.sweep_meta["config_hash"]
+    if sd.dataset_dir:
+        extra["dataset"] = str(sd.dataset_dir)
+    methods = methods_paragraph(sd.config, sd.manifest, runs, fit=fit.data, fit_note=fit.note, extra=extra)
+
+    cfg = sd.config or {}
+    name = cfg.get("name") or root.name
+    meta = [f"Sweep directory: {root.resolve()}",
+            f"Generated {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}"]
+    if cfg.get("description"):
+        meta.insert(0, str(cfg["description"]))
+    run_cols, run_rows, run_status = _run_table_rows(runs)
+    doc = _Doc(
+        title=f"cellscale report: {name}", meta=meta, meaning=meaning, warnings=warns, notes=sd.notes,
+        figures=figures, fit=fit, fit_rows=_fit_rows(fit), entropy_rows=_entropy_rows(fit, sd),
+        run_cols=run_cols, run_rows=run_rows, run_status=run_status, status_counts=status_counts,
+        methods=methods,
+    )
+    html_path, md_path = root / "report.html", root / "report.md"
+    _atomic_write(html_path, _render_html(doc))
+    _atomic_write(md_path, _render_md(doc, fig_rel))
+    return html_path, md_path

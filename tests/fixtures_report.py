@@ -1,0 +1,151 @@
+"""Fabricate a small sweep directory for the report tests (no training involved).
+
+``make_sweep(root)`` writes, as the sweep and data modules would: a dataset dir with a
+``manifest.json``, and a sweep dir with ``config.yaml`` (a dumped RunConfig), ``sweep.json``,
+``results.csv`` and ``runs/<run_id>/metrics.jsonl``. Losses follow a known power-floor law
+``L = A P^-ALPHA + C`` with small multiplicative noise; optionally one run diverged and one failed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cellscale.config import RunConfig, dump_yaml
+
+# the seed study's ladder at V = 512 (reference README)
+LADDER_512 = {
+    "XXS": (533, 1, 1, 1),
+    "TINY": (9_953, 16, 1, 1),
+    "XS": (132_993, 64, 2, 4),
+    "S": (859_137, 128, 4, 8),
+    "M": (19_178_497, 512, 6, 8),
+    "L": (100_510_801, 1020, 8, 12),
+    "XL": (340_770_817, 1536, 12, 16),
+}
+A, ALPHA, C = 2.0, 0.25, 1.4
+B2, BETA2 = 8.0, 0.5  # the data term of the chinchilla-shaped losses
+GENE_MEAN_VAL, GENE_MEAN_TEST = 1.875, 1.862
+DIVERGED_ERROR = "loss became NaN at step 1200 (lr 0.01); run stopped"
+FAILED_ERROR = "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+
+
+def law(p):
+    return A * np.asarray(p, float) ** (-ALPHA) + C
+
+
+def _metrics_lines(final: float, cells_seen: int, batch: int, rng: np.random.Generator, diverged=False):
+    lines = []
+    steps = cells_seen // batch
+    for i, step in enumerate(np.linspace(10, steps, 24).astype(int)):
+        frac = step / steps
+        loss = final * (1 + 0.8 * np.exp(-5 * frac)) * (1 + 0.02 * rng.standard_normal())
+        if diverged and frac > 0.5:
+            loss = float("nan")
+        lines.append({"kind": "train", "step": int(step), "cells_seen": int(step * batch), "lr": 1e-3,
+                      "loss": None if np.isnan(loss) else float(loss), "wall": 0.1 * i})
+        if i % 3 == 2:
+            val = final * (1 + 0.7 * np.exp(-5 * frac))
+            if diverged and frac > 0.5:
+                val = float("nan")
+            lines.append({"kind": "eval", "step": int(step), "cells_seen": int(step * batch),
+                          "val_mse": None if np.isnan(val) else float(val), "wall": 0.1 * i})
+    return lines
+
+
+def make_sweep(
+    root: Path,
+    *,
+    sizes=("XXS", "TINY", "XS", "S", "M"),
+    seeds=(0, 1),
+    train_cells=(None,),
+    diverged: str | None = "L",
+    failed: str | None = "XL",
+    only_failed: bool = False,
+    source: str = "simulate",
+    bootstrap: int = 200,
+    noise: float = 0.004,
+    with_manifest: bool = True,
+    with_metrics: bool = True,
+    with_baselines: bool = True,
+    bayes_floor: float | None = None,
+    fit_law: str = "power-floor",
+) -> Path:
+    """Write a dataset dir and a sweep dir under ``root``; return the sweep dir.
+
+    With ``fit_law="chinchilla"`` the losses follow L = C + A / N^ALPHA + B2 / D^BETA2 (D = train
+    cells, the whole train split for "all") and the config asks for that law."""
+    root = Path(root)
+    rng = np.random.default_rng(123)
+    dataset = root / "dataset"
+    sweep = root / "sweep"
+    dataset.mkdir(parents=True)
+    (sweep / "runs").mkdir(parents=True)
+    all_sizes = list(sizes) + [s for s in (diverged, failed) if s and s not in sizes]
+    data_cfg = {"source": source, "genes": 512, "cells": 2000, "seed": 0}
+    if source == "census":
+        data_cfg["census"] = {"version": "2025-01-30", "tissues": ["blood", "lung"], "per_tissue_cap": 1000}
+    cfg = RunConfig.model_validate({
+        "name": "report-test",
+        "description": "fabricated sweep for the report tests",
+        "data": data_cfg,
+        "train": {"cells_seen": 64_000, "batch_size": 64},
+        "sweep": {"sizes": all_sizes, "seeds": list(seeds), "train_cells": list(train_cells)},
+        "fit": {"law": fit_law, "method": "huber-log", "bootstrap": bootstrap, "seed": 0},
+    })
+    (sweep / "config.yaml").write_text(dump_yaml(cfg))
+    (sweep / "sweep.json").write_text(json.dumps({"dataset": str(dataset.resolve()), "config_hash": "abc123def456"}))
+    if with_manifest:
+        manifest = {
+            "source": source, "V": 512, "D": 2000, "seed": 0, "target_sum": 10000.0, "hvg_flavor": "seurat_v3",
+            "genes": [f"g{i}" for i in range(512)], "split_sizes": {"train": 1800, "val": 100, "test": 100},
+            "eval_mask_seed": 12345, "mask_prob": 0.15, "cellscale_version": "0.1.0",
+            "created": "2026-11-24T06:00:00Z",
+        }
+        if with_baselines:
+            manifest["baselines"] = {"gene_mean": {"val": GENE_MEAN_VAL, "test": GENE_MEAN_TEST}}
+        if bayes_floor is not None:
+            manifest["bayes_floor_mse"] = bayes_floor
+        if source == "census":
+            manifest["census"] = {"version": "2025-01-30", "organism": "homo_sapiens",
+                                  "obs_filter": "is_primary_data == True", "tissues": ["blood", "lung"]}
+        (dataset / "manifest.json").write_text(json.dumps(manifest))
+
+    rows = []
+    for size in all_sizes:
+        params, d, nl, nh = LADDER_512[size]
+        for tc in train_cells:
+            for seed in seeds:
+                tc_label = "all" if tc is None else str(tc)
+                rid = f"{size}-d{tc_label}-s{seed}"
+                status, error = "ok", ""
+                if fit_law == "chinchilla":
+                    clean = law(params) + B2 * (1800 if tc is None else tc) ** (-BETA2)
+                else:
+                    clean = law(params) + (0.0 if tc is None else 0.3 * (1800 / tc - 1) ** 0.5 * (params / 1e6) ** 0.1)
+                best = float(clean * (1 + noise * rng.standard_normal()))
+                test = best * 1.002
+                if only_failed or (size == failed and seed == seeds[0]):
+                    status, error, best, test = "failed", FAILED_ERROR, float("nan"), float("nan")
+                elif size == diverged and seed == seeds[0]:
+                    status, error, best, test = "diverged", DIVERGED_ERROR, 2.9, float("nan")
+                rows.append({
+                    "run_id": rid, "size": size, "params": params, "non_embedding_params": params - 512 * max(d, 1),
+                    "d_model": d, "n_layers": nl, "n_heads": nh, "n_genes": 512,
+                    "train_cells": np.nan if tc is None else tc, "seed": seed, "steps": 1000,
+                    "cells_seen": 64_000, "tokens_seen": 64_000 * 512, "flops": 6.0 * params * 64_000 * 512,
+                    "lr": 1e-3, "best_step": 900 if status == "ok" else np.nan, "best_val_mse": best,
+                    "test_mse": test, "gene_mean_val_mse": GENE_MEAN_VAL, "gene_mean_test_mse": GENE_MEAN_TEST,
+                    "wall_seconds": 12.5, "status": status, "error": error,
+                })
+                if with_metrics and status != "failed":
+                    run_dir = sweep / "runs" / rid
+                    run_dir.mkdir(parents=True)
+                    lines = _metrics_lines(best if status == "ok" else 2.9, 64_000, 64, rng,
+                                           diverged=status == "diverged")
+                    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    pd.DataFrame(rows).to_csv(sweep / "results.csv", index=False)
+    return sweep

@@ -1,0 +1,376 @@
+"""The report: write_report on fabricated sweep directories, the plots, the generated text."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+from PIL import Image
+from threadpoolctl import threadpool_limits
+
+import cellscale.fit
+from cellscale.report import plots
+from cellscale.report.methods import meaning_paragraph, methods_paragraph
+from cellscale.report.writer import load_sweep, write_report
+from fixtures_report import DIVERGED_ERROR, FAILED_ERROR, LADDER_512, make_sweep
+
+BOOT = 50  # bootstrap resamples in the fabricated configs: enough for a band, quick to fit
+IMG_RE = re.compile(r'<img[^>]*\ssrc="data:image/png;base64,([A-Za-z0-9+/=]+)"')
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """A sweep of 5 sizes x 2 seeds (+ L and XL with one diverged and one failed seed), reported once."""
+    sweep = make_sweep(tmp_path_factory.mktemp("report"), bootstrap=BOOT)
+    html_path, md_path = write_report(sweep)
+    return sweep, html_path, md_path
+
+
+def test_write_report_writes_both_documents_figures_and_fit(report):
+    sweep, html_path, md_path = report
+    assert html_path == sweep / "report.html" and md_path == sweep / "report.md"
+    assert html_path.stat().st_size > 10_000 and md_path.stat().st_size > 1_000
+    for name in ("loss_vs_params", "learning_curves", "entropy"):
+        png = sweep / "figures" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"(figures/{name}.png)" in md_path.read_text()
+    assert not (sweep / "figures" / "loss_vs_data.png").exists()  # one data size only
+    fit = json.loads((sweep / "fit.json").read_text())
+    assert fit["law"] == "power-floor" and fit["n_points"] == 12
+    assert set(fit["params"]) == {"a", "alpha", "c"}
+    assert not list(sweep.glob("**/*.tmp"))  # atomic writes leave no temp files
+
+
+def test_html_is_self_contained_and_figures_decode_as_png(report):
+    _, html_path, _ = report
+    text = html_path.read_text()
+    # nothing fetched from anywhere: no http(s) or protocol-relative src/href, no scripts or stylesheets
+    assert not re.search(r'(?:src|href)\s*=\s*["\']?\s*(?:https?:)?//', text, re.I)
+    assert not re.search(r"<script|<link|@import|url\(", text, re.I)
+    images = IMG_RE.findall(text)
+    assert len(images) >= 3
+    for b64 in images:
+        raw = base64.b64decode(b64, validate=True)
+        assert raw[:8] == b"\x89PNG\r\n\x1a\n"
+        img = Image.open(io.BytesIO(raw))
+        img.verify()
+        assert img.format == "PNG" and img.size[0] >= 400 and img.size[1] >= 150
+    assert len(re.findall(r"<img\b", text)) == len(images)  # every image is an embedded PNG
+
+
+def test_diverged_and_failed_runs_are_shown_with_their_errors(report):
+    sweep, html_path, md_path = report
+    html, md = html_path.read_text(), md_path.read_text()
+    for doc in (html, md):
+        for rid in ("L-dall-s0", "XL-dall-s0", "L-dall-s1", "XXS-dall-s0"):
+            assert rid in doc
+        assert DIVERGED_ERROR in doc and FAILED_ERROR in doc
+        assert "diverged" in doc and "failed" in doc
+        assert "2 of 14 runs did not finish ok" in doc
+    assert '<tr class="diverged">' in html and '<tr class="failed">' in html
+    # every row of results.csv has a row in each table
+    n = len(pd.read_csv(sweep / "results.csv"))
+    assert md.count("| ok |") + md.count("| diverged |") + md.count("| failed |") == n
+
+
+def test_fit_json_matches_a_direct_fit_table_call(report):
+    sweep, _, _ = report
+    stored = json.loads((sweep / "fit.json").read_text())
+    with threadpool_limits(limits=1, user_api="blas"):  # as the writer does; only the speed depends on it
+        direct = cellscale.fit.fit_table(pd.read_csv(sweep / "results.csv"), law="power-floor",
+                                         method="huber-log", bootstrap=BOOT, seed=0).to_dict()
+    assert stored["n_points"] == direct["n_points"]
+    assert stored["floor_at_boundary"] == direct["floor_at_boundary"]
+    assert stored["r2"] == pytest.approx(direct["r2"], rel=1e-9)
+    for name, value in direct["params"].items():
+        assert stored["params"][name] == pytest.approx(value, rel=1e-9)
+        assert stored["ci95"][name] == pytest.approx(direct["ci95"][name], rel=1e-9)
+    assert stored["entropy_bits"]["gaussian"] == pytest.approx(direct["entropy_bits"]["gaussian"], rel=1e-9)
+    # the fabricated law is recovered, and the report prints the same numbers
+    assert stored["params"]["c"] == pytest.approx(1.4, abs=0.03)
+    html = (sweep / "report.html").read_text()
+    assert f"{stored['params']['c']:.4g}" in html and f"{stored['params']['alpha']:.4g}" in html
+
+
+def test_report_text_covers_baseline_floor_bits_and_methods(report):
+    _, html_path, md_path = report
+    md = md_path.read_text()
+    assert "below the gene-mean baseline (1.875)" in md
+    assert "floor c" in md and "bits per masked gene" in md
+    assert "homoscedastic" in md.lower()
+    assert "AdamW" in md and "weight decay 0.01" in md and "cosine" in md
+    assert "XXS (1/1/1: 533 parameters" in md and "S (128/4/8: 859,137 parameters" in md
+    assert "1,800 training, 100 validation and 100 test cells" in md
+    assert "leave-largest-out" in md and "AIC" in md and "law without a floor" in md
+
+
+def test_only_failed_runs_still_writes_a_report_that_says_no_fit(tmp_path):
+    sweep = make_sweep(tmp_path, only_failed=True, bootstrap=BOOT)
+    html_path, md_path = write_report(sweep)
+    html, md = html_path.read_text(), md_path.read_text()
+    fit = json.loads((sweep / "fit.json").read_text())
+    assert "error" in fit and "no finished run" in fit["error"]
+    for doc in (html, md):
+        assert "No fit" in doc and "No scaling law was fitted" in doc
+        assert FAILED_ERROR in doc and "XXS-dall-s0" in doc
+    assert len(IMG_RE.findall(html)) >= 2
+
+
+def test_fit_error_is_shown_not_raised(tmp_path):
+    # two sizes cannot determine three parameters: the fit module raises FitError
+    sweep = make_sweep(tmp_path, sizes=("XXS", "TINY"), diverged=None, failed=None, bootstrap=BOOT)
+    html_path, md_path = write_report(sweep)
+    reason = json.loads((sweep / "fit.json").read_text())["error"]
+    assert "parameters" in reason
+    assert reason in md_path.read_text()
+    assert "No fit" in html_path.read_text()
+
+
+def test_missing_optional_pieces_are_named_not_fatal(tmp_path):
+    sweep = make_sweep(tmp_path, with_manifest=False, with_metrics=False, bootstrap=BOOT)
+    (sweep / "sweep.json").unlink()
+    html_path, md_path = write_report(sweep)
+    md = md_path.read_text()
+    assert "dataset manifest was not found" in md
+    assert "sweep.json is missing" in md
+    assert "No learning curve" in md and "metrics.jsonl missing" in md
+    assert "below the gene-mean baseline" in md  # the baseline falls back to results.csv
+    assert (sweep / "figures" / "learning_curves.png").exists()
+
+
+def test_not_a_sweep_directory_raises_a_one_line_error(tmp_path):
+    from cellscale.errors import RunError
+
+    with pytest.raises(RunError, match="not a sweep directory"):
+        write_report(tmp_path)
+    with pytest.raises(RunError, match="not found"):
+        write_report(tmp_path / "nope")
+
+
+def test_data_sweep_draws_loss_against_data_and_fits_the_largest_subset(tmp_path):
+    sweep = make_sweep(tmp_path, train_cells=(200, 600, None), diverged=None, failed=None, bootstrap=BOOT,
+                       bayes_floor=1.35)
+    html_path, md_path = write_report(sweep)
+    assert (sweep / "figures" / "loss_vs_data.png").exists()
+    md = md_path.read_text()
+    assert "Scaling with data" in md and "only the 10 runs on the largest training set" in md
+    assert "Bayes-optimal error of the simulator is 1.35" in md
+    assert json.loads((sweep / "fit.json").read_text())["n_points"] == 10
+    assert len(IMG_RE.findall(html_path.read_text())) == 4
+
+
+def test_floor_at_boundary_gets_a_plain_language_warning(tmp_path, monkeypatch):
+    class Boundary:  # a stand-in FitResult whose floor sits on its bound
+        def to_dict(self):
+            return {"law": "power-floor", "method": "paper", "params": {"a": 2.0, "alpha": 0.25, "c": 1.39},
+                    "ci95": {"a": [1.5, 2.5], "alpha": [0.2, 0.3], "c": [1.39, 1.39]}, "n_points": 12,
+                    "r2": 0.86, "floor_param": "c", "floor_at_boundary": True, "floor_bounds": [0.0, 1.39],
+                    "entropy_bits": {"gaussian": 2.28, "ci95": [2.28, 2.28], "label": "homoscedastic Gaussian"}}
+
+        def predict(self, X):
+            return 2.0 * np.asarray(X, float) ** -0.25 + 1.39
+
+        def band(self, X, level=0.95):
+            y = self.predict(X)
+            return y * 0.99, y * 1.01
+
+    monkeypatch.setattr(cellscale.fit, "fit_table", lambda df, **kw: Boundary())
+    sweep = make_sweep(tmp_path, bootstrap=BOOT)
+    html_path, md_path = write_report(sweep)
+    for doc in (html_path.read_text(), md_path.read_text()):
+        assert "WARNING" in doc and "search bound" in doc and "not a measurement" in doc
+
+
+def test_methods_paragraph_is_enough_to_reproduce_a_census_study():
+    config = {
+        "data": {"source": "census", "genes": 512, "cells": 200000, "seed": 0, "split": [0.9, 0.05, 0.05],
+                 "target_sum": 10000.0, "hvg_flavor": "seurat_v3",
+                 "census": {"version": "2025-01-30", "organism": "homo_sapiens",
+                            "obs_filter": "is_primary_data == True", "tissues": ["blood", "lung"],
+                            "per_tissue_cap": 20000}},
+        "model": {"dropout": 0.1},
+        "train": {"cells_seen": 240000, "batch_size": 32, "lr": 2.5e-4, "lr_batch_scaling": "none",
+                  "schedule": "constant", "weight_decay": 0.01, "grad_clip": 1.0, "betas": [0.9, 0.999],
+                  "mask_prob": 0.15},
+        "sweep": {"sizes": ["XXS", "S"], "train_cells": [None], "seeds": [0, 1, 2]},
+        "fit": {"law": "power-floor", "method": "paper", "bootstrap": 1000, "seed": 0},
+    }
+    manifest = {"source": "census", "V": 512, "D": 200000, "seed": 0, "target_sum": 10000.0,
+                "hvg_flavor": "seurat_v3", "split_sizes": {"train": 180000, "val": 10000, "test": 10000},
+                "mask_prob": 0.15, "census": {"version": "2025-01-30", "obs_filter": "is_primary_data == True"}}
+    runs = pd.DataFrame([
+        {"size": s, "params": LADDER_512[s][0], "non_embedding_params": LADDER_512[s][0] - 512,
+         "d_model": LADDER_512[s][1], "n_layers": LADDER_512[s][2], "n_heads": LADDER_512[s][3],
+         "cells_seen": 240000, "lr": 2.5e-4, "status": "ok"} for s in ("XXS", "S")])
+    text = methods_paragraph(config, manifest, runs)
+    for needle in ("CELLxGENE Census, release 2025-01-30", "homo_sapiens", "'is_primary_data == True'",
+                   "blood, lung", "20,000 cells per tissue", "dropped (QC)", "library size was computed over ALL genes",
+                   "normalised to 10,000", "log1p", "V = 512", "'seurat_v3'", "training cells",
+                   "90/5/5", "180,000 training, 10,000 validation and 10,000 test", "seed 0",
+                   "XXS (1/1/1: 533 parameters", "S (128/4/8: 859,137 parameters", "240,000 cells seen",
+                   "batches of 32", "seeds 0, 1, 2", "probability 0.15", "AdamW", "weight decay 0.01",
+                   "norm 1", "constant learning rate", "peak learning rate 0.00025", "power-floor",
+                   "1,000 bootstrap", "0.5 log2(2 pi e c)"):
+        assert needle in text, needle
+
+
+def test_meaning_paragraph_flags_a_model_worse_than_the_baseline_and_below_the_bayes_floor():
+    runs = pd.DataFrame({"size": ["XXS", "S"], "params": [533, 859137], "best_val_mse": [2.1, 1.3],
+                         "test_mse": [2.1, 1.3], "status": ["ok", "ok"]})
+    text = meaning_paragraph(runs, None, baseline_val=1.875, bayes_floor=1.35, fit_error="too few points")
+    assert "BELOW the known Bayes-optimal error" in text and "too few points" in text
+    worse = meaning_paragraph(runs.iloc[:1], None, baseline_val=1.875)
+    assert "NOT better than the gene-mean baseline" in worse
+
+
+def test_plots_are_pure_functions_returning_figures(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runs = pd.DataFrame({"run_id": ["a", "b", "c", "d"], "size": ["XXS", "XXS", "S", "L"],
+                         "params": [533, 533, 859137, 1e8], "best_val_mse": [1.8, 1.82, 1.47, 3.0],
+                         "status": ["ok", "ok", "ok", "diverged"], "train_cells": [100, 100, 100, 100]})
+    xs = np.logspace(2, 9, 50)
+    y = 2 * xs**-0.25 + 1.4
+    figs = [
+        plots.loss_vs_params(runs, curve=plots.Curve(xs, y, y * 0.98, y * 1.02),
+                             floor=plots.Floor(1.4, 1.38, 1.42), refs=[plots.RefLine(1.875, "gene mean")]),
+        plots.loss_vs_params(runs.iloc[:0]),  # nothing to draw: a labelled empty figure
+        plots.learning_curves({}, runs),
+        plots.learning_curves({"a": pd.DataFrame({"kind": ["train", "eval"], "cells_seen": [10, 20],
+                                                  "loss": [2.0, math.nan], "val_mse": [math.nan, 1.9]})}, runs),
+        plots.loss_vs_data(runs),
+        plots.entropy_summary(2.29, [2.28, 2.30], refs={"gene mean": 2.5}),
+        plots.entropy_summary(None),
+    ]
+    for fig in figs:
+        assert isinstance(fig, Figure)
+        assert plots.figure_png(fig)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert figs[0].axes[0].get_xscale() == "log" and figs[0].axes[0].get_yscale() == "log"
+    assert list(tmp_path.iterdir()) == []  # no file I/O
+
+
+def test_load_sweep_tolerates_a_truncated_metrics_line(tmp_path):
+    sweep = make_sweep(tmp_path, bootstrap=BOOT)
+    path = sweep / "runs" / "XXS-dall-s0" / "metrics.jsonl"
+    path.write_text(path.read_text() + '{"kind": "train", "st')
+    data = load_sweep(sweep)
+    assert "XXS-dall-s0" in data.metrics
+    assert any("1 unreadable line" in n for n in data.notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# headless Chromium: the report renders, and its figures are drawn
+
+
+def _chromium() -> str | None:
+    for cand in ("/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser")):
+        if cand and Path(cand).is_file():
+            return cand
+    return None
+
+
+def _screenshot(exe: str, html: Path, png: Path, profile: Path) -> None:
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           "--disable-dev-shm-usage", "--hide-scrollbars", f"--user-data-dir={profile}",
+           f"--screenshot={png}", "--window-size=1200,2000", html.resolve().as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=25)
+    assert png.is_file(), f"no screenshot (exit {proc.returncode}): {proc.stderr[-2000:]}"
+
+
+def _blank_figures(html: str) -> str:
+    """The same page with every embedded figure replaced by a white PNG of the same size."""
+    def blank(m: re.Match) -> str:
+        size = Image.open(io.BytesIO(base64.b64decode(m.group(1)))).size
+        buf = io.BytesIO()
+        Image.new("RGB", size, "white").save(buf, format="PNG")
+        return m.group(0).replace(m.group(1), base64.b64encode(buf.getvalue()).decode())
+    return IMG_RE.sub(blank, html)
+
+
+def test_report_renders_in_headless_chromium_with_figures_drawn(report, tmp_path):
+    exe = _chromium()
+    if exe is None:
+        pytest.skip("Chromium is not installed (Debian: apt-get install -y chromium); "
+                    "the headless screenshot test needs /usr/bin/chromium")
+    _, html_path, _ = report
+    control_html = tmp_path / "control.html"  # same layout, figures blanked
+    control_html.write_text(_blank_figures(html_path.read_text()))
+    shot, control = tmp_path / "report.png", tmp_path / "control.png"
+    _screenshot(exe, html_path, shot, tmp_path / "profile")
+    _screenshot(exe, control_html, control, tmp_path / "profile")
+    img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    ctl = np.asarray(Image.open(control).convert("RGB")).astype(int)
+    assert img.shape == ctl.shape and img.shape[0] >= 1900 and img.shape[1] >= 1100
+    nonwhite = (img < 245).any(axis=2).mean()
+    assert nonwhite > 0.08, f"only {nonwhite:.1%} of the page is drawn"
+    # what the figures add to the page: pixels that differ from the blanked control
+    drawn = (np.abs(img - ctl).max(axis=2) > 30)
+    assert drawn.mean() > 0.005, f"figures add only {drawn.mean():.2%} of the pixels"
+    colours = np.unique(img[drawn].reshape(-1, 3), axis=0)
+    assert len(colours) > 100, f"figures drawn in only {len(colours)} colours"
+    saturated = img[drawn].max(axis=1) - img[drawn].min(axis=1) > 60  # plot colours, not grey text
+    assert saturated.sum() > 1000, f"only {saturated.sum()} coloured figure pixels"
+    # the loss-against-parameters figure sits in the first screen: its rows differ from the control
+    rows = drawn.mean(axis=1) > 0.01
+    assert rows.sum() > 200, f"figure rows drawn: {rows.sum()}"
+
+
+@pytest.mark.parametrize("state", ["header-only", "missing"])
+def test_a_sweep_with_no_results_yet_gets_a_report(tmp_path, state):
+    sweep = make_sweep(tmp_path, bootstrap=BOOT)
+    if state == "missing":
+        (sweep / "results.csv").unlink()
+    else:
+        header = (sweep / "results.csv").read_text().splitlines()[0]
+        (sweep / "results.csv").write_text(header + "\n")
+    html_path, md_path = write_report(sweep)
+    md = md_path.read_text()
+    assert "No fit" in md and "no runs" in md
+    if state == "missing":
+        assert "results.csv is missing" in md
+        assert "without a row in results.csv" in md  # the run directories are still named
+    assert len(IMG_RE.findall(html_path.read_text())) == 3
+
+
+def test_a_two_variable_law_gets_its_curves_and_compute_optimal_frontier(tmp_path):
+    sweep = make_sweep(tmp_path, train_cells=(200, 600, None), diverged=None, failed=None, bootstrap=20,
+                       fit_law="chinchilla")
+    html_path, md_path = write_report(sweep)
+    fit = json.loads((sweep / "fit.json").read_text())
+    assert fit["law"] == "chinchilla" and fit["n_points"] == 30  # "all" counted as the 1,800-cell split
+    for name in ("loss_vs_data", "compute_frontier"):
+        assert (sweep / "figures" / f"{name}.png").exists()
+    md = md_path.read_text()
+    assert "Compute-optimal allocation" in md and "fitted L(N, D) law for each size" in md
+    assert "runs on all training cells counted as 1,800 cells" in md
+    assert len(IMG_RE.findall(html_path.read_text())) == 5
+
+
+def test_methods_paragraph_reads_a_nested_manifest_as_data_build_writes_it():
+    manifest = {  # the shape cellscale.data.build writes: source / preprocessing / split blocks
+        "source": {"kind": "simulate", "n_simulated": 1516,
+                   "simulate": {"n_genes": 200, "n_types": 6, "n_programs": 3, "mode": "nb"}},
+        "V": 32, "D": 1500, "seed": 0,
+        "preprocessing": {"normalized_input": False, "n_loaded_cells": 1516, "n_empty_cells_dropped": 3,
+                          "subsampled": True, "n_source_genes": 200, "target_sum": 10000.0,
+                          "hvg_flavor": "seurat_v3", "hvg_batch_key": None},
+        "split": {"fractions": [0.8, 0.1, 0.1], "split_by": None, "seed": 7},
+        "split_sizes": {"train": 1200, "val": 150, "test": 150}, "eval_mask_seed": 0, "mask_prob": 0.15,
+        "config": {"source": "simulate", "census": {"version": "2025-01-30"}},
+    }
+    text = methods_paragraph({"train": {}, "sweep": {"seeds": [0]}, "fit": {}}, manifest, None)
+    for needle in ("simulated from a negative-binomial", "6 cell types", "3 of 1,516 cells",
+                   "over all 200 source genes", "normalised to 10,000", "V = 32", "'seurat_v3'", "80/10/10",
+                   "1,200 training, 150 validation and 150 test", "fixed by seed 7", "with seed 0"):
+        assert needle in text, needle
+    assert "Census" not in text
