@@ -1,5 +1,12 @@
-"""Build a dataset directory from a source: QC -> subsample -> splits -> library size on ALL
-genes -> HVG on train cells -> normalise + log1p -> arrays + manifest (atomic)."""
+"""Build a dataset directory from a source: QC + library size on ALL genes -> subsample to D
+-> splits -> HVG on train cells -> read only the kept genes, normalise + log1p -> arrays +
+manifest (atomic).
+
+Every source is a ``CellSource`` (row-wise access: ``scan``, ``obs``, ``select_genes``,
+``blocks``, ``describe``): an AnnData in memory, a large .h5ad read in row chunks, or the
+CELLxGENE Census (library size = obs ``raw_sum``, HVGs Census-side, kept genes fetched in
+chunks). One build path serves them all.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +14,15 @@ import contextlib
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
 from cellscale.config import DataConfig, config_hash
 from cellscale.data.preprocess import (
-    drop_empty_cells,
     library_size,
     normalize_log1p,
     select_genes,
@@ -32,7 +39,7 @@ from cellscale.data.store import (
 )
 from cellscale.errors import DataError
 
-__all__ = ["build_dataset", "load_source", "gene_mean_baseline", "EVAL_MASK_PROB"]
+__all__ = ["build_dataset", "load_source", "open_source", "AnnDataSource", "CellSource", "gene_mean_baseline", "EVAL_MASK_PROB"]
 
 EVAL_MASK_PROB = 0.15
 _ROW_CHUNK = 8192
@@ -88,7 +95,7 @@ def _source_fingerprint(cfg: DataConfig) -> dict[str, Any] | None:
     return None
 
 
-def load_source(cfg: DataConfig, *, min_cells: int | None = None) -> AnnData:
+def load_source(cfg: DataConfig, *, min_cells: int | None = None) -> "AnnData | CellSource":
     """The source's AnnData of raw counts (or normalised values when ``cfg.normalized``).
 
     For ``simulate``, ``min_cells`` non-empty cells are guaranteed (more are simulated)."""
@@ -110,7 +117,8 @@ def load_source(cfg: DataConfig, *, min_cells: int | None = None) -> AnnData:
             if n_ok >= need:
                 break
             n = int(n * 1.5) + 16
-        adata.uns["source"] = {"kind": "simulate", "n_simulated": int(n), "simulate": cfg.simulate.model_dump(mode="json")}
+        adata.uns["source"] = {**dict(adata.uns.get("source", {})), "kind": "simulate", "n_simulated": int(n),
+                               "simulate": cfg.simulate.model_dump(mode="json")}
         return adata
     if cfg.source == "h5ad":
         from cellscale.data.sources.h5ad import read_counts_h5ad
@@ -130,8 +138,9 @@ def load_source(cfg: DataConfig, *, min_cells: int | None = None) -> AnnData:
                     "pip install 'cellscale[census]'"
                 ) from None
             raise
-        adata.uns.setdefault("source", {"kind": "census", "census": cfg.census.model_dump(mode="json")})
-        return adata
+        if isinstance(adata, AnnData) and dict(adata.uns.get("source", {})).get("kind") != "census":
+            adata.uns["source"] = {"kind": "census", "census": cfg.census.model_dump(mode="json")}
+        return adata  # an AnnData, or a CellSource that reads the Census in chunks
     raise DataError(f"unknown data source '{cfg.source}': use simulate, h5ad or census")
 
 
@@ -163,6 +172,96 @@ def _column_means(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return total / rows.size
 
 
+# --------------------------------------------------------------------------- cell sources
+class CellSource(Protocol):
+    """What ``build_dataset`` needs from a source; rows are source row indices (sorted).
+
+    ``AnnDataSource`` (any in-memory AnnData: simulate, small .h5ad files), ``H5adBacked``
+    (large .h5ad files, row chunks) and ``CensusSource`` (a SOMA experiment) implement it,
+    so QC, subsampling, splits, normalisation, the writer and the baseline are shared."""
+
+    n_obs: int
+    n_vars: int
+    var_names: list[str]
+    normalized: bool
+
+    def scan(self) -> tuple[np.ndarray, np.ndarray, float | None]:
+        """(library size over ALL genes, non-empty mask, largest value or None) of every row."""
+
+    def obs(self, rows: np.ndarray) -> pd.DataFrame:
+        """Cell metadata of ``rows`` (index = cell ids)."""
+
+    def select_genes(self, rows: np.ndarray, *, n_top_genes: int, flavor: str, batch_key: str | None,
+                     target_sum: float, lib: np.ndarray) -> np.ndarray:
+        """Ascending indices of the V genes, chosen on the (training) ``rows``."""
+
+    def blocks(self, rows: np.ndarray, genes: np.ndarray) -> Iterator[np.ndarray]:
+        """Dense blocks (consecutive rows of ``rows`` x ``genes``), in order."""
+
+    def describe(self, rows: np.ndarray, genes: np.ndarray) -> dict[str, Any]:
+        """The manifest's ``source`` entry for the kept rows and genes."""
+
+    def close(self) -> None: ...
+
+
+class AnnDataSource:
+    """A cell source over an AnnData held in memory."""
+
+    def __init__(self, adata: AnnData, *, normalized: bool = False) -> None:
+        adata.X = sp.csr_matrix(adata.X) if sp.issparse(adata.X) else np.asarray(adata.X)
+        self.adata, self.normalized = adata, normalized
+        self.n_obs, self.n_vars = adata.shape
+        self.var_names = [str(g) for g in adata.var_names]
+
+    def scan(self):
+        X = self.adata.X
+        lib = library_size(self.adata, normalized=self.normalized)
+        if self.normalized:
+            nonempty = np.abs(X).sum(axis=1).A1 > 0 if sp.issparse(X) else np.abs(X).sum(axis=1) > 0
+        else:
+            nonempty = (np.diff(X.indptr) > 0) & (lib > 0) if sp.issparse(X) else lib > 0
+        vmax = float(X.max()) if X.shape[0] and X.shape[1] else 0.0
+        return lib, np.asarray(nonempty).ravel(), vmax
+
+    def obs(self, rows):
+        return self.adata.obs.iloc[np.asarray(rows)]
+
+    def select_genes(self, rows, *, n_top_genes, flavor, batch_key, target_sum, lib):
+        return select_genes(
+            self.adata, n_top_genes=n_top_genes, train_idx=rows, flavor=flavor,
+            batch_key=batch_key, normalized=self.normalized, target_sum=target_sum,
+        )
+
+    def blocks(self, rows, genes):
+        X = self.adata.X[np.asarray(rows)][:, genes]
+        for start in range(0, X.shape[0], _ROW_CHUNK):
+            block = X[start : start + _ROW_CHUNK]
+            yield block.toarray() if sp.issparse(block) else np.asarray(block)
+
+    def describe(self, rows, genes):
+        return dict(self.adata.uns.get("source", {}))
+
+    def close(self) -> None:
+        pass
+
+
+def open_source(cfg: DataConfig) -> CellSource:
+    """The cell source of ``cfg``: large .h5ad files and the Census are read in chunks."""
+    if cfg.source == "h5ad" and not cfg.normalized:
+        from cellscale.data.sources.h5ad import open_h5ad
+
+        if not cfg.input:
+            raise DataError("source h5ad needs an input file: pass --input PATH.h5ad")
+        src = open_h5ad(cfg.input, layer=cfg.layer)
+    else:
+        src = load_source(cfg)
+    if isinstance(src, AnnData):
+        # a source may declare its values normalised (the Gaussian simulator does)
+        normalized = bool(cfg.normalized or dict(src.uns.get("source", {})).get("normalized", False))
+        src = AnnDataSource(src, normalized=normalized)
+    return src
+
+
 # --------------------------------------------------------------------------- build
 def build_dataset(cfg: DataConfig, *, out: str | os.PathLike, overwrite: bool = False, progress: bool = True) -> Path:
     """Build the dataset directory ``out`` from ``cfg`` and return its path.
@@ -178,117 +277,130 @@ def build_dataset(cfg: DataConfig, *, out: str | os.PathLike, overwrite: bool = 
             Dataset.open(out, verify="quick")
             return out
     check_target(out, overwrite=overwrite)
-    D, V = int(cfg.cells), int(cfg.genes)
-
     with _Steps(progress) as steps:
         with steps.step(f"loading source '{cfg.source}'"):
-            adata = load_source(cfg)
-        source_info = dict(adata.uns.get("source", {"kind": cfg.source}))
-        normalized = bool(cfg.normalized)
-        n_loaded = int(adata.n_obs)
+            src = open_source(cfg)
+        try:
+            return _build(cfg, src, out=out, overwrite=overwrite, steps=steps, chash=chash)
+        finally:
+            src.close()
 
-        with steps.step("quality control"):
-            adata, n_empty = drop_empty_cells(adata, normalized=normalized)
-            if adata.n_vars < V:
-                raise DataError(
-                    f"the data has {adata.n_vars} genes but --genes is {V}: lower --genes to at most {adata.n_vars}"
-                )
-            if adata.n_obs < D:
-                raise DataError(
-                    f"only {adata.n_obs} usable cells ({n_empty} of {n_loaded} dropped with zero counts) "
-                    f"but --cells is {D}: lower --cells to at most {adata.n_obs}"
-                )
-            keep = subsample(adata.n_obs, n_keep=D, seed=cfg.seed)
-            if keep.size < adata.n_obs:
-                adata = adata[keep].copy()
-            adata.X = sp.csr_matrix(adata.X) if sp.issparse(adata.X) else np.asarray(adata.X)
 
-        if cfg.split_by is not None and cfg.split_by not in adata.obs:
-            raise DataError(f"split_by column '{cfg.split_by}' is not in the cell metadata: pick one of {list(adata.obs.columns)[:12]}")
-        groups = adata.obs[cfg.split_by].astype(str).to_numpy() if cfg.split_by else None
-        splits = make_splits(D, fractions=cfg.split, seed=cfg.seed, groups=groups)
+def _build(cfg: DataConfig, src: CellSource, *, out: Path, overwrite: bool, steps: _Steps, chash: str) -> Path:
+    D, V = int(cfg.cells), int(cfg.genes)
+    normalized = bool(src.normalized)
+    n_loaded = int(src.n_obs)
 
-        lib = library_size(adata, normalized=normalized)  # ALL genes, before the cut to V
-        flavor = cfg.hvg_flavor
-        batch_key = cfg.hvg_batch_key or (cfg.census.hvg_batch_key if cfg.source == "census" else None)
-        if normalized and flavor == "seurat_v3":
-            flavor = "all" if V == adata.n_vars else "variance"
-        with steps.step(f"selecting {V} genes ({flavor}) on {splits['train'].size} training cells"):
-            gene_idx = select_genes(
-                adata, n_top_genes=V, train_idx=splits["train"], flavor=flavor,
-                batch_key=batch_key, normalized=normalized, target_sum=cfg.target_sum,
+    with steps.step("quality control and library sizes (all genes)"):
+        lib_all, nonempty, vmax = src.scan()  # library size over ALL genes, before the cut to V
+        usable = np.flatnonzero(nonempty)
+        n_empty = n_loaded - usable.size
+        if usable.size == 0:
+            raise DataError(
+                f"all {n_loaded} cells have zero counts: the matrix is empty; check the input "
+                "(or the --layer you named)"
             )
-        genes = [str(g) for g in adata.var_names[gene_idx]]
+        if src.n_vars < V:
+            raise DataError(
+                f"the data has {src.n_vars} genes but --genes is {V}: lower --genes to at most {src.n_vars}"
+            )
+        if usable.size < D:
+            raise DataError(
+                f"only {usable.size} usable cells ({n_empty} of {n_loaded} dropped with zero counts) "
+                f"but --cells is {D}: lower --cells to at most {usable.size}"
+            )
+        rows = usable[subsample(usable.size, n_keep=D, seed=cfg.seed)]  # sorted source rows
+        lib = np.asarray(lib_all[rows], dtype=np.float64)
+        obs = src.obs(rows)
 
-        X = adata.X[:, gene_idx]
-        n_chunks = math.ceil(D / _ROW_CHUNK)
-        with DatasetWriter(out, overwrite=overwrite) as w:
-            values = w.array("values.npy", (D, V), np.dtype(cfg.dtype))
-            counts = None
-            counts_dtype = None
-            if not normalized:
-                max_count = X.max() if X.shape[0] else 0
-                counts_dtype = "int32" if max_count <= np.iinfo(np.int32).max else "float32"
-                counts = w.array("counts.npy", (D, V), np.dtype(counts_dtype))
-            with steps.step("normalising and writing arrays", total=n_chunks) as advance:
-                for start in range(0, D, _ROW_CHUNK):
-                    stop = min(start + _ROW_CHUNK, D)
-                    block = X[start:stop]
-                    block = block.toarray() if sp.issparse(block) else np.asarray(block)
-                    if normalized:
-                        values[start:stop] = block
-                    else:
-                        counts[start:stop] = block
-                        values[start:stop] = normalize_log1p(block, lib[start:stop], target_sum=cfg.target_sum)
-                    advance()
-            w.save("library_size.npy", lib.astype(np.float64))
-            w.save_splits(splits)
-            w.save_obs(adata.obs)
+    if cfg.split_by is not None and cfg.split_by not in obs:
+        raise DataError(f"split_by column '{cfg.split_by}' is not in the cell metadata: pick one of {list(obs.columns)[:12]}")
+    groups = obs[cfg.split_by].astype(str).to_numpy() if cfg.split_by else None
+    splits = make_splits(D, fractions=cfg.split, seed=cfg.seed, groups=groups)
 
-            eval_mask_seed = int(cfg.seed)
-            with steps.step("gene-mean baseline under the evaluation mask"):
-                baseline = {
-                    split: gene_mean_baseline(
-                        values, splits["train"], splits[split],
-                        eval_mask(splits[split].size, V, seed=eval_mask_seed, split=split, mask_prob=EVAL_MASK_PROB),
-                    )
-                    for split in ("val", "test")
-                }
-            shapes = {"values.npy": [D, V], "library_size.npy": [D]}
-            if counts is not None:
-                shapes["counts.npy"] = [D, V]
-            manifest = {
-                "source": source_info,
-                "source_fingerprint": _source_fingerprint(cfg),
-                "V": V,
-                "D": D,
-                "seed": int(cfg.seed),
-                "preprocessing": {
-                    "normalized_input": normalized,
-                    "n_loaded_cells": n_loaded,
-                    "n_empty_cells_dropped": int(n_empty),
-                    "n_usable_cells": int(n_loaded - n_empty),
-                    "subsampled": bool(n_loaded - n_empty > D),
-                    "n_source_genes": int(adata.n_vars),
-                    "library_size": "total over all source genes, before gene selection",
-                    "target_sum": float(cfg.target_sum),
-                    "transform": "log1p" if not normalized else "as given (already normalised)",
-                    "hvg_flavor": flavor,
-                    "hvg_batch_key": batch_key,
-                    "hvg_cells": "train split",
-                },
-                "genes": genes,
-                "split": {"fractions": list(cfg.split), "split_by": cfg.split_by, "seed": int(cfg.seed)},
-                "split_sizes": {k: int(v.size) for k, v in splits.items()},
-                "eval_mask_seed": eval_mask_seed,
-                "mask_prob": EVAL_MASK_PROB,
-                "baselines": {"gene_mean": baseline},
-                "dtype": cfg.dtype,
-                "counts_dtype": counts_dtype,
-                "shapes": shapes,
-                "config": cfg.model_dump(mode="json"),
-                "config_hash": chash,
+    flavor = cfg.hvg_flavor
+    batch_key = cfg.hvg_batch_key or (cfg.census.hvg_batch_key if cfg.source == "census" else None)
+    if normalized and flavor == "seurat_v3":
+        flavor = "all" if V == src.n_vars else "variance"
+    with steps.step(f"selecting {V} genes ({flavor}) on {splits['train'].size} training cells"):
+        gene_idx = src.select_genes(
+            rows[np.sort(splits["train"])], n_top_genes=V, flavor=flavor, batch_key=batch_key,
+            target_sum=cfg.target_sum, lib=lib_all,
+        )
+    genes = [str(src.var_names[g]) for g in gene_idx]
+
+    n_chunks = math.ceil(D / _ROW_CHUNK)
+    with DatasetWriter(out, overwrite=overwrite) as w:
+        values = w.array("values.npy", (D, V), np.dtype(cfg.dtype))
+        counts = None
+        counts_dtype = None
+        if not normalized:
+            counts_dtype = "int32" if vmax is None or vmax <= np.iinfo(np.int32).max else "float32"
+            counts = w.array("counts.npy", (D, V), np.dtype(counts_dtype))
+        with steps.step("reading the kept genes, normalising and writing arrays", total=n_chunks) as advance:
+            start = 0
+            for block in src.blocks(rows, gene_idx):
+                stop = start + block.shape[0]
+                if normalized:
+                    values[start:stop] = block
+                else:
+                    if counts_dtype == "int32" and block.size and block.max() > np.iinfo(np.int32).max:
+                        raise DataError("a count exceeds the int32 range: the source is not raw counts per cell")
+                    counts[start:stop] = block
+                    values[start:stop] = normalize_log1p(block, lib[start:stop], target_sum=cfg.target_sum)
+                advance(max(1, round(block.shape[0] / _ROW_CHUNK)))
+                start = stop
+            if start != D:
+                raise DataError(f"the source returned {start} cells instead of {D}: rebuild (the source changed?)")
+        w.save("library_size.npy", lib)
+        w.save_splits(splits)
+        w.save_obs(obs)
+
+        eval_mask_seed = int(cfg.seed)
+        with steps.step("gene-mean baseline under the evaluation mask"):
+            baseline = {
+                split: gene_mean_baseline(
+                    values, splits["train"], splits[split],
+                    eval_mask(splits[split].size, V, seed=eval_mask_seed, split=split, mask_prob=EVAL_MASK_PROB),
+                )
+                for split in ("val", "test")
             }
-            del values, counts
-            with steps.step("checksums and atomic rename"):
-                return w.commit(manifest)
+        shapes = {"values.npy": [D, V], "library_size.npy": [D]}
+        if counts is not None:
+            shapes["counts.npy"] = [D, V]
+        source_info = src.describe(rows, gene_idx) or {"kind": cfg.source}
+        manifest = {
+            "source": source_info,
+            "source_fingerprint": _source_fingerprint(cfg),
+            "V": V,
+            "D": D,
+            "seed": int(cfg.seed),
+            "preprocessing": {
+                "normalized_input": normalized,
+                "n_loaded_cells": n_loaded,
+                "n_empty_cells_dropped": int(n_empty),
+                "n_usable_cells": int(n_loaded - n_empty),
+                "subsampled": bool(n_loaded - n_empty > D),
+                "n_source_genes": int(src.n_vars),
+                "library_size": source_info.get("library_size", "total over all source genes, before gene selection"),
+                "target_sum": float(cfg.target_sum),
+                "transform": "log1p" if not normalized else "as given (already normalised)",
+                "hvg_flavor": flavor,
+                "hvg_batch_key": batch_key,
+                "hvg_cells": "train split",
+            },
+            "genes": genes,
+            "split": {"fractions": list(cfg.split), "split_by": cfg.split_by, "seed": int(cfg.seed)},
+            "split_sizes": {k: int(v.size) for k, v in splits.items()},
+            "eval_mask_seed": eval_mask_seed,
+            "mask_prob": EVAL_MASK_PROB,
+            "baselines": {"gene_mean": baseline},
+            "dtype": cfg.dtype,
+            "counts_dtype": counts_dtype,
+            "shapes": shapes,
+            "config": cfg.model_dump(mode="json"),
+            "config_hash": chash,
+        }
+        del values, counts
+        with steps.step("checksums and atomic rename"):
+            return w.commit(manifest)

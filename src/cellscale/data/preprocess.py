@@ -16,7 +16,10 @@ from anndata import AnnData
 
 from cellscale.errors import DataError
 
-__all__ = ["drop_empty_cells", "library_size", "normalize_log1p", "select_genes", "subsample"]
+__all__ = [
+    "drop_empty_cells", "library_size", "normalize_log1p", "select_genes", "subsample",
+    "seurat_v3_genes", "seurat_v3_genes_chunked", "log_variance_chunked",
+]
 
 
 def _row_sums(X) -> np.ndarray:
@@ -161,3 +164,112 @@ def seurat_v3_genes(adata_train: AnnData, *, n_top_genes: int, batch_key: str | 
             "lower --genes or use hvg_flavor 'variance'"
         )
     return chosen.astype(np.int64)
+
+
+# --------------------------------------------------------------------------- chunk-wise (large inputs)
+def _batch_codes(labels: np.ndarray | None, n: int) -> tuple[np.ndarray, int]:
+    """Integer batch codes in scanpy's order (sorted unique labels) and the number of batches."""
+    if labels is None:
+        return np.zeros(n, dtype=np.int64), 1
+    _, codes = np.unique(np.asarray(labels), return_inverse=True)
+    return codes.astype(np.int64), int(codes.max()) + 1 if codes.size else 1
+
+
+def _flat_bincount(block: sp.csr_matrix, codes: np.ndarray, n_batches: int, weights: np.ndarray) -> np.ndarray:
+    """Per-(batch, gene) sums of ``weights`` (one per stored value of the CSR ``block``)."""
+    n_vars = block.shape[1]
+    flat = np.repeat(codes, np.diff(block.indptr)) * n_vars + block.indices
+    return np.bincount(flat, weights=weights, minlength=n_batches * n_vars).reshape(n_batches, n_vars)
+
+
+def seurat_v3_genes_chunked(
+    blocks,
+    *,
+    n_vars: int,
+    n_top_genes: int,
+    batch_labels: np.ndarray | None = None,
+    span: float = 0.3,
+) -> np.ndarray:
+    """scanpy's ``highly_variable_genes(flavor="seurat_v3")`` computed in row chunks.
+
+    ``blocks()`` returns a fresh iterator of CSR row blocks of the (training) cells' raw
+    counts, in the order of ``batch_labels``; it is called twice (mean/variance, then the
+    clipped sums). The statistics, the LOESS fit, the clipping and the ranking follow
+    scanpy step by step, so the selected genes equal scanpy's on the same cells while only
+    one block is in memory at a time. Returns ascending gene indices.
+    """
+    from skmisc.loess import loess
+
+    V = int(n_top_genes)
+    n_rows = 0
+    codes_all = None
+    if batch_labels is not None:
+        codes_all, n_batches = _batch_codes(batch_labels, len(batch_labels))
+    else:
+        n_batches = 1
+    s = np.zeros((n_batches, n_vars))
+    sq = np.zeros((n_batches, n_vars))
+    n_b = np.zeros(n_batches, dtype=np.int64)
+    for block in blocks():
+        block = sp.csr_matrix(block)
+        codes = codes_all[n_rows : n_rows + block.shape[0]] if codes_all is not None else np.zeros(block.shape[0], np.int64)
+        n_rows += block.shape[0]
+        n_b += np.bincount(codes, minlength=n_batches)
+        d = block.data.astype(np.float64)
+        s += _flat_bincount(block, codes, n_batches, d)
+        sq += _flat_bincount(block, codes, n_batches, d * d)
+    if np.any(n_b < 2):
+        raise DataError("seurat_v3 HVG selection needs at least 2 training cells per batch: use more cells or no batch key")
+    mean = s / n_b[:, None]
+    var = (sq / n_b[:, None] - mean**2) * (n_b / (n_b - 1))[:, None]
+    reg_std = np.ones((n_batches, n_vars))
+    clip = np.empty((n_batches, n_vars))
+    for b in range(n_batches):
+        not_const = var[b] > 0
+        est = np.zeros(n_vars)
+        try:
+            model = loess(np.log10(mean[b, not_const]), np.log10(var[b, not_const]), span=span, degree=2)
+            model.fit()
+        except ValueError as err:
+            raise DataError(f"seurat_v3 HVG selection failed ({str(err).splitlines()[0]}): try hvg_flavor 'variance' or more cells") from None
+        est[not_const] = model.outputs.fitted_values
+        reg_std[b] = np.sqrt(10**est)
+        clip[b] = reg_std[b] * np.sqrt(n_b[b]) + mean[b]
+    cs = np.zeros((n_batches, n_vars))
+    csq = np.zeros((n_batches, n_vars))
+    n_rows = 0
+    for block in blocks():
+        block = sp.csr_matrix(block)
+        codes = codes_all[n_rows : n_rows + block.shape[0]] if codes_all is not None else np.zeros(block.shape[0], np.int64)
+        n_rows += block.shape[0]
+        row_codes = np.repeat(codes, np.diff(block.indptr))
+        clipped = np.minimum(block.data.astype(np.float64), clip[row_codes, block.indices])
+        cs += _flat_bincount(block, codes, n_batches, clipped)
+        csq += _flat_bincount(block, codes, n_batches, clipped * clipped)
+    n = n_b[:, None].astype(np.float64)
+    norm_gene_vars = (1 / ((n - 1) * np.square(reg_std))) * (n * np.square(mean) + csq - 2 * cs * mean)
+    # ranking exactly as scanpy (median rank over batches, then number of batches)
+    ranked = np.argsort(np.argsort(-norm_gene_vars, axis=1), axis=1).astype(np.float32)
+    n_high = np.sum((ranked < V).astype(int), axis=0)
+    ranked[ranked >= V] = np.nan
+    median_ranked = np.ma.median(np.ma.masked_invalid(ranked), axis=0).filled(np.nan)
+    df = pd.DataFrame({"highly_variable_rank": median_ranked, "highly_variable_nbatches": n_high})
+    order = df.sort_values(["highly_variable_rank", "highly_variable_nbatches"], ascending=[True, False], na_position="last").index
+    return np.sort(np.asarray(order[:V], dtype=np.int64))
+
+
+def log_variance_chunked(blocks, *, n_vars: int, lib_size: np.ndarray, target_sum: float) -> np.ndarray:
+    """Per-gene variance of log1p(counts / lib * target_sum) over the rows of ``blocks()``
+    (population variance, as ``select_genes(flavor="variance")``); ``lib_size`` per row."""
+    total = np.zeros(n_vars)
+    total_sq = np.zeros(n_vars)
+    n = 0
+    for block in blocks():
+        block = sp.csr_matrix(block, dtype=np.float64)
+        scale = target_sum / lib_size[n : n + block.shape[0]]
+        n += block.shape[0]
+        vals = np.log1p(block.data * np.repeat(scale, np.diff(block.indptr)))
+        total += np.bincount(block.indices, weights=vals, minlength=n_vars)
+        total_sq += np.bincount(block.indices, weights=vals * vals, minlength=n_vars)
+    mean = total / n
+    return total_sq / n - mean**2

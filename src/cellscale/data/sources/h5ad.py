@@ -13,7 +13,7 @@ from anndata import AnnData
 
 from cellscale.errors import DataError
 
-__all__ = ["read_counts_h5ad", "check_values"]
+__all__ = ["read_counts_h5ad", "check_values", "open_h5ad", "H5adBacked", "BACKED_MIN_BYTES"]
 
 _CHUNK_VALUES = 1 << 22  # values checked per chunk
 
@@ -93,13 +93,7 @@ def _read_whole(path: Path, layer: str | None):
     return a.layers[layer], a.obs, a.var
 
 
-def read_counts_h5ad(path: str | os.PathLike, *, layer: str | None = None, normalized: bool = False) -> AnnData:
-    """Read raw counts (X or ``layer``) with obs and var from an .h5ad file.
-
-    Refuses (DataError): a missing, unreadable, truncated or non-HDF5 file; an unknown layer;
-    NaN/inf; negative or non-integer values unless ``normalized=True`` (the values are then
-    taken as already normalised log values); duplicate gene names.
-    """
+def _check_path(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.exists():
         raise DataError(f"input file not found: {path}: check the --input path")
@@ -113,6 +107,28 @@ def read_counts_h5ad(path: str | os.PathLike, *, layer: str | None = None, norma
         raise DataError(f"cannot read {path} ({err}): check the file") from None
     if not is_hdf5:
         raise DataError(f"{path} is not an HDF5 (.h5ad) file: pass an AnnData .h5ad file")
+    return path
+
+
+def _check_names(names: pd.Index, path: Path) -> pd.Index:
+    names = names.astype(str)
+    if names.has_duplicates:
+        dups = names[names.duplicated()].unique()[:3]
+        raise DataError(
+            f"{path.name}: duplicate gene names ({', '.join(dups)}): make them unique "
+            "(e.g. adata.var_names_make_unique()) and save again"
+        )
+    return pd.Index(names)
+
+
+def read_counts_h5ad(path: str | os.PathLike, *, layer: str | None = None, normalized: bool = False) -> AnnData:
+    """Read raw counts (X or ``layer``) with obs and var from an .h5ad file.
+
+    Refuses (DataError): a missing, unreadable, truncated or non-HDF5 file; an unknown layer;
+    NaN/inf; negative or non-integer values unless ``normalized=True`` (the values are then
+    taken as already normalised log values); duplicate gene names.
+    """
+    path = _check_path(path)
     where = "X" if layer is None else f"layer '{layer}'"
     try:
         X, obs, var = _read_parts(path, layer)
@@ -138,15 +154,8 @@ def read_counts_h5ad(path: str | os.PathLike, *, layer: str | None = None, norma
     if len(obs) != n_obs or len(var) != n_vars:
         raise DataError(f"{path}: {where} shape {X.shape} does not match obs/var ({len(obs)}, {len(var)}): the file is inconsistent")
     check_values(X, normalized=normalized, where=f"{path.name} {where}")
-    names = var.index.astype(str)
-    if names.has_duplicates:
-        dups = names[names.duplicated()].unique()[:3]
-        raise DataError(
-            f"{path.name}: duplicate gene names ({', '.join(dups)}): make them unique "
-            "(e.g. adata.var_names_make_unique()) and save again"
-        )
     var = var.copy()
-    var.index = pd.Index(names)
+    var.index = _check_names(var.index, path)
     obs = obs.copy()
     obs.index = pd.Index(obs.index.astype(str))
     if sp.issparse(X):
@@ -166,3 +175,192 @@ def read_counts_h5ad(path: str | os.PathLike, *, layer: str | None = None, norma
         "n_vars": int(n_vars),
     }
     return adata
+
+
+# --------------------------------------------------------------------------- backed (large files)
+# Files at least this large are read in row chunks straight from the HDF5 groups instead of
+# being loaded whole (X stored as CSR or dense; normalised input is always read whole).
+BACKED_MIN_BYTES = 256 << 20
+_CHUNK_NNZ = 8 << 20  # stored values per chunk (about 100 MB of float64 work arrays)
+_CHUNK_ROWS = 16384
+
+
+class _NotBackable(Exception):
+    """The matrix is stored in a layout that row chunks cannot be read from (e.g. CSC)."""
+
+
+class H5adBacked:
+    """Row-chunked access to the counts of an .h5ad file (CSR group or dense dataset).
+
+    Only ``indptr`` (one int per cell), obs and var are held in memory; the values are read
+    in chunks of rows bounded by ``_CHUNK_NNZ`` stored values. Implements the cell-source
+    protocol of ``cellscale.data.build``: ``scan``, ``obs``, ``select_genes``, ``blocks``,
+    ``describe``, ``close``.
+    """
+
+    normalized = False
+
+    def __init__(self, path: Path, layer: str | None) -> None:
+        self.path, self.layer = path, layer
+        self.where = f"{path.name} " + ("X" if layer is None else f"layer '{layer}'")
+        self._f = h5py.File(path, "r")
+        try:
+            f = self._f
+            if layer is None:
+                if "X" not in f:
+                    raise DataError(f"{path} has no X matrix: name a counts layer with --layer")
+                node = f["X"]
+            else:
+                layers = list(f["layers"].keys()) if "layers" in f else []
+                if layer not in layers:
+                    raise _missing_layer(path, layer, layers)
+                node = f["layers"][layer]
+            enc = node.attrs.get("encoding-type", "")
+            enc = enc.decode() if isinstance(enc, bytes) else str(enc)
+            if isinstance(node, h5py.Group) and enc == "csr_matrix":
+                self.kind = "csr"
+                self.shape = tuple(int(x) for x in node.attrs["shape"])
+                self._data, self._indices = node["data"], node["indices"]
+                self.indptr = np.asarray(node["indptr"][...], dtype=np.int64)
+                if self.indptr.size != self.shape[0] + 1 or self.indptr[-1] != self._data.shape[0]:
+                    raise DataError(f"{path} is truncated or damaged (X indptr does not match its data): re-export it")
+            elif isinstance(node, h5py.Dataset) and node.ndim == 2:
+                self.kind = "dense"
+                self.shape = tuple(int(x) for x in node.shape)
+                self._dense = node
+                self.indptr = None
+            else:
+                raise _NotBackable(enc or type(node).__name__)
+            obs = _read_elem(f["obs"]) if "obs" in f else pd.DataFrame(index=pd.RangeIndex(self.shape[0]).astype(str))
+            var = _read_elem(f["var"]) if "var" in f else pd.DataFrame(index=pd.RangeIndex(self.shape[1]).astype(str))
+        except BaseException:
+            self._f.close()
+            raise
+        if len(obs) != self.shape[0] or len(var) != self.shape[1]:
+            self._f.close()
+            raise DataError(f"{path}: {self.where} shape {self.shape} does not match obs/var ({len(obs)}, {len(var)}): the file is inconsistent")
+        self.n_obs, self.n_vars = self.shape
+        self.var_names = list(_check_names(var.index, path))
+        obs = obs.copy()
+        obs.index = pd.Index(obs.index.astype(str))
+        self._obs = obs
+        st = path.stat()
+        self._info = {
+            "kind": "h5ad", "path": str(path.resolve()), "layer": layer, "normalized": False,
+            "file_size": int(st.st_size), "file_mtime_ns": int(st.st_mtime_ns),
+            "n_obs": int(self.n_obs), "n_vars": int(self.n_vars), "read": f"backed ({self.kind}, row chunks)",
+        }
+
+    # ---------------------------------------------------------------- chunks
+    def _row_groups(self, rows: np.ndarray):
+        """Consecutive groups of (sorted) ``rows`` whose span holds at most _CHUNK_NNZ values."""
+        rows = np.asarray(rows, dtype=np.int64)
+        i, n = 0, rows.size
+        while i < n:
+            cand = rows[i : i + _CHUNK_ROWS]
+            if self.kind == "csr":
+                ends = self.indptr[cand + 1] - self.indptr[cand[0]]
+            else:
+                ends = (cand - cand[0] + 1) * self.n_vars
+            k = max(1, int(np.searchsorted(ends, _CHUNK_NNZ, side="right")))
+            yield cand[:k]
+            i += k
+
+    def _read(self, rows: np.ndarray) -> sp.csr_matrix:
+        """CSR block of the given sorted rows (all genes)."""
+        a, b = int(rows[0]), int(rows[-1]) + 1
+        if self.kind == "csr":
+            lo, hi = int(self.indptr[a]), int(self.indptr[b])
+            M = sp.csr_matrix(
+                (self._data[lo:hi], self._indices[lo:hi], self.indptr[a : b + 1] - lo), shape=(b - a, self.n_vars)
+            )
+        else:
+            M = sp.csr_matrix(np.asarray(self._dense[a:b]))
+        if rows.size != b - a:
+            M = M[rows - a]
+        if M.dtype.kind in "fb":
+            M = M.astype(np.float32, copy=False)
+        return M
+
+    def _chunks(self, rows: np.ndarray):
+        for group in self._row_groups(rows):
+            yield self._read(group)
+
+    # ---------------------------------------------------------------- source protocol
+    def scan(self):
+        """Validate every value (chunk-wise) and return (library size over all genes, non-empty, max)."""
+        lib = np.zeros(self.n_obs)
+        nonempty = np.zeros(self.n_obs, dtype=bool)
+        vmax = 0.0
+        start = 0
+        for block in self._chunks(np.arange(self.n_obs)):
+            check_values(block, normalized=False, where=self.where)
+            stop = start + block.shape[0]
+            lib[start:stop] = np.asarray(block.sum(axis=1, dtype=np.float64)).ravel()
+            nonempty[start:stop] = (np.diff(block.indptr) > 0) & (lib[start:stop] > 0)
+            if block.nnz:
+                vmax = max(vmax, float(block.data.max()))
+            start = stop
+        return lib, nonempty, vmax
+
+    def obs(self, rows: np.ndarray) -> pd.DataFrame:
+        return self._obs.iloc[np.asarray(rows)]
+
+    def select_genes(self, rows, *, n_top_genes, flavor, batch_key, target_sum, lib):
+        from cellscale.data.preprocess import log_variance_chunked, seurat_v3_genes_chunked
+
+        rows = np.sort(np.asarray(rows, dtype=np.int64))
+        V = int(n_top_genes)
+        if V > self.n_vars:
+            raise DataError(f"asked for {V} genes but the data has only {self.n_vars}: lower --genes to at most {self.n_vars}")
+        if flavor == "all" or (flavor == "seurat_v3" and V == self.n_vars):
+            if V != self.n_vars:
+                raise DataError(
+                    f"hvg_flavor 'all' keeps every gene, but --genes is {V} and the data has {self.n_vars}: "
+                    f"set --genes {self.n_vars} or choose another hvg_flavor"
+                )
+            return np.arange(self.n_vars, dtype=np.int64)
+        if flavor == "variance":
+            var = log_variance_chunked(lambda: self._chunks(rows), n_vars=self.n_vars, lib_size=lib[rows], target_sum=target_sum)
+            return np.sort(np.argsort(-var, kind="stable")[:V]).astype(np.int64)
+        if flavor != "seurat_v3":
+            raise DataError(f"unknown hvg_flavor '{flavor}': use seurat_v3, variance or all")
+        labels = None
+        if batch_key is not None:
+            if batch_key not in self._obs:
+                raise DataError(f"hvg batch key '{batch_key}' is not an obs column: pick one of {list(self._obs.columns)[:10]}")
+            labels = self._obs[batch_key].astype(str).to_numpy()[rows]
+        try:
+            return seurat_v3_genes_chunked(lambda: self._chunks(rows), n_vars=self.n_vars, n_top_genes=V, batch_labels=labels)
+        except ImportError as err:
+            raise DataError(f"seurat_v3 HVG selection needs scikit-misc ({err}): pip install scikit-misc") from None
+
+    def blocks(self, rows: np.ndarray, genes: np.ndarray):
+        """Dense (rows x genes) blocks of the given sorted rows, in order."""
+        for block in self._chunks(np.asarray(rows, dtype=np.int64)):
+            yield block[:, genes].toarray()
+
+    def describe(self, rows, genes) -> dict:
+        return dict(self._info)
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def open_h5ad(path: str | os.PathLike, *, layer: str | None = None, normalized: bool = False, backed: bool | None = None):
+    """A cell source for an .h5ad file: ``H5adBacked`` (row chunks) for files of at least
+    ``BACKED_MIN_BYTES`` (or ``backed=True``) holding counts as CSR or dense, else the whole
+    file read by ``read_counts_h5ad`` (returned as an AnnData)."""
+    path = _check_path(path)
+    if backed is None:
+        backed = not normalized and path.stat().st_size >= BACKED_MIN_BYTES
+    if backed and not normalized:
+        try:
+            return H5adBacked(path, layer)
+        except DataError:
+            raise
+        except _NotBackable:
+            pass  # e.g. CSC: read whole
+        except Exception:  # noqa: BLE001 - damaged/old files: read_counts_h5ad gives the message
+            pass
+    return read_counts_h5ad(path, layer=layer, normalized=normalized)
