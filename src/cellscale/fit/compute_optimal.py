@@ -1,0 +1,113 @@
+"""Compute-optimal allocation under ``chinchilla``: how to split a compute budget C.
+
+Minimising E + A/N^alpha + B/D^beta subject to C = k N D gives (Hoffmann et al. 2022)
+    N*(C) = G (C/k)^(beta/(alpha+beta)),  D*(C) = (C/k)^(alpha/(alpha+beta)) / G,
+    G = (alpha A / (beta B))^(1/(alpha+beta)).
+k is 6 for the usual transformer estimate (2 forward + 4 backward FLOPs per parameter and
+datum); cellscale runs record their actual training FLOPs, so when the table has a
+``flops`` column k is the median of flops / (N D) over the fitted runs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+DEFAULT_K = 6.0
+
+
+def flops_constant(frame: pd.DataFrame, X: np.ndarray, x_cols: list[str]) -> tuple[float, str]:
+    if "flops" in frame.columns:
+        flops = pd.to_numeric(frame["flops"], errors="coerce").to_numpy(dtype=float)
+        ratio = flops / (X[:, 0] * X[:, 1])
+        ratio = ratio[np.isfinite(ratio) & (ratio > 0)]
+        if ratio.size:
+            return float(np.median(ratio)), f"median(flops / ({x_cols[0]} * {x_cols[1]})) over the fitted runs"
+    return DEFAULT_K, "6 (no usable 'flops' column: the standard 6 N D estimate)"
+
+
+def _allocation(theta: np.ndarray, C: np.ndarray, k: float):
+    A, B, _, alpha, beta = (theta[..., i] for i in range(5))
+    G = (alpha * A / (beta * B)) ** (1.0 / (alpha + beta))
+    n_opt = G[..., None] * (C / k) ** (beta / (alpha + beta))[..., None]
+    d_opt = (C / k) ** (alpha / (alpha + beta))[..., None] / G[..., None]
+    return n_opt, d_opt
+
+
+def _loss(theta: np.ndarray, N, D):
+    A, B, E, alpha, beta = theta
+    return E + A / N**alpha + B / D**beta
+
+
+def sufficient_size(theta: np.ndarray, D: float, tol: float) -> np.ndarray:
+    """Smallest N at which doubling N lowers the predicted loss by less than tol (relative).
+
+    Gain of a doubling: A N^-alpha (1 - 2^-alpha); setting it equal to tol L(N, D) and
+    solving for N is closed form. NaN where every doubling already gains less than tol.
+    """
+    theta = np.atleast_2d(theta)
+    A, B, E, alpha, beta = (theta[:, i] for i in range(5))
+    margin = (1 - 2.0 ** -alpha) - tol
+    with np.errstate(all="ignore"):
+        n = (A * margin / (tol * (E + B * D ** -beta))) ** (1.0 / alpha)
+    return np.where(margin > 0, n, np.nan)
+
+
+def _ci(values: np.ndarray) -> list:
+    ok = values[np.isfinite(values)]
+    if ok.size == 0:
+        return [None, None]
+    return [float(np.percentile(ok, 2.5)), float(np.percentile(ok, 97.5))]
+
+
+def compute_optimal(theta: np.ndarray, samples: np.ndarray, *, X: np.ndarray, frame: pd.DataFrame,
+                    x_cols: list[str], tolerance: float) -> dict:
+    k, k_source = flops_constant(frame, X, x_cols)
+    C_runs = k * X[:, 0] * X[:, 1]
+    lo = np.floor(np.log10(C_runs.min()))
+    hi = np.ceil(np.log10(C_runs.max())) + 2
+    step = max(1.0, np.ceil((hi - lo) / 11))
+    C = 10.0 ** np.arange(lo, hi + step / 2, step)
+    n_opt, d_opt = _allocation(theta, C, k)
+    n_opt, d_opt = n_opt.ravel(), d_opt.ravel()
+    ok = np.all(np.isfinite(samples), axis=1) if samples.size else np.zeros(0, bool)
+    boot = samples[ok]
+    if boot.shape[0]:
+        n_s, d_s = _allocation(boot, C, k)
+    rows = []
+    for i, c in enumerate(C):
+        row = {
+            "C": float(c),
+            "N_opt": float(n_opt[i]),
+            "D_opt": float(d_opt[i]),
+            "data_per_param": float(d_opt[i] / n_opt[i]),
+            "loss": float(_loss(theta, n_opt[i], d_opt[i])),
+        }
+        if boot.shape[0]:
+            row["N_opt_ci95"] = _ci(n_s[:, i])
+            row["D_opt_ci95"] = _ci(d_s[:, i])
+            row["data_per_param_ci95"] = _ci(d_s[:, i] / n_s[:, i])
+        rows.append(row)
+    A, B, E, alpha, beta = theta
+    D_budget = float(X[:, 1].max())
+    n_suff = sufficient_size(theta, D_budget, tolerance)[0]
+    fixed = {
+        "D": D_budget,
+        "tolerance": tolerance,
+        "definition": (
+            "smallest N where doubling N lowers the predicted loss at this D by less than "
+            "tolerance x L(N, D); D is the largest data size in the table"
+        ),
+        "N_sufficient": None if not np.isfinite(n_suff) else float(n_suff),
+        "N_sufficient_ci95": _ci(sufficient_size(boot, D_budget, tolerance)) if boot.shape[0] else [None, None],
+    }
+    return {
+        "C_definition": f"C = k * {x_cols[0]} * {x_cols[1]}, k = {k:.6g}",
+        "k": k,
+        "k_source": k_source,
+        "N_opt_exponent": float(beta / (alpha + beta)),
+        "D_opt_exponent": float(alpha / (alpha + beta)),
+        "G": float((alpha * A / (beta * B)) ** (1.0 / (alpha + beta))),
+        "table": rows,
+        "fixed_data": fixed,
+    }

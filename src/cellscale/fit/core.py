@@ -1,0 +1,199 @@
+"""fit_table / fit_csv: one call from a table of runs to a fitted law with intervals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cellscale.errors import FitError
+from cellscale.fit.bootstrap import bca_ci, jackknife_weights, resample_weights, run_bootstrap
+from cellscale.fit.compare import information_criteria, r_squared, residuals
+from cellscale.fit.compute_optimal import compute_optimal
+from cellscale.fit.data import Y_DEFAULT, FitData, n_distinct_rows, prepare
+from cellscale.fit.entropy import entropy_summary
+from cellscale.fit.laws import LAWS
+from cellscale.fit.laws.base import Law
+from cellscale.fit.methods import METHODS, Method, paper_fit, paper_on_edge
+from cellscale.fit.result import FitResult
+from cellscale.fit.threads import blas_single_thread
+
+
+def _lookup(law: str, method: str) -> tuple[Law, Method]:
+    if law not in LAWS:
+        raise FitError(f"unknown law '{law}' (available: {', '.join(sorted(LAWS))})")
+    if method not in METHODS:
+        raise FitError(f"unknown method '{method}' (available: {', '.join(sorted(METHODS))})")
+    law_obj, method_obj = LAWS[law], METHODS[method]
+    if not method_obj.supports(law_obj):
+        raise FitError(
+            f"method '{method}' fits only power and power-floor (it reproduces the seed study); "
+            f"use --method huber-log or nls for '{law}'"
+        )
+    return law_obj, method_obj
+
+
+def _fit(law: Law, method: Method, data: FitData, w: np.ndarray | None = None):
+    w = data.weights if w is None else w
+    return method.fit(law, data.logX, data.y, data.logy, w)
+
+
+def _criteria(law: Law, method: Method, data: FitData, theta: np.ndarray) -> tuple[float, float]:
+    pred = law.predict(theta, data.X)
+    return information_criteria(residuals(method.space, data.y, pred), law.n_params)
+
+
+def _no_floor(law: Law, method: Method, data: FitData) -> dict | None:
+    partner = law.no_floor()
+    if partner is None:
+        return None
+    if data.n <= partner.n_params or n_distinct_rows(data.X) < partner.n_params:
+        return {"law": partner.name, "aic": None, "bic": None, "params": None}
+    method_used = method if method.supports(partner) else METHODS["huber-log"]
+    outcome = _fit(partner, method_used, data)
+    theta = partner.to_natural(outcome.u)
+    aic, bic = _criteria(partner, method_used, data, theta)
+    return {
+        "law": partner.name,
+        "method": method_used.name,
+        "aic": aic,
+        "bic": bic,
+        "params": {n: float(v) for n, v in zip(partner.param_names, theta)},
+    }
+
+
+def _leave_largest_out(law: Law, method: Method, data: FitData) -> dict:
+    largest = data.X[:, 0].max()
+    held = data.X[:, 0] == largest
+    rest = data.subset(~held)
+    base = {"x": float(largest), "n_heldout": int(held.sum())}
+    if n_distinct_rows(rest.X) < law.n_params or np.ptp(rest.X, axis=0).min() == 0:
+        return {**base, "predicted": None, "observed": None, "rel_error": None,
+                "note": "too few configurations left without the largest model"}
+    outcome = _fit(law, method, rest)
+    pred = law.predict(law.to_natural(outcome.u), data.X[held])
+    obs = data.y[held]
+    return {
+        **base,
+        "predicted": float(pred.mean()),
+        "observed": float(obs.mean()),
+        "rel_error": float((pred.mean() - obs.mean()) / obs.mean()),
+        "mean_abs_rel_error": float(np.mean(np.abs(pred - obs) / obs)),
+    }
+
+
+def fit_table(
+    df: pd.DataFrame,
+    *,
+    law: str,
+    method: str = "huber-log",
+    x: list[str] | None = None,
+    y: str | None = None,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    groups: list[str] | None = None,
+    per_gene_mse=None,
+    weights: str | None = None,
+    gain_tolerance: float = 0.01,
+    n_jobs: int | None = 1,
+) -> FitResult:
+    """Fit ``law`` to the finished runs of ``df`` with ``method`` and a grouped bootstrap.
+
+    ``weights`` names a column of row weights (used by every method; meant for ``nls``).
+    ``per_gene_mse`` (per-gene errors, e.g. of the best model) adds the heteroscedastic
+    entropy. ``gain_tolerance`` is the relative gain per doubling of N below which the
+    compute-optimal block calls a model size sufficient. ``n_jobs`` processes fit the
+    resamples (None: one per CPU); the numbers do not depend on it.
+    """
+    with blas_single_thread():
+        return _fit_table(df, law=law, method=method, x=x, y=y, bootstrap=bootstrap, seed=seed,
+                          groups=groups, per_gene_mse=per_gene_mse, weights=weights,
+                          gain_tolerance=gain_tolerance, n_jobs=n_jobs)
+
+
+def _fit_table(df, *, law, method, x, y, bootstrap, seed, groups, per_gene_mse, weights,
+               gain_tolerance, n_jobs) -> FitResult:
+    law_obj, method_obj = _lookup(law, method)
+    if bootstrap < 0:
+        raise FitError(f"bootstrap must be >= 0, got {bootstrap}")
+    x = list(x) if x is not None else list(law_obj.default_x)
+    y = y if y is not None else Y_DEFAULT
+    data = prepare(df, law_name=law, n_params=law_obj.n_params, variables=law_obj.variables,
+                   x=x, y=y, groups=groups, weights=weights)
+
+    outcome = _fit(law_obj, method_obj, data)
+    theta = law_obj.to_natural(outcome.u)
+    pred = law_obj.predict(theta, data.X)
+
+    if method_obj.name == "paper":
+        _, r2 = paper_fit(law_obj, data.logX[:, 0], data.y, data.weights)
+        r2_definition = "R^2 of the least-squares line log(L - c) on log P (the seed study's)"
+        fidx = law_obj.floor_index()
+        at_boundary = fidx is not None and paper_on_edge(float(theta[fidx]), data.y)
+        floor_bounds = [0.0, 0.99 * float(data.y.min())]
+    else:
+        r2 = r_squared(data.y, pred)
+        r2_definition = "1 - SS_res / SS_tot of y on the linear scale"
+        at_boundary = law_obj.floor_on_bound(theta, data.y)
+        floor_bounds = list(law_obj.floor_bounds(data.y))
+
+    if bootstrap > 0:
+        W = resample_weights(data.groups, bootstrap, seed)
+        samples = run_bootstrap(method_obj.name, law_obj, data.X, data.y, data.weights, W,
+                                outcome.candidates[:1], n_jobs=n_jobs)
+        jack = run_bootstrap(method_obj.name, law_obj, data.X, data.y, data.weights,
+                             jackknife_weights(data.groups), outcome.candidates[:1], n_jobs=n_jobs)
+        ci_lo, ci_hi = bca_ci(samples, theta, jack)
+    else:
+        samples = np.empty((0, law_obj.n_params))
+        ci_lo, ci_hi = np.full(law_obj.n_params, np.nan), np.full(law_obj.n_params, np.nan)
+    n_failed = int(np.sum(~np.all(np.isfinite(samples), axis=1)))
+
+    aic, bic = _criteria(law_obj, method_obj, data, theta)
+    no_floor = _no_floor(law_obj, method_obj, data)
+    if no_floor is not None and no_floor.get("aic") is not None and np.isfinite(aic):
+        no_floor["delta_aic"] = no_floor["aic"] - aic
+        no_floor["delta_bic"] = no_floor["bic"] - bic
+        no_floor["note"] = "delta = no-floor minus with-floor; positive favours the floor"
+
+    fidx = law_obj.floor_index()
+    floor = float(theta[fidx]) if fidx is not None else None
+    floor_ci = (float(ci_lo[fidx]), float(ci_hi[fidx])) if fidx is not None and samples.shape[0] else None
+    extra = {
+        "r2_definition": r2_definition,
+        "floor_bounds": floor_bounds if fidx is not None else None,
+        "floor_over_best_loss": floor / float(data.y.min()) if floor is not None else None,
+        "objective": outcome.objective,
+        "method_description": method_obj.description,
+        "aic": aic,
+        "bic": bic,
+        "aic_space": "log(y)" if method_obj.space == "log" else "y",
+        "no_floor": no_floor,
+        "leave_largest_out": _leave_largest_out(law_obj, method_obj, data),
+        "entropy_bits": entropy_summary(floor, floor_ci, per_gene_mse),
+        "bootstrap": int(bootstrap),
+        "bootstrap_failed": n_failed,
+        "bootstrap_units": groups if groups is not None else x,
+        "n_units": int(data.groups.max()) + 1,
+        "seed": int(seed),
+        "ci_method": "BCa bootstrap over resampling units (bias-corrected, jackknife acceleration)",
+    }
+    if law_obj.name == "chinchilla":
+        extra["compute_optimal"] = compute_optimal(theta, samples, X=data.X, frame=data.frame,
+                                                   x_cols=x, tolerance=gain_tolerance)
+    return FitResult(law=law_obj, method=method_obj.name, x=x, y=y, theta=theta, samples=samples,
+                     ci_lo=ci_lo, ci_hi=ci_hi, n_points=data.n, r2=r2,
+                     floor_at_boundary=bool(at_boundary), extra=extra)
+
+
+def fit_csv(path, **kwargs) -> FitResult:
+    """fit_table on a CSV file (e.g. a sweep's results.csv)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FitError(f"results table not found: {path}; pass the path of a CSV such as SWEEP_DIR/results.csv")
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise FitError(f"{path}: not a readable CSV ({str(err).splitlines()[0]})") from None
+    return fit_table(df, **kwargs)

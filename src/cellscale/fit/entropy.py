@@ -1,0 +1,58 @@
+"""Differential entropy, in bits, of the Gaussian whose variance is a masked-gene MSE.
+
+If the residual of a masked log-expression value is Gaussian with variance c, its
+entropy is 0.5 log2(2 pi e c). With one variance per gene the per-gene figure is the
+mean of the per-gene entropies, which by Jensen's inequality (log is concave) is never
+larger than the figure computed from the mean variance.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cellscale.errors import FitError
+
+HOMOSCEDASTIC_LABEL = "homoscedastic Gaussian: 0.5 log2(2 pi e c) bits per masked gene, c = fitted floor"
+PER_GENE_LABEL = (
+    "heteroscedastic Gaussian: mean over genes of 0.5 log2(2 pi e mse_g); never larger "
+    "than the homoscedastic figure at the same mean error (Jensen)"
+)
+
+
+def entropy_bits(c):
+    """0.5 log2(2 pi e c); -inf at c = 0. Accepts scalars and arrays."""
+    with np.errstate(divide="ignore"):
+        h = 0.5 * np.log2(2 * np.pi * np.e * np.asarray(c, dtype=float))
+    return float(h) if np.ndim(h) == 0 else h
+
+
+def entropy_bits_per_gene(mse_per_gene) -> float:
+    mse = np.asarray(mse_per_gene, dtype=float).ravel()
+    if mse.size == 0 or not np.all(np.isfinite(mse)) or np.any(mse <= 0):
+        raise FitError("per-gene MSEs must be a non-empty list of finite positive numbers")
+    return float(np.mean(entropy_bits(mse)))
+
+
+def entropy_summary(floor: float | None, floor_ci: tuple[float, float] | None, per_gene_mse=None) -> dict:
+    out: dict = {"label": HOMOSCEDASTIC_LABEL}
+    if floor is None:
+        out.update(gaussian=None, ci95=[None, None],
+                   note="this law has no floor; fit a law with one (power-floor, chinchilla) for the entropy")
+    else:
+        # entropy is monotone in c, so the percentile interval of c maps straight across.
+        out["gaussian"] = entropy_bits(floor)
+        out["ci95"] = [entropy_bits(v) for v in floor_ci] if floor_ci is not None else [None, None]
+    if per_gene_mse is not None:
+        mse = np.asarray(per_gene_mse, dtype=float).ravel()
+        per_gene = entropy_bits_per_gene(mse)
+        block = {
+            "bits": per_gene,
+            "homoscedastic_same_errors": entropy_bits(float(mse.mean())),
+            "n_genes": int(mse.size),
+            "label": PER_GENE_LABEL,
+        }
+        if floor is not None and floor > 0:
+            # The floor shared across genes in proportion to the given per-gene errors.
+            block["at_floor"] = entropy_bits_per_gene(mse * (floor / mse.mean()))
+        out["per_gene"] = block
+    return out

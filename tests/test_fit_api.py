@@ -1,0 +1,164 @@
+"""FitResult's contract with the CLI and the report: JSON, predict, band, determinism."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cellscale.fit import LAWS, METHODS, FitResult, fit_csv, fit_table, simulate_table
+
+TRUE_PF = {"a": 5.0, "alpha": 0.3, "c": 1.4}
+
+
+@pytest.fixture(scope="module")
+def pf_table():
+    return simulate_table("power-floor", TRUE_PF, {"params": np.logspace(3, 9, 12)}, noise=0.01, seeds=2, seed=1)
+
+
+@pytest.fixture(scope="module")
+def pf_fit(pf_table):
+    return fit_table(pf_table, law="power-floor", bootstrap=100, seed=3, per_gene_mse=[1.0, 1.5, 2.5])
+
+
+def test_registries():
+    assert set(LAWS) == {"power", "power-floor", "chinchilla", "data-constrained"}
+    assert set(METHODS) == {"paper", "huber-log", "nls"}
+
+
+def test_to_dict_is_plain_json(pf_fit):
+    out = pf_fit.to_dict()
+    text = json.dumps(out, allow_nan=False)
+    back = json.loads(text)
+    for key in ("law", "method", "x", "y", "params", "ci95", "n_points", "r2", "floor_at_boundary",
+                "aic", "bic", "no_floor", "leave_largest_out", "entropy_bits", "bootstrap"):
+        assert key in back, key
+    assert back["x"] == ["params"] and back["y"] == "best_val_mse"
+    assert back["n_points"] == 24 and back["bootstrap"] == 100
+    assert set(back["ci95"]) == {"a", "alpha", "c"}
+    assert back["floor_at_boundary"] is False
+    assert back["no_floor"]["law"] == "power"
+    assert back["no_floor"]["delta_aic"] > 10  # the floor is real in this table
+    lo_out = back["leave_largest_out"]
+    assert lo_out["x"] == pytest.approx(1e9) and lo_out["n_heldout"] == 2
+    assert abs(lo_out["rel_error"]) < 0.02
+    ent = back["entropy_bits"]
+    assert ent["ci95"][0] <= ent["gaussian"] <= ent["ci95"][1]
+    assert ent["per_gene"]["bits"] <= ent["per_gene"]["homoscedastic_same_errors"]
+    assert all(type(v) is float for v in back["params"].values())
+
+
+def test_nan_becomes_null():
+    df = pd.DataFrame({"params": [1e3, 1e4, 1e5, 1e6], "best_val_mse": [2.0, 1.7, 1.55, 1.5]})
+    out = fit_table(df, law="power-floor", bootstrap=0).to_dict()
+    assert out["ci95"]["c"] == [None, None]
+    json.dumps(out, allow_nan=False)
+
+
+def test_predict_and_band(pf_fit):
+    grid = np.logspace(3, 10, 15)
+    pred = pf_fit.predict(grid)
+    p = pf_fit.params
+    assert np.allclose(pred, p["a"] * grid ** -p["alpha"] + p["c"])
+    assert np.allclose(pf_fit.predict({"params": grid}), pred)
+    assert np.allclose(pf_fit.predict(grid[:, None]), pred)
+    lo, hi = pf_fit.band(grid)
+    assert lo.shape == hi.shape == grid.shape
+    assert np.all(lo <= hi)
+    truth = TRUE_PF["a"] * grid ** -TRUE_PF["alpha"] + TRUE_PF["c"]
+    assert np.mean((lo <= truth) & (truth <= hi)) >= 0.8
+
+
+def test_seeded_and_independent_of_process_count(pf_table):
+    one = fit_table(pf_table, law="power-floor", bootstrap=40, seed=7, n_jobs=1)
+    again = fit_table(pf_table, law="power-floor", bootstrap=40, seed=7, n_jobs=1)
+    two = fit_table(pf_table, law="power-floor", bootstrap=40, seed=7, n_jobs=2)
+    other = fit_table(pf_table, law="power-floor", bootstrap=40, seed=8, n_jobs=1)
+    assert np.array_equal(one.samples, again.samples)
+    assert np.allclose(one.samples, two.samples, rtol=1e-9, atol=0)
+    assert not np.array_equal(one.samples, other.samples)
+
+
+def test_seeds_of_one_configuration_resample_together(pf_table):
+    from cellscale.fit.bootstrap import resample_weights
+
+    groups = np.repeat(np.arange(12), 2)
+    W = resample_weights(groups, 50, seed=0)
+    assert np.array_equal(W[:, 0::2], W[:, 1::2])
+    assert np.allclose(W.sum(axis=1), 24)
+
+
+def test_fit_csv_matches_fit_table(tmp_path, pf_table):
+    path = tmp_path / "results.csv"
+    pf_table.assign(status=["ok"] * 23 + ["failed"]).to_csv(path, index=False)
+    fit = fit_csv(path, law="power-floor", bootstrap=0)
+    assert isinstance(fit, FitResult)
+    assert fit.n_points == 23
+
+
+def test_nls_weights_column(pf_table):
+    weighted = pf_table.assign(w=np.where(pf_table["params"] > 1e8, 1e-6, 1.0))
+    a = fit_table(weighted, law="power-floor", method="nls", weights="w", bootstrap=0)
+    b = fit_table(weighted[weighted["params"] <= 1e8], law="power-floor", method="nls", bootstrap=0)
+    for name in ("a", "alpha", "c"):
+        assert a.params[name] == pytest.approx(b.params[name], rel=1e-3)
+
+
+def test_chinchilla_defaults_and_flops_constant():
+    grid_n, grid_d = np.meshgrid(np.logspace(4, 7, 5), np.logspace(4, 6, 4))
+    truth = {"A": 50.0, "B": 80.0, "E": 1.3, "alpha": 0.4, "beta": 0.35}
+    df = simulate_table("chinchilla", truth, {"params": grid_n.ravel(), "train_cells": grid_d.ravel()},
+                        noise=0.003, seed=2)
+    df["flops"] = 9.0 * df["params"] * df["train_cells"]
+    out = fit_table(df, law="chinchilla", bootstrap=50).to_dict()
+    assert out["x"] == ["params", "train_cells"]
+    co = out["compute_optimal"]
+    assert co["k"] == pytest.approx(9.0)
+    assert co["C_definition"].startswith("C = k * params * train_cells")
+    for row in co["table"]:
+        assert row["data_per_param"] == pytest.approx(row["D_opt"] / row["N_opt"])
+        assert row["N_opt_ci95"][0] <= row["N_opt"] <= row["N_opt_ci95"][1]
+    assert out["no_floor"]["law"] == "chinchilla-no-floor"
+    for name, value in truth.items():
+        assert out["params"][name] == pytest.approx(value, rel=0.15)
+
+
+def test_data_constrained_reduces_to_chinchilla_without_repeats():
+    dc, ch = LAWS["data-constrained"], LAWS["chinchilla"]
+    theta_ch = np.array([50.0, 80.0, 1.3, 0.4, 0.35])
+    theta_dc = np.concatenate([theta_ch, [15.0, 5.0]])
+    N = np.logspace(3, 5, 6)
+    # Large enough U that no size exceeds N_opt(U): N' = N and D' = U.
+    U = np.full(6, 1e9)
+    X = np.column_stack([N, U, U])
+    assert np.allclose(dc.predict(theta_dc, X), ch.predict(theta_ch, X[:, [0, 2]]))
+    # Repeating data is worth less than fresh data, and never worth less than none.
+    rep = np.column_stack([N, U * 8, U])
+    fresh = np.column_stack([N, U * 8, U * 8])
+    assert np.all(dc.predict(theta_dc, rep) > dc.predict(theta_dc, fresh))
+    assert np.all(dc.predict(theta_dc, rep) < dc.predict(theta_dc, X))
+
+
+def test_data_constrained_fit_recovers_decay():
+    truth = {"A": 50.0, "B": 80.0, "E": 1.3, "alpha": 0.4, "beta": 0.35, "R_D_star": 10.0, "R_N_star": 5.0}
+    n, u, epochs = np.meshgrid(np.logspace(3, 5, 4), np.logspace(3, 5, 4), [1, 4, 16, 64])
+    grid = {"params": n.ravel(), "cells_seen": (u * epochs).ravel(), "train_cells": u.ravel()}
+    df = simulate_table("data-constrained", truth, grid, noise=0.002, seed=0)
+    fit = fit_table(df, law="data-constrained", bootstrap=0)
+    assert fit.x == ["params", "cells_seen", "train_cells"]
+    assert fit.params["E"] == pytest.approx(1.3, rel=0.05)
+    assert fit.params["R_D_star"] == pytest.approx(10.0, rel=0.5)
+    assert fit.r2 > 0.99
+
+
+def test_fit_imports_no_torch_and_no_other_cellscale_module():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, cellscale.fit; "
+        "bad = [m for m in sys.modules if m == 'torch' or (m.startswith('cellscale.') and "
+        "not m.startswith('cellscale.fit') and m != 'cellscale.errors')]; print(bad)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
