@@ -51,6 +51,3 @@ def test_cell_types_are_visible_in_counts(tiny_adata):
     assert np.mean(np.unique(types)[nearest] == types) > 0.9
 
 
-def test_gaussian_mode_not_available():
-    with pytest.raises(DataError, match="gaussian"):
-        simulate(n_cells=10, cfg=SimulateConfig(mode="gaussian"), seed=0)

@@ -1,0 +1,334 @@
+"""Reference predictors for masked reconstruction, scored under a dataset's FIXED eval mask.
+
+Every number here is an MSE on masked positions exactly as the manifest's gene-mean baseline
+and the trainer's evaluation define it: rows of ``ds.splits[split]`` in split order, mask
+``ds.eval_mask(split)``, MSE = sum of squared errors over all masked positions / number of
+masked positions (a ratio of sums, not a mean of per-cell means).
+
+* ``gene_mean``: each gene's training-split mean (the manifest's number, recomputed by the
+  same function, so it is equal to the last bit).
+* ``bayes_linear``: the Gaussian conditional mean of the masked genes given the visible ones,
+  from the training split's mean ``mu`` and covariance ``S``. With ``P = S_reg^{-1}``::
+
+      E[x_m | x_o] = mu_m - (P_mm)^{-1} P_mo (x_o - mu_o)
+
+  which equals ``mu_m + S_mo S_oo^{-1} (x_o - mu_o)`` but needs only a solve of size |m|
+  (~15% of V) per cell. ``S_reg = S + ridge * mean(diag S) * I`` (ridge 1e-6 by default:
+  enough to make genes that never vary in training — a zero row of ``S`` — invertible, and
+  far too small to move the MSE). Cells are grouped by their number of masked genes and the
+  solves are batched. For Gaussian data this predictor is Bayes-optimal (up to the error of
+  estimating ``mu`` and ``S`` from the training split); a model below its line has found
+  non-linear structure.
+* ``knn``: k-nearest-neighbour imputation: neighbours among (a seeded subsample of at most
+  ``max_train_cells``) training cells, by squared Euclidean distance on the cell's VISIBLE
+  genes only; the masked genes are predicted as the neighbours' mean. Candidates are found
+  with a float32 matrix product and re-ranked with exact float64 distances (ties: lower
+  training row first).
+
+``load_or_compute_baselines`` caches the result in ``DATASET_DIR/baselines.json`` (atomic),
+keyed by a hash of the settings and of the dataset's checksums.
+
+For a dataset simulated in ``mode="gaussian"`` the result also holds ``bayes_floor``: the
+Bayes-optimal MSE of the exact generative model for the dataset's genes under the dataset's
+own evaluation masks (``cellscale.data.sources.simulate.bayes_floor_mse``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import scipy.linalg
+
+from cellscale.data.build import gene_mean_baseline
+from cellscale.data.mask import seed_sequence
+from cellscale.data.store import Dataset
+from cellscale.errors import DataError
+from cellscale.io import atomic_write_json
+
+__all__ = [
+    "compute_baselines",
+    "load_or_compute_baselines",
+    "fit_gaussian",
+    "bayes_linear_predict",
+    "knn_predict",
+    "check_not_below_floor",
+    "FloorCheck",
+    "BASELINES_FILE",
+    "DEFAULTS",
+]
+
+BASELINES_FILE = "baselines.json"
+DEFAULTS: dict[str, Any] = {"knn_k": 10, "max_train_cells": 5000, "ridge": 1e-6, "seed": 0}
+_ROW_CHUNK = 2048
+_SOLVE_ELEMS = 1 << 22  # float64 elements per batched-solve block (32 MiB)
+_CACHE_VERSION = 1
+
+
+# --------------------------------------------------------------------------- helpers
+def _rows(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """values[rows] as float64, reading the memmap in ascending row order."""
+    rows = np.asarray(rows, dtype=np.int64)
+    order = np.argsort(rows, kind="stable")
+    out = np.empty((rows.size, values.shape[1]), dtype=np.float64)
+    out[order] = values[rows[order]]
+    return out
+
+
+def _sse(values: np.ndarray, rows: np.ndarray, mask: np.ndarray, predict) -> tuple[float, int]:
+    """Sum of squared errors and #masked positions of ``predict(x, m) -> full pred`` by chunk."""
+    sse, n = 0.0, 0
+    for start in range(0, rows.size, _ROW_CHUNK):
+        x = _rows(values, rows[start : start + _ROW_CHUNK])
+        m = mask[start : start + _ROW_CHUNK]
+        pred = predict(x, m)
+        err = (x - pred)[m]
+        sse += float(np.dot(err, err))
+        n += int(m.sum())
+    return sse, n
+
+
+# --------------------------------------------------------------------------- Bayes-linear
+def fit_gaussian(values: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (unbiased) covariance of ``values[rows]`` in float64, accumulated by chunk
+    around a provisional centre (the first chunk's mean) for numerical stability."""
+    rows = np.sort(np.asarray(rows, dtype=np.int64))
+    if rows.size < 2:
+        raise DataError(f"need at least 2 training cells for a covariance, got {rows.size}")
+    V = values.shape[1]
+    shift = np.asarray(values[rows[:_ROW_CHUNK]], dtype=np.float64).mean(axis=0)
+    s1 = np.zeros(V)
+    s2 = np.zeros((V, V))
+    for start in range(0, rows.size, _ROW_CHUNK):
+        x = np.asarray(values[rows[start : start + _ROW_CHUNK]], dtype=np.float64) - shift
+        s1 += x.sum(axis=0)
+        s2 += x.T @ x
+    n = rows.size
+    d = s1 / n
+    cov = (s2 - n * np.outer(d, d)) / (n - 1)
+    cov = (cov + cov.T) / 2
+    return shift + d, cov
+
+
+def _precision(cov: np.ndarray, ridge: float) -> np.ndarray:
+    V = cov.shape[0]
+    scale = float(np.mean(np.diag(cov)))
+    lam = ridge * (scale if scale > 0 else 1.0)
+    reg = cov + lam * np.eye(V)
+    cf = scipy.linalg.cho_factor(reg, lower=True, check_finite=False)
+    prec = scipy.linalg.cho_solve(cf, np.eye(V), check_finite=False)
+    return (prec + prec.T) / 2
+
+
+def bayes_linear_predict(
+    x: np.ndarray, mask: np.ndarray, mean: np.ndarray, cov: np.ndarray | None = None, *,
+    precision: np.ndarray | None = None, ridge: float = DEFAULTS["ridge"],
+) -> np.ndarray:
+    """Gaussian conditional mean of the masked entries of each row of ``x`` given its visible
+    entries (``mask`` True = masked). Returns a copy of ``x`` whose masked entries hold the
+    prediction. Give ``cov`` (regularised here with ``ridge``) or a ready ``precision``."""
+    x = np.asarray(x, dtype=np.float64)
+    mask = np.asarray(mask, dtype=bool)
+    if precision is None:
+        if cov is None:
+            raise ValueError("give cov or precision")
+        precision = _precision(np.asarray(cov, dtype=np.float64), ridge)
+    P = precision
+    d = x - mean
+    d[mask] = 0.0
+    rhs = d @ P  # (P d)_m = P_mo (x_o - mu_o) because d_m = 0 (P symmetric)
+    out = x.copy()
+    sizes = mask.sum(axis=1)
+    for s in np.unique(sizes):
+        if s == 0:
+            continue
+        cells = np.flatnonzero(sizes == s)
+        per_block = max(1, _SOLVE_ELEMS // (int(s) * int(s)))
+        for start in range(0, cells.size, per_block):
+            c = cells[start : start + per_block]
+            idx = np.nonzero(mask[c])[1].reshape(c.size, s)  # masked genes of each cell, ascending
+            A = P[idx[:, :, None], idx[:, None, :]]
+            b = np.take_along_axis(rhs[c], idx, axis=1)
+            y = np.linalg.solve(A, b[:, :, None])[:, :, 0]
+            out[c[:, None], idx] = mean[idx] - y
+    return out
+
+
+# --------------------------------------------------------------------------- kNN
+def knn_predict(x: np.ndarray, mask: np.ndarray, train: np.ndarray, *, k: int) -> np.ndarray:
+    """k-NN imputation: for each row, the ``k`` training rows nearest on the row's visible
+    genes (squared Euclidean); masked entries = the neighbours' mean. Returns a filled copy."""
+    x = np.asarray(x, dtype=np.float64)
+    train = np.asarray(train, dtype=np.float64)
+    mask = np.asarray(mask, dtype=bool)
+    n_train = train.shape[0]
+    k = int(min(k, n_train))
+    if k < 1:
+        raise DataError("kNN needs at least one training cell")
+    w = (~mask).astype(np.float32)
+    xw = (x * w).astype(np.float32)
+    t32 = train.astype(np.float32)
+    # approximate distances: sum_o x^2 - 2 sum_o x t + sum_o t^2
+    approx = (xw * xw).sum(axis=1, keepdims=True) - 2.0 * (xw @ t32.T) + w @ (t32 * t32).T
+    n_cand = min(n_train, max(4 * k, k + 16))
+    if n_cand < n_train:
+        cand = np.argpartition(approx, n_cand - 1, axis=1)[:, :n_cand]
+    else:
+        cand = np.broadcast_to(np.arange(n_train), (x.shape[0], n_train))
+    cand = np.sort(cand, axis=1)  # ties -> lower training row
+    out = x.copy()
+    for i in range(x.shape[0]):
+        vis = ~mask[i]
+        diff = train[cand[i]][:, vis] - x[i, vis]
+        exact = np.einsum("ij,ij->i", diff, diff)
+        nn = cand[i][np.argsort(exact, kind="stable")[:k]]
+        out[i, mask[i]] = train[nn][:, mask[i]].mean(axis=0)
+    return out
+
+
+# --------------------------------------------------------------------------- floor check
+@dataclass(frozen=True)
+class FloorCheck:
+    """Outcome of ``check_not_below_floor``; truthy when the MSE is NOT significantly below."""
+
+    ok: bool
+    mse: float
+    floor: float
+    se: float
+    z: float
+    threshold: float
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+def check_not_below_floor(
+    mse: float, floor: float, n_masked: int, *, z: float = 4.0, design_effect: float = 2.0,
+    floor_se: float = 0.0,
+) -> FloorCheck:
+    """Is ``mse`` (measured on ``n_masked`` masked positions) consistent with being at or
+    above the Bayes floor ``floor``? An MSE significantly BELOW the Bayes-optimal MSE of the
+    true generative model is impossible for an honest predictor: it means leakage (the model
+    saw the masked values, or trained on the evaluation cells).
+
+    Tolerance: at the floor, squared errors of Gaussian residuals have variance 2 v^2, so the
+    MSE has standard error ``floor * sqrt(2 * design_effect / n_masked)``; ``design_effect``
+    (default 2) allows for the correlation of errors within a cell (shared latent factors) and
+    for heavier-than-Gaussian tails. ``floor_se`` (Monte-Carlo error of the floor) is added in
+    quadrature. ``ok`` is False when ``mse < floor - z * se`` (default z = 4)."""
+    if n_masked < 1:
+        raise ValueError(f"n_masked must be >= 1, got {n_masked}")
+    se = math.sqrt((floor * math.sqrt(2.0 * design_effect / n_masked)) ** 2 + float(floor_se) ** 2)
+    threshold = floor - z * se
+    score = (mse - floor) / se if se > 0 else (math.inf if mse >= floor else -math.inf)
+    return FloorCheck(ok=bool(mse >= threshold), mse=float(mse), floor=float(floor), se=se, z=score, threshold=threshold)
+
+
+# --------------------------------------------------------------------------- driver
+def _settings(splits: Sequence[str], knn_k: int, max_train_cells: int | None, ridge: float, seed: int) -> dict[str, Any]:
+    return {
+        "splits": list(splits), "knn_k": int(knn_k),
+        "max_train_cells": None if max_train_cells is None else int(max_train_cells),
+        "ridge": float(ridge), "seed": int(seed),
+    }
+
+
+def _gaussian_floor(ds: Dataset, splits: Sequence[str]) -> dict[str, float] | None:
+    """Exact Bayes floor of a dataset simulated in gaussian mode, on its own eval masks."""
+    m = ds.manifest
+    cfg = (m.get("config") or {})
+    sim = cfg.get("simulate") or (m.get("source") or {}).get("simulate") or {}
+    if cfg.get("source", "simulate") != "simulate" or sim.get("mode") != "gaussian":
+        return None
+    from cellscale.config import SimulateConfig
+    from cellscale.data.sources.simulate import bayes_floor_mse, gaussian_params, gene_names
+
+    sim_cfg = SimulateConfig.model_validate(sim)
+    params = gaussian_params(sim_cfg, int(m.get("seed", cfg.get("seed", 0))))
+    pos = {g: i for i, g in enumerate(gene_names(sim_cfg.n_genes))}
+    try:
+        genes = np.array([pos[g] for g in ds.genes], dtype=np.int64)
+    except KeyError:
+        return None
+    return {s: bayes_floor_mse(params, genes=genes, masks=ds.eval_mask(s)) for s in splits}
+
+
+def compute_baselines(
+    ds: Dataset, *, splits: Sequence[str] = ("val", "test"), knn_k: int = DEFAULTS["knn_k"],
+    max_train_cells: int | None = DEFAULTS["max_train_cells"], ridge: float = DEFAULTS["ridge"],
+    seed: int = DEFAULTS["seed"],
+) -> dict[str, Any]:
+    """MSEs of the gene-mean, Bayes-linear and kNN predictors on each split under the
+    dataset's fixed evaluation mask: ``{"gene_mean": {split: mse}, "bayes_linear": {...},
+    "knn": {...}, "n_masked": {split: int}, "settings": {...}}`` (+ ``"bayes_floor"`` for a
+    gaussian-mode simulated dataset). ``max_train_cells`` caps (seeded subsample) the training
+    cells searched by kNN only; mean and covariance use the whole training split."""
+    for s in splits:
+        if s == "train":
+            raise DataError("baselines are scored on held-out splits: use 'val' or 'test'")
+        if s not in ds.splits:
+            raise DataError(f"unknown split '{s}': use one of {sorted(ds.splits)}")
+    values = ds.values
+    train = ds.splits["train"]
+    mean, cov = fit_gaussian(values, train)
+    P = _precision(cov, ridge)
+    knn_rows = np.sort(train)
+    if max_train_cells is not None and knn_rows.size > max_train_cells:
+        rng = np.random.default_rng(seed_sequence(seed, "baselines-knn"))
+        knn_rows = np.sort(rng.choice(knn_rows, size=int(max_train_cells), replace=False))
+    knn_train = np.asarray(values[knn_rows], dtype=np.float64)
+
+    out: dict[str, Any] = {"gene_mean": {}, "bayes_linear": {}, "knn": {}, "n_masked": {}}
+    for s in splits:
+        rows, mask = ds.splits[s], ds.eval_mask(s)
+        out["gene_mean"][s] = gene_mean_baseline(values, train, rows, mask)
+        sse, n = _sse(values, rows, mask, lambda x, m: bayes_linear_predict(x, m, mean, precision=P))
+        out["bayes_linear"][s] = sse / n
+        sse, n = _sse(values, rows, mask, lambda x, m: knn_predict(x, m, knn_train, k=knn_k))
+        out["knn"][s] = sse / n
+        out["n_masked"][s] = n
+    floor = _gaussian_floor(ds, splits)
+    if floor is not None:
+        out["bayes_floor"] = floor
+    out["settings"] = {**_settings(splits, knn_k, max_train_cells, ridge, seed), "knn_train_cells": int(knn_rows.size)}
+    return out
+
+
+def _cache_key(ds: Dataset, settings: dict[str, Any]) -> str:
+    blob = json.dumps({"v": _CACHE_VERSION, "settings": settings, "checksums": ds.manifest.get("checksums"),
+                       "config_hash": ds.manifest.get("config_hash")}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_or_compute_baselines(
+    ds: Dataset, *, splits: Sequence[str] = ("val", "test"), knn_k: int = DEFAULTS["knn_k"],
+    max_train_cells: int | None = DEFAULTS["max_train_cells"], ridge: float = DEFAULTS["ridge"],
+    seed: int = DEFAULTS["seed"],
+) -> dict[str, Any]:
+    """``compute_baselines`` cached in ``DATASET_DIR/baselines.json`` (one entry per settings
+    hash; written atomically; a read-only dataset dir is computed without caching)."""
+    settings = _settings(splits, knn_k, max_train_cells, ridge, seed)
+    key = _cache_key(ds, settings)
+    path = ds.path / BASELINES_FILE
+    cache: dict[str, Any] = {}
+    try:
+        cache = json.loads(path.read_text())
+        if not isinstance(cache, dict) or cache.get("format") != "cellscale-baselines":
+            cache = {}
+    except (OSError, ValueError):
+        cache = {}
+    entries = cache.get("entries") if isinstance(cache.get("entries"), dict) else {}
+    if key in entries:
+        return entries[key]
+    result = compute_baselines(ds, splits=splits, knn_k=knn_k, max_train_cells=max_train_cells, ridge=ridge, seed=seed)
+    entries = {**entries, key: result}
+    try:
+        atomic_write_json(path, {"format": "cellscale-baselines", "version": _CACHE_VERSION, "entries": entries})
+    except OSError as err:
+        warnings.warn(f"could not cache baselines in {path}: {err}", stacklevel=2)
+    return result
