@@ -1,10 +1,8 @@
 import numpy as np
-import pytest
 import scipy.sparse as sp
 
 from cellscale.config import SimulateConfig
 from cellscale.data.sources.simulate import simulate
-from cellscale.errors import DataError
 
 
 def test_shape_types_and_obs(tiny_adata):
