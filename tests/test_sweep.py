@@ -68,3 +68,39 @@ def test_sweep_dir_holding_something_else_is_refused(tiny_dataset_dir: Path, tmp
     run_sweep(_cfg(tiny_dataset_dir, sizes=["XXS"], seeds=[0], train_cells=[None]), out=tmp_path / "a", progress=False)
     with pytest.raises(RunError, match="another config"):
         run_sweep(_cfg(tiny_dataset_dir, sizes=["TINY"], seeds=[0], train_cells=[None]), out=tmp_path / "a", progress=False)
+
+
+def test_diverged_run_is_recorded_and_sweep_goes_on(tiny_dataset_dir: Path, tmp_path: Path, monkeypatch):
+    from cellscale.model import CellTransformer
+
+    real_train, real_loss = runner.train_run, CellTransformer.loss
+
+    def train_with_blowup(dataset, model, train, **kw):
+        if kw["run_id"] != "TINY-dall-s0":
+            return real_train(dataset, model, train, **kw)
+        calls = {"n": 0}
+
+        def nan_at_third(self, values, mask):
+            calls["n"] += 1
+            loss = real_loss(self, values, mask)
+            return loss * float("nan") if calls["n"] == 3 else loss
+
+        with monkeypatch.context() as m:
+            m.setattr(CellTransformer, "loss", nan_at_third)
+            return real_train(dataset, model, train, **kw)
+
+    monkeypatch.setattr(runner, "train_run", train_with_blowup)
+    cfg = _cfg(tiny_dataset_dir, train_cells=[None])
+    out = tmp_path / "sw"
+    table = pd.read_csv(run_sweep(cfg, out=out, progress=False)).set_index("run_id")
+    assert dict(table["status"]) == {"XXS-dall-s0": "ok", "XXS-dall-s1": "ok",
+                                     "TINY-dall-s0": "diverged", "TINY-dall-s1": "ok"}
+    assert table.loc["TINY-dall-s0", "steps"] == 2
+    assert table.loc["TINY-dall-s0", "error"] == "non-finite loss at step 2"
+    assert pd.isna(table.loc["TINY-dall-s0", "best_val_mse"])  # no eval before the blow-up
+    # a diverged run is finished: the rerun does not redo it
+    stamp = (out / "runs" / "TINY-dall-s0" / "result.json").stat().st_mtime_ns
+    monkeypatch.setattr(runner, "train_run", real_train)
+    again = pd.read_csv(run_sweep(cfg, out=out, progress=False)).set_index("run_id")
+    assert (out / "runs" / "TINY-dall-s0" / "result.json").stat().st_mtime_ns == stamp
+    assert again.loc["TINY-dall-s0", "status"] == "diverged" and len(again) == 4

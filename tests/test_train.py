@@ -60,11 +60,11 @@ def test_schedule_warmup_then_cosine():
 
 
 def test_auto_lr_shrinks_with_width_and_scales_with_batch():
-    cfg = TrainConfig(batch_size=256, lr_batch_scaling="sqrt")
+    cfg = TrainConfig(batch_size=64, lr_batch_ref=64, lr_batch_scaling="sqrt")
     lr = {d: resolve_lr(ModelConfig(d_model=d, n_layers=1, n_heads=1), cfg) for d in (1, 64, 256, 1024)}
     assert lr[1] == cfg.lr_max and lr[64] == pytest.approx(cfg.lr_base)
     assert lr[256] == pytest.approx(cfg.lr_base / 2) and lr[1024] == pytest.approx(cfg.lr_base / 4)
-    small = TrainConfig(batch_size=64, lr_batch_scaling="sqrt")
+    small = TrainConfig(batch_size=16, lr_batch_ref=64, lr_batch_scaling="sqrt")
     assert resolve_lr(ModelConfig(d_model=64, n_layers=1, n_heads=1), small) == pytest.approx(cfg.lr_base / 2)
 
 
@@ -116,3 +116,21 @@ def test_nan_loss_marks_run_diverged(tiny_dataset_dir: Path, tmp_path: Path, mon
     assert res["diverged_at"] == 7 and res["steps"] == 7
     assert "non-finite loss at step 7" in res["error"]
     assert res["best_step"] == 6  # the eval before the blow-up is kept
+
+
+def test_overwrite_replaces_a_foreign_or_other_run_dir(tiny_dataset_dir: Path, tmp_path: Path):
+    ds = Dataset.open(tiny_dataset_dir)
+    model = get_size("XXS", n_genes=ds.n_genes)
+    short = TRAIN.model_copy(update={"cells_seen": 64})
+    out = tmp_path / "x"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    first = train_run(ds, model, short, out=out, overwrite=True)
+    assert first["status"] == "ok" and not (out / "notes.txt").exists()
+    # the same settings with --overwrite: the finished run is returned, not redone
+    mtime = (out / "result.json").stat().st_mtime_ns
+    assert train_run(ds, model, short, out=out, overwrite=True) == first
+    assert (out / "result.json").stat().st_mtime_ns == mtime
+    # other settings: replaced
+    other = short.model_copy(update={"cells_seen": 96})
+    assert train_run(ds, model, other, out=out, overwrite=True)["steps"] == 3

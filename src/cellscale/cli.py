@@ -29,7 +29,10 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     dsub = data.add_subparsers(dest="data_cmd", required=True)
     b = dsub.add_parser(
         "build", help="QC -> library size over all genes -> normalise+log1p -> HVG -> splits",
-        description="Build a dataset directory (memory-mapped arrays + manifest.json) from a source.",
+        description="Build a dataset directory (memory-mapped arrays + manifest.json) from a source. "
+                    "--source census samples the CELLxGENE Census by tissue (needs pip install "
+                    "'cellscale[census]'; the manifest records release, filters, tissues, cap, seed and a "
+                    "checksum of the soma_joinids); .h5ad files of 256 MiB or more are read in row chunks.",
     )
     b.add_argument("--source", choices=["simulate", "h5ad", "census"], required=True)
     b.add_argument("--input", help="the .h5ad file (--source h5ad)")
@@ -37,10 +40,19 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--normalized", action="store_true",
                    help="X already holds normalised log values: no count checks, no normalisation; "
                         "HVG by variance, or all genes when --genes equals their number")
-    b.add_argument("--census-uri", help="open a local or mirrored Census copy (SOMA store)")
-    b.add_argument("--census-version", help="Census release (default: the pinned release)")
-    b.add_argument("--organism", help="Census organism, e.g. homo_sapiens")
-    b.add_argument("--obs-filter", help="Census obs value filter (default: is_primary_data == True)")
+    b.add_argument("--census-uri", help="open a local or mirrored Census copy (SOMA store path or URI) "
+                   "instead of the released Census")
+    b.add_argument("--census-version",
+                   help="Census release (default 2025-01-30, a long-term-support release and the one the "
+                        "seed study used)")
+    b.add_argument("--organism", help="Census organism: homo_sapiens (default) or mus_musculus")
+    b.add_argument("--obs-filter", help="Census obs value filter, SOMA syntax (default: is_primary_data == True, "
+                   "so no cell is counted twice)")
+    b.add_argument("--tissues", help="comma-separated Census tissue_general values to sample (default the "
+                   "study's ten: blood,lung,brain,kidney,liver,heart,intestine,pancreas,skin,spleen)")
+    b.add_argument("--per-tissue-cap", type=int,
+                   help="at most this many cells per tissue (seeded sample), before subsampling to --cells")
+    b.add_argument("--hvg-batch-key", help="obs column for batch-aware seurat_v3 HVG selection, e.g. dataset_id")
     b.add_argument("--split-by", help="hold out whole groups of this obs column, e.g. dataset_id")
     b.add_argument("--genes", type=int, required=True, help="V, the number of genes kept")
     b.add_argument("--cells", type=int, required=True, help="D, the number of cells kept")
@@ -55,7 +67,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser(
         "train", help="train one model size; rerunning the same command resumes",
         description="Train one model size on one training subset. Writes RUN_DIR/result.json, "
-                    "metrics.jsonl, best.safetensors and a resumable checkpoint.",
+                    "metrics.jsonl, best.safetensors and a resumable checkpoint. Under torchrun "
+                    "(WORLD_SIZE > 1) the run is data parallel (DDP): each process takes its "
+                    "slice of every global batch of --batch-size cells, which must divide by the "
+                    "number of processes; see docs/DISTRIBUTED.md.",
+        epilog="multi-GPU: torchrun --nproc_per_node=4 -m cellscale.cli train --data ds --size M "
+               "--out runs/m --batch-size 256",
     )
     t.add_argument("--data", required=True, help="dataset directory from `cellscale data build`")
     t.add_argument("--size", required=True, help="XXS, TINY, XS, S, M, L, XL or a custom size of --config")
@@ -70,6 +87,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
     t.add_argument("--precision", choices=["auto", "fp32", "bf16"])
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace a --out that holds something else or a run with other settings")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,11 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_train(sub)
 
-    sw = sub.add_parser("sweep", help="train a grid of runs from a study YAML; resumable")
+    sw = sub.add_parser(
+        "sweep", help="train a grid of runs from a study YAML; resumable",
+        description="Train every run of a study YAML into SWEEP_DIR/runs/<run_id> and collect "
+                    "SWEEP_DIR/results.csv (rewritten atomically after each run). Rerunning the "
+                    "same command skips finished runs and resumes an interrupted one. A failed "
+                    "run is recorded with status 'failed' and its error; the sweep goes on.",
+    )
     sw.add_argument("config", help="study YAML (see configs/)")
     sw.add_argument("--out", required=True, help="sweep directory")
-    sw.add_argument("--backend", choices=["local", "ray"])
-    sw.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
+    sw.add_argument("--backend", choices=["local", "ray"],
+                    help="local: one run after another in this process; ray: each run a Ray task "
+                         "with sweep.num_cpus_per_run / num_gpus_per_run (default: sweep.backend)")
+    sw.add_argument("--ray-address", help="join this Ray cluster, e.g. ray://head:10001 or auto "
+                                          "(default: start a private local Ray, removed afterwards)")
     sw.add_argument("--overwrite", action="store_true", help="replace a sweep dir that holds another study")
 
     f = sub.add_parser("fit", help="fit a scaling law to a results table",
@@ -104,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--y", help="loss column (default best_val_mse)")
     f.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--jobs", type=int, default=None,
+                   help="processes for the bootstrap (default: one per CPU; results do not depend on it)")
     f.add_argument("--json", action="store_true", help="print one JSON object")
 
     r = sub.add_parser("report", help="write SWEEP_DIR/report.html and report.md")
@@ -130,14 +160,18 @@ def cmd_data_build(a: argparse.Namespace) -> int:
     base = load_run_config(a.config).data.model_dump() if a.config else {}
     base.update({"source": a.source, "genes": a.genes, "cells": a.cells, "seed": a.seed,
                  "dtype": a.dtype, "normalized": a.normalized or base.get("normalized", False)})
-    for key, value in (("input", a.input), ("layer", a.layer), ("split_by", a.split_by)):
+    for key, value in (("input", a.input), ("layer", a.layer), ("split_by", a.split_by),
+                       ("hvg_batch_key", a.hvg_batch_key)):
         if value is not None:
             base[key] = value
     census = dict(base.get("census", {}))
     for key, value in (("uri", a.census_uri), ("version", a.census_version),
-                       ("organism", a.organism), ("obs_filter", a.obs_filter)):
+                       ("organism", a.organism), ("obs_filter", a.obs_filter),
+                       ("per_tissue_cap", a.per_tissue_cap)):
         if value is not None:
             census[key] = value
+    if a.tissues is not None:
+        census["tissues"] = [t.strip() for t in a.tissues.split(",") if t.strip()]
     base["census"] = census
     cfg = parse_config(DataConfig, base, origin="data build")
     if cfg.source == "h5ad" and not cfg.input:
@@ -170,12 +204,14 @@ def cmd_ladder(a: argparse.Namespace) -> int:
 
 def cmd_train(a: argparse.Namespace) -> int:
     from cellscale.config import RunConfig, TrainConfig, load_run_config, parse_config
+
+    # a bad config is refused before torch and the data layer are even imported
+    study = load_run_config(a.config) if a.config else RunConfig()
     from cellscale.data.store import Dataset
     from cellscale.ladder import get_size
     from cellscale.progress import console
     from cellscale.train import train_run
 
-    study = load_run_config(a.config) if a.config else RunConfig()
     ds = Dataset.open(a.data)
     model = get_size(a.size, n_genes=ds.n_genes, custom=study.sweep.custom_sizes, **study.model)
     train = study.train.model_dump()
@@ -190,20 +226,28 @@ def cmd_train(a: argparse.Namespace) -> int:
     from cellscale.progress import SweepProgress
     from cellscale.sweep.plan import RunSpec
 
+    from cellscale.distributed import dist_env
+
+    env = dist_env()  # under torchrun only rank 0 reports progress
+    main_rank = env is None or env[1] == 0
     spec = RunSpec(Path(a.out).name, a.size, model, tcfg, a.train_cells, a.seed)
-    with SweepProgress(1) as bar:
+    with SweepProgress(1, enabled=main_rank) as bar:
         hook = bar.run_started(spec)
         result = train_run(ds, model, tcfg, out=a.out, train_cells=a.train_cells, seed=a.seed,
-                           on_step=hook)
+                           on_step=hook, overwrite=a.overwrite)
         bar.run_finished(spec, result)
-    console.print(f"result: {Path(a.out) / 'result.json'}")
+    if main_rank:
+        console.print(f"result: {Path(a.out) / 'result.json'}")
     return 0 if result.get("status") == "ok" else 1
 
 
 def cmd_sweep(a: argparse.Namespace) -> int:
+    from cellscale.config import load_run_config
+
+    cfg = load_run_config(a.config)  # refused before torch and the data layer are imported
     from cellscale.sweep import run_sweep
 
-    path = run_sweep(a.config, out=a.out, backend=a.backend, ray_address=a.ray_address,
+    path = run_sweep(cfg, out=a.out, backend=a.backend, ray_address=a.ray_address,
                      overwrite=a.overwrite)
     print(f"results: {path}")
     return 0
@@ -214,12 +258,15 @@ def cmd_fit(a: argparse.Namespace) -> int:
     from cellscale.io import to_json
 
     x = [c.strip() for c in a.x.split(",")] if a.x else None
-    res = fit_csv(a.table, law=a.law, method=a.method, x=x, y=a.y, bootstrap=a.bootstrap, seed=a.seed)
+    res = fit_csv(a.table, law=a.law, method=a.method, x=x, y=a.y, bootstrap=a.bootstrap,
+                  seed=a.seed, n_jobs=a.jobs)
     d = res.to_dict()
     if a.json:
         print(to_json(d, indent=None))
         return 0
-    print(res.summary() if hasattr(res, "summary") else to_json(d))
+    from cellscale.pipeline import format_fit
+
+    print("\n".join(format_fit(d)))
     return 0
 
 

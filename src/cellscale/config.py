@@ -126,13 +126,14 @@ class ModelConfig(_Frozen):
 class TrainConfig(_Frozen):
     cells_seen: int = Field(240_000, ge=1, description="training budget: cells drawn (with repeats)")
     batch_size: int = Field(64, ge=1)
-    # lr: a number, or "auto" = lr_base * sqrt(64 / d_model) clipped to [lr_min, lr_max],
-    # then scaled with batch (see lr_batch_scaling) relative to batch 256
+    # lr: a number, or "auto" = lr_base * sqrt(64 / d_model) clipped to [lr_min, lr_max];
+    # either is then scaled with batch (lr_batch_scaling) relative to lr_batch_ref cells
     lr: float | Literal["auto"] = "auto"
-    lr_base: float = Field(3e-3, gt=0)
+    lr_base: float = Field(5e-3, gt=0)
     lr_min: float = Field(1e-4, gt=0)
     lr_max: float = Field(1e-2, gt=0)
     lr_batch_scaling: Literal["none", "sqrt", "linear"] = "sqrt"
+    lr_batch_ref: int = Field(64, ge=1)
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup_frac: float = Field(0.05, ge=0, lt=1)
     final_lr_frac: float = Field(0.1, ge=0, le=1)

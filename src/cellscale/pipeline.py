@@ -64,19 +64,29 @@ def print_summary(summary: dict[str, Any]) -> None:
             f"best: {summary['best_run']}  validation MSE {summary['best_val_mse']:.4f}"
             f"  (gene-mean baseline {summary['gene_mean_val_mse']:.4f})"
         )
-    fit = summary.get("fit") or {}
-    if fit.get("params"):
-        parts = []
-        for name, value in fit["params"].items():
-            lo, hi = (fit.get("ci95") or {}).get(name, [None, None])
-            ci = f" [{lo:.4g}, {hi:.4g}]" if lo is not None and hi is not None else ""
-            parts.append(f"{name}={value:.4g}{ci}")
-        console.print(f"fit ({fit.get('law')}, {fit.get('method')}): " + ", ".join(parts))
-        if fit.get("floor_at_boundary"):
-            console.print("warning: the floor estimate sits on its bound: the data do not pin it down")
-        ent = fit.get("entropy_bits") or {}
-        if ent.get("gaussian") is not None:
-            console.print(f"entropy per masked gene (homoscedastic Gaussian): {ent['gaussian']:.3f} bits")
-    elif fit.get("error"):
-        console.print(f"fit: not possible ({fit['error']})")
+    for line in format_fit(summary.get("fit") or {}):
+        console.print(line, highlight=False)
     console.print(f"report: {summary['report_html']}")
+
+
+def format_fit(fit: dict[str, Any]) -> list[str]:
+    """Human-readable lines for a ``FitResult.to_dict()`` (or a fit.json with an error)."""
+    if fit.get("error"):
+        return [f"fit: not possible ({fit['error']})"]
+    if not fit.get("params"):
+        return []
+    parts = []
+    for name, value in fit["params"].items():
+        lo, hi = (fit.get("ci95") or {}).get(name) or (None, None)
+        ci = f" [{lo:.4g}, {hi:.4g}]" if lo is not None and hi is not None else ""
+        parts.append(f"{name}={value:.4g}{ci}")
+    lines = [f"fit ({fit.get('law')}, {fit.get('method')}, n={fit.get('n_points')}, "
+             f"R^2={fit.get('r2', float('nan')):.3f}): " + ", ".join(parts)]
+    if fit.get("floor_at_boundary"):
+        lines.append("warning: the floor estimate sits on its bound: the data do not pin it down")
+    ent = fit.get("entropy_bits") or {}
+    if ent.get("gaussian") is not None and not fit.get("floor_at_boundary"):
+        ci = ent.get("ci95") or [None, None]
+        ci_txt = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if None not in ci else ""
+        lines.append(f"entropy per masked gene (homoscedastic Gaussian): {ent['gaussian']:.3f} bits{ci_txt}")
+    return lines

@@ -9,21 +9,39 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+import numpy as np
 import torch
 
 from cellscale import __version__
-from cellscale.checkpoint import find_checkpoint, load_checkpoint, load_weights, save_checkpoint, save_weights
+from cellscale.checkpoint import (
+    clean_stale,
+    crashpoint,
+    find_checkpoint,
+    load_checkpoint,
+    load_weights,
+    rng_key,
+    save_checkpoint,
+    save_weights,
+)
 from cellscale.config import ModelConfig, TrainConfig, config_hash
 from cellscale.data.loader import TrainBatches, eval_batches
 from cellscale.data.store import Dataset
+from cellscale.distributed import DistContext, from_env, shard_device
 from cellscale.errors import RunError
 from cellscale.io import atomic_write_json, atomic_write_with, read_json, to_json
-from cellscale.model import CellTransformer, count_params, flops_per_cell, non_embedding_params
+from cellscale.model import (
+    CellTransformer,
+    count_params,
+    flops_per_cell,
+    non_embedding_params,
+)
 
 RESULT_FIELDS = (
     "run_id", "size", "params", "non_embedding_params", "d_model", "n_layers", "n_heads",
@@ -37,6 +55,13 @@ FINISHED = ("ok", "diverged")
 # ----------------------------------------------------------------------------- settings
 
 
+SMALL_STEP_FLOPS = 5e9
+
+
+def _flops_per_step(model_cfg: ModelConfig, train_cfg: TrainConfig) -> float:
+    return flops_per_cell(model_cfg, mask_prob=train_cfg.mask_prob)["train"] * train_cfg.batch_size
+
+
 def resolve_lr(model_cfg: ModelConfig, train_cfg: TrainConfig) -> float:
     """Peak learning rate. "auto" shrinks with width (wider models need smaller steps, the
     reason one rate for all sizes under-trained the study's large models) and grows with batch."""
@@ -45,7 +70,7 @@ def resolve_lr(model_cfg: ModelConfig, train_cfg: TrainConfig) -> float:
         lr = min(max(lr, train_cfg.lr_min), train_cfg.lr_max)
     else:
         lr = float(train_cfg.lr)
-    ratio = train_cfg.batch_size / 256.0
+    ratio = train_cfg.batch_size / train_cfg.lr_batch_ref
     scale = {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[train_cfg.lr_batch_scaling]
     return lr * scale
 
@@ -96,13 +121,22 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float) -> torch
 @torch.no_grad()
 def evaluate(
     model: CellTransformer, ds: Dataset, split: str, *, cfg: TrainConfig, device: torch.device,
-    autocast=nullcontext, max_cells: int | None = None,
+    autocast=nullcontext, max_cells: int | None = None, dist: DistContext | None = None,
 ) -> float:
-    """MSE over every masked position of the split under the dataset's fixed evaluation mask."""
+    """MSE over every masked position of the split under the dataset's fixed evaluation mask.
+
+    Under DDP (``dist`` active) rank ``r`` scores eval batches ``r, r+W, ...`` and the sums are
+    all-reduced, so every rank returns the same number."""
     was_training = model.training
     model.eval()
     sq, n = 0.0, 0
-    for values, mask in eval_batches(ds, split, batch_size=cfg.eval_batch_size, max_cells=max_cells):
+    world = dist.world_size if dist is not None and dist.active else 1
+    rank = dist.rank if world > 1 else 0
+    for i, (values, mask) in enumerate(
+        eval_batches(ds, split, batch_size=cfg.eval_batch_size, max_cells=max_cells)
+    ):
+        if i % world != rank:
+            continue
         values = values.to(device, non_blocking=True)
         mask = mask.to(device, non_blocking=True)
         with autocast():
@@ -110,7 +144,34 @@ def evaluate(
         sq += float(((pred.float() - values[mask]) ** 2).sum())
         n += int(mask.sum())
     model.train(was_training)
+    if world > 1:
+        sq, n = dist.all_reduce_sum([sq, float(n)])
     return sq / max(n, 1)
+
+
+class RankBatches(TrainBatches):
+    """Rank ``rank``'s contiguous slice of each global batch of :class:`TrainBatches`.
+
+    ``batch(step)`` returns ``(values[B/W, V], mask[B/W, V], n_masked_global)``: the rows and
+    mask are exactly the single-process batch's rows ``[rank*B/W, (rank+1)*B/W)``, and
+    ``n_masked_global`` counts the masked positions of the whole global batch."""
+
+    def __init__(self, ds: Dataset, *, world_size: int, rank: int, **kw: Any) -> None:
+        super().__init__(ds, **kw)
+        if self.batch_size % world_size:
+            raise RunError(
+                f"train batch_size {self.batch_size} is not divisible by the {world_size} "
+                f"processes: use a batch size that is a multiple of {world_size}"
+            )
+        self.world_size, self.rank = int(world_size), int(rank)
+        self.local_size = self.batch_size // self.world_size
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:  # type: ignore[override]
+        rows = self.rows(step)
+        mask = self.mask(step)
+        lo, hi = self.rank * self.local_size, (self.rank + 1) * self.local_size
+        values = np.asarray(self._values[rows[lo:hi]], dtype=np.float32)
+        return torch.from_numpy(values), torch.from_numpy(mask[lo:hi].copy()), int(mask.sum())
 
 
 # ----------------------------------------------------------------------------- the run
@@ -128,6 +189,46 @@ def run_identity(
     }
 
 
+def _claim_run_dir(
+    out: Path, identity: dict[str, Any], ident_hash: str, *, overwrite: bool = False
+) -> dict[str, Any] | None:
+    """Check ``out`` for this run: the finished result (returned), a resumable or new run
+    (None, config.json written), or a RunError for a directory that holds something else
+    (replaced instead when ``overwrite``)."""
+    result_path = out / "result.json"
+    config_path = out / "config.json"
+    if overwrite and (out.exists() or out.is_symlink()):
+        same = False
+        if config_path.is_file():
+            try:
+                same = read_json(config_path).get("hash") == ident_hash
+            except ValueError:
+                same = False
+        if not same:
+            if out.is_dir() and not out.is_symlink():
+                shutil.rmtree(out)
+            else:
+                out.unlink()
+    if config_path.is_file():
+        try:
+            old = read_json(config_path)
+        except ValueError:
+            old = {}
+        if old.get("hash") != ident_hash:
+            raise RunError(
+                f"{out} holds a run with other settings; choose another --out, or --overwrite"
+            )
+        if result_path.is_file():
+            prev = read_json(result_path)
+            if prev.get("status") in FINISHED:
+                return prev
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise RunError(f"{out} is not empty and holds no cellscale run; choose another --out, or --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(config_path, {"hash": ident_hash, **identity, "cellscale_version": __version__})
+    return None
+
+
 def train_run(
     dataset: str | Path | Dataset,
     model_cfg: ModelConfig,
@@ -139,11 +240,16 @@ def train_run(
     run_id: str | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
     stop_after_steps: int | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train one model and write ``out/result.json``; rerunning the same call resumes.
 
+    ``overwrite`` replaces an ``out`` that holds something else or a run with other settings
+    (a run with the same settings is still resumed or returned).
+
     ``on_step`` receives a small dict after every optimiser step (for progress bars);
     ``stop_after_steps`` ends the process's work early without finishing the run (tests).
+    Launched by torchrun (``WORLD_SIZE`` > 1) the run is data parallel (``cellscale.distributed``).
     """
     t_start = time.perf_counter()
     ds = dataset if isinstance(dataset, Dataset) else Dataset.open(dataset)
@@ -153,38 +259,79 @@ def train_run(
     identity = run_identity(model_cfg, train_cfg, dataset=ds, train_cells=n_train, seed=seed)
     ident_hash = config_hash(identity)
 
-    result_path = out / "result.json"
-    config_path = out / "config.json"
-    if config_path.is_file():
-        old = read_json(config_path)
-        if old.get("hash") != ident_hash:
-            raise RunError(
-                f"{out} holds a run with other settings; choose another --out or delete it"
-            )
-        if result_path.is_file():
-            prev = read_json(result_path)
-            if prev.get("status") in FINISHED:
-                return prev
-    elif out.exists() and any(out.iterdir()):
-        raise RunError(f"{out} is not empty and holds no cellscale run; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(config_path, {"hash": ident_hash, **identity, "cellscale_version": __version__})
-
     device = pick_device(train_cfg.device)
+    dist = from_env(device)
+    try:
+        return _train(
+            ds, model_cfg, train_cfg, out=out, train_cells=train_cells, seed=seed, run_id=run_id,
+            on_step=on_step, stop_after_steps=stop_after_steps, identity=identity,
+            ident_hash=ident_hash, n_train=n_train, device=shard_device(device, dist), dist=dist,
+            t_start=t_start, overwrite=overwrite,
+        )
+    finally:
+        dist.close()
+
+
+def _train(
+    ds: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig, *, out: Path,
+    train_cells: int | None, seed: int, run_id: str | None,
+    on_step: Callable[[dict[str, Any]], None] | None, stop_after_steps: int | None,
+    identity: dict[str, Any], ident_hash: str, n_train: int, device: torch.device,
+    dist: DistContext, t_start: float, overwrite: bool = False,
+) -> dict[str, Any]:
+    main = dist.is_main
+    result_path = out / "result.json"
+    # rank 0 alone inspects and claims the run dir; the others follow its verdict
+    if dist.active:
+        verdict: tuple[str, Any] = ("go", None)
+        if main:
+            try:
+                prev = _claim_run_dir(out, identity, ident_hash, overwrite=overwrite)
+                verdict = ("done", prev) if prev is not None else ("go", None)
+            except RunError as err:
+                verdict = ("error", str(err))
+        verdict = dist.broadcast_object(verdict)
+        if verdict[0] == "error":
+            raise RunError(verdict[1])
+        if verdict[0] == "done":
+            return verdict[1]
+    else:
+        prev = _claim_run_dir(out, identity, ident_hash, overwrite=overwrite)
+        if prev is not None:
+            return prev
+
     if train_cfg.num_threads:
         torch.set_num_threads(train_cfg.num_threads)
+    elif device.type == "cpu" and _flops_per_step(model_cfg, train_cfg) < SMALL_STEP_FLOPS:
+        # a tiny step is all thread start-up and synchronisation: one thread is faster
+        torch.set_num_threads(1)
     autocast = autocast_for(device, train_cfg.precision)
 
     torch.manual_seed(seed)
     model = CellTransformer(model_cfg).to(device)
+    if dist.rank > 0:
+        # an independent dropout stream per rank; rank 0 keeps the single-process stream
+        torch.manual_seed(int(np.random.SeedSequence([seed, dist.rank]).generate_state(1)[0]))
     peak_lr = resolve_lr(model_cfg, train_cfg)
     optimizer = make_optimizer(model, train_cfg, peak_lr)
-    loss_fn = torch.compile(model.loss) if train_cfg.compile else model.loss
 
-    batches = TrainBatches(
-        ds, train_cells=train_cells, batch_size=train_cfg.batch_size, seed=seed,
-        mask_prob=train_cfg.mask_prob,
-    )
+    if dist.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+        )
+        forward = torch.compile(ddp) if train_cfg.compile else ddp
+        batches: TrainBatches = RankBatches(
+            ds, world_size=dist.world_size, rank=dist.rank, train_cells=train_cells,
+            batch_size=train_cfg.batch_size, seed=seed, mask_prob=train_cfg.mask_prob,
+        )
+    else:
+        loss_fn = torch.compile(model.loss) if train_cfg.compile else model.loss
+        batches = TrainBatches(
+            ds, train_cells=train_cells, batch_size=train_cfg.batch_size, seed=seed,
+            mask_prob=train_cfg.mask_prob,
+        )
     total_steps = max(1, math.ceil(train_cfg.cells_seen / train_cfg.batch_size))
     eval_every = train_cfg.eval_every or max(1, total_steps // 10)
     ckpt_every = train_cfg.checkpoint_every or eval_every
@@ -196,37 +343,70 @@ def train_run(
     state = {"step": 0, "best_val": math.inf, "best_step": -1, "metric_lines": 0,
              "masked_tokens": 0, "wall": 0.0, "run_loss": 0.0, "run_n": 0, "status": "running", "diverged_at": None}
     found = find_checkpoint(ckpt_dir)
+    if main:
+        clean_stale(ckpt_dir)  # temp dirs of checkpoint writes a kill interrupted
     if found is not None:
-        state = load_checkpoint(found, model=model, optimizer=optimizer)
-        _truncate_lines(metrics_path, state["metric_lines"])
-    elif metrics_path.exists():
+        state = load_checkpoint(found, model=model, optimizer=optimizer, rank=dist.rank)
+        state["resumes"] = [*state.get("resumes", []), int(state["step"])]
+        if main:
+            _truncate_lines(metrics_path, state["metric_lines"])
+    elif main and metrics_path.exists():
         metrics_path.unlink()
 
     def log(record: dict[str, Any]) -> None:
-        with open(metrics_path, "a") as fh:
-            fh.write(to_json(record, indent=None) + "\n")
+        if main:
+            with open(metrics_path, "a") as fh:
+                fh.write(to_json(record, indent=None) + "\n")
         state["metric_lines"] += 1
 
     def checkpoint() -> None:
         state["wall"] = wall_before + (time.perf_counter() - t_loop)
-        save_checkpoint(ckpt_dir, model=model, optimizer=optimizer, loop_state=state)
+        extra: dict[str, torch.Tensor] = {}
+        if dist.active:  # every rank's RNG state, so that a resumed run draws the same dropout
+            cuda = torch.cuda.get_rng_state() if device.type == "cuda" else None
+            for r, (cpu_rng, cuda_rng) in enumerate(dist.all_gather_object((torch.get_rng_state(), cuda))):
+                if r > 0:
+                    extra[rng_key(r)] = cpu_rng
+                    if cuda_rng is not None:
+                        extra[rng_key(r, "cuda")] = cuda_rng
+        if main:
+            save_checkpoint(ckpt_dir, model=model, optimizer=optimizer, loop_state=state,
+                            extra_tensors=extra)
+
+    def train_loss(item: tuple) -> tuple[torch.Tensor, float, int]:
+        """(loss to backpropagate, the global batch's loss value, masked positions)."""
+        if not dist.active:
+            values, mask = item
+            values = values.to(device, non_blocking=True)
+            mask = mask.to(device, non_blocking=True)
+            with autocast():
+                loss = loss_fn(values, mask)
+            return loss, float(loss.detach()), int(mask.sum())
+        values, mask, n_global = item
+        values = values.to(device, non_blocking=True)
+        mask = mask.to(device, non_blocking=True)
+        with autocast():
+            pred = forward(values, mask)
+        sq = ((pred.float() - values[mask].float()) ** 2).sum()
+        # DDP averages gradients over W ranks: W * (local SSE) / (global count) makes the
+        # average the gradient of the global batch's mean squared error
+        loss = sq * (dist.world_size / n_global)
+        (total,) = dist.all_reduce_sum([float(sq.detach())])
+        return loss, total / n_global, n_global
 
     wall_before = float(state["wall"])
     t_loop = time.perf_counter()
     model.train()
     step = int(state["step"])
     steps_this_call = 0
-    for values, mask in batches.iterate(step, total_steps - step):
+    eval_kw = {"cfg": train_cfg, "device": device, "autocast": autocast, "dist": dist}
+    for item in batches.iterate(step, total_steps - step):
         if stop_after_steps is not None and steps_this_call >= stop_after_steps:
             break
         lr = lr_at(step, total_steps=total_steps, peak=peak_lr, cfg=train_cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        values = values.to(device, non_blocking=True)
-        mask = mask.to(device, non_blocking=True)
-        with autocast():
-            loss = loss_fn(values, mask)
-        loss_value = float(loss.detach())
+        loss, loss_value, n_masked = train_loss(item)
         if not math.isfinite(loss_value):
             state["status"], state["diverged_at"] = "diverged", step
             log({"kind": "diverged", "step": step, "loss": None})
@@ -238,7 +418,7 @@ def train_run(
         step += 1
         steps_this_call += 1
         state["step"] = step
-        state["masked_tokens"] += int(mask.sum())
+        state["masked_tokens"] += n_masked
         state["run_loss"] += loss_value
         state["run_n"] += 1
         if step % log_every == 0 or step == total_steps:
@@ -247,13 +427,13 @@ def train_run(
                  "wall": _elapsed(wall_before, t_loop)})
             state["run_loss"], state["run_n"] = 0.0, 0
         if step % eval_every == 0 or step == total_steps:
-            val = evaluate(model, ds, "val", cfg=train_cfg, device=device, autocast=autocast,
-                           max_cells=train_cfg.max_eval_cells)
+            val = evaluate(model, ds, "val", max_cells=train_cfg.max_eval_cells, **eval_kw)
             log({"kind": "eval", "step": step, "cells_seen": step * train_cfg.batch_size,
                  "val_mse": val, "wall": _elapsed(wall_before, t_loop)})
             if val < state["best_val"]:
                 state["best_val"], state["best_step"] = val, step
-                atomic_write_with(best_path, lambda p: save_weights(model, p))
+                if main:
+                    atomic_write_with(best_path, lambda p: save_weights(model, p))
             if not math.isfinite(val):
                 state["status"], state["diverged_at"] = "diverged", step
                 break
@@ -268,12 +448,13 @@ def train_run(
     status = "ok" if state["status"] == "running" else state["status"]
     test_mse = None
     best_val = state["best_val"] if math.isfinite(state["best_val"]) else None
+    dist.barrier()  # rank 0 has written best.safetensors
     if best_val is not None and best_path.is_file():
         load_weights(model, best_path)
         model.to(device)
         # the full validation split scores the chosen checkpoint even when evals were capped
-        best_val = evaluate(model, ds, "val", cfg=train_cfg, device=device, autocast=autocast)
-        test_mse = evaluate(model, ds, "test", cfg=train_cfg, device=device, autocast=autocast)
+        best_val = evaluate(model, ds, "val", **eval_kw)
+        test_mse = evaluate(model, ds, "test", **eval_kw)
 
     baselines = ds.manifest.get("baselines", {}).get("gene_mean", {})
     per_cell = flops_per_cell(model_cfg, mask_prob=train_cfg.mask_prob)["train"]
@@ -307,9 +488,15 @@ def train_run(
         "batch_size": train_cfg.batch_size,
         "schedule": train_cfg.schedule,
         "device": str(device),
+        "world_size": dist.world_size,
+        "resumed_at": state.get("resumes", []),
+        "num_threads": torch.get_num_threads(),
         "total_wall_seconds": time.perf_counter() - t_start,
     }
-    atomic_write_json(result_path, result)
+    if main:
+        crashpoint("before-result")
+        atomic_write_json(result_path, result)
+    dist.barrier()
     return result
 
 

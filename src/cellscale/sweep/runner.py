@@ -10,8 +10,11 @@ import os
 import shutil
 import tempfile
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+import torch
 
 from cellscale.errors import CellscaleError, RunError
 from cellscale.io import atomic_write_json, read_json
@@ -35,6 +38,7 @@ def execute_run(
     run_dir = Path(sweep_dir) / "runs" / spec.run_id
     # a failure record is the sweep's, not the run's: drop it so the retry starts clean
     (run_dir / "result.json").unlink(missing_ok=True)
+    threads = torch.get_num_threads()  # train_run may drop to one thread for a tiny model
     try:
         return train_run(
             dataset, spec.model, spec.train, out=run_dir, train_cells=spec.train_cells,
@@ -52,11 +56,15 @@ def execute_run(
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / "result.json", result)
         return result
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run_local(
-    specs: list[RunSpec], *, dataset: str, sweep_dir: str, progress: Any | None = None
+    specs: list[RunSpec], *, dataset: str, sweep_dir: str, progress: Any | None = None,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
+    """One run after another in this process; ``on_result`` is called after each new result."""
     results = []
     for spec in specs:
         done = finished_result(Path(sweep_dir) / "runs" / spec.run_id)
@@ -70,14 +78,35 @@ def run_local(
         if progress is not None:
             progress.run_finished(spec, result)
         results.append(result)
+        if on_result is not None:
+            on_result(result)
     return results
+
+
+def _ray_task(spec: RunSpec, dataset: str, sweep_dir: str, num_threads: int) -> dict[str, Any]:
+    """The body of one Ray task: torch uses the CPUs Ray gave the task, not the whole node
+    (``train.num_threads``, when set, still wins inside ``train_run``)."""
+    import torch
+
+    torch.set_num_threads(num_threads)
+    return execute_run(spec, dataset, sweep_dir)
+
+
+def _failed_record(spec: RunSpec, error: str) -> dict[str, Any]:
+    return {"run_id": spec.run_id, "size": spec.size, "seed": spec.seed,
+            "train_cells": spec.train_cells, "status": "failed", "error": error}
 
 
 def run_ray(
     specs: list[RunSpec], *, dataset: str, sweep_dir: str, address: str | None = None,
     num_cpus_per_run: float = 1.0, num_gpus_per_run: float = 0.0, num_cpus: int | None = None,
-    progress: Any | None = None,
+    progress: Any | None = None, on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
+    """Each unfinished run is one Ray task with ``num_cpus_per_run`` CPUs and
+    ``num_gpus_per_run`` GPUs. Without ``address`` a private local Ray is started (no
+    dashboard, session files in a temp dir removed afterwards, no auth token written to
+    ~/.ray) and shut down at the end; with ``address`` the sweep joins that cluster, whose
+    workers must see ``dataset`` and ``sweep_dir`` at the same paths (a shared filesystem)."""
     try:
         import ray
     except ImportError:
@@ -93,9 +122,12 @@ def run_ray(
                 progress.run_skipped(spec)
         else:
             todo.append(spec)
+    if not todo:
+        return [results[s.run_id] for s in specs]
 
     started_here = not ray.is_initialized()
     tmp_dir = None
+    saved_env = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE",)}
     if started_here:
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                                   "configure_logging": False}
@@ -109,28 +141,48 @@ def run_ray(
             kwargs["_temp_dir"] = tmp_dir
             if num_cpus is not None:
                 kwargs["num_cpus"] = num_cpus
-        ray.init(**kwargs)
+        try:
+            ray.init(**kwargs)
+        except Exception as err:  # noqa: BLE001 - a cluster we cannot reach is a user problem
+            _restore_env(saved_env)
+            if tmp_dir:
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+            where = f"the Ray cluster at {address}" if address else "a local Ray"
+            raise RunError(f"could not start or join {where} ({type(err).__name__}: "
+                           f"{str(err).splitlines()[0] if str(err) else ''}); check --ray-address "
+                           "or use --backend local") from None
     try:
-        remote = ray.remote(execute_run).options(
+        threads = max(1, int(num_cpus_per_run))
+        remote = ray.remote(_ray_task).options(
             num_cpus=num_cpus_per_run, num_gpus=num_gpus_per_run, max_retries=0
         )
-        pending = {remote.remote(spec, dataset, sweep_dir): spec for spec in todo}
+        pending = {remote.remote(spec, dataset, sweep_dir, threads): spec for spec in todo}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             spec = pending.pop(ready[0])
             try:
                 result = ray.get(ready[0])
-            except Exception as err:  # the worker itself died
-                result = {"run_id": spec.run_id, "size": spec.size, "seed": spec.seed,
-                          "train_cells": spec.train_cells, "status": "failed",
-                          "error": f"ray worker failed: {type(err).__name__}"}
+            except Exception as err:  # noqa: BLE001 - the worker died (OOM, segfault, node lost)
+                result = _failed_record(spec, f"ray worker failed: {type(err).__name__}: "
+                                        f"{str(err).splitlines()[0] if str(err) else ''}"[:500])
                 atomic_write_json(Path(sweep_dir) / "runs" / spec.run_id / "result.json", result)
             results[spec.run_id] = result
             if progress is not None:
                 progress.run_finished(spec, result)
+            if on_result is not None:
+                on_result(result)
     finally:
         if started_here:
             ray.shutdown()
+            _restore_env(saved_env)
             if tmp_dir:
                 shutil.rmtree(tmp_dir, ignore_errors=True)
     return [results[s.run_id] for s in specs]
+
+
+def _restore_env(saved: dict[str, str | None]) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

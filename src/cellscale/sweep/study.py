@@ -19,6 +19,10 @@ from cellscale.sweep.runner import run_local, run_ray
 def prepare_sweep_dir(cfg: RunConfig, out: Path, *, overwrite: bool = False) -> None:
     """Claim ``out`` for this config: refuse a directory that holds something else."""
     marker = out / "sweep.json"
+    if out.exists() and not out.is_dir():
+        if not overwrite:
+            raise RunError(f"{out} is a file, not a sweep directory; use another --out, or --overwrite")
+        out.unlink()
     if out.exists() and any(out.iterdir()):
         if marker.is_file():
             old = read_json(marker)
@@ -50,22 +54,45 @@ def ensure_dataset(cfg: RunConfig, out: Path) -> Path:
 def run_sweep(
     cfg: RunConfig | str | Path, *, out: str | Path, backend: str | None = None,
     ray_address: str | None = None, overwrite: bool = False, progress: bool = True,
+    ray_num_cpus: int | None = None,
 ) -> Path:
-    """Build (or reuse) the dataset, train every planned run, write ``results.csv``."""
+    """Build (or reuse) the dataset, train every planned run, write ``results.csv``.
+
+    ``results.csv`` is rewritten atomically after every finished run (plan order, one row per
+    run with a result), so a killed sweep leaves a complete table of what finished, and a
+    rerun skips those runs and resumes the interrupted one from its checkpoint.
+    ``ray_num_cpus`` caps a local Ray cluster (default: every core)."""
     if not isinstance(cfg, RunConfig):
         cfg = load_run_config(cfg)
     out = Path(out)
+    # refuse a bad config before anything is written: sizes, overrides, an existing dataset
+    # (opened and verified once, here)
+    given = Dataset.open(Path(cfg.dataset).expanduser().resolve()) if cfg.dataset else None
+    plan_runs(cfg, n_genes=given.n_genes if given is not None else cfg.data.genes)
+    fresh = not out.exists() or (out.is_dir() and not any(out.iterdir()))
     prepare_sweep_dir(cfg, out, overwrite=overwrite)
-    dataset = ensure_dataset(cfg, out)
-    ds = Dataset.open(dataset)
+    try:
+        dataset = given.path if given is not None else ensure_dataset(cfg, out)
+    except BaseException:
+        if fresh:  # nothing of ours to keep: a rerun with a fixed config starts clean
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    ds = given if given is not None else Dataset.open(dataset)
     atomic_write_json(out / "sweep.json", {"dataset": str(dataset), "config_hash": config_hash(cfg)})
     specs = plan_runs(cfg, n_genes=ds.n_genes)
+    ids = [s.run_id for s in specs]
     backend = backend or cfg.sweep.backend
+
+    def on_result(_: dict) -> None:
+        write_results(out, ids)
+
     with SweepProgress(len(specs), enabled=progress) as bar:
         if backend == "ray":
             run_ray(specs, dataset=str(dataset), sweep_dir=str(out), address=ray_address,
                     num_cpus_per_run=cfg.sweep.num_cpus_per_run,
-                    num_gpus_per_run=cfg.sweep.num_gpus_per_run, progress=bar)
+                    num_gpus_per_run=cfg.sweep.num_gpus_per_run, num_cpus=ray_num_cpus,
+                    progress=bar, on_result=on_result)
         else:
-            run_local(specs, dataset=str(dataset), sweep_dir=str(out), progress=bar)
-    return write_results(out, [s.run_id for s in specs])
+            run_local(specs, dataset=str(dataset), sweep_dir=str(out), progress=bar,
+                      on_result=on_result)
+    return write_results(out, ids)
