@@ -63,7 +63,7 @@ def test_auto_lr_shrinks_with_width_and_scales_with_batch():
     cfg = TrainConfig(batch_size=64, lr_batch_ref=64, lr_batch_scaling="sqrt")
     lr = {d: resolve_lr(ModelConfig(d_model=d, n_layers=1, n_heads=1), cfg) for d in (1, 64, 256, 1024)}
     assert lr[1] == cfg.lr_max and lr[64] == pytest.approx(cfg.lr_base)
-    assert lr[256] == pytest.approx(cfg.lr_base / 2) and lr[1024] == pytest.approx(cfg.lr_base / 4)
+    assert lr[256] == pytest.approx(cfg.lr_base / 4) and lr[1024] == pytest.approx(cfg.lr_base / 16)
     small = TrainConfig(batch_size=16, lr_batch_ref=64, lr_batch_scaling="sqrt")
     assert resolve_lr(ModelConfig(d_model=64, n_layers=1, n_heads=1), small) == pytest.approx(cfg.lr_base / 2)
 

@@ -126,12 +126,13 @@ class ModelConfig(_Frozen):
 class TrainConfig(_Frozen):
     cells_seen: int = Field(240_000, ge=1, description="training budget: cells drawn (with repeats)")
     batch_size: int = Field(64, ge=1)
-    # lr: a number, or "auto" = lr_base * sqrt(64 / d_model) clipped to [lr_min, lr_max];
+    # lr: a number, or "auto" = lr_base * 64 / d_model clipped to [lr_min, lr_max] (Adam's
+    # step for hidden weights shrinks like 1/width, as in muP);
     # either is then scaled with batch (lr_batch_scaling) relative to lr_batch_ref cells
     lr: float | Literal["auto"] = "auto"
     lr_base: float = Field(5e-3, gt=0)
     lr_min: float = Field(1e-4, gt=0)
-    lr_max: float = Field(1e-2, gt=0)
+    lr_max: float = Field(3e-2, gt=0)
     lr_batch_scaling: Literal["none", "sqrt", "linear"] = "sqrt"
     lr_batch_ref: int = Field(64, ge=1)
     schedule: Literal["cosine", "constant"] = "cosine"

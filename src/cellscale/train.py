@@ -66,7 +66,7 @@ def resolve_lr(model_cfg: ModelConfig, train_cfg: TrainConfig) -> float:
     """Peak learning rate. "auto" shrinks with width (wider models need smaller steps, the
     reason one rate for all sizes under-trained the study's large models) and grows with batch."""
     if train_cfg.lr == "auto":
-        lr = train_cfg.lr_base * math.sqrt(64.0 / model_cfg.d_model)
+        lr = train_cfg.lr_base * 64.0 / model_cfg.d_model
         lr = min(max(lr, train_cfg.lr_min), train_cfg.lr_max)
     else:
         lr = float(train_cfg.lr)

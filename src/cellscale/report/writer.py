@@ -83,6 +83,17 @@ class SweepData:
                     vals = {k: _float(v.get(k)) for k in ("val", "test")}
                     if any(x is not None for x in vals.values()):
                         out[name] = vals
+        # Bayes-linear and kNN, written by the sweep (cellscale.baselines)
+        cached: dict[str, Any] = {}
+        try:
+            cached = json.loads((self.sweep_dir / "baselines.json").read_text())
+        except (OSError, ValueError):
+            pass
+        for name, v in (cached if isinstance(cached, dict) else {}).items():
+            if name not in out and name in ("bayes_linear", "knn") and isinstance(v, dict):
+                vals = {k: _float(v.get(k)) for k in ("val", "test")}
+                if any(x is not None for x in vals.values()):
+                    out[name] = vals
         if "gene_mean" not in out and not self.runs.empty:
             vals = {k: _first_finite(self.runs.get(f"gene_mean_{k}_mse")) for k in ("val", "test")}
             if any(x is not None for x in vals.values()):

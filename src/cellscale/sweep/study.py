@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from cellscale.baselines import load_or_compute_baselines
 from cellscale.config import RunConfig, config_hash, dump_yaml, load_run_config
 from cellscale.data.build import build_dataset
 from cellscale.data.store import Dataset
@@ -79,6 +80,11 @@ def run_sweep(
         raise
     ds = given if given is not None else Dataset.open(dataset)
     atomic_write_json(out / "sweep.json", {"dataset": str(dataset), "config_hash": config_hash(cfg)})
+    if not (out / "baselines.json").is_file():
+        # reference predictors drawn on every figure: gene mean, Bayes-linear, kNN
+        base = load_or_compute_baselines(ds)
+        atomic_write_json(out / "baselines.json",
+                          {k: v for k, v in base.items() if k in ("gene_mean", "bayes_linear", "knn", "bayes_floor")})
     specs = plan_runs(cfg, n_genes=ds.n_genes)
     ids = [s.run_id for s in specs]
     backend = backend or cfg.sweep.backend
