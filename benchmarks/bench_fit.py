@@ -27,7 +27,7 @@ from cellscale.fit.bootstrap import resample_weights
 from cellscale.fit.laws.base import Law
 from cellscale.fit.threads import blas_single_thread
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared/reference/chinchilla_svg_extracted.csv"
+REFERENCE = Path(__file__).resolve().parents[1] / "tests/data/chinchilla_svg_extracted.csv"
 
 
 def load() -> pd.DataFrame:
