@@ -59,13 +59,14 @@ class Method:
         return True
 
     def objective(self, law: Law, logX, y, logy, w, u) -> float:
-        raise NotImplementedError
+        # methods that search their own way (the paper's grid) override ``fit`` instead
+        raise TypeError(f"method '{self.name}' has no pointwise objective")
 
     def objective_many(self, law: Law, logX, y, logy, w, U) -> np.ndarray:
         return np.array([self.objective(law, logX, y, logy, w, u) for u in U])
 
     def local(self, law: Law, logX, y, logy, w, u0, bounds) -> tuple[np.ndarray, float]:
-        raise NotImplementedError
+        raise TypeError(f"method '{self.name}' has no local optimiser")
 
     def fit(self, law: Law, logX, y, logy, w, starts: np.ndarray | None = None) -> Outcome:
         bounds = law.bounds(logy)

@@ -8,6 +8,8 @@ is the natural parameterisation that users read (a, alpha, c, ...).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import numpy as np
 
 # Relative distance from a floor bound at which the estimate counts as "on the boundary".
@@ -20,7 +22,7 @@ BOUNDARY_RTOL = 1e-6
 FLOOR_LOG_SPAN = 30.0
 
 
-class Law:
+class Law(ABC):
     """A scaling law L(X; theta) with a log-space parameterisation for fitting."""
 
     name: str = ""
@@ -39,8 +41,9 @@ class Law:
     def n_vars(self) -> int:
         return len(self.variables)
 
+    @abstractmethod
     def log_predict(self, u: np.ndarray, logX: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        ...
 
     def log_jac(self, u: np.ndarray, logX: np.ndarray) -> np.ndarray:
         """d log L / d u, shape (n, k); central differences unless a law knows better."""
@@ -62,17 +65,21 @@ class Law:
         """Both at once; laws whose Jacobian reuses the prediction's work override this."""
         return self.log_predict(u, logX), self.log_jac(u, logX)
 
+    @abstractmethod
     def to_natural(self, u: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def from_natural(self, theta: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def bounds(self, logy: np.ndarray) -> list[tuple[float, float]]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def start_grid(self, logX: np.ndarray, logy: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        ...
 
     def no_floor(self) -> "Law | None":
         """The same law without its irreducible term, for AIC/BIC comparison."""
