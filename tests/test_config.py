@@ -78,3 +78,16 @@ def test_overrides_apply_per_size():
     assert specs["XXS-dall-s0"].train.lr == 0.02
     assert specs["XS-dall-s0"].train.lr == TrainConfig().lr
     assert specs["XS-dall-s1"].model.n_genes == 64
+
+
+def test_yaml_examples_in_docs_validate():
+    """Every ```yaml block in the README and docs/ is a valid study config (all fields optional)."""
+    import re
+
+    root = Path(__file__).parents[1]
+    blocks = []
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        blocks += [(doc.name, b) for b in re.findall(r"```yaml\n(.*?)```", doc.read_text(), re.S)]
+    assert blocks, "the README shows a study YAML"
+    for name, block in blocks:
+        parse_config(RunConfig, yaml.safe_load(block) or {}, origin=name)
