@@ -33,6 +33,22 @@ DIVERGED_ERROR = "loss became NaN at step 1200 (lr 0.01); run stopped"
 FAILED_ERROR = "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
 
 
+GENES = [f"g{i}" for i in range(512)]
+GENE_FACTOR = np.random.default_rng(7).lognormal(0.0, 0.6, size=512)  # per-gene difficulty
+GENE_COUNTS = np.random.default_rng(8).binomial(100, 0.15, size=512)  # 100 test cells, 15% masked
+GENE_COUNTS[:2] = 0
+HARDEST = [GENES[i] for i in np.argsort(-np.where(GENE_COUNTS > 0, GENE_FACTOR, -np.inf), kind="stable")[:10]]
+EASIEST = [GENES[i] for i in np.argsort(np.where(GENE_COUNTS > 0, GENE_FACTOR, np.inf), kind="stable")[:10]]
+
+
+def per_gene_json(test_mse: float) -> dict:
+    """A per_gene.json as train_run writes it, whose count-weighted mean error is ``test_mse``."""
+    seen = GENE_COUNTS > 0
+    scale = test_mse * GENE_COUNTS[seen].sum() / np.sum(GENE_FACTOR[seen] * GENE_COUNTS[seen])
+    mse = [float(f * scale) if c > 0 else None for f, c in zip(GENE_FACTOR, GENE_COUNTS)]
+    return {"split": "test", "genes": GENES, "test_mse": mse, "n_masked": [int(c) for c in GENE_COUNTS]}
+
+
 def law(p):
     return A * np.asarray(p, float) ** (-ALPHA) + C
 
@@ -73,11 +89,17 @@ def make_sweep(
     with_baselines: bool = True,
     bayes_floor: float | None = None,
     fit_law: str = "power-floor",
+    per_gene: bool = False,
+    per_gene_skip: tuple[str, ...] = (),
 ) -> Path:
     """Write a dataset dir and a sweep dir under ``root``; return the sweep dir.
 
     With ``fit_law="chinchilla"`` the losses follow L = C + A / N^ALPHA + B2 / D^BETA2 (D = train
-    cells, the whole train split for "all") and the config asks for that law."""
+    cells, the whole train split for "all") and the config asks for that law.
+
+    ``per_gene=True`` also writes ``runs/<id>/per_gene.json`` for every run with a test MSE but
+    those in ``per_gene_skip``: gene g's error is test_mse x GENE_FACTOR[g] (normalised so the
+    count-weighted mean is the run's test MSE), genes 0 and 1 never masked (null)."""
     root = Path(root)
     rng = np.random.default_rng(123)
     dataset = root / "dataset"
@@ -141,9 +163,13 @@ def make_sweep(
                     "test_mse": test, "gene_mean_val_mse": GENE_MEAN_VAL, "gene_mean_test_mse": GENE_MEAN_TEST,
                     "wall_seconds": 12.5, "status": status, "error": error,
                 })
+                if per_gene and np.isfinite(test) and rid not in per_gene_skip:
+                    run_dir = sweep / "runs" / rid
+                    run_dir.mkdir(parents=True, exist_ok=True)
+                    (run_dir / "per_gene.json").write_text(json.dumps(per_gene_json(test)))
                 if with_metrics and status != "failed":
                     run_dir = sweep / "runs" / rid
-                    run_dir.mkdir(parents=True)
+                    run_dir.mkdir(parents=True, exist_ok=True)
                     lines = _metrics_lines(best if status == "ok" else 2.9, 64_000, 64, rng,
                                            diverged=status == "diverged")
                     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))

@@ -374,3 +374,87 @@ def test_methods_paragraph_reads_a_nested_manifest_as_data_build_writes_it():
                    "1,200 training, 150 validation and 150 test", "fixed by seed 7", "with seed 0"):
         assert needle in text, needle
     assert "Census" not in text
+
+
+# ---------------------------------------------------------------------------------------------
+# per-gene errors and iso-FLOP profiles
+
+
+def test_per_gene_errors_get_a_figure_a_gene_table_and_the_heteroscedastic_entropy(tmp_path):
+    from fixtures_report import EASIEST, HARDEST
+
+    sweep = make_sweep(tmp_path, per_gene=True, per_gene_skip=("XXS-dall-s1",), bootstrap=BOOT)
+    html_path, md_path = write_report(sweep)
+    html, md = html_path.read_text(), md_path.read_text()
+    assert (sweep / "figures" / "per_gene.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(IMG_RE.findall(html)) == 4  # one more than the same sweep without per-gene errors
+    runs = pd.read_csv(sweep / "results.csv")
+    best = runs[runs["status"] == "ok"].sort_values("best_val_mse").iloc[0]["run_id"]
+    for doc in (html, md):
+        assert "Per-gene error" in doc and "Hardest and easiest genes" in doc
+        assert f"Best run by validation MSE: {best}" in doc
+        for gene in HARDEST + EASIEST:
+            assert re.search(rf"\b{gene}\b", doc), gene
+        assert "XXS-dall-s1" in doc and "per_gene.json missing" in doc  # an old run is named, not fatal
+        assert "2 never masked on the test split" in doc
+    table = md.split("### Hardest and easiest genes")[1].split("###")[0]
+    assert [r.split("|")[2].strip() for r in table.strip().splitlines()[2:]] == HARDEST
+    fit = json.loads((sweep / "fit.json").read_text())
+    pg = fit["entropy_bits"]["per_gene"]
+    assert pg["n_genes"] == 510 and pg["bits"] <= pg["homoscedastic_same_errors"]
+    # the best run's heteroscedastic row sits next to its homoscedastic one, and obeys Jensen
+    m = re.search(r"best run \S+, test MSE, homoscedastic \| ([\d.]+) bits.*\n.*heteroscedastic\) \| ([\d.]+) bits", md)
+    assert m and float(m.group(2)) < float(m.group(1))
+
+
+def test_a_sweep_without_per_gene_files_says_so(report):
+    _, html_path, md_path = report
+    for doc in (html_path.read_text(), md_path.read_text()):
+        assert "No per-gene errors" in doc and "per_gene.json" in doc
+    assert not (report[0] / "figures" / "per_gene.png").exists()
+
+
+def test_chinchilla_sweep_draws_iso_flop_profiles(tmp_path):
+    sweep = make_sweep(tmp_path, train_cells=(200, 600, None), diverged=None, failed=None, bootstrap=20,
+                       fit_law="chinchilla", per_gene=True)
+    html_path, md_path = write_report(sweep)
+    md = md_path.read_text()
+    assert "Compute-optimal frontier and iso-FLOP profiles" in md and "4 budgets log-spaced" in md
+    assert len(IMG_RE.findall(html_path.read_text())) == 6  # 5 + the per-gene figure
+    fit = json.loads((sweep / "fit.json").read_text())
+    p, co = fit["params"], fit["compute_optimal"]
+    iso = plots.IsoFlop(A=p["A"], B=p["B"], E=p["E"], alpha=p["alpha"], beta=p["beta"], k=co["k"],
+                        budgets=[r["C"] for r in co["table"][:3]])
+    fig = plots.compute_frontier(co["table"], isoflop=iso)
+    assert len(fig.axes) == 2
+    right = fig.axes[1]
+    profiles = [ln for ln in right.get_lines() if len(ln.get_xdata()) > 1]
+    stars = [ln for ln in right.get_lines() if len(ln.get_xdata()) == 1]
+    assert len(profiles) == 3 and len(stars) == 3
+    for prof, star, row in zip(profiles, stars, co["table"][:3]):
+        x, y = np.asarray(prof.get_xdata()), np.asarray(prof.get_ydata())
+        # the starred N* is the bottom of its profile and the fit's own compute-optimal N*(C)
+        assert star.get_xdata()[0] == pytest.approx(row["N_opt"], rel=1e-9)
+        assert star.get_ydata()[0] == pytest.approx(row["loss"], rel=1e-9)
+        assert star.get_ydata()[0] <= y.min() + 1e-12
+        assert x[np.argmin(y)] == pytest.approx(row["N_opt"], rel=0.05)
+    assert plots.figure_png(fig)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_per_gene_plot_is_pure_and_tolerates_nothing_to_draw(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    genes = [f"gene{i}" for i in range(40)]
+    mse = rng.lognormal(0, 0.5, 40)
+    mse[3] = np.nan
+    runs = [plots.GeneErrors(f"r{i}", s, p, genes, mse * (1 + i)) for i, (s, p) in
+            enumerate([("XS", 1e5), ("S", 1e6), ("XXS", 500)])]
+    for fig in (plots.per_gene_errors(runs[0], runs), plots.per_gene_errors(None, []),
+                plots.isoflop_profiles(plots.IsoFlop(1.0, 1.0, 0.5, 0.3, 0.3, 6.0, [])),
+                plots.compute_frontier([], isoflop=plots.IsoFlop(1.0, 1.0, 0.5, 0.3, 0.3, 6.0, [1e9, 1e12]))):
+        assert isinstance(fig, Figure) and plots.figure_png(fig)[:8] == b"\x89PNG\r\n\x1a\n"
+    texts = " ".join(t.get_text() for t in plots.per_gene_errors(runs[0], runs).axes[0].texts)
+    order = np.argsort(np.where(np.isfinite(mse), mse, -np.inf))[::-1][:10]
+    names = texts.split()
+    assert all(genes[i] in names for i in order) and "gene3" not in names  # never masked: not ranked
+    assert list(tmp_path.iterdir()) == []

@@ -122,14 +122,23 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float) -> torch
 def evaluate(
     model: CellTransformer, ds: Dataset, split: str, *, cfg: TrainConfig, device: torch.device,
     autocast=nullcontext, max_cells: int | None = None, dist: DistContext | None = None,
-) -> float:
+    per_gene: bool = False,
+) -> float | tuple[float, np.ndarray, np.ndarray]:
     """MSE over every masked position of the split under the dataset's fixed evaluation mask.
 
     Under DDP (``dist`` active) rank ``r`` scores eval batches ``r, r+W, ...`` and the sums are
-    all-reduced, so every rank returns the same number."""
+    all-reduced, so every rank returns the same number.
+
+    ``per_gene=True`` returns ``(mse, sse_per_gene, n_masked_per_gene)`` instead: float64 sums of
+    squared errors and int64 masked counts per gene (all-reduced too), and ``mse`` is their
+    ratio of totals, so the count-weighted mean of the per-gene MSEs equals it exactly."""
     was_training = model.training
     model.eval()
     sq, n = 0.0, 0
+    n_genes = ds.n_genes
+    # per-gene sums are accumulated on the host with bincount: a fixed summation order on any device
+    sq_g = np.zeros(n_genes, dtype=np.float64)
+    n_g = np.zeros(n_genes, dtype=np.int64)
     world = dist.world_size if dist is not None and dist.active else 1
     rank = dist.rank if world > 1 else 0
     for i, (values, mask) in enumerate(
@@ -141,12 +150,47 @@ def evaluate(
         mask = mask.to(device, non_blocking=True)
         with autocast():
             pred = model(values, mask)
+        if per_gene:
+            # pred is in mask.nonzero() order: column 1 of nonzero() is the gene of each entry
+            err = ((pred.float() - values[mask]).double() ** 2).cpu().numpy()
+            genes = mask.nonzero()[:, 1].cpu().numpy()
+            sq_g += np.bincount(genes, weights=err, minlength=n_genes)
+            n_g += np.bincount(genes, minlength=n_genes)
+            continue
         sq += float(((pred.float() - values[mask]) ** 2).sum())
         n += int(mask.sum())
     model.train(was_training)
+    if per_gene:
+        if world > 1:  # float64 sums; counts are exact in float64 (< 2^53)
+            reduced = dist.all_reduce_sum([*sq_g.tolist(), *n_g.astype(np.float64).tolist()])
+            sq_g, n_g = np.asarray(reduced[:n_genes]), np.rint(reduced[n_genes:]).astype(np.int64)
+        return float(sq_g.sum()) / max(int(n_g.sum()), 1), sq_g, n_g
     if world > 1:
         sq, n = dist.all_reduce_sum([sq, float(n)])
     return sq / max(n, 1)
+
+
+def per_gene_summary(sse: np.ndarray, counts: np.ndarray) -> tuple[list[float | None], dict[str, float | None]]:
+    """Per-gene MSE (None for a gene never masked) and the run-level numbers of result.json.
+
+    ``entropy_bits_per_gene`` is the heteroscedastic Gaussian entropy WEIGHTED BY MASKED COUNTS:
+    sum_g n_g 0.5 log2(2 pi e mse_g) / sum_g n_g, i.e. the mean over masked positions of the
+    entropy of that position's gene. With the same weights the test MSE is the count-weighted
+    mean of the mse_g, so by Jensen (log is concave) it is never above 0.5 log2(2 pi e test_mse).
+    ``per_gene_mse_spread`` is the (unweighted, population) standard deviation of mse_g over the
+    genes that were masked at least once."""
+    seen = counts > 0
+    mse = np.full(sse.shape, np.nan)
+    mse[seen] = sse[seen] / counts[seen]
+    values = [float(v) if s else None for v, s in zip(mse, seen)]
+    out: dict[str, float | None] = {"per_gene_mse_spread": None, "entropy_bits_per_gene": None}
+    if seen.any():
+        out["per_gene_mse_spread"] = float(np.std(mse[seen]))
+        m, w = mse[seen], counts[seen].astype(np.float64)
+        if np.all(m > 0) and np.all(np.isfinite(m)):
+            bits = 0.5 * np.log2(2 * np.pi * np.e * m)
+            out["entropy_bits_per_gene"] = float(np.sum(w * bits) / np.sum(w))
+    return values, out
 
 
 class RankBatches(TrainBatches):
@@ -447,6 +491,7 @@ def _train(
 
     status = "ok" if state["status"] == "running" else state["status"]
     test_mse = None
+    per_gene_stats: dict[str, float | None] = {"per_gene_mse_spread": None, "entropy_bits_per_gene": None}
     best_val = state["best_val"] if math.isfinite(state["best_val"]) else None
     dist.barrier()  # rank 0 has written best.safetensors
     if best_val is not None and best_path.is_file():
@@ -454,7 +499,13 @@ def _train(
         model.to(device)
         # the full validation split scores the chosen checkpoint even when evals were capped
         best_val = evaluate(model, ds, "val", **eval_kw)
-        test_mse = evaluate(model, ds, "test", **eval_kw)
+        test_mse, sse_g, n_g = evaluate(model, ds, "test", per_gene=True, **eval_kw)
+        per_gene_mse, per_gene_stats = per_gene_summary(sse_g, n_g)
+        if main:  # written before result.json: a kill in between redoes both
+            atomic_write_json(out / "per_gene.json", {
+                "split": "test", "genes": [str(g) for g in ds.genes], "test_mse": per_gene_mse,
+                "n_masked": [int(c) for c in n_g],
+            })
 
     baselines = ds.manifest.get("baselines", {}).get("gene_mean", {})
     per_cell = flops_per_cell(model_cfg, mask_prob=train_cfg.mask_prob)["train"]
@@ -485,6 +536,8 @@ def _train(
         "status": status,
         "error": f"non-finite loss at step {state['diverged_at']}" if status == "diverged" else None,
         "diverged_at": state["diverged_at"],
+        **per_gene_stats,
+        "entropy_bits_per_gene_weighting": "masked-count",
         "batch_size": train_cfg.batch_size,
         "schedule": train_cfg.schedule,
         "device": str(device),

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 from matplotlib import colormaps
 
 __all__ = [
@@ -26,6 +26,10 @@ __all__ = [
     "learning_curves",
     "loss_vs_data",
     "compute_frontier",
+    "IsoFlop",
+    "isoflop_profiles",
+    "GeneErrors",
+    "per_gene_errors",
     "entropy_summary",
     "figure_png",
     "size_colors",
@@ -343,12 +347,89 @@ def loss_vs_data(
     return fig
 
 
-def compute_frontier(table: Sequence[Mapping[str, object]], *, title: str = "Compute-optimal allocation") -> Figure:
+@dataclass(frozen=True)
+class IsoFlop:
+    """A fitted L(N, D) = E + A/N^alpha + B/D^beta with C = k N D, and the budgets to profile."""
+
+    A: float
+    B: float
+    E: float
+    alpha: float
+    beta: float
+    k: float
+    budgets: Sequence[float]
+    span: float = 2.0  # decades of N drawn either side of N*(C)
+
+    def optimum(self, C: float) -> tuple[float, float, float]:
+        """(N*, D*, L*) at budget C (Hoffmann et al. 2022, closed form)."""
+        a, b = self.alpha, self.beta
+        G = (a * self.A / (b * self.B)) ** (1.0 / (a + b))
+        n = G * (C / self.k) ** (b / (a + b))
+        d = (C / self.k) ** (a / (a + b)) / G
+        return n, d, self.loss(n, d)
+
+    def loss(self, N, D):
+        N, D = np.asarray(N, float), np.asarray(D, float)
+        return self.E + self.A / N**self.alpha + self.B / D**self.beta
+
+
+def isoflop_profiles(iso: IsoFlop, *, ax=None, title: str = "IsoFLOP profiles of the fitted L(N, D)") -> Figure:
+    """Predicted loss against N along D = C / (k N) for each budget C, with N*(C) marked.
+
+    Draws on ``ax`` (of a figure made here when None) and returns the figure."""
+    if ax is None:
+        fig, ax = _new_figure()
+    else:
+        fig = ax.figure
+    budgets = sorted(float(c) for c in iso.budgets if c and np.isfinite(c) and c > 0)
+    if not budgets:
+        _message(ax, "no compute budget to profile")
+        ax.set_title(title)
+        return fig
+    cmap = colormaps["plasma"]
+    ys: list[float] = []
+    for i, C in enumerate(budgets):
+        n_opt, _, l_opt = iso.optimum(C)
+        if not (np.isfinite(n_opt) and n_opt > 0 and np.isfinite(l_opt)):
+            continue
+        N = np.logspace(np.log10(n_opt) - iso.span, np.log10(n_opt) + iso.span, 160)
+        L = iso.loss(N, C / (iso.k * N))
+        color = cmap(0.85 * i / max(len(budgets) - 1, 1))
+        ax.plot(N, L, color=color, lw=1.8, label=f"C = {C:.2g} FLOPs")
+        ax.plot([n_opt], [l_opt], marker="*", ms=12, color=color, markeredgecolor="black", zorder=5)
+        ys += list(_finite_pos(L)) + [l_opt]
+    if not ys:
+        _message(ax, "the fitted law gives no finite compute-optimal size")
+        ax.set_title(title)
+        return fig
+    ax.plot([], [], ls="none", marker="*", ms=10, color="#777777", markeredgecolor="black",
+            label="compute-optimal N*(C)")
+    ax.set_xscale("log")
+    ys_arr = np.asarray(ys)
+    lo, hi = ys_arr.min(), np.percentile(ys_arr, 90)  # the far arms climb steeply: keep the valleys readable
+    _plain_log_y(ax, lo / 1.03, max(hi, lo * 1.05) * 1.03)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.set_xlabel("parameters N (D = C / (k N) training cells)")
+    ax.set_ylabel("predicted loss")
+    ax.set_title(title, fontsize=10)
+    _legend_outside(ax)
+    return fig
+
+
+def compute_frontier(table: Sequence[Mapping[str, object]], *, isoflop: IsoFlop | None = None,
+                     title: str = "Compute-optimal allocation") -> Figure:
     """N*(C) and D*(C) of a fitted L(N, D) law against compute, log-log, with 95% bands.
 
     ``table`` rows carry ``C``, ``N_opt``, ``D_opt`` and optionally ``N_opt_ci95``/``D_opt_ci95``.
+    ``isoflop`` adds a second panel: the law's IsoFLOP profiles (:func:`isoflop_profiles`).
     """
-    fig, ax = _new_figure()
+    if isoflop is None:
+        fig, ax = _new_figure()
+    else:
+        fig = Figure(figsize=(12.0, 4.8), dpi=110, layout="constrained")
+        FigureCanvasAgg(fig)
+        ax, ax_iso = fig.subplots(1, 2)
+        isoflop_profiles(isoflop, ax=ax_iso)
     rows = [r for r in table if isinstance(r, Mapping) and r.get("C")]
     if not rows:
         _message(ax, "no compute-optimal table")
@@ -366,8 +447,12 @@ def compute_frontier(table: Sequence[Mapping[str, object]], *, title: str = "Com
     ax.grid(True, which="major", alpha=0.3)
     ax.set_xlabel("training compute C (FLOPs)")
     ax.set_ylabel("compute-optimal size")
-    ax.set_title(title)
-    _legend_outside(ax)
+    if isoflop is None:
+        ax.set_title(title)
+        _legend_outside(ax)
+    else:
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8, loc="upper left")
     return fig
 
 
@@ -407,3 +492,82 @@ def entropy_summary(
     ax.grid(True, axis="x", alpha=0.25)
     return fig
 
+
+
+@dataclass(frozen=True)
+class GeneErrors:
+    """One run's per-gene test MSEs (NaN where a gene was never masked)."""
+
+    run_id: str
+    size: str
+    params: float
+    genes: Sequence[str]
+    mse: np.ndarray
+
+
+def per_gene_errors(best: GeneErrors | None, runs: Sequence[GeneErrors] = (), *, n_named: int = 10,
+                    title: str = "Per-gene test error") -> Figure:
+    """Left: the best run's per-gene test MSE sorted from easiest to hardest, the ``n_named``
+    hardest and easiest genes marked and named. Right: the spread of per-gene MSE of every run
+    (a box per run, ordered by size, coloured by size)."""
+    fig = Figure(figsize=(12.0, 5.0), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax, ax_runs = fig.subplots(1, 2, width_ratios=[1.15, 1.0])
+    if best is None:
+        _message(ax, "no per-gene errors recorded (per_gene.json)")
+        ax.set_axis_off()
+    else:
+        mse = np.asarray(best.mse, float)
+        ok = np.flatnonzero(np.isfinite(mse))
+        order = ok[np.argsort(mse[ok], kind="stable")]
+        vals = mse[order]
+        rank = np.arange(1, len(order) + 1)
+        ax.plot(rank, vals, color="#1f77b4", lw=1.6, label=f"{best.run_id} ({len(order)} genes)")
+        k = min(n_named, len(order) // 2) if len(order) > 1 else len(order)
+        for idx, color, label, side in ((slice(len(order) - k, None), "#d62728", "hardest", "right"),
+                                        (slice(0, k), "#2ca02c", "easiest", "left")):
+            ax.scatter(rank[idx], vals[idx], color=color, s=22, zorder=4, label=f"{k} {label}")
+            names = [str(best.genes[g]) for g in order[idx]]
+            if label == "hardest":
+                names = names[::-1]  # hardest first
+            text = f"{label}:\n" + "\n".join(names)
+            x = 0.98 if side == "right" else 0.02
+            y, va = (0.5, "center") if side == "right" else (0.97, "top")
+            ax.text(x, y, text, transform=ax.transAxes, ha=side, va=va, fontsize=7, color=color,
+                    family="monospace", bbox={"facecolor": "white", "alpha": 0.8, "lw": 0})
+        if len(vals) and np.all(vals > 0):
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("gene rank (easiest to hardest)")
+        ax.set_ylabel("test MSE of the gene (masked positions)")
+        ax.legend(fontsize=7, loc="lower right")
+        ax.grid(True, alpha=0.3)
+        ax.set_title(f"best run {best.run_id}: sorted per-gene test MSE", fontsize=10)
+    usable = [r for r in runs if np.isfinite(np.asarray(r.mse, float)).any()]
+    if not usable:
+        _message(ax_runs, "no run with per-gene errors")
+        ax_runs.set_axis_off()
+        return fig
+    usable = sorted(usable, key=lambda r: (r.params, r.run_id))
+    colors = size_colors({r.size: r.params for r in usable})
+    data = [np.asarray(r.mse, float)[np.isfinite(np.asarray(r.mse, float))] for r in usable]
+    box = ax_runs.boxplot(data, vert=True, patch_artist=True, showfliers=True, widths=0.6,
+                          flierprops={"markersize": 2, "alpha": 0.5}, medianprops={"color": "black"})
+    for patch, r in zip(box["boxes"], usable):
+        patch.set_facecolor(colors[r.size])
+        patch.set_alpha(0.75)
+    ax_runs.set_xticks(range(1, len(usable) + 1), [r.run_id for r in usable], rotation=60, ha="right",
+                       fontsize=7)
+    allv = np.concatenate(data)
+    if allv.size and np.all(allv > 0):
+        ax_runs.set_yscale("log")
+        ax_runs.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax_runs.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+        ax_runs.yaxis.set_minor_formatter(NullFormatter())
+    ax_runs.set_ylabel("per-gene test MSE")
+    ax_runs.set_title("spread of per-gene test MSE, every run (by size)", fontsize=10)
+    ax_runs.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(title)
+    return fig

@@ -64,6 +64,8 @@ class SweepData:
     manifest: dict[str, Any] | None = None
     runs: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=RESULT_COLUMNS))
     metrics: dict[str, pd.DataFrame] = field(default_factory=dict)
+    # run_id -> {"genes": [...], "mse": float array (NaN: never masked), "n": int array}
+    per_gene: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -253,12 +255,124 @@ def load_sweep(sweep_dir: str | os.PathLike) -> SweepData:
         status = dict(zip(runs["run_id"], runs["status"]))
         data.notes.append("No learning curve (metrics.jsonl missing or empty) for: "
                           + ", ".join(f"{r} ({status.get(r, '?')})" for r in no_metrics) + ".")
+    _read_per_gene(data, runs_dir)
     if runs_dir.is_dir():
         orphans = sorted(p.name for p in runs_dir.iterdir() if p.is_dir() and p.name not in set(runs["run_id"]))
         if orphans:
             data.notes.append("Run directories without a row in results.csv (unfinished or not collected): "
                               + ", ".join(orphans) + ".")
     return data
+
+
+def _read_per_gene(data: SweepData, runs_dir: Path) -> None:
+    """Read ``runs/<id>/per_gene.json`` of every run; name the finished runs without one."""
+    missing, bad = [], []
+    for rid, status in zip(data.runs["run_id"], data.runs["status"]):
+        path = runs_dir / rid / "per_gene.json"
+        if not path.is_file():
+            if status in ("ok", "diverged"):
+                missing.append(rid)
+            continue
+        try:
+            obj = json.loads(path.read_text())
+            genes = [str(g) for g in obj["genes"]]
+            mse = np.array([np.nan if v is None else float(v) for v in obj["test_mse"]], dtype=float)
+            n = np.array([int(v) for v in obj.get("n_masked", [1] * len(genes))], dtype=np.int64)
+            if not (len(genes) == mse.size == n.size) or mse.size == 0:
+                raise ValueError("genes, test_mse and n_masked differ in length")
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            bad.append(f"{rid} ({str(err).splitlines()[0] if str(err) else type(err).__name__})")
+            continue
+        mse[~np.isfinite(mse) | (n <= 0)] = np.nan
+        data.per_gene[rid] = {"genes": genes, "mse": mse, "n": n}
+    if missing:
+        data.notes.append("No per-gene test errors (per_gene.json missing: a run written by an older cellscale, "
+                          "or one without a best checkpoint) for: " + ", ".join(missing) + ".")
+    if bad:
+        data.notes.append("Unreadable per_gene.json (skipped) for: " + ", ".join(bad) + ".")
+
+
+def _bits_weighted(mse: np.ndarray, n: np.ndarray) -> float | None:
+    """Count-weighted mean over genes of 0.5 log2(2 pi e mse_g) (the run's result.json figure)."""
+    ok = np.isfinite(mse) & (mse > 0) & (n > 0)
+    if not ok.any():
+        return None
+    w = n[ok].astype(float)
+    return float(np.sum(w * 0.5 * np.log2(2 * np.pi * np.e * mse[ok])) / w.sum())
+
+
+@dataclass
+class _GeneBest:
+    """The run whose per-gene errors the report describes: the best ok run by validation MSE."""
+
+    run_id: str
+    size: str
+    genes: list[str]
+    mse: np.ndarray
+    n: np.ndarray
+    note: str = ""
+
+    @property
+    def test_mse(self) -> float | None:
+        ok = np.isfinite(self.mse) & (self.n > 0)
+        return float(np.sum(self.mse[ok] * self.n[ok]) / self.n[ok].sum()) if ok.any() else None
+
+    @property
+    def positive(self) -> np.ndarray:
+        ok = np.isfinite(self.mse) & (self.mse > 0)
+        return self.mse[ok]
+
+
+def _gene_best(sd: SweepData) -> _GeneBest | None:
+    ok = sd.runs[(sd.runs["status"] == "ok") & np.isfinite(sd.runs["best_val_mse"])]
+    ok = ok.sort_values(["best_val_mse", "run_id"])
+    if ok.empty:
+        return None
+    with_pg = ok[ok["run_id"].isin(sd.per_gene)]
+    if with_pg.empty:
+        return None
+    r = with_pg.iloc[0]
+    note = ""
+    if r["run_id"] != ok.iloc[0]["run_id"]:
+        note = (f"the best run by validation MSE, {ok.iloc[0]['run_id']}, has no per-gene errors; "
+                f"{r['run_id']} is the best run that has them")
+    pg = sd.per_gene[str(r["run_id"])]
+    return _GeneBest(str(r["run_id"]), str(r["size"]), pg["genes"], pg["mse"], pg["n"], note)
+
+
+def _gene_tables(sd: SweepData, best: _GeneBest | None, n_named: int = 10) -> tuple[list[list[str]], list[list[str]]]:
+    """(hardest/easiest rows of the best run, per-run spread rows)."""
+    gene_rows: list[list[str]] = []
+    if best is not None:
+        ok = np.flatnonzero(np.isfinite(best.mse))
+        order = ok[np.argsort(best.mse[ok], kind="stable")]
+        k = min(n_named, len(order))
+        hard, easy = order[::-1][:k], order[:k]
+        for i in range(k):
+            h, e = hard[i], easy[i]
+            gene_rows.append([str(i + 1), best.genes[h], fmt_num(best.mse[h]), fmt_int(best.n[h]),
+                              best.genes[e], fmt_num(best.mse[e]), fmt_int(best.n[e])])
+    run_rows: list[list[str]] = []
+    info = sd.runs.set_index("run_id")
+    rids = sorted(sd.per_gene, key=lambda r: (float(info.loc[r, "params"]) if r in info.index
+                                              and np.isfinite(info.loc[r, "params"]) else np.inf, r))
+    for rid in rids:
+        pg = sd.per_gene[rid]
+        mse, n = pg["mse"], pg["n"]
+        fin = mse[np.isfinite(mse)]
+        if fin.size == 0:
+            continue
+        test = float(np.sum(fin * n[np.isfinite(mse)]) / n[np.isfinite(mse)].sum())
+        q1, med, q3 = np.percentile(fin, [25, 50, 75])
+        run_rows.append([rid, str(info.loc[rid, "size"]) if rid in info.index else "?", fmt_int(fin.size),
+                         fmt_num(test), fmt_num(med), f"{fmt_num(q1)} to {fmt_num(q3)}", fmt_num(float(np.std(fin))),
+                         fmt_num(_bits(test), 4), fmt_num(_bits_weighted(mse, n), 4)])
+    return gene_rows, run_rows
+
+
+_GENE_HEADER = ["rank", "hardest gene", "test MSE", "masked", "easiest gene", "test MSE ", "masked "]
+_GENE_RUN_HEADER = ["run_id", "size", "genes scored", "test MSE", "median gene MSE", "IQR", "std over genes",
+                    "homoscedastic bits", "heteroscedastic bits"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,10 +468,13 @@ def _one_blas_thread():
     return threadpool_limits(limits=1, user_api="blas")
 
 
-def run_fit(runs: pd.DataFrame, fit_config: dict[str, Any], *, full_train: float | None = None) -> FitOutcome:
+def run_fit(runs: pd.DataFrame, fit_config: dict[str, Any], *, full_train: float | None = None,
+            per_gene_mse=None) -> FitOutcome:
     """Fit the configured law to the finished runs; never raises for a fit problem.
 
     ``full_train`` (the train split's size) stands in for an empty ``train_cells`` in laws of data.
+    ``per_gene_mse`` (the best run's positive per-gene test MSEs) adds fit.json's
+    ``entropy_bits.per_gene`` block (heteroscedastic entropy, unweighted mean over genes).
     """
     law, method = str(fit_config.get("law", "power-floor")), str(fit_config.get("method", "huber-log"))
     out = FitOutcome(law=law, method=method)
@@ -375,6 +492,8 @@ def run_fit(runs: pd.DataFrame, fit_config: dict[str, Any], *, full_train: float
         return out
     kw = dict(law=law, method=method, bootstrap=int(fit_config.get("bootstrap", 1000)),
               seed=int(fit_config.get("seed", 0)))
+    if per_gene_mse is not None and len(per_gene_mse):
+        kw["per_gene_mse"] = np.asarray(per_gene_mse, dtype=float)
     try:
         with warnings.catch_warnings(), _one_blas_thread():
             warnings.simplefilter("ignore")
@@ -449,7 +568,7 @@ class _Figure:
     png: bytes
 
 
-def _make_figures(sd: SweepData, fit: FitOutcome) -> list[_Figure]:
+def _make_figures(sd: SweepData, fit: FitOutcome, gene_best: _GeneBest | None = None) -> list[_Figure]:
     figs: list[_Figure] = []
     runs = sd.runs
     fd = fit.data or {}
@@ -506,9 +625,15 @@ def _make_figures(sd: SweepData, fit: FitOutcome) -> list[_Figure]:
             plots.loss_vs_data(data_runs, refs=refs, curves=curves))
     co = fd.get("compute_optimal")
     if isinstance(co, dict) and isinstance(co.get("table"), list) and co["table"]:
-        add("compute_frontier", "Compute-optimal frontier", "Model size N* and training cells D* that minimise "
-            "the fitted L(N, D) at each compute budget, with 95% bootstrap bands. " + str(co.get("C_definition", "")),
-            plots.compute_frontier(co["table"]))
+        iso = _isoflop(fit, co)
+        cap = ("Model size N* and training cells D* that minimise the fitted L(N, D) at each compute budget, with "
+               "95% bootstrap bands. " + str(co.get("C_definition", "")))
+        if iso is not None:
+            cap += (". Right: iso-FLOP profiles, the predicted loss against N along D = C / (k N) for "
+                    f"{len(iso.budgets)} budgets log-spaced across the runs' compute range (C = k N D), "
+                    "the compute-optimal N*(C) starred")
+        add("compute_frontier", "Compute-optimal frontier" + (" and iso-FLOP profiles" if iso is not None else ""),
+            cap, plots.compute_frontier(co["table"], isoflop=iso))
     eb = fd.get("entropy_bits") or {}
     erefs = {}
     gm = sd.baselines.get("gene_mean", {}).get("val")
@@ -519,11 +644,52 @@ def _make_figures(sd: SweepData, fit: FitOutcome) -> list[_Figure]:
     best = ok["best_val_mse"].min() if len(ok) else None
     if best is not None and np.isfinite(best):
         erefs["best run (val MSE)"] = _bits(float(best))
+    if gene_best is not None:
+        erefs[f"{gene_best.run_id} test, homoscedastic"] = _bits(gene_best.test_mse)
+        erefs[f"{gene_best.run_id} test, per-gene"] = _bits_weighted(gene_best.mse, gene_best.n)
     ent = _float(eb.get("gaussian")) if isinstance(eb, dict) else None
     add("entropy", "Entropy per masked gene", "Homoscedastic-Gaussian entropy 0.5 log2(2 pi e MSE) in bits per "
         "masked gene: the fitted floor with its 95% interval, and for scale the same figure for reference MSEs.",
         plots.entropy_summary(ent, eb.get("ci95") if isinstance(eb, dict) else None, refs=erefs))
+    if sd.per_gene:
+        info = runs.set_index("run_id")
+        per_run = []
+        for rid, pg in sd.per_gene.items():
+            size = str(info.loc[rid, "size"]) if rid in info.index else "?"
+            par = _float(info.loc[rid, "params"]) if rid in info.index else None
+            per_run.append(plots.GeneErrors(rid, size, par if par is not None else np.inf, pg["genes"], pg["mse"]))
+        best_ge = None if gene_best is None else plots.GeneErrors(
+            gene_best.run_id, gene_best.size, np.nan, gene_best.genes, gene_best.mse)
+        add("per_gene", "Per-gene test error", "Left: the per-gene test MSE of the best run by validation MSE"
+            + (f" ({gene_best.run_id})" if gene_best else "") + ", sorted from the easiest to the hardest gene to "
+            "reconstruct, the 10 hardest (red) and 10 easiest (green) named. Right: the spread of per-gene test MSE "
+            "of every run with per-gene errors (box: quartiles, whiskers 1.5 IQR), ordered and coloured by size.",
+            plots.per_gene_errors(best_ge, per_run))
     return figs
+
+
+def _isoflop(fit: FitOutcome, co: dict[str, Any]) -> plots.IsoFlop | None:
+    """Iso-FLOP profiles of a chinchilla fit: budgets log-spaced over the fitted runs' C = k N D."""
+    params = (fit.data or {}).get("params") or {}
+    theta = {k: _float(params.get(k)) for k in ("A", "B", "E", "alpha", "beta")}
+    k = _float(co.get("k"))
+    if fit.law != "chinchilla" or any(v is None for v in theta.values()) or k is None or k <= 0:
+        return None
+    if theta["alpha"] <= 0 or theta["beta"] <= 0 or theta["A"] <= 0 or theta["B"] <= 0:
+        return None
+    used = fit.used if fit.used is not None else pd.DataFrame()
+    x = list((fit.data or {}).get("x") or ["params", "train_cells"])
+    C = np.array([])
+    if len(x) == 2 and all(c in used for c in x):
+        C = k * used[x[0]].to_numpy(float) * used[x[1]].to_numpy(float)
+        C = C[np.isfinite(C) & (C > 0)]
+    if C.size == 0:
+        C = np.array([float(r["C"]) for r in co.get("table") or [] if isinstance(r, dict) and _float(r.get("C"))])
+    if C.size == 0:
+        return None
+    lo, hi = np.log10(C.min()), np.log10(C.max())
+    budgets = [float(10 ** lo)] if hi - lo < 1e-9 else [float(v) for v in np.logspace(lo, hi, 4)]
+    return plots.IsoFlop(k=k, budgets=budgets, **theta)
 
 
 def _data_curves(fit: FitOutcome, data_runs: pd.DataFrame) -> dict[str, plots.Curve]:
@@ -653,7 +819,7 @@ def _compact(v: Any) -> str:
     return str(v)
 
 
-def _entropy_rows(fit: FitOutcome, sd: SweepData) -> list[tuple[str, str, str]]:
+def _entropy_rows(fit: FitOutcome, sd: SweepData, gene_best: _GeneBest | None = None) -> list[tuple[str, str, str]]:
     d = fit.data or {}
     eb = d.get("entropy_bits") or {}
     rows = []
@@ -668,13 +834,30 @@ def _entropy_rows(fit: FitOutcome, sd: SweepData) -> list[tuple[str, str, str]]:
             rows.append(("label", str(eb["label"]), ""))
         pg = eb.get("per_gene")
         if isinstance(pg, dict) and pg.get("bits") is not None:
-            rows.append(("per-gene (heteroscedastic) Gaussian", f"{fmt_num(pg['bits'], 4)} bits",
-                         str(pg.get("label") or "")))
+            who = f" of {gene_best.run_id} (test)" if gene_best is not None else ""
+            rows.append((f"per-gene (heteroscedastic) Gaussian{who}, unweighted mean over genes",
+                         f"{fmt_num(pg['bits'], 4)} bits", str(pg.get("label") or "")))
+            if pg.get("at_floor") is not None:
+                rows.append(("per-gene (heteroscedastic) Gaussian at the fitted floor",
+                             f"{fmt_num(pg['at_floor'], 4)} bits",
+                             "the floor shared across genes in proportion to the best run's per-gene errors"))
         for k, v in eb.items():
             if k not in ("gaussian", "ci95", "label", "per_gene"):
                 rows.append((k.replace("_", " "), _compact(v), ""))
     elif isinstance(eb, dict) and eb.get("note"):
         rows.append(("no entropy from this law", "n/a", str(eb["note"])))
+    if gene_best is not None and gene_best.test_mse is not None:
+        rows.append((f"best run {gene_best.run_id}, test MSE, homoscedastic",
+                     f"{fmt_num(_bits(gene_best.test_mse), 4)} bits",
+                     f"0.5 log2(2 pi e test_mse), test_mse = {fmt_num(gene_best.test_mse)}"))
+        hb = _bits_weighted(gene_best.mse, gene_best.n)
+        rows.append((f"best run {gene_best.run_id}, test, per-gene (heteroscedastic)",
+                     "n/a" if hb is None else f"{fmt_num(hb, 4)} bits",
+                     ("mean over masked positions (genes weighted by masked counts) of 0.5 log2(2 pi e mse_g); "
+                      "never above the homoscedastic row (Jensen)")))
+    elif not sd.per_gene:
+        rows.append(("per-gene (heteroscedastic) Gaussian", "n/a",
+                     "no run has per-gene errors (per_gene.json)"))
     gm = sd.baselines.get("gene_mean", {}).get("val")
     if gm is not None:
         rows.append(("gene-mean baseline (val), same formula", f"{fmt_num(_bits(gm), 4)} bits", "for scale"))
@@ -750,6 +933,9 @@ class _Doc:
     run_status: list[str]
     status_counts: dict[str, int]
     methods: str
+    gene_text: str = ""
+    gene_rows: list[list[str]] = field(default_factory=list)
+    gene_run_rows: list[list[str]] = field(default_factory=list)
 
 
 def _render_html(doc: _Doc) -> str:
@@ -803,6 +989,15 @@ def _render_html(doc: _Doc) -> str:
     if "loss_vs_data" in figs:
         parts.append("<h2>Scaling with data</h2>")
         parts.append(fig_html("loss_vs_data"))
+    parts.append("<h2>Per-gene error</h2>")
+    parts.append(f"<p>{_h(doc.gene_text)}</p>")
+    parts.append(fig_html("per_gene"))
+    if doc.gene_rows:
+        parts.append("<h3>Hardest and easiest genes</h3>")
+        parts.append(_html_table(_GENE_HEADER, doc.gene_rows))
+    if doc.gene_run_rows:
+        parts.append("<h3>Spread of per-gene error by run</h3>")
+        parts.append(_html_table(_GENE_RUN_HEADER, doc.gene_run_rows))
     counts = ", ".join(f"{v} {k}" for k, v in doc.status_counts.items())
     parts.append(f"<h2>Runs</h2><p>{_h(counts or 'no runs')}. Runs that diverged or failed are listed with "
                  "their error and are not fitted.</p>")
@@ -850,11 +1045,32 @@ def _render_md(doc: _Doc, fig_rel: dict[str, str]) -> str:
     L += ["## Learning curves", ""] + fig_md("learning_curves")
     if "loss_vs_data" in figs:
         L += ["## Scaling with data", ""] + fig_md("loss_vs_data")
+    L += ["## Per-gene error", "", doc.gene_text, ""] + fig_md("per_gene")
+    if doc.gene_rows:
+        L += ["### Hardest and easiest genes", "", _md_table(_GENE_HEADER, doc.gene_rows), ""]
+    if doc.gene_run_rows:
+        L += ["### Spread of per-gene error by run", "", _md_table(_GENE_RUN_HEADER, doc.gene_run_rows), ""]
     counts = ", ".join(f"{v} {k}" for k, v in doc.status_counts.items())
     L += ["## Runs", "", f"{counts or 'no runs'}. Runs that diverged or failed are listed with their error and are "
           "not fitted.", "", _md_table(doc.run_cols, doc.run_rows), ""]
     L += ["## Methods", "", doc.methods, ""]
     return "\n".join(L)
+
+
+def _gene_text(sd: SweepData, best: _GeneBest | None) -> str:
+    if not sd.per_gene:
+        return ("No per-gene errors: no run has a per_gene.json (runs written by an older cellscale, or runs "
+                "that failed before a best checkpoint).")
+    text = ("Test MSE of each gene over its masked positions under the fixed evaluation mask, at each run's best "
+            "checkpoint (runs/<id>/per_gene.json).")
+    if best is None:
+        return text + " No finished ok run has per-gene errors, so no best run is described."
+    n = int(np.isfinite(best.mse).sum())
+    text += (f" Best run by validation MSE: {best.run_id} ({best.size}); {n} of {len(best.genes)} genes scored"
+             + (f", {len(best.genes) - n} never masked on the test split" if n < len(best.genes) else "") + ".")
+    if best.note:
+        text += f" Note: {best.note}."
+    return text
 
 
 def write_report(sweep_dir: str | os.PathLike) -> tuple[Path, Path]:
@@ -868,7 +1084,9 @@ def write_report(sweep_dir: str | os.PathLike) -> tuple[Path, Path]:
     root = sd.sweep_dir
     runs = sd.runs
     fcfg = sd.fit_config
-    fit = run_fit(runs, fcfg, full_train=_float(((sd.manifest or {}).get("split_sizes") or {}).get("train")))
+    gene_best = _gene_best(sd)
+    fit = run_fit(runs, fcfg, full_train=_float(((sd.manifest or {}).get("split_sizes") or {}).get("train")),
+                  per_gene_mse=None if gene_best is None else gene_best.positive)
 
     fit_json = fit.data if fit.data is not None else {
         "law": fit.law, "method": fit.method, "error": fit.error,
@@ -876,7 +1094,7 @@ def write_report(sweep_dir: str | os.PathLike) -> tuple[Path, Path]:
     }
     _atomic_write(root / "fit.json", json.dumps(_to_jsonable(fit_json), indent=2) + "\n")
 
-    figures = _make_figures(sd, fit)
+    figures = _make_figures(sd, fit, gene_best)
     fig_rel = {}
     for f in figures:
         rel = f"figures/{f.key}.png"
@@ -914,11 +1132,12 @@ def write_report(sweep_dir: str | os.PathLike) -> tuple[Path, Path]:
     if cfg.get("description"):
         meta.insert(0, str(cfg["description"]))
     run_cols, run_rows, run_status = _run_table_rows(runs)
+    gene_rows, gene_run_rows = _gene_tables(sd, gene_best)
     doc = _Doc(
         title=f"cellscale report: {name}", meta=meta, meaning=meaning, warnings=warns, notes=sd.notes,
-        figures=figures, fit=fit, fit_rows=_fit_rows(fit), entropy_rows=_entropy_rows(fit, sd),
+        figures=figures, fit=fit, fit_rows=_fit_rows(fit), entropy_rows=_entropy_rows(fit, sd, gene_best),
         run_cols=run_cols, run_rows=run_rows, run_status=run_status, status_counts=status_counts,
-        methods=methods,
+        methods=methods, gene_text=_gene_text(sd, gene_best), gene_rows=gene_rows, gene_run_rows=gene_run_rows,
     )
     html_path, md_path = root / "report.html", root / "report.md"
     _atomic_write(html_path, _render_html(doc))
