@@ -1,3 +1,96 @@
-"""cellscale: scaling laws for masked-reconstruction transformers on single-cell data."""
+"""cellscale: scaling laws for masked-reconstruction transformers on single-cell data.
+
+The Python API mirrors the command line; every name is loaded on first use, so
+``import cellscale`` stays cheap (it does not import torch, scanpy or the data layer):
+
+=====================================  ==========================================================
+command line                           Python
+=====================================  ==========================================================
+``cellscale data build ...``           ``cellscale.build_dataset(DataConfig(...), out=...)``
+``cellscale data info DIR``            ``cellscale.Dataset.open(DIR)`` (``.manifest``, ``.values``)
+``cellscale ladder``                   ``cellscale.ladder_table(n_genes)``
+``cellscale train ...``                ``cellscale.train_run(dataset, get_size(...), TrainConfig(), out=...)``
+``cellscale sweep CONFIG --out D``     ``cellscale.run_sweep(load_run_config(CONFIG), out=D)``
+``cellscale fit RESULTS.csv``          ``cellscale.fit_csv(path)`` / ``cellscale.fit_table(df)``
+``cellscale report D``                 ``cellscale.write_report(D)``
+``cellscale run --preset NAME``        ``cellscale.run_study(resolve_config(preset=NAME), out=D)``
+=====================================  ==========================================================
+
+The functions live in the submodules ``cellscale.train`` (``train_run``), ``cellscale.sweep``
+(``run_sweep``), ``cellscale.fit`` (``fit_table``, ``fit_csv``), ``cellscale.report``
+(``write_report``), ``cellscale.data`` (``build_dataset``, ``Dataset``) and
+``cellscale.pipeline`` (``run_study``). Those submodules are reachable as attributes too
+(``cellscale.fit.fit_table``); the module names are never rebound to functions, so
+``cellscale.train`` is always the module and ``cellscale.train_run`` the function.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
 
 __version__ = "0.1.0"
+
+# name -> module that defines it (imported on first attribute access)
+_EXPORTS = {
+    "build_dataset": "cellscale.data.build",
+    "Dataset": "cellscale.data.store",
+    "train_run": "cellscale.train",
+    "run_sweep": "cellscale.sweep.study",
+    "fit_table": "cellscale.fit.core",
+    "fit_csv": "cellscale.fit.core",
+    "FitResult": "cellscale.fit.result",
+    "write_report": "cellscale.report.writer",
+    "run_study": "cellscale.pipeline",
+    "resolve_config": "cellscale.pipeline",
+    "load_run_config": "cellscale.config",
+    "parse_config": "cellscale.config",
+    "list_presets": "cellscale.config",
+    "RunConfig": "cellscale.config",
+    "DataConfig": "cellscale.config",
+    "TrainConfig": "cellscale.config",
+    "ladder_table": "cellscale.ladder",
+    "get_size": "cellscale.ladder",
+    "CellscaleError": "cellscale.errors",
+}
+
+# submodules reachable as attributes without an explicit ``import cellscale.<name>``
+_SUBMODULES = {"config", "data", "train", "sweep", "fit", "report", "pipeline", "ladder", "model",
+               "baselines", "errors", "cli", "progress", "io", "checkpoint", "distributed", "reference"}
+
+__all__ = [
+    "CellscaleError",
+    "DataConfig",
+    "Dataset",
+    "FitResult",
+    "RunConfig",
+    "TrainConfig",
+    "__version__",
+    "build_dataset",
+    "fit_csv",
+    "fit_table",
+    "get_size",
+    "ladder_table",
+    "list_presets",
+    "load_run_config",
+    "parse_config",
+    "resolve_config",
+    "run_study",
+    "run_sweep",
+    "train_run",
+    "write_report",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # cache: later look-ups skip this hook
+        return value
+    if name in _SUBMODULES:
+        return import_module(f"cellscale.{name}")  # the import binds it on this package
+    raise AttributeError(f"module 'cellscale' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS) | _SUBMODULES)

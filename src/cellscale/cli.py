@@ -6,9 +6,11 @@ Bad input ends with one line ``error: ...`` on stderr and exit code 2, never a t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
+from typing import Any, Iterator
 
 from cellscale import __version__
 from cellscale.errors import CellscaleError
@@ -21,14 +23,61 @@ EPILOG = """examples:
   cellscale sweep configs/demo.yaml --out sweep
   cellscale fit sweep/results.csv --law power-floor --json
   cellscale report sweep
+  cellscale data info ds                          # what a dataset directory holds
+  cellscale --quiet run --preset smoke            # results only: no progress bars or per-run lines
 """
+
+class RAW(argparse.RawDescriptionHelpFormatter):
+    """Examples (an epilog starting with 'examples:') are printed as written; descriptions wrap."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("examples:"):
+            return super()._fill_text(text, width, indent)
+        return argparse.HelpFormatter._fill_text(self, text, width, indent)
+
+
+def _examples(*lines: str) -> str:
+    """An argparse epilog: 'examples:' and one indented command line each."""
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines) + "\n"
+
+
+def _quiet_parent() -> argparse.ArgumentParser:
+    """``--quiet`` accepted after a subcommand too; SUPPRESS keeps a global --quiet set."""
+    q = argparse.ArgumentParser(add_help=False)
+    q.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="no progress bars or per-run lines; results are still printed")
+    return q
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
-    data = sub.add_parser("data", help="build a dataset directory")
+    quiet = _quiet_parent()
+    data = sub.add_parser(
+        "data", help="build or inspect a dataset directory", parents=[quiet], formatter_class=RAW,
+        description="Build a dataset directory from a source (data build) or show what one holds (data info).",
+        epilog=_examples(
+            "cellscale data build --source simulate --genes 512 --cells 10000 --out ds",
+            "cellscale data info ds",
+        ),
+    )
     dsub = data.add_subparsers(dest="data_cmd", required=True)
+    info = dsub.add_parser(
+        "info", help="print a table of a dataset's manifest (checksums verified)", parents=[quiet],
+        formatter_class=RAW,
+        description="Open a dataset directory, verify every file against its sha256 checksum and print "
+                    "its manifest as a table: source, V, D, split sizes, dtype, preprocessing, the "
+                    "gene-mean baseline, cached baselines and the first genes.",
+        epilog=_examples("cellscale data info ds", "cellscale data info ds --json   # one JSON object"),
+    )
+    info.add_argument("dataset_dir", help="dataset directory from `cellscale data build`")
+    info.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     b = dsub.add_parser(
         "build", help="QC -> library size over all genes -> normalise+log1p -> HVG -> splits",
+        parents=[quiet], formatter_class=RAW,
+        epilog=_examples(
+            "cellscale data build --source simulate --genes 512 --cells 10000 --out ds",
+            "cellscale data build --source h5ad --input my.h5ad --layer counts --genes 512 --cells 50000 --out ds",
+            "cellscale data build --source census --genes 512 --cells 200000 --split-by dataset_id --out census-ds",
+        ),
         description="Build a dataset directory (memory-mapped arrays + manifest.json) from a source. "
                     "--source census samples the CELLxGENE Census by tissue (needs pip install "
                     "'cellscale[census]'; the manifest records release, filters, tissues, cap, seed and a "
@@ -71,8 +120,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                     "(WORLD_SIZE > 1) the run is data parallel (DDP): each process takes its "
                     "slice of every global batch of --batch-size cells, which must divide by the "
                     "number of processes; see docs/DISTRIBUTED.md.",
-        epilog="multi-GPU: torchrun --nproc_per_node=4 -m cellscale.cli train --data ds --size M "
-               "--out runs/m --batch-size 256",
+        parents=[_quiet_parent()], formatter_class=RAW,
+        epilog=_examples(
+            "cellscale train --data ds --size XS --out runs/xs --cells-seen 100000",
+            "cellscale train --data ds --size M --out runs/m --train-cells 50000 --seed 1",
+            "torchrun --nproc_per_node=4 -m cellscale.cli train --data ds --size M --out runs/m --batch-size 256",
+        ),
     )
     t.add_argument("--data", required=True, help="dataset directory from `cellscale data build`")
     t.add_argument("--size", required=True, help="XXS, TINY, XS, S, M, L, XL or a custom size of --config")
@@ -95,15 +148,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cellscale", description="Scaling laws for masked-reconstruction transformers "
         "on single-cell expression: data -> sweep -> fitted law -> report.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG, formatter_class=RAW,
     )
     p.add_argument("--version", action="version", version=f"cellscale {__version__}")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bars or per-run lines; results are still printed "
+                        "(also accepted after the subcommand)")
     sub = p.add_subparsers(dest="cmd", required=True)
     _add_data(sub)
+    quiet = _quiet_parent()
 
-    lad = sub.add_parser("ladder", help="table of model sizes and parameter counts")
+    lad = sub.add_parser("ladder", help="table of model sizes and parameter counts", parents=[quiet],
+                         formatter_class=RAW,
+                         epilog=_examples("cellscale ladder", "cellscale ladder --genes 1024 --json"))
     lad.add_argument("--genes", type=int, default=512, help="V (default 512)")
-    lad.add_argument("--json", action="store_true")
+    lad.add_argument("--json", action="store_true", help="print the rows as JSON")
 
     _add_train(sub)
 
@@ -113,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "SWEEP_DIR/results.csv (rewritten atomically after each run). Rerunning the "
                     "same command skips finished runs and resumes an interrupted one. A failed "
                     "run is recorded with status 'failed' and its error; the sweep goes on.",
+        parents=[quiet], formatter_class=RAW,
+        epilog=_examples(
+            "cellscale sweep configs/demo.yaml --out sweep",
+            "cellscale sweep my-study.yaml --out sweep --backend ray --ray-address auto",
+        ),
     )
     sw.add_argument("config", help="study YAML (see configs/)")
     sw.add_argument("--out", required=True, help="sweep directory")
@@ -124,7 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--overwrite", action="store_true", help="replace a sweep dir that holds another study")
 
     f = sub.add_parser("fit", help="fit a scaling law to a results table",
-                       description="Fit a scaling law to any CSV of runs (cellscale's results.csv by default).")
+                       description="Fit a scaling law to any CSV of runs (cellscale's results.csv by default).",
+                       parents=[quiet], formatter_class=RAW,
+                       epilog=_examples(
+                           "cellscale fit sweep/results.csv --law power-floor --json",
+                           "cellscale fit sweep/results.csv --law chinchilla --x params,train_cells --bootstrap 200",
+                       ))
     f.add_argument("table", help="CSV with one row per run")
     f.add_argument("--law", default="power-floor", help="power, power-floor, chinchilla, data-constrained")
     f.add_argument("--method", default="huber-log", help="huber-log, nls, paper")
@@ -136,10 +205,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes for the bootstrap (default: one per CPU; results do not depend on it)")
     f.add_argument("--json", action="store_true", help="print one JSON object")
 
-    r = sub.add_parser("report", help="write SWEEP_DIR/report.html and report.md")
+    r = sub.add_parser("report", help="write SWEEP_DIR/report.html and report.md", parents=[quiet],
+                       formatter_class=RAW,
+                       description="Write SWEEP_DIR/report.html (self-contained), report.md, figures/ and "
+                                   "fit.json from a sweep directory; rerun it any time, it never trains.",
+                       epilog=_examples("cellscale report sweep"))
     r.add_argument("sweep_dir")
 
-    run = sub.add_parser("run", help="the whole flow (default preset 'demo' runs offline)")
+    run = sub.add_parser(
+        "run", help="the whole flow (default preset 'demo' runs offline)", parents=[quiet],
+        formatter_class=RAW,
+        description="Dataset -> sweep -> fit -> report in one command, from a preset or a study YAML. "
+                    "Rerunning the same command resumes.",
+        epilog=_examples(
+            "cellscale run                                  # preset demo, offline",
+            "cellscale run --preset smoke --out smoke-out",
+            "cellscale run --config my-study.yaml --out my-study",
+            "cellscale run --list-presets",
+        ),
+    )
     run.add_argument("--preset", help="a preset name (see --list-presets); default demo")
     run.add_argument("--config", help="a study YAML instead of a preset")
     run.add_argument("--out", help="output directory (default cellscale-out/<preset>)")
@@ -176,7 +260,7 @@ def cmd_data_build(a: argparse.Namespace) -> int:
     cfg = parse_config(DataConfig, base, origin="data build")
     if cfg.source == "h5ad" and not cfg.input:
         raise CellscaleError("--source h5ad needs --input PATH to a .h5ad file")
-    path = build_dataset(cfg, out=Path(a.out), overwrite=a.overwrite)
+    path = build_dataset(cfg, out=Path(a.out), overwrite=a.overwrite, progress=not _quiet(a))
     from cellscale.data.store import Dataset
 
     m = Dataset.open(path).manifest
@@ -184,6 +268,119 @@ def cmd_data_build(a: argparse.Namespace) -> int:
     print(f"dataset: {path}  ({m.get('D')} cells x {m.get('V')} genes; splits {m.get('split_sizes')})")
     if gm:
         print(f"gene-mean baseline MSE: validation {gm['val']:.4f}, test {gm['test']:.4f}")
+    return 0
+
+
+def _quiet(a: argparse.Namespace) -> bool:
+    return bool(getattr(a, "quiet", False))
+
+
+@contextlib.contextmanager
+def _silenced(quiet: bool) -> Iterator[None]:
+    """Under --quiet, hush the progress console (status lines of the sweep, build bars) and
+    rich's global console; results are printed after this block."""
+    if not quiet:
+        yield
+        return
+    import rich
+
+    from cellscale.progress import set_quiet
+
+    glob = rich.get_console()
+    before = glob.quiet
+    glob.quiet = True
+    try:
+        with set_quiet(True):
+            yield
+    finally:
+        glob.quiet = before
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt(v) for v in value)
+    if value is None:
+        return "-"
+    return str(value)
+
+
+def dataset_info(path: str | Path) -> dict[str, Any]:
+    """What ``cellscale data info`` shows, as a dict (the dataset is verified in full first)."""
+    from cellscale.data.store import Dataset
+
+    ds = Dataset.open(path, verify="full")  # sizes, shapes and sha256 of every file
+    m = ds.manifest
+    info: dict[str, Any] = {
+        "path": str(ds.path.resolve()),
+        "source": m.get("source") or {},
+        "V": ds.n_genes, "D": ds.n_cells,
+        "split_sizes": m.get("split_sizes") or {},
+        "split": m.get("split") or {},
+        "dtype": m.get("dtype"), "counts_dtype": m.get("counts_dtype"),
+        "preprocessing": m.get("preprocessing") or {},
+        "mask_prob": m.get("mask_prob"), "eval_mask_seed": m.get("eval_mask_seed"),
+        "baselines": {"gene_mean": (m.get("baselines") or {}).get("gene_mean") or {}},
+        "checksums_verified": sorted(m.get("checksums") or {}),
+        "config_hash": m.get("config_hash"),
+        "cellscale_version": m.get("cellscale_version"), "created": m.get("created"),
+        "genes_first": ds.genes[:10],
+    }
+    cache = ds.path / "baselines.json"
+    if cache.is_file():
+        try:
+            entries = json.loads(cache.read_text()).get("entries") or {}
+        except (OSError, ValueError, AttributeError):
+            entries = {}
+        info["cached_baselines"] = {
+            key: {name: e[name] for name in ("gene_mean", "bayes_linear", "knn", "bayes_floor") if name in e}
+            for key, e in entries.items() if isinstance(e, dict)
+        }
+    return info
+
+
+def cmd_data_info(a: argparse.Namespace) -> int:
+    info = dataset_info(a.dataset_dir)
+    if a.json:
+        from cellscale.io import to_json
+
+        print(to_json(info, indent=None))
+        return 0
+    src = info["source"]
+    src_txt = src.get("kind", "?")
+    for key in ("mode", "path", "layer", "census_version", "uri", "organism", "obs_filter"):
+        if src.get(key) not in (None, ""):
+            src_txt += f"  {key}={src[key]}"
+    pre = info["preprocessing"]
+    rows = [
+        ("path", info["path"]),
+        ("source", src_txt),
+        *([("cells per tissue", "  ".join(f"{t} {n}" for t, n in src["n_cells_per_tissue_kept"].items()))]
+          if isinstance(src.get("n_cells_per_tissue_kept"), dict) else []),
+        ("genes (V)", info["V"]),
+        ("cells (D)", info["D"]),
+        ("splits", "  ".join(f"{k} {v}" for k, v in info["split_sizes"].items())
+         + (f"  (held out by {info['split'].get('split_by')})" if info["split"].get("split_by") else "")),
+        ("dtype", f"{info['dtype']} values" + (f", {info['counts_dtype']} counts" if info["counts_dtype"] else "")),
+    ]
+    rows += [("preprocessing", "")] + [(f"  {k}", _fmt(v)) for k, v in pre.items()]
+    gm = info["baselines"]["gene_mean"]
+    if gm:
+        rows.append(("gene-mean MSE", "  ".join(f"{k} {v:.4f}" for k, v in gm.items())))
+    for key, entry in (info.get("cached_baselines") or {}).items():
+        parts = [f"{name} " + "/".join(f"{v:.4f}" for v in splits.values())
+                 for name, splits in entry.items() if isinstance(splits, dict)]
+        rows.append((f"baselines {key[:8]}", "  ".join(parts) + "  (val/test, baselines.json)"))
+    rows += [
+        ("mask", f"p={info['mask_prob']}, eval seed {info['eval_mask_seed']}"),
+        ("checksums", f"verified ok ({len(info['checksums_verified'])} files, sha256)"),
+        ("first genes", ", ".join(info["genes_first"]) + (", ..." if info["V"] > len(info["genes_first"]) else "")),
+        ("built", f"{info['created']} by cellscale {info['cellscale_version']} (config {info['config_hash']})"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {_fmt(value)}".rstrip())
     return 0
 
 
@@ -231,12 +428,14 @@ def cmd_train(a: argparse.Namespace) -> int:
     env = dist_env()  # under torchrun only rank 0 reports progress
     main_rank = env is None or env[1] == 0
     spec = RunSpec(Path(a.out).name, a.size, model, tcfg, a.train_cells, a.seed)
-    with SweepProgress(1, enabled=main_rank) as bar:
+    with SweepProgress(1, enabled=main_rank and not _quiet(a)) as bar:
         hook = bar.run_started(spec)
         result = train_run(ds, model, tcfg, out=a.out, train_cells=a.train_cells, seed=a.seed,
                            on_step=hook, overwrite=a.overwrite)
         bar.run_finished(spec, result)
     if main_rank:
+        if _quiet(a) and result.get("status") == "ok":
+            print(f"{a.size}: val {result['best_val_mse']:.4f}  test {result['test_mse']:.4f}")
         console.print(f"result: {Path(a.out) / 'result.json'}")
     return 0 if result.get("status") == "ok" else 1
 
@@ -247,8 +446,9 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     cfg = load_run_config(a.config)  # refused before torch and the data layer are imported
     from cellscale.sweep import run_sweep
 
-    path = run_sweep(cfg, out=a.out, backend=a.backend, ray_address=a.ray_address,
-                     overwrite=a.overwrite)
+    with _silenced(_quiet(a)):
+        path = run_sweep(cfg, out=a.out, backend=a.backend, ray_address=a.ray_address,
+                         overwrite=a.overwrite, progress=not _quiet(a))
     print(f"results: {path}")
     return 0
 
@@ -293,7 +493,9 @@ def cmd_run(a: argparse.Namespace) -> int:
         raise CellscaleError("give --preset or --config, not both")
     cfg = resolve_config(preset=a.preset, config=a.config)
     out = Path(a.out or Path("cellscale-out") / (a.preset or (cfg.name if a.config else "demo")))
-    summary = run_study(cfg, out=out, backend=a.backend, ray_address=a.ray_address, overwrite=a.overwrite)
+    with _silenced(_quiet(a)):
+        summary = run_study(cfg, out=out, backend=a.backend, ray_address=a.ray_address,
+                            overwrite=a.overwrite, progress=not _quiet(a))
     print_summary(summary)
     return 0
 
@@ -308,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.cmd == "data":
-            return cmd_data_build(args)
+            return cmd_data_info(args) if args.data_cmd == "info" else cmd_data_build(args)
         return COMMANDS[args.cmd](args)
     except CellscaleError as err:
         print(f"error: {err}", file=sys.stderr)

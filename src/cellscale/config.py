@@ -203,6 +203,7 @@ def parse_config(model: type[BaseModel], data: dict[str, Any], origin: str = "co
 
 
 def load_run_config(path: str | Path) -> RunConfig:
+    """Read and validate a study YAML; a bad key or type is a ConfigError naming it."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")

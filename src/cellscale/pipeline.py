@@ -15,6 +15,7 @@ from cellscale.sweep import run_sweep
 
 
 def resolve_config(*, preset: str | None = None, config: str | Path | None = None) -> RunConfig:
+    """The study config of a YAML file, else of a named preset (default ``demo``)."""
     if config is not None:
         return load_run_config(config)
     return load_run_config(preset_path(preset or "demo"))
@@ -24,6 +25,8 @@ def run_study(
     cfg: RunConfig, *, out: str | Path, backend: str | None = None, ray_address: str | None = None,
     overwrite: bool = False, progress: bool = True,
 ) -> dict[str, Any]:
+    """The whole flow into ``out``: dataset, sweep, ``results.csv``, fit, report; returns a
+    summary (best run, baseline, fit) that ``print_summary`` renders. Rerunning resumes."""
     out = Path(out)
     results = run_sweep(cfg, out=out, backend=backend, ray_address=ray_address,
                         overwrite=overwrite, progress=progress)

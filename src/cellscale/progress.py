@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from rich.console import Console
 from rich.progress import (
@@ -11,6 +12,18 @@ from rich.progress import (
 )
 
 console = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def set_quiet(quiet: bool = True) -> Iterator[None]:
+    """Within the block, nothing printed through ``console`` appears (``--quiet``): no status
+    lines, no per-run lines, no bars. The previous setting is restored afterwards."""
+    before = console.quiet
+    console.quiet = quiet
+    try:
+        yield
+    finally:
+        console.quiet = before
 
 
 class SweepProgress:
