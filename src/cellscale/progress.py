@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from typing import Any, Callable, Iterator
 
 from rich.console import Console
@@ -81,9 +82,17 @@ class SweepProgress:
             self._bar.remove_task(self._run)
         self._run = self._bar.add_task(f"  {spec.run_id}", total=None, info="")
 
+        first: dict[str, float] = {}
+
         def hook(info: dict[str, Any]) -> None:
+            # cells/s over this process's steps (a resumed run starts its clock anew)
+            now = time.perf_counter()
+            first.setdefault("t", now)
+            first.setdefault("step", info["step"])
+            rate = (info["step"] - first["step"]) * info.get("batch_size", 0) / max(now - first["t"], 1e-9)
+            speed = f"  {rate:,.0f} cells/s" if info["step"] > first["step"] else ""
             self._bar.update(self._run, completed=info["step"], total=info["total"],
-                             info=f"loss {info['loss']:.4f}")
+                             info=f"loss {info['loss']:.4f}{speed}")
 
         return hook
 

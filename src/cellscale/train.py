@@ -484,7 +484,8 @@ def _train(
         if step % ckpt_every == 0 or step == total_steps:
             checkpoint()
         if on_step is not None:
-            on_step({"step": step, "total": total_steps, "loss": loss_value, "lr": lr})
+            on_step({"step": step, "total": total_steps, "loss": loss_value, "lr": lr,
+                     "batch_size": train_cfg.batch_size})
 
     if state["status"] == "running" and step < total_steps:
         return {"status": "incomplete", "step": step}  # stop_after_steps: leave it resumable
