@@ -99,6 +99,11 @@ class DistContext:
 
     def close(self) -> None:
         if self.owns_group and torch.distributed.is_initialized():
+            # tear down together: gloo aborts a rank whose peer is still using the group
+            try:
+                torch.distributed.barrier()
+            except RuntimeError:
+                pass  # a peer already failed; destroy what is left
             torch.distributed.destroy_process_group()
             self.owns_group = False
 
