@@ -62,19 +62,22 @@ def _missing_layer(path: Path, layer: str, layers: list[str]) -> DataError:
     return DataError(f"{path} has no layer '{layer}' (layers: {avail}): pick one of them or use X")
 
 
+def _counts_node(f: h5py.File, path: Path, layer: str | None):
+    """The X matrix, or the named layer, of an open .h5ad (a DataError when absent)."""
+    if layer is None:
+        if "X" not in f:
+            raise DataError(f"{path} has no X matrix: name a counts layer with --layer")
+        return f["X"]
+    layers = list(f["layers"].keys()) if "layers" in f else []
+    if layer not in layers:
+        raise _missing_layer(path, layer, layers)
+    return f["layers"][layer]
+
+
 def _read_parts(path: Path, layer: str | None):
     """X (or the layer), obs and var, read element-wise: other layers are never loaded."""
     with h5py.File(path, "r") as f:
-        if layer is None:
-            if "X" not in f:
-                raise DataError(f"{path} has no X matrix: name a counts layer with --layer")
-            node = f["X"]
-        else:
-            layers = list(f["layers"].keys()) if "layers" in f else []
-            if layer not in layers:
-                raise _missing_layer(path, layer, layers)
-            node = f["layers"][layer]
-        X = _read_elem(node)
+        X = _read_elem(_counts_node(f, path, layer))
         obs = _read_elem(f["obs"]) if "obs" in f else None
         var = _read_elem(f["var"]) if "var" in f else None
     return X, obs, var
@@ -206,15 +209,7 @@ class H5adBacked:
         self._f = h5py.File(path, "r")
         try:
             f = self._f
-            if layer is None:
-                if "X" not in f:
-                    raise DataError(f"{path} has no X matrix: name a counts layer with --layer")
-                node = f["X"]
-            else:
-                layers = list(f["layers"].keys()) if "layers" in f else []
-                if layer not in layers:
-                    raise _missing_layer(path, layer, layers)
-                node = f["layers"][layer]
+            node = _counts_node(f, path, layer)
             enc = node.attrs.get("encoding-type", "")
             enc = enc.decode() if isinstance(enc, bytes) else str(enc)
             if isinstance(node, h5py.Group) and enc == "csr_matrix":
