@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -28,6 +29,8 @@ LADDER_512 = {
 }
 A, ALPHA, C = 2.0, 0.25, 1.4
 B2, BETA2 = 8.0, 0.5  # the data term of the chinchilla-shaped losses
+DEPTH_GAIN = 0.2  # at depth f the floor is C + DEPTH_GAIN (1/f - 1): thinning noise no size removes
+DEPTH_GM_GAIN = 0.25  # and the gene-mean baseline GENE_MEAN_* + DEPTH_GM_GAIN (1/f - 1)
 GENE_MEAN_VAL, GENE_MEAN_TEST = 1.875, 1.862
 DIVERGED_ERROR = "loss became NaN at step 1200 (lr 0.01); run stopped"
 FAILED_ERROR = "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
@@ -47,6 +50,10 @@ def per_gene_json(test_mse: float) -> dict:
     scale = test_mse * GENE_COUNTS[seen].sum() / np.sum(GENE_FACTOR[seen] * GENE_COUNTS[seen])
     mse = [float(f * scale) if c > 0 else None for f, c in zip(GENE_FACTOR, GENE_COUNTS)]
     return {"split": "test", "genes": GENES, "test_mse": mse, "n_masked": [int(c) for c in GENE_COUNTS]}
+
+
+def depth_gene_mean(depth: float, split: str = "val") -> float:
+    return (GENE_MEAN_VAL if split == "val" else GENE_MEAN_TEST) + DEPTH_GM_GAIN * (1.0 / depth - 1.0)
 
 
 def law(p):
@@ -91,6 +98,7 @@ def make_sweep(
     fit_law: str = "power-floor",
     per_gene: bool = False,
     per_gene_skip: tuple[str, ...] = (),
+    depths: tuple[float, ...] = (1.0,),
 ) -> Path:
     """Write a dataset dir and a sweep dir under ``root``; return the sweep dir.
 
@@ -99,7 +107,12 @@ def make_sweep(
 
     ``per_gene=True`` also writes ``runs/<id>/per_gene.json`` for every run with a test MSE but
     those in ``per_gene_skip``: gene g's error is test_mse x GENE_FACTOR[g] (normalised so the
-    count-weighted mean is the run's test MSE), genes 0 and 1 never masked (null)."""
+    count-weighted mean is the run's test MSE), genes 0 and 1 never masked (null).
+
+    ``depths`` with more than one entry adds a sequencing-depth axis as run_sweep writes it: a
+    ``depth`` column, run ids ending ``-f{depth}`` below 1, the floor raised by DEPTH_GAIN (1/f - 1),
+    and ``datasets/depth-{f}/manifest.json`` (listed in sweep.json) with that depth's gene-mean
+    baseline. With one depth the table has no depth column (a results.csv of an older sweep)."""
     root = Path(root)
     rng = np.random.default_rng(123)
     dataset = root / "dataset"
@@ -115,11 +128,21 @@ def make_sweep(
         "description": "fabricated sweep for the report tests",
         "data": data_cfg,
         "train": {"cells_seen": 64_000, "batch_size": 64},
-        "sweep": {"sizes": all_sizes, "seeds": list(seeds), "train_cells": list(train_cells)},
+        "sweep": {"sizes": all_sizes, "seeds": list(seeds), "train_cells": list(train_cells), "depths": list(depths)},
         "fit": {"law": fit_law, "method": "huber-log", "bootstrap": bootstrap, "seed": 0},
     })
     (sweep / "config.yaml").write_text(dump_yaml(cfg))
-    (sweep / "sweep.json").write_text(json.dumps({"dataset": str(dataset.resolve()), "config_hash": "abc123def456"}))
+    meta = {"dataset": str(dataset.resolve()), "config_hash": "abc123def456"}
+    if len(depths) > 1:
+        meta["depth_datasets"] = {}
+        for f in depths:
+            if f != 1.0:
+                ddir = sweep / "datasets" / f"depth-{f:g}"
+                ddir.mkdir(parents=True)
+                (ddir / "manifest.json").write_text(json.dumps({"depth_fraction": f, "baselines": {"gene_mean": {
+                    "val": depth_gene_mean(f), "test": depth_gene_mean(f, "test")}}}))
+                meta["depth_datasets"][f"{f:g}"] = str(ddir.resolve())
+    (sweep / "sweep.json").write_text(json.dumps(meta))
     if with_manifest:
         manifest = {
             "source": source, "V": 512, "D": 2000, "seed": 0, "target_sum": 10000.0, "hvg_flavor": "seurat_v3",
@@ -139,15 +162,16 @@ def make_sweep(
     rows = []
     for size in all_sizes:
         params, d, nl, nh = LADDER_512[size]
-        for tc in train_cells:
+        for tc, depth in itertools.product(train_cells, depths):
             for seed in seeds:
                 tc_label = "all" if tc is None else str(tc)
-                rid = f"{size}-d{tc_label}-s{seed}"
+                rid = f"{size}-d{tc_label}-s{seed}" + ("" if depth == 1.0 else f"-f{depth:g}")
                 status, error = "ok", ""
                 if fit_law == "chinchilla":
                     clean = law(params) + B2 * (1800 if tc is None else tc) ** (-BETA2)
                 else:
                     clean = law(params) + (0.0 if tc is None else 0.3 * (1800 / tc - 1) ** 0.5 * (params / 1e6) ** 0.1)
+                clean += DEPTH_GAIN * (1.0 / depth - 1.0)
                 best = float(clean * (1 + noise * rng.standard_normal()))
                 test = best * 1.002
                 if only_failed or (size == failed and seed == seeds[0]):
@@ -160,8 +184,10 @@ def make_sweep(
                     "train_cells": np.nan if tc is None else tc, "seed": seed, "steps": 1000,
                     "cells_seen": 64_000, "tokens_seen": 64_000 * 512, "flops": 6.0 * params * 64_000 * 512,
                     "lr": 1e-3, "best_step": 900 if status == "ok" else np.nan, "best_val_mse": best,
-                    "test_mse": test, "gene_mean_val_mse": GENE_MEAN_VAL, "gene_mean_test_mse": GENE_MEAN_TEST,
+                    "test_mse": test, "gene_mean_val_mse": depth_gene_mean(depth),
+                    "gene_mean_test_mse": depth_gene_mean(depth, "test"),
                     "wall_seconds": 12.5, "status": status, "error": error,
+                    **({"depth": depth} if len(depths) > 1 else {}),
                 })
                 if per_gene and np.isfinite(test) and rid not in per_gene_skip:
                     run_dir = sweep / "runs" / rid

@@ -1,5 +1,6 @@
 """Configs: every preset validates; a bad key or type is refused by name."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from cellscale.config import (
 from cellscale.ladder import get_size
 from cellscale.sweep.plan import plan_runs
 
-REQUIRED_PRESETS = {"smoke", "demo", "paper-rich", "paper-limited", "matched-v"}
+REQUIRED_PRESETS = {"smoke", "demo", "paper-rich", "paper-limited", "matched-v", "noise", "compute-optimal"}
 
 
 def test_required_presets_exist():
@@ -26,7 +27,8 @@ def test_preset_validates_and_plans(name):
     assert cfg.name == name
     # every size resolves and the grid has no duplicate ids
     specs = plan_runs(cfg, n_genes=cfg.data.genes)
-    assert len(specs) == len(cfg.sweep.sizes) * len(cfg.sweep.train_cells) * len(cfg.sweep.seeds)
+    assert len(specs) == (len(cfg.sweep.sizes) * len(cfg.sweep.train_cells) * len(cfg.sweep.depths)
+                          * len(cfg.sweep.seeds))
     assert len({s.run_id for s in specs}) == len(specs)
     # each preset states its compute need in its header comment
     header = path.read_text().splitlines()[:6]
@@ -91,3 +93,51 @@ def test_yaml_examples_in_docs_validate():
     assert blocks, "the README shows a study YAML"
     for name, block in blocks:
         parse_config(RunConfig, yaml.safe_load(block) or {}, origin=name)
+
+
+def test_depth_axis_run_ids_and_order():
+    cfg = parse_config(RunConfig, {"sweep": {"sizes": ["XS"], "seeds": [0, 1], "train_cells": [None, 50],
+                                             "depths": [1.0, 0.25]}})
+    specs = plan_runs(cfg, n_genes=64)
+    assert [s.run_id for s in specs] == [
+        "XS-dall-s0", "XS-dall-s1", "XS-dall-s0-f0.25", "XS-dall-s1-f0.25",
+        "XS-d50-s0", "XS-d50-s1", "XS-d50-s0-f0.25", "XS-d50-s1-f0.25",
+    ]
+    assert [s.depth for s in specs] == [1.0, 1.0, 0.25, 0.25] * 2
+
+
+@pytest.mark.parametrize("depths, message", [
+    ([0.0], "depth 0.0 is not a fraction of the reads in (0, 1]"),
+    ([1.5], "depth 1.5 is not a fraction of the reads in (0, 1]"),
+    ([0.5, 0.5], "depth 0.5 is listed twice"),
+    ([0.1, 0.1000001], "depth 0.1 is listed twice"),  # the same run ids and dataset dir
+    ([], "list at least one depth"),
+])
+def test_bad_depths_are_refused(depths, message):
+    with pytest.raises(ConfigError, match=re.escape(f"key 'sweep.depths': Value error, {message}")):
+        parse_config(RunConfig, {"sweep": {"depths": depths}})
+
+
+def test_epochs_set_cells_seen_from_each_runs_training_cells():
+    cfg = parse_config(RunConfig, {"data": {"cells": 1000}, "train": {"cells_seen": 7},
+                                   "sweep": {"sizes": ["XXS"], "train_cells": [None, 100], "epochs": 2.5}})
+    specs = {s.run_id: s for s in plan_runs(cfg, n_genes=64)}
+    assert specs["XXS-d100-s0"].train.cells_seen == 250
+    assert specs["XXS-dall-s0"].train.cells_seen == 2250  # the 900 cells of the default 90/5/5 split
+    assert plan_runs(cfg, n_genes=64, n_train=801)[0].train.cells_seen == 2002  # round(2.5 * 801)
+    no_epochs = parse_config(RunConfig, {"train": {"cells_seen": 7}, "sweep": {"sizes": ["XXS"]}})
+    assert plan_runs(no_epochs, n_genes=64)[0].train.cells_seen == 7
+    clash = parse_config(RunConfig, {"sweep": {"sizes": ["XXS"], "epochs": 2, "overrides": {"XXS": {"cells_seen": 9}}}})
+    with pytest.raises(ConfigError, match=r"sweep.overrides.XXS.cells_seen conflicts with sweep.epochs"):
+        plan_runs(clash, n_genes=64)
+
+
+def test_noise_and_compute_optimal_presets_plan_their_grids():
+    noise = plan_runs(load_run_config(preset_path("noise")), n_genes=64)
+    assert len(noise) == 16 and {s.depth for s in noise} == {1.0, 0.5, 0.25, 0.1}
+    assert [s.run_id for s in noise[:4]] == ["XXS-dall-s0", "XXS-dall-s0-f0.5", "XXS-dall-s0-f0.25", "XXS-dall-s0-f0.1"]
+    co_cfg = load_run_config(preset_path("compute-optimal"))
+    assert co_cfg.fit.law == "chinchilla" and co_cfg.sweep.epochs is not None
+    co = plan_runs(co_cfg, n_genes=64)
+    assert len(co) == 16 and {s.depth for s in co} == {1.0}
+    assert all(s.train.cells_seen == round(co_cfg.sweep.epochs * s.train_cells) for s in co)

@@ -37,7 +37,7 @@ SYNTAX = [
 PLACEHOLDERS = {
     "V": "512", "D": "10000", "N": "1000", "DATASET_DIR": "ds", "RUN_DIR": "runs/xs",
     "SWEEP_DIR": "sweep", "CONFIG.yaml": "src/cellscale/presets/demo.yaml", "RESULTS.csv": "sweep/results.csv",
-    "YAML": "my-study.yaml", "DIR": "out", "<command>": "run", "<dir>": "ds",
+    "YAML": "my-study.yaml", "DIR": "out", "<command>": "run", "<dir>": "ds", "F": "0.5", "SEED": "0",
 }
 
 

@@ -458,3 +458,86 @@ def test_per_gene_plot_is_pure_and_tolerates_nothing_to_draw(tmp_path, monkeypat
     names = texts.split()
     assert all(genes[i] in names for i in order) and "gene3" not in names  # never masked: not ranked
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------- sequencing depth
+
+
+@pytest.fixture(scope="module")
+def depth_report(tmp_path_factory):
+    """4 sizes x 2 seeds at depths 1, 0.5, 0.25 (floor C + DEPTH_GAIN (1/f - 1)), reported once."""
+    sweep = make_sweep(tmp_path_factory.mktemp("depth"), sizes=("XXS", "TINY", "XS", "S"), diverged=None,
+                       failed=None, depths=(1.0, 0.5, 0.25), bootstrap=20)
+    write_report(sweep)
+    return sweep
+
+
+def test_depth_fits_recover_each_depths_floor(depth_report):
+    from fixtures_report import ALPHA, C, DEPTH_GAIN, depth_gene_mean
+
+    fit = json.loads((depth_report / "fit.json").read_text())
+    assert set(fit["by_depth"]) == {"1", "0.5", "0.25"}
+    for key, f in (("1", 1.0), ("0.5", 0.5), ("0.25", 0.25)):
+        d = fit["by_depth"][key]
+        assert (d["depth"], d["n_points"], d["n_runs_ok"]) == (f, 8, 8)
+        assert d["params"]["c"] == pytest.approx(C + DEPTH_GAIN * (1 / f - 1), abs=0.03)
+        assert d["params"]["alpha"] == pytest.approx(ALPHA, abs=0.05)
+        assert set(d["ci95"]) == {"a", "alpha", "c"} and d["r2"] > 0.99
+        assert d["baselines"]["gene_mean"] == {"val": depth_gene_mean(f), "test": depth_gene_mean(f, "test")}
+    # the headline law is the full-depth fit: the same numbers, never a mix of depths
+    assert fit["n_points"] == 8 and fit["params"] == fit["by_depth"]["1"]["params"]
+
+
+def test_depth_section_figure_table_and_run_column(depth_report):
+    html, md = (depth_report / "report.html").read_text(), (depth_report / "report.md").read_text()
+    fit = json.loads((depth_report / "fit.json").read_text())
+    assert (depth_report / "figures" / "loss_vs_depth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert '<figure id="fig-loss_vs_depth">' in html and "(figures/loss_vs_depth.png)" in md
+    assert "## Sequencing depth" in md and "<h2>Sequencing depth</h2>" in html
+    for key in ("1", "0.5", "0.25"):
+        d = fit["by_depth"][key]
+        lo, hi = d["ci95"]["c"]
+        row = (f"| {key} | 8 | {d['params']['alpha']:.4g} | [{d['ci95']['alpha'][0]:.4g}, {d['ci95']['alpha'][1]:.4g}] "
+               f"| {d['params']['c']:.4g} | [{lo:.4g}, {hi:.4g}] | {d['r2']:.4g} | False | {d['baselines']['gene_mean']['val']:.4g} |")
+        assert row in md, row
+    assert "only the 8 runs at full depth (1) were fitted here" in md
+    assert "| run_id | size | params | train_cells | depth | seed |" in md
+    assert "| XS-dall-s1-f0.25 | XS | 132,993 | all | 0.25 | 1 |" in md
+    assert "at sequencing depths 1, 0.5, 0.25 of the reads" in md  # the methods paragraph
+
+
+def test_a_sweep_without_depths_has_no_depth_section(report):
+    sweep, html_path, md_path = report
+    assert "by_depth" not in json.loads((sweep / "fit.json").read_text())
+    assert not (sweep / "figures" / "loss_vs_depth.png").exists()
+    md = md_path.read_text()
+    assert "Sequencing depth" not in md and "depth" not in " ".join(load_sweep(sweep).notes)
+    assert "| run_id | size | params | train_cells | depth | seed |" in md  # an old results.csv: full depth
+    assert "| XXS-dall-s0 | XXS | 533 | all | 1 | 0 |" in md
+
+
+def test_headline_depth_is_full_depth_else_the_largest():
+    from cellscale.report.writer import _fit_subset, headline_depth
+
+    def runs(depths):
+        return pd.DataFrame({"run_id": [f"r{i}" for i in range(len(depths))], "status": "ok", "params": 1e3,
+                             "best_val_mse": 1.0, "train_cells": np.nan, "depth": depths})
+
+    assert headline_depth(runs([1.0, 1.0])) is None
+    assert headline_depth(runs([0.25, 1.0, 0.5])) == 1.0
+    used, note = _fit_subset(runs([0.25, 0.5, 0.5]), "power-floor")
+    assert list(used["run_id"]) == ["r1", "r2"]
+    assert "only the 2 runs at the largest depth, 0.5 were fitted here" in note
+
+
+def test_loss_vs_depth_plot_is_pure():
+    df = pd.DataFrame({"size": ["XS", "XS", "S", "S"], "params": [1e4, 1e4, 1e5, 1e5], "status": "ok",
+                       "depth": [1.0, 0.25, 1.0, 0.25], "best_val_mse": [1.0, 1.5, 0.9, 1.4]})
+    fig = plots.loss_vs_depth(df, refs={"gene mean": {1.0: 1.2, 0.25: 1.8}})
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and [t.get_text() for t in ax.get_xticklabels()] == ["0.25", "1"]
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    assert list(lines["XS (10,000 params)"].get_ydata()) == [1.5, 1.0]  # mean per depth, ascending depth
+    assert list(lines["gene mean"].get_ydata()) == [1.8, 1.2]
+    empty = plots.loss_vs_depth(df.assign(status="failed"))
+    assert "no finished runs" in empty.axes[0].texts[0].get_text()

@@ -8,6 +8,7 @@ command line                           Python
 =====================================  ==========================================================
 ``cellscale data build ...``           ``cellscale.build_dataset(DataConfig(...), out=...)``
 ``cellscale data info DIR``            ``cellscale.Dataset.open(DIR)`` (``.manifest``, ``.values``)
+``cellscale data thin DIR ...``        ``cellscale.thin_dataset(DIR, fraction=F, out=...)``
 ``cellscale ladder``                   ``cellscale.ladder_table(n_genes)``
 ``cellscale train ...``                ``cellscale.train_run(dataset, get_size(...), TrainConfig(), out=...)``
 ``cellscale sweep CONFIG --out D``     ``cellscale.run_sweep(load_run_config(CONFIG), out=D)``
@@ -34,6 +35,7 @@ __version__ = "0.1.0"
 # name -> module that defines it (imported on first attribute access)
 _EXPORTS = {
     "build_dataset": "cellscale.data.build",
+    "thin_dataset": "cellscale.data.thin",
     "Dataset": "cellscale.data.store",
     "train_run": "cellscale.train",
     "run_sweep": "cellscale.sweep.study",
@@ -77,6 +79,7 @@ __all__ = [
     "resolve_config",
     "run_study",
     "run_sweep",
+    "thin_dataset",
     "train_run",
     "write_report",
 ]

@@ -25,6 +25,17 @@ masked positions (a ratio of sums, not a mean of per-cell means).
   with a float32 matrix product and re-ranked with exact float64 distances (ties: lower
   training row first).
 
+Likelihood baselines (``"likelihood"``), in bits per masked gene under the same masks, for the
+likelihood objectives (``cellscale.objectives``):
+
+* ``gaussian-nll``: ``gene_mean`` = each gene's training mean and (maximum-likelihood) variance;
+  ``bayes_linear`` = the Gaussian conditional mean above with its conditional variance
+  ``diag((P_mm)^{-1})``; for a gaussian-mode simulated dataset also ``bayes_floor`` (the exact
+  conditional's entropy, ``simulate.bayes_floor_bits``).
+* ``nb`` (datasets with raw counts): ``gene_mean`` = a per-gene negative binomial with mean
+  ``rate_g * library_size / target_sum`` (``rate_g`` = the gene's training counts over the
+  training cells' total scale) and a method-of-moments inverse dispersion.
+
 ``load_or_compute_baselines`` caches the result in ``DATASET_DIR/baselines.json`` (atomic),
 keyed by a hash of the settings and of the dataset's checksums.
 
@@ -44,6 +55,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import scipy.linalg
+import scipy.special
 
 from cellscale.data.build import gene_mean_baseline
 from cellscale.data.mask import seed_sequence
@@ -67,7 +79,7 @@ BASELINES_FILE = "baselines.json"
 DEFAULTS: dict[str, Any] = {"knn_k": 10, "max_train_cells": 5000, "ridge": 1e-6, "seed": 0}
 _ROW_CHUNK = 2048
 _SOLVE_ELEMS = 1 << 22  # float64 elements per batched-solve block (32 MiB)
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: the likelihood baselines
 
 
 # --------------------------------------------------------------------------- helpers
@@ -127,11 +139,13 @@ def _precision(cov: np.ndarray, ridge: float) -> np.ndarray:
 
 def bayes_linear_predict(
     x: np.ndarray, mask: np.ndarray, mean: np.ndarray, cov: np.ndarray | None = None, *,
-    precision: np.ndarray | None = None, ridge: float = DEFAULTS["ridge"],
-) -> np.ndarray:
+    precision: np.ndarray | None = None, ridge: float = DEFAULTS["ridge"], return_var: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Gaussian conditional mean of the masked entries of each row of ``x`` given its visible
     entries (``mask`` True = masked). Returns a copy of ``x`` whose masked entries hold the
-    prediction. Give ``cov`` (regularised here with ``ridge``) or a ready ``precision``."""
+    prediction. Give ``cov`` (regularised here with ``ridge``) or a ready ``precision``.
+    ``return_var`` also returns the conditional variances ``diag((P_mm)^{-1})`` at the masked
+    entries (zeros elsewhere)."""
     x = np.asarray(x, dtype=np.float64)
     mask = np.asarray(mask, dtype=bool)
     if precision is None:
@@ -143,6 +157,7 @@ def bayes_linear_predict(
     d[mask] = 0.0
     rhs = d @ P  # (P d)_m = P_mo (x_o - mu_o) because d_m = 0 (P symmetric)
     out = x.copy()
+    var = np.zeros_like(x) if return_var else None
     sizes = mask.sum(axis=1)
     for s in np.unique(sizes):
         if s == 0:
@@ -154,9 +169,14 @@ def bayes_linear_predict(
             idx = np.nonzero(mask[c])[1].reshape(c.size, s)  # masked genes of each cell, ascending
             A = P[idx[:, :, None], idx[:, None, :]]
             b = np.take_along_axis(rhs[c], idx, axis=1)
-            y = np.linalg.solve(A, b[:, :, None])[:, :, 0]
+            if var is None:
+                y = np.linalg.solve(A, b[:, :, None])[:, :, 0]
+            else:
+                Ainv = np.linalg.inv(A)
+                y = np.einsum("nij,nj->ni", Ainv, b)
+                var[c[:, None], idx] = np.diagonal(Ainv, axis1=1, axis2=2)
             out[c[:, None], idx] = mean[idx] - y
-    return out
+    return out if var is None else (out, var)
 
 
 # --------------------------------------------------------------------------- kNN
@@ -238,15 +258,16 @@ def _settings(splits: Sequence[str], knn_k: int, max_train_cells: int | None, ri
     }
 
 
-def _gaussian_floor(ds: Dataset, splits: Sequence[str]) -> dict[str, float] | None:
-    """Exact Bayes floor of a dataset simulated in gaussian mode, on its own eval masks."""
+def _gaussian_floor(ds: Dataset, splits: Sequence[str]) -> dict[str, dict[str, float]] | None:
+    """Exact Bayes floors (``"mse"`` and ``"bits"``, per split) of a dataset simulated in
+    gaussian mode, on its own eval masks."""
     m = ds.manifest
     cfg = (m.get("config") or {})
     sim = cfg.get("simulate") or (m.get("source") or {}).get("simulate") or {}
     if cfg.get("source", "simulate") != "simulate" or sim.get("mode") != "gaussian":
         return None
     from cellscale.config import SimulateConfig
-    from cellscale.data.sources.simulate import bayes_floor_mse, gaussian_params, gene_names
+    from cellscale.data.sources.simulate import bayes_floor_bits, bayes_floor_mse, gaussian_params, gene_names
 
     sim_cfg = SimulateConfig.model_validate(sim)
     params = gaussian_params(sim_cfg, int(m.get("seed", cfg.get("seed", 0))))
@@ -255,7 +276,91 @@ def _gaussian_floor(ds: Dataset, splits: Sequence[str]) -> dict[str, float] | No
         genes = np.array([pos[g] for g in ds.genes], dtype=np.int64)
     except KeyError:
         return None
-    return {s: bayes_floor_mse(params, genes=genes, masks=ds.eval_mask(s)) for s in splits}
+    return {
+        "mse": {s: bayes_floor_mse(params, genes=genes, masks=ds.eval_mask(s)) for s in splits},
+        "bits": {s: bayes_floor_bits(params, genes=genes, masks=ds.eval_mask(s)) for s in splits},
+    }
+
+
+# --------------------------------------------------------------------------- likelihoods
+_LN2 = math.log(2.0)
+
+
+def _gauss_nats(x: np.ndarray, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
+    return 0.5 * np.log(2 * np.pi * var) + (x - mean) ** 2 / (2 * var)
+
+
+def _bits(ds: Dataset, rows: np.ndarray, mask: np.ndarray, nats) -> float:
+    """Mean over masked positions of ``nats(x, m, rows) -> per-entry nats``, in bits."""
+    total, n = 0.0, 0
+    for start in range(0, rows.size, _ROW_CHUNK):
+        r = rows[start : start + _ROW_CHUNK]
+        m = mask[start : start + _ROW_CHUNK]
+        total += float(nats(_rows(ds.values, r), m, r)[m].sum())
+        n += int(m.sum())
+    return total / n / _LN2
+
+
+def nb_gene_fit(ds: Dataset, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-gene NB of the training cells: ``(rate, theta)`` with mean ``rate * scale`` (scale =
+    library size / target_sum). ``rate`` = sum of counts / sum of scales (its maximum-likelihood
+    value under any fixed dispersion); ``theta`` by moments, ``sum mu^2 / sum((k - mu)^2 - mu)``,
+    clipped to [1e-3, 1e6] (a gene with no extra-Poisson variance sits at the Poisson end)."""
+    rows = np.sort(np.asarray(rows, dtype=np.int64))
+    scale = _scales(ds)
+    V = ds.n_genes
+    k_sum = np.zeros(V)
+    for start in range(0, rows.size, _ROW_CHUNK):
+        k_sum += _rows(ds.counts, rows[start : start + _ROW_CHUNK]).sum(axis=0)
+    rate = np.maximum(k_sum / scale[rows].sum(), 1e-12)
+    mu2, excess = np.zeros(V), np.zeros(V)
+    for start in range(0, rows.size, _ROW_CHUNK):
+        r = rows[start : start + _ROW_CHUNK]
+        mu = scale[r, None] * rate
+        k = _rows(ds.counts, r)
+        mu2 += (mu**2).sum(axis=0)
+        excess += ((k - mu) ** 2 - mu).sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        theta = np.where(excess > 0, mu2 / excess, np.inf)
+    return rate, np.clip(theta, 1e-3, 1e6)
+
+
+def _scales(ds: Dataset) -> np.ndarray:
+    target_sum = float((ds.manifest.get("preprocessing") or {}).get("target_sum", 1e4))
+    return np.asarray(ds.library_size, dtype=np.float64) / target_sum
+
+
+def nb_nats(k: np.ndarray, mu: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """-log NB(k; mean mu, inverse dispersion theta), elementwise (numpy twin of the objective's)."""
+    return -(scipy.special.gammaln(k + theta) - scipy.special.gammaln(theta) - scipy.special.gammaln(k + 1)
+             + theta * np.log(theta / (theta + mu)) + k * np.log(mu / (theta + mu)))
+
+
+def likelihood_baselines(ds: Dataset, splits: Sequence[str], mean: np.ndarray, cov: np.ndarray,
+                         precision: np.ndarray) -> dict[str, Any]:
+    """The ``"likelihood"`` block of :func:`compute_baselines` (see the module doc)."""
+    train = ds.splits["train"]
+    n_train = train.size
+    var = np.diag(cov) * (n_train - 1) / n_train  # the maximum-likelihood variance
+    var = np.maximum(var, 1e-6 * max(float(var.mean()), 1e-12))  # a gene constant in training
+    out: dict[str, Any] = {"gaussian-nll": {"gene_mean": {}, "bayes_linear": {}}}
+    for s in splits:
+        rows, mask = ds.splits[s], ds.eval_mask(s)
+        out["gaussian-nll"]["gene_mean"][s] = _bits(ds, rows, mask, lambda x, m, r: _gauss_nats(x, mean, var))
+
+        def bayes_linear(x, m, r):
+            pred, cvar = bayes_linear_predict(x, m, mean, precision=precision, return_var=True)
+            return _gauss_nats(x, pred, np.where(m, cvar, 1.0))
+
+        out["gaussian-nll"]["bayes_linear"][s] = _bits(ds, rows, mask, bayes_linear)
+    if ds.counts is not None and np.all(np.asarray(ds.library_size) > 0):
+        rate, theta = nb_gene_fit(ds, train)
+        scale = _scales(ds)
+        out["nb"] = {"gene_mean": {
+            s: _bits(ds, ds.splits[s], ds.eval_mask(s),
+                     lambda x, m, r: nb_nats(_rows(ds.counts, r), scale[r, None] * rate, theta))
+            for s in splits}}
+    return out
 
 
 def compute_baselines(
@@ -292,9 +397,11 @@ def compute_baselines(
         sse, n = _sse(values, rows, mask, lambda x, m: knn_predict(x, m, knn_train, k=knn_k))
         out["knn"][s] = sse / n
         out["n_masked"][s] = n
+    out["likelihood"] = likelihood_baselines(ds, splits, mean, cov, P)
     floor = _gaussian_floor(ds, splits)
     if floor is not None:
-        out["bayes_floor"] = floor
+        out["bayes_floor"] = floor["mse"]
+        out["likelihood"]["gaussian-nll"]["bayes_floor"] = floor["bits"]
     out["settings"] = {**_settings(splits, knn_k, max_train_cells, ridge, seed), "knn_train_cells": int(knn_rows.size)}
     return out
 

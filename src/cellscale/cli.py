@@ -24,6 +24,7 @@ EPILOG = """examples:
   cellscale fit sweep/results.csv --law power-floor --json
   cellscale report sweep
   cellscale data info ds                          # what a dataset directory holds
+  cellscale data thin ds --fraction 0.25 --out ds-f0.25   # a quarter of the sequencing depth
   cellscale --quiet run --preset smoke            # results only: no progress bars or per-run lines
 """
 
@@ -53,10 +54,12 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     quiet = _quiet_parent()
     data = sub.add_parser(
         "data", help="build or inspect a dataset directory", parents=[quiet], formatter_class=RAW,
-        description="Build a dataset directory from a source (data build) or show what one holds (data info).",
+        description="Build a dataset directory from a source (data build), show what one holds (data info) "
+                    "or thin its counts to a fraction of the sequencing depth (data thin).",
         epilog=_examples(
             "cellscale data build --source simulate --genes 512 --cells 10000 --out ds",
             "cellscale data info ds",
+            "cellscale data thin ds --fraction 0.25 --out ds-f0.25",
         ),
     )
     dsub = data.add_subparsers(dest="data_cmd", required=True)
@@ -70,6 +73,26 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     )
     info.add_argument("dataset_dir", help="dataset directory from `cellscale data build`")
     info.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    th = dsub.add_parser(
+        "thin", help="binomially thin a dataset's counts to a fraction of its sequencing depth",
+        parents=[quiet], formatter_class=RAW,
+        description="Write a new dataset directory whose counts are the parent's thinned binomially: each "
+                    "count c becomes Binomial(c, F), as if F of the reads had been sequenced. The library "
+                    "size over all genes is thinned exactly (the genes outside the V kept ones as one "
+                    "binomial); values are renormalised and log1p'd with the parent's target sum. Genes, "
+                    "cells, splits and the evaluation mask are the parent's. Needs raw counts (not a "
+                    "dataset from normalised input or the gaussian simulator). See docs/noise.md.",
+        epilog=_examples(
+            "cellscale data thin ds --fraction 0.25 --out ds-f0.25",
+            "cellscale data thin ds --fraction 0.1 --seed 1 --out ds-f0.1-s1",
+        ),
+    )
+    th.add_argument("dataset_dir", help="dataset directory with raw counts, from `cellscale data build`")
+    th.add_argument("--fraction", type=float, required=True,
+                    help="share of the reads kept, in (0, 1]; 1 copies the parent's arrays")
+    th.add_argument("--seed", type=int, default=0, help="seed of the binomial draws (default 0)")
+    th.add_argument("--out", required=True, help="the new dataset directory")
+    th.add_argument("--overwrite", action="store_true", help="replace an existing directory at --out")
     b = dsub.add_parser(
         "build", help="QC -> library size over all genes -> normalise+log1p -> HVG -> splits",
         parents=[quiet], formatter_class=RAW,
@@ -132,6 +155,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--train-cells", type=int, help="use the first N cells of the fixed train permutation")
     t.add_argument("--cells-seen", type=int, help="training budget in cells drawn")
+    t.add_argument("--objective", choices=["mse", "gaussian-nll", "nb"],
+                   help="what the head predicts: mse (the study's), gaussian-nll (mean and variance), "
+                        "nb (negative binomial on raw counts); default: the config's model.objective, else mse")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--config", help="study YAML: its train/model sections and custom sizes apply")
     t.add_argument("--batch-size", type=int)
@@ -271,6 +297,23 @@ def cmd_data_build(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_thin(a: argparse.Namespace) -> int:
+    from cellscale.data.store import Dataset
+    from cellscale.data.thin import thin_dataset
+
+    parent = Dataset.open(a.dataset_dir)  # verified in full before a byte is thinned
+    path = thin_dataset(parent, fraction=a.fraction, seed=a.seed, out=Path(a.out), overwrite=a.overwrite,
+                        progress=not _quiet(a))
+    thinned = Dataset.open(path, verify="none")  # just written (or verified when reused)
+    m = thinned.manifest
+    print(f"dataset: {path}  ({m.get('D')} cells x {m.get('V')} genes; depth fraction {m['depth_fraction']:g}, "
+          f"mean library size {parent.library_size.mean():.1f} -> {thinned.library_size.mean():.1f})")
+    gm = (m.get("baselines") or {}).get("gene_mean") or {}
+    if gm:
+        print(f"gene-mean baseline MSE: validation {gm['val']:.4f}, test {gm['test']:.4f}")
+    return 0
+
+
 def _quiet(a: argparse.Namespace) -> bool:
     return bool(getattr(a, "quiet", False))
 
@@ -321,6 +364,7 @@ def dataset_info(path: str | Path) -> dict[str, Any]:
         "dtype": m.get("dtype"), "counts_dtype": m.get("counts_dtype"),
         "preprocessing": m.get("preprocessing") or {},
         "mask_prob": m.get("mask_prob"), "eval_mask_seed": m.get("eval_mask_seed"),
+        "depth_fraction": float(m.get("depth_fraction", 1.0)), "thinning": m.get("thinning"),
         "baselines": {"gene_mean": (m.get("baselines") or {}).get("gene_mean") or {}},
         "checksums_verified": sorted(m.get("checksums") or {}),
         "config_hash": m.get("config_hash"),
@@ -364,6 +408,10 @@ def cmd_data_info(a: argparse.Namespace) -> int:
          + (f"  (held out by {info['split'].get('split_by')})" if info["split"].get("split_by") else "")),
         ("dtype", f"{info['dtype']} values" + (f", {info['counts_dtype']} counts" if info["counts_dtype"] else "")),
     ]
+    thin = info["thinning"] if isinstance(info["thinning"], dict) else None
+    if thin:
+        rows.append(("depth", f"{info['depth_fraction']:g} of the reads (binomially thinned by "
+                              f"{thin.get('fraction', 0):g}, seed {thin.get('seed')}, from {thin.get('parent_path')})"))
     rows += [("preprocessing", "")] + [(f"  {k}", _fmt(v)) for k, v in pre.items()]
     gm = info["baselines"]["gene_mean"]
     if gm:
@@ -410,7 +458,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     from cellscale.train import train_run
 
     ds = Dataset.open(a.data)
-    model = get_size(a.size, n_genes=ds.n_genes, custom=study.sweep.custom_sizes, **study.model)
+    model_kw = {**study.model, **({"objective": a.objective} if a.objective else {})}
+    model = get_size(a.size, n_genes=ds.n_genes, custom=study.sweep.custom_sizes, **model_kw)
     train = study.train.model_dump()
     train.update(study.sweep.overrides.get(a.size, {}))
     for key, value in (("cells_seen", a.cells_seen), ("batch_size", a.batch_size), ("lr", a.lr),
@@ -435,7 +484,9 @@ def cmd_train(a: argparse.Namespace) -> int:
         bar.run_finished(spec, result)
     if main_rank:
         if _quiet(a) and result.get("status") == "ok":
-            print(f"{a.size}: val {result['best_val_mse']:.4f}  test {result['test_mse']:.4f}")
+            from cellscale.progress import score_line
+
+            print(f"{a.size}: {score_line(result)}")
         console.print(f"result: {Path(a.out) / 'result.json'}")
     return 0 if result.get("status") == "ok" else 1
 
@@ -500,6 +551,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
+DATA_COMMANDS = {"build": cmd_data_build, "info": cmd_data_info, "thin": cmd_data_thin}
 COMMANDS = {
     "ladder": cmd_ladder, "train": cmd_train, "sweep": cmd_sweep, "fit": cmd_fit,
     "report": cmd_report, "run": cmd_run,
@@ -510,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.cmd == "data":
-            return cmd_data_info(args) if args.data_cmd == "info" else cmd_data_build(args)
+            return DATA_COMMANDS[args.data_cmd](args)
         return COMMANDS[args.cmd](args)
     except CellscaleError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -114,7 +115,9 @@ class ModelConfig(_Frozen):
     ffn_ratio: int = Field(4, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
     n_genes: int = Field(512, ge=1)
-    objective: Literal["mse"] = "mse"
+    # what the head predicts and is scored by (cellscale.objectives): the study's MSE, or a
+    # likelihood whose loss is bits per masked gene
+    objective: Literal["mse", "gaussian-nll", "nb"] = "mse"
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ModelConfig":
@@ -167,9 +170,29 @@ class SweepConfig(_Frozen):
     custom_sizes: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # per-size overrides of training settings, e.g. {"XXS": {"lr": 0.01}}
     overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # sequencing depths: each run also trains on its dataset's counts binomially thinned to
+    # this fraction of the reads (1.0 = the dataset as built; see cellscale.data.thin)
+    depths: list[float] = Field(default_factory=lambda: [1.0])
+    # when set, every run sees each of its training cells this many times:
+    # cells_seen = round(epochs * its training cells), whatever train.cells_seen says
+    epochs: float | None = Field(None, gt=0)
     backend: Literal["local", "ray"] = "local"
     num_cpus_per_run: float = Field(1.0, gt=0)
     num_gpus_per_run: float = Field(0.0, ge=0)
+
+    @field_validator("depths")
+    @classmethod
+    def _depths_in_unit_interval(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("list at least one depth (1.0 = the dataset as built)")
+        for d in v:
+            if not math.isfinite(d) or not 0.0 < d <= 1.0:
+                raise ValueError(f"depth {d!r} is not a fraction of the reads in (0, 1]")
+        labels = [f"{d:g}" for d in v]  # run ids and dataset dirs are named by this label
+        dup = next((lab for i, lab in enumerate(labels) if lab in labels[:i]), None)
+        if dup is not None:
+            raise ValueError(f"depth {dup} is listed twice; remove the duplicate")
+        return v
 
 
 class RunConfig(_Frozen):

@@ -9,7 +9,9 @@ Architecture (as in the study, ``../shared/reference/README.md``):
   ``nn.TransformerEncoderLayer(norm_first=True, activation="gelu", batch_first=True)``:
   ``x = x + drop(out_proj(attn(LN1(x))))``; ``x = x + drop(ff2(drop(gelu(ff1(LN2(x))))))``,
   with dropout also on the attention probabilities. No final LayerNorm.
-* a linear head ``d -> 1``; the loss is the MSE over masked positions only.
+* a linear head ``d -> 1``; the loss is the MSE over masked positions only. With a likelihood
+  objective (``ModelConfig.objective``, :mod:`cellscale.objectives`) the head is ``d -> 2``
+  (a mean and a log-variance, or an NB log-rate and log inverse dispersion).
 
 The fast path differs from the stock module only in *how* it computes:
 
@@ -31,14 +33,15 @@ Parameter layout (reproduces the study's counts exactly, see ``count_params``)::
 
     gene_embed  V*d          value_proj  d + d        mask_embed  d
     per layer:  LN1 2d, qkv 3d*d + 3d, out d*d + d, LN2 2d, ff1 f*d*d + f*d, ff2 f*d*d + d
-    head        d + 1
+    head        d + 1   (k (d + 1) for an objective with k = 2 outputs)
 
 Initialisation (documented choice; the study used PyTorch defaults): every Linear and the
 gene embedding ~ N(0, 0.02), biases 0, LayerNorm weight 1 / bias 0, the mask vector
 ~ N(0, 0.02). The residual output projections (``out``, ``ff2``) are additionally scaled by
 ``1/sqrt(2 * n_layers)`` (GPT-2 style) so that deep sizes start with a bounded residual stream.
 
-This module imports only torch and :mod:`cellscale.config`.
+This module imports only torch, :mod:`cellscale.config` and the torch-only
+:mod:`cellscale.objectives`.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cellscale import objectives
 from cellscale.config import ModelConfig
 
 __all__ = [
@@ -264,9 +268,11 @@ class EncoderBlock(nn.Module):
 class CellTransformer(nn.Module):
     """Masked-value reconstruction transformer over the V genes of a cell.
 
-    ``forward(values[B, V] float, mask[B, V] bool) -> pred[M]``: predictions at the masked
-    positions, in ``mask.nonzero()`` order (row-major: cell, then gene), ``M = mask.sum()``.
-    ``loss(values, mask)``: MSE of those predictions against ``values[mask]``.
+    ``forward(values[B, V] float, mask[B, V] bool) -> pred``: head outputs at the masked
+    positions, in ``mask.nonzero()`` order (row-major: cell, then gene), ``M = mask.sum()``:
+    ``[M]`` for the ``mse`` objective, ``[M, 2]`` for the likelihoods.
+    ``position_losses(values, mask, counts=, log_scale=)``: each masked position's loss (nats;
+    squared error for mse); ``loss(...)`` is their mean (the MSE for ``mse``).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -279,7 +285,7 @@ class CellTransformer(nn.Module):
         self.layers = nn.ModuleList(
             EncoderBlock(d, cfg.n_heads, cfg.ffn_ratio, cfg.dropout) for _ in range(cfg.n_layers)
         )
-        self.head = nn.Linear(d, 1)
+        self.head = nn.Linear(d, objectives.head_outputs(cfg.objective))
         self.reset_parameters()
 
     # -- init -------------------------------------------------------------------------
@@ -317,12 +323,24 @@ class CellTransformer(nn.Module):
     def forward(self, values: Tensor, mask: Tensor) -> Tensor:
         mask = mask.bool()
         h = self.encode(values, mask)
-        return self.head(h[mask]).squeeze(-1)
+        out = self.head(h[mask])
+        return out.squeeze(-1) if out.shape[-1] == 1 else out
 
-    def loss(self, values: Tensor, mask: Tensor) -> Tensor:
+    def position_losses(self, values: Tensor, mask: Tensor, *, counts: Tensor | None = None,
+                        log_scale: Tensor | None = None) -> Tensor:
+        """Loss at every masked position [M] (``counts`` [B, V] and ``log_scale`` [B] =
+        log(library size / target_sum) for the ``nb`` objective)."""
         mask = mask.bool()
-        pred = self.forward(values, mask)
-        return F.mse_loss(pred, values[mask].to(pred.dtype))
+        return objectives.masked_position_loss(self.cfg.objective, self.forward(values, mask), values, mask,
+                                               counts=counts, log_scale=log_scale)
+
+    def loss(self, values: Tensor, mask: Tensor, *, counts: Tensor | None = None,
+             log_scale: Tensor | None = None) -> Tensor:
+        if self.cfg.objective == "mse":  # the study's objective, on its shortest path
+            mask = mask.bool()
+            pred = self.forward(values, mask)
+            return F.mse_loss(pred, values[mask].to(pred.dtype))
+        return self.position_losses(values, mask, counts=counts, log_scale=log_scale).mean()
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -402,7 +420,8 @@ def _layer_params(d: int, f: int) -> int:
 def count_params(cfg: ModelConfig) -> int:
     """Total trainable parameters, gene-identity table included (= ``sum(p.numel())``)."""
     V, d, f = cfg.n_genes, cfg.d_model, cfg.ffn_ratio
-    return V * d + 2 * d + d + cfg.n_layers * _layer_params(d, f) + d + 1
+    k = objectives.head_outputs(cfg.objective)
+    return V * d + 2 * d + d + cfg.n_layers * _layer_params(d, f) + k * (d + 1)
 
 
 def non_embedding_params(cfg: ModelConfig) -> int:
@@ -422,7 +441,7 @@ def flops_per_cell(cfg: ModelConfig, *, mask_prob: float = 0.15) -> dict[str, fl
     (value projection ``2*V*d``; per layer QKV ``6*V*d^2``, output ``2*V*d^2``, FFN
     ``4*f*V*d^2``), attention scores ``Q K^T`` and the weighted sum ``A V`` (together
     ``4*V^2*d`` per layer, all heads), and the head on the expected masked positions only
-    (``2*d*mask_prob*V``). Not counted: biases, LayerNorm, GELU, softmax, dropout, the
+    (``2*k*d*mask_prob*V``, ``k`` head outputs). Not counted: biases, LayerNorm, GELU, softmax, dropout, the
     embedding lookup/adds (O(V*d) elementwise work). Training = 3 x forward (the backward
     pass costs two forward passes: gradients w.r.t. inputs and w.r.t. weights).
 
@@ -430,7 +449,8 @@ def flops_per_cell(cfg: ModelConfig, *, mask_prob: float = 0.15) -> dict[str, fl
     """
     V, d, f, L = cfg.n_genes, cfg.d_model, cfg.ffn_ratio, cfg.n_layers
     per_layer = 2 * V * (3 * d * d + d * d + 2 * f * d * d) + 4 * V * V * d
-    fwd = 2.0 * V * d + L * per_layer + 2.0 * d * mask_prob * V
+    k = objectives.head_outputs(cfg.objective)
+    fwd = 2.0 * V * d + L * per_layer + 2.0 * k * d * mask_prob * V
     return {"forward": float(fwd), "train": float(3.0 * fwd)}
 
 

@@ -45,12 +45,16 @@ def summarize(out: Path, results_csv: Path) -> dict[str, Any]:
         "failed_or_diverged": int(len(table) - len(ok)),
     }
     if len(ok):
-        best = ok.loc[ok["best_val_mse"].idxmin()]
+        likelihood = "objective" in ok and ok["objective"].fillna("mse").ne("mse").any()
+        key = "best_val_loss" if likelihood else "best_val_mse"
+        best = ok.loc[ok[key].idxmin()]
         summary.update({
             "best_run": str(best["run_id"]),
             "best_val_mse": float(best["best_val_mse"]),
             "gene_mean_val_mse": float(best["gene_mean_val_mse"]),
         })
+        if likelihood:
+            summary.update({"objective": str(best["objective"]), "best_val_bits": float(best["best_val_loss"])})
     fit_path = out / "fit.json"
     if fit_path.is_file():
         summary["fit"] = read_json(fit_path)
@@ -62,7 +66,11 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"runs: {summary['finished']}/{summary['runs']} finished"
         + (f", {summary['failed_or_diverged']} failed or diverged" if summary["failed_or_diverged"] else "")
     )
-    if "best_val_mse" in summary:
+    if "best_val_bits" in summary:
+        console.print(f"best: {summary['best_run']}  validation loss {summary['best_val_bits']:.4f} bits per "
+                      f"masked gene ({summary['objective']}); its MSE {summary['best_val_mse']:.4f}"
+                      f"  (gene-mean baseline {summary['gene_mean_val_mse']:.4f})")
+    elif "best_val_mse" in summary:
         console.print(
             f"best: {summary['best_run']}  validation MSE {summary['best_val_mse']:.4f}"
             f"  (gene-mean baseline {summary['gene_mean_val_mse']:.4f})"
@@ -88,7 +96,11 @@ def format_fit(fit: dict[str, Any]) -> list[str]:
     if fit.get("floor_at_boundary"):
         lines.append("warning: the floor estimate sits on its bound: the data do not pin it down")
     ent = fit.get("entropy_bits") or {}
-    if ent.get("gaussian") is not None and not fit.get("floor_at_boundary"):
+    if ent.get("likelihood") is not None and not fit.get("floor_at_boundary"):
+        ci = ent.get("ci95") or [None, None]
+        ci_txt = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if None not in ci else ""
+        lines.append(f"entropy per masked gene (likelihood floor, measured): {ent['likelihood']:.3f} bits{ci_txt}")
+    elif ent.get("gaussian") is not None and not fit.get("floor_at_boundary"):
         ci = ent.get("ci95") or [None, None]
         ci_txt = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if None not in ci else ""
         lines.append(f"entropy per masked gene (homoscedastic Gaussian): {ent['gaussian']:.3f} bits{ci_txt}")

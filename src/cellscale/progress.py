@@ -27,6 +27,16 @@ def set_quiet(quiet: bool = True) -> Iterator[None]:
         console.quiet = before
 
 
+def score_line(result: dict[str, Any]) -> str:
+    """``val X  test Y`` of a finished run: MSEs, or bits per masked gene (and the MSEs) for a
+    likelihood objective."""
+    text = f"val {result['best_val_mse']:.4f}  test {result['test_mse']:.4f}"
+    if result.get("loss_unit") == "bits":
+        text = (f"val {result['best_val_loss']:.4f} bits  test {result['test_loss']:.4f} bits  "
+                f"(MSE {text})")
+    return text
+
+
 class SweepProgress:
     """Rich progress bars on stderr; plain lines when stderr is not a terminal (CI logs)."""
 
@@ -102,8 +112,7 @@ class SweepProgress:
             self._bar.advance(self._sweep)
         status = result.get("status")
         if status == "ok":
-            msg = (f"val {result['best_val_mse']:.4f}  test {result['test_mse']:.4f}  "
-                   f"{result['wall_seconds']:.0f}s")
+            msg = f"{score_line(result)}  {result['wall_seconds']:.0f}s"
         else:
             msg = f"{status}: {result.get('error')}"
         self._say(f"[{self.done}/{self.n_runs}] {spec.run_id} ({result.get('params', '?')} params): {msg}")

@@ -13,6 +13,7 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from cellscale import __version__
+from cellscale import objectives
 from cellscale.checkpoint import (
     clean_stale,
     crashpoint,
@@ -31,7 +33,7 @@ from cellscale.checkpoint import (
     save_weights,
 )
 from cellscale.config import ModelConfig, TrainConfig, config_hash
-from cellscale.data.loader import TrainBatches, eval_batches
+from cellscale.data.loader import CountsView, TrainBatches, eval_batches
 from cellscale.data.store import Dataset
 from cellscale.distributed import DistContext, from_env, shard_device
 from cellscale.errors import RunError
@@ -45,9 +47,9 @@ from cellscale.model import (
 
 RESULT_FIELDS = (
     "run_id", "size", "params", "non_embedding_params", "d_model", "n_layers", "n_heads",
-    "n_genes", "train_cells", "seed", "steps", "cells_seen", "tokens_seen", "flops", "lr",
-    "best_step", "best_val_mse", "test_mse", "gene_mean_val_mse", "gene_mean_test_mse",
-    "wall_seconds", "status", "error",
+    "n_genes", "objective", "train_cells", "depth", "seed", "steps", "cells_seen", "tokens_seen",
+    "flops", "lr", "best_step", "best_val_mse", "test_mse", "best_val_loss", "test_loss",
+    "gene_mean_val_mse", "gene_mean_test_mse", "wall_seconds", "status", "error",
 )
 FINISHED = ("ok", "diverged")
 
@@ -118,56 +120,85 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float) -> torch
 # ----------------------------------------------------------------------------- evaluation
 
 
+@dataclass(frozen=True)
+class EvalResult:
+    """Scores of one split under the fixed evaluation mask.
+
+    ``loss``: the objective's number (the MSE for ``mse``; bits per masked gene for the
+    likelihoods); ``mse``: the MSE of the point prediction (``objectives.point_prediction``) of
+    the log1p values, comparable across objectives; ``n_masked``: positions scored. With
+    ``per_gene``: float64 per-gene sums of squared errors (``sse_g``) and of the loss in nats
+    (``nats_g``; squared errors again for mse) and masked counts (``n_g``)."""
+
+    loss: float
+    mse: float
+    n_masked: int
+    sse_g: np.ndarray | None = None
+    nats_g: np.ndarray | None = None
+    n_g: np.ndarray | None = None
+
+
 @torch.no_grad()
 def evaluate(
     model: CellTransformer, ds: Dataset, split: str, *, cfg: TrainConfig, device: torch.device,
     autocast=nullcontext, max_cells: int | None = None, dist: DistContext | None = None,
     per_gene: bool = False,
-) -> float | tuple[float, np.ndarray, np.ndarray]:
-    """MSE over every masked position of the split under the dataset's fixed evaluation mask.
+) -> EvalResult:
+    """Score every masked position of the split under the dataset's fixed evaluation mask.
 
     Under DDP (``dist`` active) rank ``r`` scores eval batches ``r, r+W, ...`` and the sums are
-    all-reduced, so every rank returns the same number.
-
-    ``per_gene=True`` returns ``(mse, sse_per_gene, n_masked_per_gene)`` instead: float64 sums of
-    squared errors and int64 masked counts per gene (all-reduced too), and ``mse`` is their
-    ratio of totals, so the count-weighted mean of the per-gene MSEs equals it exactly."""
+    all-reduced, so every rank returns the same numbers. With ``per_gene`` the split totals are
+    the ratios of the per-gene sums, so the count-weighted mean of the per-gene errors equals
+    them exactly."""
     was_training = model.training
     model.eval()
-    sq, n = 0.0, 0
+    objective = model.cfg.objective
+    loss_sum, sq, n = 0.0, 0.0, 0
     n_genes = ds.n_genes
     # per-gene sums are accumulated on the host with bincount: a fixed summation order on any device
     sq_g = np.zeros(n_genes, dtype=np.float64)
+    nats_g = np.zeros(n_genes, dtype=np.float64)
     n_g = np.zeros(n_genes, dtype=np.int64)
     world = dist.world_size if dist is not None and dist.active else 1
     rank = dist.rank if world > 1 else 0
-    for i, (values, mask) in enumerate(
-        eval_batches(ds, split, batch_size=cfg.eval_batch_size, max_cells=max_cells)
-    ):
+    batches = eval_batches(ds, split, batch_size=cfg.eval_batch_size, max_cells=max_cells,
+                           with_counts=objectives.needs_counts(objective))
+    for i, item in enumerate(batches):
         if i % world != rank:
             continue
-        values = values.to(device, non_blocking=True)
-        mask = mask.to(device, non_blocking=True)
+        values, mask, *extra = (t.to(device, non_blocking=True) for t in item)
         with autocast():
-            pred = model(values, mask)
+            out = model(values, mask)
+        kw = dict(zip(("counts", "log_scale"), extra))
+        scale_at = kw["log_scale"].unsqueeze(1).expand_as(mask)[mask] if "log_scale" in kw else None
+        err = (objectives.point_prediction(objective, out, log_scale=scale_at) - values[mask]) ** 2
+        pos = err if objective == "mse" else objectives.masked_position_loss(objective, out, values, mask, **kw)
         if per_gene:
-            # pred is in mask.nonzero() order: column 1 of nonzero() is the gene of each entry
-            err = ((pred.float() - values[mask]).double() ** 2).cpu().numpy()
+            # outputs are in mask.nonzero() order: column 1 of nonzero() is the gene of each entry
             genes = mask.nonzero()[:, 1].cpu().numpy()
-            sq_g += np.bincount(genes, weights=err, minlength=n_genes)
+            sq_g += np.bincount(genes, weights=err.double().cpu().numpy(), minlength=n_genes)
+            nats_g += np.bincount(genes, weights=pos.double().cpu().numpy(), minlength=n_genes)
             n_g += np.bincount(genes, minlength=n_genes)
             continue
-        sq += float(((pred.float() - values[mask]) ** 2).sum())
+        sq += float(err.sum())
+        loss_sum += float(pos.sum())
         n += int(mask.sum())
     model.train(was_training)
     if per_gene:
         if world > 1:  # float64 sums; counts are exact in float64 (< 2^53)
-            reduced = dist.all_reduce_sum([*sq_g.tolist(), *n_g.astype(np.float64).tolist()])
-            sq_g, n_g = np.asarray(reduced[:n_genes]), np.rint(reduced[n_genes:]).astype(np.int64)
-        return float(sq_g.sum()) / max(int(n_g.sum()), 1), sq_g, n_g
+            reduced = np.asarray(dist.all_reduce_sum(
+                [*sq_g.tolist(), *nats_g.tolist(), *n_g.astype(np.float64).tolist()]))
+            sq_g, nats_g = reduced[:n_genes], reduced[n_genes : 2 * n_genes]
+            n_g = np.rint(reduced[2 * n_genes :]).astype(np.int64)
+        total = max(int(n_g.sum()), 1)
+        return EvalResult(
+            loss=objectives.to_report_units(objective, float(nats_g.sum()) / total),
+            mse=float(sq_g.sum()) / total, n_masked=int(n_g.sum()), sse_g=sq_g, nats_g=nats_g, n_g=n_g)
     if world > 1:
-        sq, n = dist.all_reduce_sum([sq, float(n)])
-    return sq / max(n, 1)
+        sq, loss_sum, n = dist.all_reduce_sum([sq, loss_sum, float(n)])
+        n = int(round(n))
+    return EvalResult(loss=objectives.to_report_units(objective, loss_sum / max(n, 1)),
+                      mse=sq / max(n, 1), n_masked=int(n))
 
 
 def per_gene_summary(sse: np.ndarray, counts: np.ndarray) -> tuple[list[float | None], dict[str, float | None]]:
@@ -196,8 +227,9 @@ def per_gene_summary(sse: np.ndarray, counts: np.ndarray) -> tuple[list[float | 
 class RankBatches(TrainBatches):
     """Rank ``rank``'s contiguous slice of each global batch of :class:`TrainBatches`.
 
-    ``batch(step)`` returns ``(values[B/W, V], mask[B/W, V], n_masked_global)``: the rows and
-    mask are exactly the single-process batch's rows ``[rank*B/W, (rank+1)*B/W)``, and
+    ``batch(step)`` returns ``(values[B/W, V], mask[B/W, V], n_masked_global)`` (with
+    ``counts`` and ``log_scale`` before the count under ``with_counts``): the rows and mask are
+    exactly the single-process batch's rows ``[rank*B/W, (rank+1)*B/W)``, and
     ``n_masked_global`` counts the masked positions of the whole global batch."""
 
     def __init__(self, ds: Dataset, *, world_size: int, rank: int, **kw: Any) -> None:
@@ -210,12 +242,15 @@ class RankBatches(TrainBatches):
         self.world_size, self.rank = int(world_size), int(rank)
         self.local_size = self.batch_size // self.world_size
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:  # type: ignore[override]
+    def batch(self, step: int) -> tuple[Any, ...]:  # type: ignore[override]
         rows = self.rows(step)
         mask = self.mask(step)
         lo, hi = self.rank * self.local_size, (self.rank + 1) * self.local_size
         values = np.asarray(self._values[rows[lo:hi]], dtype=np.float32)
-        return torch.from_numpy(values), torch.from_numpy(mask[lo:hi].copy()), int(mask.sum())
+        item: tuple[Any, ...] = (torch.from_numpy(values), torch.from_numpy(mask[lo:hi].copy()))
+        if self._counts is not None:
+            item += self._counts.rows(rows[lo:hi])
+        return (*item, int(mask.sum()))
 
 
 # ----------------------------------------------------------------------------- the run
@@ -299,6 +334,8 @@ def train_run(
     ds = dataset if isinstance(dataset, Dataset) else Dataset.open(dataset)
     out = Path(out)
     model_cfg = model_cfg.model_copy(update={"n_genes": ds.n_genes})
+    if objectives.needs_counts(model_cfg.objective):
+        CountsView(ds)  # refuses a dataset without raw counts before anything is written
     n_train = len(ds.train_indices(train_cells))
     identity = run_identity(model_cfg, train_cfg, dataset=ds, train_cells=n_train, seed=seed)
     ident_hash = config_hash(identity)
@@ -359,6 +396,8 @@ def _train(
     peak_lr = resolve_lr(model_cfg, train_cfg)
     optimizer = make_optimizer(model, train_cfg, peak_lr)
 
+    objective = model_cfg.objective
+    with_counts = objectives.needs_counts(objective)
     if dist.active:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -369,12 +408,13 @@ def _train(
         batches: TrainBatches = RankBatches(
             ds, world_size=dist.world_size, rank=dist.rank, train_cells=train_cells,
             batch_size=train_cfg.batch_size, seed=seed, mask_prob=train_cfg.mask_prob,
+            with_counts=with_counts,
         )
     else:
         loss_fn = torch.compile(model.loss) if train_cfg.compile else model.loss
         batches = TrainBatches(
             ds, train_cells=train_cells, batch_size=train_cfg.batch_size, seed=seed,
-            mask_prob=train_cfg.mask_prob,
+            mask_prob=train_cfg.mask_prob, with_counts=with_counts,
         )
     total_steps = max(1, math.ceil(train_cfg.cells_seen / train_cfg.batch_size))
     eval_every = train_cfg.eval_every or max(1, total_steps // 10)
@@ -418,24 +458,22 @@ def _train(
                             extra_tensors=extra)
 
     def train_loss(item: tuple) -> tuple[torch.Tensor, float, int]:
-        """(loss to backpropagate, the global batch's loss value, masked positions)."""
+        """(loss to backpropagate, the global batch's mean loss, masked positions)."""
+        if dist.active:
+            *item, n_global = item
+        values, mask, *extra = (t.to(device, non_blocking=True) for t in item)
+        kw = dict(zip(("counts", "log_scale"), extra))
         if not dist.active:
-            values, mask = item
-            values = values.to(device, non_blocking=True)
-            mask = mask.to(device, non_blocking=True)
             with autocast():
-                loss = loss_fn(values, mask)
+                loss = loss_fn(values, mask, **kw)
             return loss, float(loss.detach()), int(mask.sum())
-        values, mask, n_global = item
-        values = values.to(device, non_blocking=True)
-        mask = mask.to(device, non_blocking=True)
         with autocast():
-            pred = forward(values, mask)
-        sq = ((pred.float() - values[mask].float()) ** 2).sum()
-        # DDP averages gradients over W ranks: W * (local SSE) / (global count) makes the
-        # average the gradient of the global batch's mean squared error
-        loss = sq * (dist.world_size / n_global)
-        (total,) = dist.all_reduce_sum([float(sq.detach())])
+            out = forward(values, mask)
+        total_loss = objectives.masked_position_loss(objective, out, values, mask, **kw).sum()
+        # DDP averages gradients over W ranks: W * (local sum) / (global count) makes the
+        # average the gradient of the global batch's mean loss
+        loss = total_loss * (dist.world_size / n_global)
+        (total,) = dist.all_reduce_sum([float(total_loss.detach())])
         return loss, total / n_global, n_global
 
     wall_before = float(state["wall"])
@@ -467,13 +505,17 @@ def _train(
         state["run_n"] += 1
         if step % log_every == 0 or step == total_steps:
             log({"kind": "train", "step": step, "cells_seen": step * train_cfg.batch_size,
-                 "lr": lr, "loss": state["run_loss"] / state["run_n"],
+                 "lr": lr, "loss": objectives.to_report_units(objective, state["run_loss"] / state["run_n"]),
                  "wall": _elapsed(wall_before, t_loop)})
             state["run_loss"], state["run_n"] = 0.0, 0
         if step % eval_every == 0 or step == total_steps:
-            val = evaluate(model, ds, "val", max_cells=train_cfg.max_eval_cells, **eval_kw)
-            log({"kind": "eval", "step": step, "cells_seen": step * train_cfg.batch_size,
-                 "val_mse": val, "wall": _elapsed(wall_before, t_loop)})
+            scores = evaluate(model, ds, "val", max_cells=train_cfg.max_eval_cells, **eval_kw)
+            val = scores.loss  # checkpoints are chosen by the objective's own loss
+            record = {"kind": "eval", "step": step, "cells_seen": step * train_cfg.batch_size,
+                      "val_mse": scores.mse}
+            if objective != "mse":
+                record["val_bits"] = val
+            log({**record, "wall": _elapsed(wall_before, t_loop)})
             if val < state["best_val"]:
                 state["best_val"], state["best_step"] = val, step
                 if main:
@@ -491,7 +533,7 @@ def _train(
         return {"status": "incomplete", "step": step}  # stop_after_steps: leave it resumable
 
     status = "ok" if state["status"] == "running" else state["status"]
-    test_mse = None
+    best_val_mse = test_mse = test_loss = None
     per_gene_stats: dict[str, float | None] = {"per_gene_mse_spread": None, "entropy_bits_per_gene": None}
     best_val = state["best_val"] if math.isfinite(state["best_val"]) else None
     dist.barrier()  # rank 0 has written best.safetensors
@@ -499,14 +541,22 @@ def _train(
         load_weights(model, best_path)
         model.to(device)
         # the full validation split scores the chosen checkpoint even when evals were capped
-        best_val = evaluate(model, ds, "val", **eval_kw)
-        test_mse, sse_g, n_g = evaluate(model, ds, "test", per_gene=True, **eval_kw)
-        per_gene_mse, per_gene_stats = per_gene_summary(sse_g, n_g)
+        val_scores = evaluate(model, ds, "val", **eval_kw)
+        best_val, best_val_mse = val_scores.loss, val_scores.mse
+        test = evaluate(model, ds, "test", per_gene=True, **eval_kw)
+        test_mse, test_loss = test.mse, test.loss
+        per_gene_mse, per_gene_stats = per_gene_summary(test.sse_g, test.n_g)
+        per_gene_doc = {"split": "test", "genes": [str(g) for g in ds.genes], "test_mse": per_gene_mse,
+                        "n_masked": [int(c) for c in test.n_g]}
+        if objective != "mse":
+            seen = test.n_g > 0
+            per_gene_doc["test_bits"] = [
+                objectives.to_report_units(objective, float(v) / int(c)) if s else None
+                for v, c, s in zip(test.nats_g, test.n_g, seen)]
         if main:  # written before result.json: a kill in between redoes both
-            atomic_write_json(out / "per_gene.json", {
-                "split": "test", "genes": [str(g) for g in ds.genes], "test_mse": per_gene_mse,
-                "n_masked": [int(c) for c in n_g],
-            })
+            atomic_write_json(out / "per_gene.json", per_gene_doc)
+    if best_val_mse is None and objective == "mse":
+        best_val_mse = best_val
 
     baselines = ds.manifest.get("baselines", {}).get("gene_mean", {})
     per_cell = flops_per_cell(model_cfg, mask_prob=train_cfg.mask_prob)["train"]
@@ -520,7 +570,10 @@ def _train(
         "n_layers": model_cfg.n_layers,
         "n_heads": model_cfg.n_heads,
         "n_genes": model_cfg.n_genes,
+        "objective": objective,
+        "loss_unit": objectives.loss_unit(objective),
         "train_cells": n_train,
+        "depth": float(ds.manifest.get("depth_fraction", 1.0)),
         "seed": seed,
         "steps": step,
         "cells_seen": cells,
@@ -529,8 +582,11 @@ def _train(
         "flops": per_cell * cells,
         "lr": peak_lr,
         "best_step": state["best_step"] if best_val is not None else None,
-        "best_val_mse": best_val,
+        "best_val_mse": best_val_mse,
         "test_mse": test_mse,
+        # the objective's own numbers: = the MSEs for mse, bits per masked gene for likelihoods
+        "best_val_loss": best_val,
+        "test_loss": test_loss,
         "gene_mean_val_mse": baselines.get("val"),
         "gene_mean_test_mse": baselines.get("test"),
         "wall_seconds": _elapsed(wall_before, t_loop),

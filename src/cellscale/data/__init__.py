@@ -1,7 +1,7 @@
 """Data: sources -> QC/normalisation/HVG -> splits -> dataset dir -> batches.
 
 The main entry points are importable from here (lazily, so ``import cellscale.data`` stays
-cheap): ``build_dataset``, ``Dataset``, ``TrainBatches``, ``eval_batches``, ``make_splits``.
+cheap): ``build_dataset``, ``thin_dataset``, ``Dataset``, ``TrainBatches``, ``eval_batches``, ``make_splits``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ _EXPORTS = {
     "build_dataset": "cellscale.data.build",
     "load_source": "cellscale.data.build",
     "gene_mean_baseline": "cellscale.data.build",
+    "thin_dataset": "cellscale.data.thin",
     "Dataset": "cellscale.data.store",
     "TrainBatches": "cellscale.data.loader",
     "eval_batches": "cellscale.data.loader",

@@ -39,7 +39,8 @@ from cellscale.data.store import (
 )
 from cellscale.errors import DataError
 
-__all__ = ["build_dataset", "load_source", "open_source", "AnnDataSource", "CellSource", "gene_mean_baseline", "EVAL_MASK_PROB"]
+__all__ = ["build_dataset", "load_source", "open_source", "AnnDataSource", "CellSource", "gene_mean_baseline",
+           "gene_mean_baselines", "EVAL_MASK_PROB"]
 
 EVAL_MASK_PROB = 0.15
 _ROW_CHUNK = 8192
@@ -162,6 +163,20 @@ def gene_mean_baseline(values: np.ndarray, train: np.ndarray, split: np.ndarray,
         sse += float(np.sum(err[m] ** 2))
         n += int(m.sum())
     return sse / n
+
+
+def gene_mean_baselines(values: np.ndarray, splits: dict[str, np.ndarray], *, eval_mask_seed: int,
+                        mask_prob: float = EVAL_MASK_PROB) -> dict[str, float]:
+    """The manifest's ``baselines.gene_mean``: ``gene_mean_baseline`` on the val and test splits
+    under the dataset's fixed evaluation masks (shared by build and thin)."""
+    n_genes = int(values.shape[1])
+    return {
+        split: gene_mean_baseline(
+            values, splits["train"], splits[split],
+            eval_mask(splits[split].size, n_genes, seed=eval_mask_seed, split=split, mask_prob=mask_prob),
+        )
+        for split in ("val", "test")
+    }
 
 
 def _column_means(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -358,13 +373,7 @@ def _build(cfg: DataConfig, src: CellSource, *, out: Path, overwrite: bool, step
 
         eval_mask_seed = int(cfg.seed)
         with steps.step("gene-mean baseline under the evaluation mask"):
-            baseline = {
-                split: gene_mean_baseline(
-                    values, splits["train"], splits[split],
-                    eval_mask(splits[split].size, V, seed=eval_mask_seed, split=split, mask_prob=EVAL_MASK_PROB),
-                )
-                for split in ("val", "test")
-            }
+            baseline = gene_mean_baselines(values, splits, eval_mask_seed=eval_mask_seed, mask_prob=EVAL_MASK_PROB)
         shapes = {"values.npy": [D, V], "library_size.npy": [D]}
         if counts is not None:
             shapes["counts.npy"] = [D, V]

@@ -16,6 +16,10 @@
   as the fixed evaluation mask (``cellscale.data.mask.draw_mask``).
 
 Resuming a run therefore needs only the step number.
+
+``with_counts=True`` (the ``nb`` objective) adds the batch's raw counts (float32 [B, V]) and
+``log(library_size / target_sum)`` (float32 [B]) to every batch: ``(values, mask, counts,
+log_scale)``. The library size is the dataset's, over all genes.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from cellscale.data.mask import draw_mask, seed_sequence
 from cellscale.data.store import Dataset
 from cellscale.errors import DataError
 
-__all__ = ["TrainBatches", "eval_batches"]
+__all__ = ["TrainBatches", "eval_batches", "CountsView"]
 
 
 def _read_rows(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -41,6 +45,26 @@ def _read_rows(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
     out = np.empty((rows.size, values.shape[1]), dtype=np.float32)
     out[order] = block
     return out
+
+
+class CountsView:
+    """Raw counts and log(library size / target_sum) of a dataset's rows, for count likelihoods."""
+
+    def __init__(self, ds: Dataset) -> None:
+        if ds.counts is None:
+            raise DataError(
+                f"{ds.path} holds no raw counts (built from normalised values, or simulated in "
+                "gaussian mode): the nb objective needs counts; use objective mse or gaussian-nll"
+            )
+        target_sum = float((ds.manifest.get("preprocessing") or {}).get("target_sum", 1e4))
+        lib = np.asarray(ds.library_size, dtype=np.float64)
+        if np.any(lib <= 0):
+            raise DataError(f"{ds.path}: a cell has a library size <= 0; rebuild the dataset")
+        self.counts = ds.counts
+        self.log_scale = np.log(lib / target_sum).astype(np.float32)
+
+    def rows(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.from_numpy(_read_rows(self.counts, rows)), torch.from_numpy(self.log_scale[rows])
 
 
 class TrainBatches:
@@ -55,6 +79,7 @@ class TrainBatches:
         seed: int,
         mask_prob: float = 0.15,
         prefetch: int = 4,
+        with_counts: bool = False,
     ) -> None:
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
@@ -74,6 +99,7 @@ class TrainBatches:
         self.prefetch = max(1, int(prefetch))
         self.steps_per_epoch = self.n_cells // self.batch_size
         self._values = ds.values
+        self._counts = CountsView(ds) if with_counts else None
         self._perm_epoch: int | None = None
         self._perm: np.ndarray | None = None
         self._lock = threading.Lock()
@@ -101,10 +127,14 @@ class TrainBatches:
     def batch_numpy(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         return _read_rows(self._values, self.rows(step)), self.mask(step)
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(values float32 [B, V], mask bool [B, V])`` of step ``step``: pure in (seed, step)."""
+    def batch(self, step: int) -> tuple[torch.Tensor, ...]:
+        """``(values float32 [B, V], mask bool [B, V])`` of step ``step``: pure in (seed, step);
+        ``+ (counts, log_scale)`` with ``with_counts``."""
         values, mask = self.batch_numpy(step)
-        return torch.from_numpy(values), torch.from_numpy(mask)
+        item = (torch.from_numpy(values), torch.from_numpy(mask))
+        if self._counts is None:
+            return item
+        return item + self._counts.rows(self.rows(step))
 
     def iterate(self, start_step: int = 0, n_steps: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield ``batch(start_step)``, ``batch(start_step + 1)``, ... (``n_steps`` of them, or
@@ -155,10 +185,12 @@ class TrainBatches:
 
 
 def eval_batches(
-    ds: Dataset, split: str, *, batch_size: int, max_cells: int | None = None
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    ds: Dataset, split: str, *, batch_size: int, max_cells: int | None = None,
+    with_counts: bool = False,
+) -> Iterator[tuple[torch.Tensor, ...]]:
     """Yield ``(values float32 [b, V], mask bool [b, V])`` over ``split`` in split order, under
-    the dataset's fixed evaluation mask; ``max_cells`` takes the first cells of the split."""
+    the dataset's fixed evaluation mask; ``max_cells`` takes the first cells of the split;
+    ``+ (counts, log_scale)`` with ``with_counts``."""
     if split == "train":
         raise DataError("eval_batches is for held-out splits: use 'val' or 'test'")
     if batch_size < 1:
@@ -167,8 +199,10 @@ def eval_batches(
     if rows is None:
         raise DataError(f"unknown split '{split}': use one of {sorted(ds.splits)}")
     mask = ds.eval_mask(split)
+    counts = CountsView(ds) if with_counts else None
     n = rows.size if max_cells is None else min(int(max_cells), rows.size)
     values = ds.values
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
-        yield torch.from_numpy(_read_rows(values, rows[start:stop])), torch.from_numpy(mask[start:stop].copy())
+        item = (torch.from_numpy(_read_rows(values, rows[start:stop])), torch.from_numpy(mask[start:stop].copy()))
+        yield item if counts is None else item + counts.rows(rows[start:stop])

@@ -144,6 +144,10 @@ class DatasetWriter:
         with open(self.tmp / name, "wb") as f:
             np.save(f, np.ascontiguousarray(array), allow_pickle=False)
 
+    def copy_file(self, name: str, src: str | os.PathLike) -> None:
+        """Copy ``src`` byte for byte as ``name`` (a derived dataset keeps its parent's file)."""
+        shutil.copyfile(src, self.tmp / name)
+
     def save_splits(self, splits: dict[str, np.ndarray]) -> None:
         with open(self.tmp / "splits.npz", "wb") as f:
             np.savez(f, **{k: np.asarray(v, dtype=np.int64) for k, v in splits.items()})

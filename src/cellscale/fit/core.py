@@ -83,6 +83,25 @@ def _leave_largest_out(law: Law, method: Method, data: FitData) -> dict:
     }
 
 
+LIKELIHOOD_Y = ("best_val_loss", "test_loss")
+
+
+def _resolve_y(df: pd.DataFrame, y: str | None) -> tuple[str, str]:
+    """The loss column and its unit. A table of a likelihood objective (its ``objective``
+    column) is fitted on ``best_val_loss`` (bits per masked gene) unless ``y`` says otherwise;
+    rows of different objectives are refused (their losses are in different units)."""
+    objectives = set()
+    if "objective" in df.columns:
+        objectives = {str(o) for o in df["objective"].dropna().unique()}
+    if len(objectives) > 1:
+        raise FitError(f"the table mixes objectives ({', '.join(sorted(objectives))}): "
+                       "fit each objective's rows on their own")
+    likelihood = bool(objectives) and objectives != {"mse"}
+    if y is None:
+        y = LIKELIHOOD_Y[0] if likelihood else Y_DEFAULT
+    return y, ("bits" if likelihood and y in LIKELIHOOD_Y else "mse")
+
+
 def fit_table(
     df: pd.DataFrame,
     *,
@@ -100,6 +119,8 @@ def fit_table(
 ) -> FitResult:
     """Fit ``law`` to the finished runs of ``df`` with ``method`` and a grouped bootstrap.
 
+    ``y`` is the loss column: ``best_val_mse`` by default, ``best_val_loss`` (bits per masked
+    gene) for a table of a likelihood objective; then the floor is itself the entropy.
     ``weights`` names a column of row weights (used by every method; meant for ``nls``).
     ``per_gene_mse`` (per-gene errors, e.g. of the best model) adds the heteroscedastic
     entropy. ``gain_tolerance`` is the relative gain per doubling of N below which the
@@ -118,7 +139,7 @@ def _fit_table(df, *, law, method, x, y, bootstrap, seed, groups, per_gene_mse, 
     if bootstrap < 0:
         raise FitError(f"bootstrap must be >= 0, got {bootstrap}")
     x = list(x) if x is not None else list(law_obj.default_x)
-    y = y if y is not None else Y_DEFAULT
+    y, loss_unit = _resolve_y(df, y)
     data = prepare(df, law_name=law, n_params=law_obj.n_params, variables=law_obj.variables,
                    x=x, y=y, groups=groups, weights=weights)
 
@@ -171,7 +192,9 @@ def _fit_table(df, *, law, method, x, y, bootstrap, seed, groups, per_gene_mse, 
         "aic_space": "log(y)" if method_obj.space == "log" else "y",
         "no_floor": no_floor,
         "leave_largest_out": _leave_largest_out(law_obj, method_obj, data),
-        "entropy_bits": entropy_summary(floor, floor_ci, per_gene_mse),
+        "loss_unit": loss_unit,
+        "entropy_bits": entropy_summary(floor, floor_ci, None if loss_unit == "bits" else per_gene_mse,
+                                        loss_unit=loss_unit),
         "bootstrap": int(bootstrap),
         "bootstrap_failed": n_failed,
         "bootstrap_units": groups if groups is not None else x,

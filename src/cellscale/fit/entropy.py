@@ -33,7 +33,22 @@ def entropy_bits_per_gene(mse_per_gene) -> float:
     return float(np.mean(entropy_bits(mse)))
 
 
-def entropy_summary(floor: float | None, floor_ci: tuple[float, float] | None, per_gene_mse=None) -> dict:
+LIKELIHOOD_LABEL = (
+    "measured: the floor of a likelihood loss (gaussian-nll or nb objective) is itself bits per "
+    "masked gene, no Gaussian reading of an MSE needed"
+)
+
+
+def entropy_summary(floor: float | None, floor_ci: tuple[float, float] | None, per_gene_mse=None, *,
+                    loss_unit: str = "mse") -> dict:
+    """The fit's ``entropy_bits`` block. For a loss in bits (``loss_unit="bits"``) the floor is
+    the entropy itself (``likelihood``); for an MSE it is read through a Gaussian (``gaussian``)."""
+    if loss_unit == "bits":
+        out = {"label": LIKELIHOOD_LABEL, "unit_of_fit": "bits", "gaussian": None, "likelihood": floor,
+               "ci95": list(floor_ci) if floor_ci is not None else [None, None]}
+        if floor is None:
+            out["note"] = "this law has no floor; fit a law with one (power-floor, chinchilla) for the entropy"
+        return out
     out: dict = {"label": HOMOSCEDASTIC_LABEL}
     if floor is None:
         out.update(gaussian=None, ci95=[None, None],

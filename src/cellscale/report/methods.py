@@ -233,6 +233,8 @@ def _budget_text(train: Mapping[str, Any], sweep: Mapping[str, Any], runs: pd.Da
     if cells is None:
         cells = fmt_int(train.get("cells_seen"))
     text = f"Each run trained for a budget of {cells} cells seen (cells drawn with repeats)"
+    if sweep.get("epochs"):
+        text += f", {fmt_num(sweep['epochs'])} epochs of its own training cells (cells seen = epochs x training cells)"
     text += f" in batches of {fmt_int(train.get('batch_size'))}"
     tc = sweep.get("train_cells") or [None]
     if list(tc) == [None]:
@@ -240,6 +242,11 @@ def _budget_text(train: Mapping[str, Any], sweep: Mapping[str, Any], runs: pd.Da
     else:
         labels = ["all training cells" if v is None else fmt_int(v) for v in tc]
         text += f", on nested training subsets of {', '.join(labels)} cells (each inside the next)"
+    depths = [float(d) for d in (sweep.get("depths") or [1.0])]
+    if depths != [1.0]:
+        text += (f", at sequencing depths {', '.join(f'{d:g}' for d in depths)} of the reads (every count "
+                 "binomially thinned to that fraction, seeded; library sizes thinned over all genes; each depth a "
+                 "dataset of its own with the same cells, genes, splits and evaluation mask)")
     seeds = sweep.get("seeds") or []
     if seeds:
         text += f", with seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -25,6 +26,7 @@ __all__ = [
     "loss_vs_params",
     "learning_curves",
     "loss_vs_data",
+    "loss_vs_depth",
     "compute_frontier",
     "IsoFlop",
     "isoflop_profiles",
@@ -208,7 +210,8 @@ def loss_vs_params(
     if len(ys):
         _plain_log_y(ax, ys.min() / 1.06, ys.max() * 1.06)
     ax.set_xlabel("parameters (total, incl. gene embeddings)" if x == "params" else x)
-    ax.set_ylabel("best validation MSE (masked genes)" if y == "best_val_mse" else y)
+    ax.set_ylabel({"best_val_mse": "best validation MSE (masked genes)",
+                   "best_val_loss": "best validation loss (bits per masked gene)"}.get(y, y))
     ax.set_title(title)
     ax.grid(True, which="major", alpha=0.3)
     ax.grid(True, which="minor", axis="x", alpha=0.12)
@@ -293,6 +296,29 @@ def learning_curves(
     return fig
 
 
+def _size_lines(ax, runs: pd.DataFrame, x: str, y: str, *, dots: dict[str, Any], positive_y: bool = False,
+                line_z: float | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The finished runs with finite ``x > 0`` (and ``y > 0`` with ``positive_y``): a dot per run
+    and, per model size, a line through its mean ``y`` at each ``x``. Returns the runs drawn
+    (empty: nothing drawn) and the size colours."""
+    df = runs.copy()
+    df[x] = pd.to_numeric(df.get(x), errors="coerce")
+    df[y] = pd.to_numeric(df.get(y), errors="coerce")
+    keep = (df.get("status", "ok") == "ok") & np.isfinite(df[x]) & np.isfinite(df[y]) & (df[x] > 0)
+    df = df[keep & (df[y] > 0)] if positive_y else df[keep]
+    if df.empty:
+        return df, {}
+    params = df.groupby("size")["params"].median().to_dict()
+    colors = size_colors(params)
+    for name in sorted(params, key=params.get):
+        grp = df[df["size"] == name]
+        ax.scatter(grp[x], grp[y], color=colors[name], zorder=3, **dots)
+        mean = grp.groupby(x)[y].mean().sort_index()
+        ax.plot(mean.index, mean.to_numpy(), color=colors[name], lw=1.8, marker="o", ms=4,
+                label=f"{name} ({params[name]:,.0f} params)", **({} if line_z is None else {"zorder": line_z}))
+    return df, colors
+
+
 def loss_vs_data(
     runs: pd.DataFrame,
     *,
@@ -305,22 +331,11 @@ def loss_vs_data(
     """Loss against training-set size, one line per model size (mean over seeds, runs as dots);
     ``curves`` maps a size name to its fitted L(N, D) curve, drawn dashed in the size's colour."""
     fig, ax = _new_figure()
-    df = runs.copy()
-    df[x] = pd.to_numeric(df.get(x), errors="coerce")
-    df[y] = pd.to_numeric(df.get(y), errors="coerce")
-    df = df[(df.get("status", "ok") == "ok") & np.isfinite(df[x]) & np.isfinite(df[y]) & (df[x] > 0)]
+    df, colors = _size_lines(ax, runs, x, y, dots={"s": 16, "alpha": 0.7})
     if df.empty:
         _message(ax, "no finished runs with a training-set size")
         ax.set_title(title)
         return fig
-    params = df.groupby("size")["params"].median().to_dict()
-    colors = size_colors(params)
-    for name in sorted(params, key=params.get):
-        grp = df[df["size"] == name]
-        ax.scatter(grp[x], grp[y], s=16, color=colors[name], alpha=0.7, zorder=3)
-        mean = grp.groupby(x)[y].mean().sort_index()
-        ax.plot(mean.index, mean.to_numpy(), color=colors[name], lw=1.8, marker="o", ms=4,
-                label=f"{name} ({params[name]:,.0f} params)")
         cv = (curves or {}).get(name)
         if cv is not None and len(cv.x):
             if cv.lo is not None and cv.hi is not None:
@@ -342,6 +357,50 @@ def loss_vs_data(
     ax.grid(True, which="major", alpha=0.3)
     ax.set_xlabel("training cells (unique)")
     ax.set_ylabel("best validation MSE")
+    ax.set_title(title)
+    _legend_outside(ax)
+    return fig
+
+
+def loss_vs_depth(
+    runs: pd.DataFrame,
+    *,
+    x: str = "depth",
+    y: str = "best_val_mse",
+    refs: Mapping[str, Mapping[float, float]] | None = None,
+    title: str = "Validation loss against sequencing depth, per model size",
+) -> Figure:
+    """Loss against the fraction of the sequencing depth (log axis), one line per model size
+    (mean over seeds), every run a dot. ``refs`` maps a label to {depth: value}: a reference
+    that changes with depth (e.g. each thinned dataset's gene-mean baseline), drawn dashed."""
+    fig, ax = _new_figure()
+    df, colors = _size_lines(ax, runs, x, y, positive_y=True, line_z=2,
+                             dots={"s": 18, "edgecolor": "black", "linewidths": 0.3, "alpha": 0.8})
+    if df.empty:
+        _message(ax, "no finished runs with a sequencing depth")
+        ax.set_title(title)
+        return fig
+    ys = list(df[y])
+    palette = ["#ff7f0e", "#2ca02c", "#8c564b", "#7f7f7f"]
+    for i, (label, by_depth) in enumerate((refs or {}).items()):
+        pts = sorted((float(d), float(v)) for d, v in by_depth.items()
+                     if v is not None and np.isfinite(v) and v > 0 and np.isfinite(d) and d > 0)
+        if pts:
+            ax.plot([d for d, _ in pts], [v for _, v in pts], color=palette[i % len(palette)], ls="--", lw=1.3,
+                    marker="s", ms=3, label=label, zorder=1)
+            ys += [v for _, v in pts]
+    ax.set_xscale("log")
+    ys_pos = _finite_pos(ys)
+    _plain_log_y(ax, ys_pos.min() / 1.04, ys_pos.max() * 1.04)
+    xt = np.unique(df[x].to_numpy(float))
+    ax.set_xlim(xt.min() / 1.25, xt.max() * 1.25)
+    if len(xt) <= 12:  # label the depths actually used, as plain fractions
+        ax.xaxis.set_major_locator(FixedLocator(xt))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.grid(True, which="major", alpha=0.3)
+    ax.set_xlabel("fraction of the sequencing depth (binomially thinned counts)")
+    ax.set_ylabel("best validation MSE" if y == "best_val_mse" else y)
     ax.set_title(title)
     _legend_outside(ax)
     return fig

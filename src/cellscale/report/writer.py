@@ -42,11 +42,14 @@ __all__ = ["write_report", "load_sweep", "run_fit", "SweepData", "FitOutcome", "
 
 RESULT_COLUMNS = [
     "run_id", "size", "params", "non_embedding_params", "d_model", "n_layers", "n_heads", "n_genes",
-    "train_cells", "seed", "steps", "cells_seen", "tokens_seen", "flops", "lr", "best_step",
-    "best_val_mse", "test_mse", "gene_mean_val_mse", "gene_mean_test_mse", "wall_seconds", "status",
-    "error",
+    "objective", "train_cells", "depth", "seed", "steps", "cells_seen", "tokens_seen", "flops", "lr", "best_step",
+    "best_val_mse", "test_mse", "best_val_loss", "test_loss", "gene_mean_val_mse", "gene_mean_test_mse",
+    "wall_seconds", "status", "error",
 ]
-_NUMERIC = [c for c in RESULT_COLUMNS if c not in ("run_id", "size", "status", "error")]
+_NUMERIC = [c for c in RESULT_COLUMNS if c not in ("run_id", "size", "objective", "status", "error")]
+# columns an older results.csv may lack without anything being missing: their value then
+# (a sweep without a depth axis ran at full depth; one before the objectives trained on the MSE)
+_OPTIONAL_DEFAULTS = {"depth": 1.0, "objective": "mse", "best_val_loss": np.nan, "test_loss": np.nan}
 # laws of model size alone: runs of different training-set sizes must not be mixed in them
 _ONE_D_LAWS = {"power", "power-floor"}
 
@@ -66,6 +69,8 @@ class SweepData:
     metrics: dict[str, pd.DataFrame] = field(default_factory=dict)
     # run_id -> {"genes": [...], "mse": float array (NaN: never masked), "n": int array}
     per_gene: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # depth fraction -> {"gene_mean"|"bayes_linear"|"knn": {"val", "test"}} of that depth's dataset
+    depth_baselines: dict[float, dict[str, dict[str, float]]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -101,6 +106,38 @@ class SweepData:
             if any(x is not None for x in vals.values()):
                 out["gene_mean"] = vals
         return out
+
+    @property
+    def objective(self) -> str:
+        """The sweep's objective (cellscale.objectives): ``mse`` unless its runs say otherwise."""
+        col = self.runs.get("objective") if not self.runs.empty else None
+        names = sorted({str(o) for o in col.dropna().unique()}) if col is not None else []
+        return names[0] if len(names) == 1 else "mse"
+
+    @property
+    def loss_col(self) -> str:
+        """The results column the law is fitted to: the MSE, or a likelihood's bits."""
+        return "best_val_mse" if self.objective == "mse" else "best_val_loss"
+
+    @property
+    def likelihood_refs(self) -> dict[str, dict[str, float]]:
+        """{name: {"val", "test"}} in bits of the sweep objective's likelihood baselines
+        (gene mean, Bayes-linear, and the exact floor of gaussian-mode data); empty for mse."""
+        if self.objective == "mse":
+            return {}
+        try:
+            cached = json.loads((self.sweep_dir / "baselines.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        block = ((cached.get("likelihood") or {}).get(self.objective) or {}) if isinstance(cached, dict) else {}
+        return {k: {s: _float(v.get(s)) for s in ("val", "test")} for k, v in block.items() if isinstance(v, dict)}
+
+    @property
+    def true_floor(self) -> float | None:
+        """The exact Bayes floor (validation) in the unit of the fitted loss, when known."""
+        if self.objective == "mse":
+            return self.bayes_floor
+        return (self.likelihood_refs.get("bayes_floor") or {}).get("val")
 
     @property
     def bayes_floor(self) -> float | None:
@@ -224,12 +261,16 @@ def load_sweep(sweep_dir: str | os.PathLike) -> SweepData:
         runs = pd.DataFrame(columns=RESULT_COLUMNS)
         data.notes.append("results.csv is missing: no finished run to report yet.")
     missing_cols = [c for c in RESULT_COLUMNS if c not in runs.columns]
-    if missing_cols and len(runs.columns):
-        data.notes.append("results.csv lacks the columns " + ", ".join(missing_cols) + ".")
+    lacking = [c for c in missing_cols if c not in _OPTIONAL_DEFAULTS]
+    if lacking and len(runs.columns):
+        data.notes.append("results.csv lacks the columns " + ", ".join(lacking) + ".")
     for c in missing_cols:
         runs[c] = np.nan
     for c in _NUMERIC:
         runs[c] = pd.to_numeric(runs[c], errors="coerce")
+    for c, default in _OPTIONAL_DEFAULTS.items():
+        if not (isinstance(default, float) and math.isnan(default)):
+            runs[c] = runs[c].fillna(default)
     runs["run_id"] = runs["run_id"].astype(str)
     runs["size"] = runs["size"].fillna("?").astype(str)
     runs["status"] = runs["status"].fillna("unknown").astype(str).str.strip().str.lower()
@@ -256,12 +297,51 @@ def load_sweep(sweep_dir: str | os.PathLike) -> SweepData:
         data.notes.append("No learning curve (metrics.jsonl missing or empty) for: "
                           + ", ".join(f"{r} ({status.get(r, '?')})" for r in no_metrics) + ".")
     _read_per_gene(data, runs_dir)
+    _read_depth_baselines(data)
     if runs_dir.is_dir():
         orphans = sorted(p.name for p in runs_dir.iterdir() if p.is_dir() and p.name not in set(runs["run_id"]))
         if orphans:
             data.notes.append("Run directories without a row in results.csv (unfinished or not collected): "
                               + ", ".join(orphans) + ".")
     return data
+
+
+def _baseline_entry(obj: Any) -> dict[str, dict[str, float]]:
+    """{name: {"val", "test"}} of a sweep's flat baselines.json, or of one entry of a dataset's
+    ``load_or_compute_baselines`` cache (``{"format": "cellscale-baselines", "entries": {...}}``)."""
+    if isinstance(obj, dict) and obj.get("format") == "cellscale-baselines":
+        entries = [e for e in (obj.get("entries") or {}).values() if isinstance(e, dict)]
+        obj = entries[0] if entries else {}
+    out = {}
+    for name in ("gene_mean", "bayes_linear", "knn"):
+        v = obj.get(name) if isinstance(obj, dict) else None
+        if isinstance(v, dict):
+            out[name] = {k: _float(v.get(k)) for k in ("val", "test")}
+    return out
+
+
+def _read_depth_baselines(data: SweepData) -> None:
+    """Each depth's reference predictors: the thinned datasets' manifests (gene mean) and
+    baselines.json (Bayes-linear, kNN), as listed in sweep.json (else SWEEP_DIR/datasets/depth-*)."""
+    listed = (data.sweep_meta or {}).get("depth_datasets")
+    dirs = [Path(p) for p in listed.values()] if isinstance(listed, dict) else sorted(
+        (data.sweep_dir / "datasets").glob("depth-*"))
+    if data.dataset_dir is not None:
+        dirs.insert(0, data.dataset_dir)
+    for d in dirs:
+        try:
+            man = json.loads((d / "manifest.json").read_text())
+        except (OSError, ValueError):
+            continue
+        depth = _float(man.get("depth_fraction", 1.0))
+        entry = _baseline_entry({"gene_mean": (man.get("baselines") or {}).get("gene_mean")})
+        cache = data.sweep_dir / "baselines.json" if d == data.dataset_dir else d / "baselines.json"
+        try:
+            entry = {**_baseline_entry(json.loads(cache.read_text())), **entry}
+        except (OSError, ValueError):
+            pass
+        if depth is not None and entry:
+            data.depth_baselines[depth] = entry
 
 
 def _read_per_gene(data: SweepData, runs_dir: Path) -> None:
@@ -393,14 +473,51 @@ class FitOutcome:
     curve_error: str | None = None
 
 
+def headline_depth(runs: pd.DataFrame) -> float | None:
+    """The depth the headline fit uses when the ok runs span several: 1.0, else the largest;
+    None when there is a single depth (or no depth column)."""
+    ok = runs[runs["status"] == "ok"] if "status" in runs else runs
+    if "depth" not in ok or ok["depth"].nunique() < 2:
+        return None
+    depths = pd.to_numeric(ok["depth"], errors="coerce").dropna()
+    return 1.0 if (depths == 1.0).any() else float(depths.max())
+
+
+def run_depth_fits(runs: pd.DataFrame, fit_config: dict[str, Any], *, full_train: float | None = None,
+                   headline: "FitOutcome | None" = None) -> dict[float, "FitOutcome"]:
+    """The configured law fitted to each sequencing depth's runs on its own ({} for one depth),
+    largest depth first; ``headline`` (already fitted to the headline depth) is reused for it."""
+    head = headline_depth(runs)
+    if head is None:
+        return {}
+    ok_depths = sorted(runs.loc[runs["status"] == "ok", "depth"].dropna().unique(), reverse=True)
+    out = {}
+    for d in ok_depths:
+        if headline is not None and float(d) == head and headline.used is not None:
+            out[float(d)] = headline
+        else:
+            out[float(d)] = run_fit(runs[runs["depth"] == d], fit_config, full_train=full_train)
+    return out
+
+
 def _fit_subset(runs: pd.DataFrame, law: str, full_train: float | None = None) -> tuple[pd.DataFrame, str | None]:
     ok = runs[runs["status"] == "ok"]
-    usable = np.isfinite(ok["best_val_mse"]) & (ok["best_val_mse"] > 0) & np.isfinite(ok["params"]) & (ok["params"] > 0)
+    likelihood = "objective" in ok and ok["objective"].fillna("mse").ne("mse").any()
+    y = "best_val_loss" if likelihood else "best_val_mse"  # the loss the law is fitted to
+    usable = np.isfinite(ok[y]) & (ok[y] > 0) & np.isfinite(ok["params"]) & (ok["params"] > 0)
     note = None
     if not usable.all():
         note = ("runs marked ok without a positive finite loss or parameter count were left out: "
                 + ", ".join(ok.loc[~usable, "run_id"].astype(str)))
     ok = ok[usable]
+    head = headline_depth(ok)
+    if head is not None:  # no law here has a depth term: mixing depths would bend the fit
+        keep = ok[ok["depth"] == head]
+        note = ((note + "; ") if note else "") + (
+            f"the runs span {ok['depth'].nunique()} sequencing depths, so only the {len(keep)} runs at "
+            f"{'full depth (1)' if head == 1.0 else f'the largest depth, {head:g}'} were fitted here; "
+            "each depth has its own fit in the depth table")
+        ok = keep
     if law in _ONE_D_LAWS and ok["train_cells"].nunique(dropna=False) > 1:
         tc = ok["train_cells"]
         if tc.isna().any():  # NaN means "all training cells": the largest subset
@@ -591,6 +708,12 @@ def _make_figures(sd: SweepData, fit: FitOutcome, gene_best: _GeneBest | None = 
     if sd.bayes_floor is not None:
         refs.append(plots.RefLine(sd.bayes_floor, f"true Bayes floor = {fmt_num(sd.bayes_floor)}",
                                   color="#d62728", style=":"))
+    loss_refs = refs  # drawn with the fitted loss: the same MSE lines, or the likelihood's bits
+    if sd.objective != "mse":
+        loss_refs = [plots.RefLine(v["val"], f"{k.replace('_', '-')} {'' if k == 'bayes_floor' else 'baseline '}"
+                                   f"(val) = {fmt_num(v['val'])} bits",
+                                   color=palette.get(k, "#d62728"), style=":" if k == "bayes_floor" else "--")
+                     for k, v in sd.likelihood_refs.items() if v.get("val") is not None]
 
     def add(key: str, title: str, caption: str, fig) -> None:
         figs.append(_Figure(key, title, caption, plots.figure_png(fig)))
@@ -607,14 +730,20 @@ def _make_figures(sd: SweepData, fit: FitOutcome, gene_best: _GeneBest | None = 
     fig_runs = runs
     if fit.note and fit.used is not None:  # show the fitted subset against its own law
         fig_runs = pd.concat([fit.used, runs[runs["status"] != "ok"]], ignore_index=True)
+    if sd.objective != "mse":
+        cap += (f" Loss: the {sd.objective} objective's validation loss in bits per masked gene (its floor is the "
+                "entropy itself); the learning curves below show the MSE of its point predictions.")
     add("loss_vs_params", "Validation loss against parameters", cap,
-        plots.loss_vs_params(fig_runs, curve=fit.curve, floor=floor, refs=refs))
+        plots.loss_vs_params(fig_runs, curve=fit.curve, floor=floor, refs=loss_refs, y=sd.loss_col))
     add("learning_curves", "Learning curves", "Validation MSE (solid, markers) and training loss (faint) against "
         "cells seen, every run; dotted curves are runs that did not finish ok.",
         plots.learning_curves(sd.metrics, runs, refs=[r for r in refs if "baseline" in r.label]))
     ok = runs[runs["status"] == "ok"]
+    head = headline_depth(runs)
+    if head is not None:
+        ok = ok[ok["depth"] == head]
     if ok["train_cells"].nunique(dropna=False) > 1:
-        data_runs = runs.copy()
+        data_runs = (runs if head is None else runs[runs["depth"] == head]).copy()
         full = _float(((sd.manifest or {}).get("split_sizes") or {}).get("train"))
         if full is not None:
             data_runs["train_cells"] = data_runs["train_cells"].fillna(full)
@@ -623,6 +752,15 @@ def _make_figures(sd: SweepData, fit: FitOutcome, gene_best: _GeneBest | None = 
             "unique training cells, one line per model size (mean over seeds; dots are runs)"
             + ("; dashed: the fitted L(N, D) law for each size with its 95% band." if curves else "."),
             plots.loss_vs_data(data_runs, refs=refs, curves=curves))
+    if head is not None:
+        names = {"gene_mean": "gene-mean baseline (val) of each depth", "bayes_linear": "Bayes-linear (val) of each depth"}
+        drefs = {label: {d: (b.get(key) or {}).get("val") for d, b in sd.depth_baselines.items()}
+                 for key, label in names.items()}
+        add("loss_vs_depth", "Validation loss against sequencing depth",
+            "Best validation MSE against the fraction of the sequencing depth kept by binomial thinning (log axis), "
+            "one line per model size (mean over seeds; dots are runs). Dashed: each thinned dataset's own "
+            "baselines on its validation cells.",
+            plots.loss_vs_depth(runs, refs={k: v for k, v in drefs.items() if any(x is not None for x in v.values())}))
     co = fd.get("compute_optimal")
     if isinstance(co, dict) and isinstance(co.get("table"), list) and co["table"]:
         iso = _isoflop(fit, co)
@@ -711,18 +849,25 @@ def _data_curves(fit: FitOutcome, data_runs: pd.DataFrame) -> dict[str, plots.Cu
 
 
 def _run_table_rows(runs: pd.DataFrame) -> tuple[list[str], list[list[str]], list[str]]:
-    cols = ["run_id", "size", "params", "train_cells", "seed", "cells_seen", "lr", "best_step",
+    cols = ["run_id", "size", "params", "train_cells", "depth", "seed", "cells_seen", "lr", "best_step",
             "best_val_mse", "test_mse", "wall_seconds", "status", "error"]
+    likelihood = runs["objective"].fillna("mse").ne("mse").any() if "objective" in runs else False
+    if likelihood:  # the objective's own numbers, in bits, before the MSEs of its point predictions
+        cols[9:9] = ["objective", "best_val_loss (bits)", "test_loss (bits)"]
     rows, statuses = [], []
-    runs = runs.sort_values(["params", "train_cells", "seed", "run_id"], na_position="last")
+    runs = runs.sort_values(["params", "train_cells", "depth", "seed", "run_id"], ascending=[True, True, False, True, True],
+                            na_position="last")
     for _, r in runs.iterrows():
         row = [
             str(r["run_id"]), str(r["size"]), fmt_int(r["params"]),
             "all" if pd.isna(r["train_cells"]) else fmt_int(r["train_cells"]),
+            "" if pd.isna(r["depth"]) else f"{float(r['depth']):g}",
             "" if pd.isna(r["seed"]) else fmt_int(r["seed"]), fmt_int(r["cells_seen"]), fmt_num(r["lr"], 3),
             fmt_int(r["best_step"]), fmt_num(r["best_val_mse"]), fmt_num(r["test_mse"]),
             fmt_num(r["wall_seconds"], 3), str(r["status"]), str(r["error"] or ""),
         ]
+        if likelihood:
+            row[9:9] = [str(r["objective"]), fmt_num(r["best_val_loss"]), fmt_num(r["test_loss"])]
         rows.append(row)
         statuses.append(str(r["status"]))
     return cols, rows, statuses
@@ -784,6 +929,69 @@ def _fit_rows(fit: FitOutcome) -> list[tuple[str, str, str]]:
     return rows
 
 
+_DEPTH_HEADER = ["depth", "runs fitted", "alpha", "alpha 95% CI", "floor", "floor 95% CI", "R^2",
+                 "floor at bound", "gene-mean (val)", "Bayes-linear (val)", "best run (val)"]
+
+
+def _depth_key(depth: float) -> str:
+    return f"{float(depth):g}"
+
+
+def _depth_fits_json(depth_fits: dict[float, FitOutcome], sd: SweepData) -> dict[str, Any]:
+    """fit.json's ``by_depth``: {"1": fit, "0.25": fit, ...}, each the law's ``to_dict`` (or its
+    error) plus the depth, the number of ok runs and that depth's baselines."""
+    out = {}
+    for depth, fo in depth_fits.items():
+        entry = dict(fo.data) if fo.data is not None else {
+            "law": fo.law, "method": fo.method, "error": fo.error,
+            "n_points": 0 if fo.used is None else int(len(fo.used))}
+        entry["depth"] = depth
+        entry["n_runs_ok"] = int(((sd.runs["depth"] == depth) & (sd.runs["status"] == "ok")).sum())
+        if sd.depth_baselines.get(depth):
+            entry["baselines"] = sd.depth_baselines[depth]
+        out[_depth_key(depth)] = entry
+    return out
+
+
+def _depth_rows(depth_fits: dict[float, FitOutcome], sd: SweepData) -> list[list[str]]:
+    """One row per depth: the law's exponent and floor with their 95% intervals, R^2, runs
+    fitted, that depth's baselines and best run."""
+
+    def ci(lohi: Any) -> str:
+        ok = isinstance(lohi, list) and len(lohi) == 2 and None not in lohi
+        return f"[{fmt_num(lohi[0])}, {fmt_num(lohi[1])}]" if ok else "n/a"
+
+    rows = []
+    for depth, fo in depth_fits.items():
+        d = fo.data or {}
+        params, cis = d.get("params") or {}, d.get("ci95") or {}
+        fname = d.get("floor_param") or floor_name(params)
+        base = sd.depth_baselines.get(depth, {})
+        at = sd.runs[(sd.runs["depth"] == depth) & (sd.runs["status"] == "ok")]["best_val_mse"]
+        rows.append([
+            _depth_key(depth), fmt_int(0 if fo.used is None else len(fo.used)),
+            fmt_num(params.get("alpha")) if "alpha" in params else "n/a", ci(cis.get("alpha")),
+            fmt_num(params.get(fname)) if fname in params else "n/a", ci(cis.get(fname)) if fname else "n/a",
+            fmt_num(d.get("r2")) if fo.data else f"no fit: {fo.error}",
+            str(d.get("floor_at_boundary")) if fo.data else "",
+            fmt_num((base.get("gene_mean") or {}).get("val")), fmt_num((base.get("bayes_linear") or {}).get("val")),
+            fmt_num(float(at.min())) if at.notna().any() else "n/a",
+        ])
+    return rows
+
+
+def _depth_text(depth_fits: dict[float, FitOutcome], head: float | None) -> str:
+    if not depth_fits:
+        return ""
+    law = next(iter(depth_fits.values())).law
+    return ("Each depth is the dataset with every count binomially thinned to that fraction of the reads "
+            "(library sizes thinned exactly over all genes, then renormalised), so a run at depth f is trained "
+            "and scored on the noisier measurement, validation cells included; its baselines change with it. "
+            f"The '{law}' law is fitted to each depth's runs on its own (rows below, fit.json 'by_depth'); the "
+            f"headline fit above uses depth {_depth_key(head if head is not None else 1.0)} only. A floor that "
+            "rises as depth falls is measurement noise that no model size removes.")
+
+
 def _compute_optimal_rows(fit: FitOutcome) -> tuple[str, list[list[str]]]:
     """(definition line, rows) of the compute-optimal table of a two-variable law, if any."""
     co = (fit.data or {}).get("compute_optimal")
@@ -819,11 +1027,44 @@ def _compact(v: Any) -> str:
     return str(v)
 
 
+def _true_floor_rows(fit: FitOutcome, sd: SweepData) -> list[tuple[str, str, str]]:
+    """The fitted floor beside the simulator's exact one, when the data have one."""
+    true = sd.true_floor
+    d = fit.data or {}
+    name = d.get("floor_param") or floor_name(d.get("params") or {})
+    c = _float((d.get("params") or {}).get(name)) if name else None
+    if true is None or c is None:
+        return []
+    lohi = (d.get("ci95") or {}).get(name) or [None, None]
+    lo, hi = (_float(lohi[0]), _float(lohi[1])) if len(lohi) == 2 else (None, None)
+    unit = " bits" if sd.objective != "mse" else ""
+    if lo is None or hi is None:
+        verdict = "no interval to compare (no bootstrap)"
+    elif lo <= true <= hi:
+        verdict = f"the true floor is inside the fitted floor's 95% interval [{fmt_num(lo)}, {fmt_num(hi)}]"
+    else:
+        verdict = (f"the true floor is OUTSIDE the fitted floor's 95% interval [{fmt_num(lo)}, {fmt_num(hi)}]: "
+                   "the ladder has not reached the regime where the law pins the floor down")
+    return [("true Bayes floor (simulator, val)", f"{fmt_num(true)}{unit}",
+             f"fitted {name} = {fmt_num(c)}{unit} ({100 * (c / true - 1):+.1f}%); {verdict}")]
+
+
 def _entropy_rows(fit: FitOutcome, sd: SweepData, gene_best: _GeneBest | None = None) -> list[tuple[str, str, str]]:
     d = fit.data or {}
     eb = d.get("entropy_bits") or {}
     rows = []
-    if isinstance(eb, dict) and eb.get("gaussian") is not None:
+    if isinstance(eb, dict) and eb.get("likelihood") is not None:
+        ci = eb.get("ci95") or [None, None]
+        rows.append((f"fitted floor of the {sd.objective} loss (measured)", f"{fmt_num(eb['likelihood'], 4)} bits",
+                     (f"95% CI [{fmt_num(ci[0], 4)}, {fmt_num(ci[1], 4)}]" if None not in ci else "no interval")
+                     + ("; the floor sits on its search bound, so this is NOT a measurement"
+                        if d.get("floor_at_boundary") else "")))
+        rows.append(("label", str(eb.get("label") or ""), ""))
+        for k, v in sd.likelihood_refs.items():
+            if v.get("val") is not None:
+                rows.append((f"{k.replace('_', '-')} ({sd.objective}, val)", f"{fmt_num(v['val'], 4)} bits",
+                             "exact, simulator" if k == "bayes_floor" else "baseline, same masks"))
+    elif isinstance(eb, dict) and eb.get("gaussian") is not None:
         ci = eb.get("ci95")
         rows.append(("fitted floor, homoscedastic Gaussian",
                      f"{fmt_num(eb['gaussian'], 4)} bits",
@@ -883,7 +1124,7 @@ td.id{white-space:nowrap} td.err{max-width:360px;word-break:break-word;font-fami
 figure{margin:12px 0} figure img{max-width:100%;border:1px solid #eee} figcaption{font-size:0.85em;color:#555}
 """
 
-_NUMCOLS = {"params", "train_cells", "seed", "cells_seen", "lr", "best_step", "best_val_mse", "test_mse",
+_NUMCOLS = {"params", "train_cells", "depth", "seed", "cells_seen", "lr", "best_step", "best_val_mse", "test_mse",
             "wall_seconds"}
 
 
@@ -936,6 +1177,8 @@ class _Doc:
     gene_text: str = ""
     gene_rows: list[list[str]] = field(default_factory=list)
     gene_run_rows: list[list[str]] = field(default_factory=list)
+    depth_text: str = ""
+    depth_rows: list[list[str]] = field(default_factory=list)
 
 
 def _render_html(doc: _Doc) -> str:
@@ -989,6 +1232,11 @@ def _render_html(doc: _Doc) -> str:
     if "loss_vs_data" in figs:
         parts.append("<h2>Scaling with data</h2>")
         parts.append(fig_html("loss_vs_data"))
+    if doc.depth_rows:
+        parts.append("<h2>Sequencing depth</h2>")
+        parts.append(f"<p>{_h(doc.depth_text)}</p>")
+        parts.append(fig_html("loss_vs_depth"))
+        parts.append(_html_table(_DEPTH_HEADER, doc.depth_rows, numeric=set(_DEPTH_HEADER) - {"alpha 95% CI", "floor 95% CI", "floor at bound"}))
     parts.append("<h2>Per-gene error</h2>")
     parts.append(f"<p>{_h(doc.gene_text)}</p>")
     parts.append(fig_html("per_gene"))
@@ -1045,6 +1293,9 @@ def _render_md(doc: _Doc, fig_rel: dict[str, str]) -> str:
     L += ["## Learning curves", ""] + fig_md("learning_curves")
     if "loss_vs_data" in figs:
         L += ["## Scaling with data", ""] + fig_md("loss_vs_data")
+    if doc.depth_rows:
+        L += ["## Sequencing depth", "", doc.depth_text, ""] + fig_md("loss_vs_depth")
+        L += [_md_table(_DEPTH_HEADER, doc.depth_rows), ""]
     L += ["## Per-gene error", "", doc.gene_text, ""] + fig_md("per_gene")
     if doc.gene_rows:
         L += ["### Hardest and easiest genes", "", _md_table(_GENE_HEADER, doc.gene_rows), ""]
@@ -1088,10 +1339,15 @@ def write_report(sweep_dir: str | os.PathLike) -> tuple[Path, Path]:
     fit = run_fit(runs, fcfg, full_train=_float(((sd.manifest or {}).get("split_sizes") or {}).get("train")),
                   per_gene_mse=None if gene_best is None else gene_best.positive)
 
+    depth_fits = run_depth_fits(runs, fcfg, full_train=_float(((sd.manifest or {}).get("split_sizes") or {}).get("train")),
+                                headline=fit)
+
     fit_json = fit.data if fit.data is not None else {
         "law": fit.law, "method": fit.method, "error": fit.error,
         "n_points": 0 if fit.used is None else int(len(fit.used)),
     }
+    if depth_fits:
+        fit_json = {**fit_json, "by_depth": _depth_fits_json(depth_fits, sd)}
     _atomic_write(root / "fit.json", json.dumps(_to_jsonable(fit_json), indent=2) + "\n")
 
     figures = _make_figures(sd, fit, gene_best)
@@ -1116,8 +1372,9 @@ def write_report(sweep_dir: str | os.PathLike) -> tuple[Path, Path]:
     gm = sd.baselines.get("gene_mean", {})
     if not gm:
         sd.notes.append("No gene-mean baseline was recorded (manifest 'baselines' or results columns).")
-    meaning = meaning_paragraph(runs, fit.data, baseline_val=gm.get("val"), bayes_floor=sd.bayes_floor,
-                                fit_error=fit.error)
+    head = headline_depth(runs)  # the baseline and the fit are the headline depth's: so are the runs
+    meaning = meaning_paragraph(runs if head is None else runs[runs["depth"] == head], fit.data,
+                                baseline_val=gm.get("val"), bayes_floor=sd.bayes_floor, fit_error=fit.error)
     extra = {}
     if sd.sweep_meta and sd.sweep_meta.get("config_hash"):
         extra["config hash"] = sd.sweep_meta["config_hash"]
@@ -1135,9 +1392,10 @@ def write_report(sweep_dir: str | os.PathLike) -> tuple[Path, Path]:
     gene_rows, gene_run_rows = _gene_tables(sd, gene_best)
     doc = _Doc(
         title=f"cellscale report: {name}", meta=meta, meaning=meaning, warnings=warns, notes=sd.notes,
-        figures=figures, fit=fit, fit_rows=_fit_rows(fit), entropy_rows=_entropy_rows(fit, sd, gene_best),
+        figures=figures, fit=fit, fit_rows=_fit_rows(fit) + _true_floor_rows(fit, sd), entropy_rows=_entropy_rows(fit, sd, gene_best),
         run_cols=run_cols, run_rows=run_rows, run_status=run_status, status_counts=status_counts,
         methods=methods, gene_text=_gene_text(sd, gene_best), gene_rows=gene_rows, gene_run_rows=gene_run_rows,
+        depth_text=_depth_text(depth_fits, head), depth_rows=_depth_rows(depth_fits, sd),
     )
     html_path, md_path = root / "report.html", root / "report.md"
     _atomic_write(html_path, _render_html(doc))

@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,18 @@ def finished_result(run_dir: Path) -> dict[str, Any] | None:
         if result.get("status") in FINISHED:
             return result
     return None
+
+
+def dataset_for(spec: RunSpec, dataset: str | Mapping[float, str]) -> str:
+    """The dataset dir ``spec`` trains on: one dir for every run, or one per depth."""
+    if isinstance(dataset, Mapping):
+        if spec.depth not in dataset:
+            raise RunError(f"run {spec.run_id}: no dataset for depth {spec.depth:g}")
+        return str(dataset[spec.depth])
+    if spec.depth != 1.0:
+        raise RunError(f"run {spec.run_id} needs the dataset thinned to depth {spec.depth:g}, "
+                       "but the sweep passed one dataset")
+    return str(dataset)
 
 
 def execute_run(
@@ -50,7 +62,7 @@ def execute_run(
         detail = str(err) if isinstance(err, CellscaleError) else f"{type(err).__name__}: {err}"
         result = {
             "run_id": spec.run_id, "size": spec.size, "seed": spec.seed,
-            "train_cells": spec.train_cells, "status": "failed", "error": detail,
+            "train_cells": spec.train_cells, "depth": spec.depth, "status": "failed", "error": detail,
             "traceback": traceback.format_exc(limit=8),
         }
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -61,10 +73,11 @@ def execute_run(
 
 
 def run_local(
-    specs: list[RunSpec], *, dataset: str, sweep_dir: str, progress: Any | None = None,
+    specs: list[RunSpec], *, dataset: str | Mapping[float, str], sweep_dir: str, progress: Any | None = None,
     on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """One run after another in this process; ``on_result`` is called after each new result."""
+    """One run after another in this process; ``on_result`` is called after each new result.
+    ``dataset``: one dataset dir, or {depth: dir} for a sweep with a depth axis."""
     results = []
     for spec in specs:
         done = finished_result(Path(sweep_dir) / "runs" / spec.run_id)
@@ -74,7 +87,7 @@ def run_local(
                 progress.run_skipped(spec)
             continue
         hook = progress.run_started(spec) if progress is not None else None
-        result = execute_run(spec, dataset, sweep_dir, on_step=hook)
+        result = execute_run(spec, dataset_for(spec, dataset), sweep_dir, on_step=hook)
         if progress is not None:
             progress.run_finished(spec, result)
         results.append(result)
@@ -94,11 +107,11 @@ def _ray_task(spec: RunSpec, dataset: str, sweep_dir: str, num_threads: int) -> 
 
 def _failed_record(spec: RunSpec, error: str) -> dict[str, Any]:
     return {"run_id": spec.run_id, "size": spec.size, "seed": spec.seed,
-            "train_cells": spec.train_cells, "status": "failed", "error": error}
+            "train_cells": spec.train_cells, "depth": spec.depth, "status": "failed", "error": error}
 
 
 def run_ray(
-    specs: list[RunSpec], *, dataset: str, sweep_dir: str, address: str | None = None,
+    specs: list[RunSpec], *, dataset: str | Mapping[float, str], sweep_dir: str, address: str | None = None,
     num_cpus_per_run: float = 1.0, num_gpus_per_run: float = 0.0, num_cpus: int | None = None,
     progress: Any | None = None, on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
@@ -106,7 +119,8 @@ def run_ray(
     ``num_gpus_per_run`` GPUs. Without ``address`` a private local Ray is started (no
     dashboard, session files in a temp dir removed afterwards, no auth token written to
     ~/.ray) and shut down at the end; with ``address`` the sweep joins that cluster, whose
-    workers must see ``dataset`` and ``sweep_dir`` at the same paths (a shared filesystem)."""
+    workers must see ``dataset`` and ``sweep_dir`` at the same paths (a shared filesystem).
+    ``dataset``: one dataset dir, or {depth: dir} for a sweep with a depth axis."""
     try:
         import ray
     except ImportError:
@@ -156,7 +170,7 @@ def run_ray(
         remote = ray.remote(_ray_task).options(
             num_cpus=num_cpus_per_run, num_gpus=num_gpus_per_run, max_retries=0
         )
-        pending = {remote.remote(spec, dataset, sweep_dir, threads): spec for spec in todo}
+        pending = {remote.remote(spec, dataset_for(spec, dataset), sweep_dir, threads): spec for spec in todo}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             spec = pending.pop(ready[0])

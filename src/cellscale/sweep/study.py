@@ -6,15 +6,30 @@ import shutil
 from pathlib import Path
 
 from cellscale.baselines import load_or_compute_baselines
-from cellscale.config import RunConfig, config_hash, dump_yaml, load_run_config
+from cellscale.config import ConfigError, RunConfig, config_hash, dump_yaml, load_run_config
 from cellscale.data.build import build_dataset
 from cellscale.data.store import Dataset
+from cellscale.data.thin import check_thinnable, is_thinned_from, thin_dataset
 from cellscale.errors import RunError
 from cellscale.io import atomic_write_json, atomic_write_text, read_json
 from cellscale.progress import SweepProgress, console
-from cellscale.sweep.plan import plan_runs
+from cellscale.sweep.plan import depth_label, plan_runs
 from cellscale.sweep.results import write_results
 from cellscale.sweep.runner import run_local, run_ray
+
+
+# sweep axes added after sweeps were first written, at the value that means "no such axis"
+_NEW_AXES_OFF = {"depths": [1.0], "epochs": None}
+
+
+def sweep_hash(cfg: RunConfig) -> str:
+    """The config hash a sweep dir is claimed with. An axis left at its "off" value is not
+    hashed, so a sweep written before that axis existed still resumes."""
+    payload = cfg.model_dump(mode="json")
+    for key, off in _NEW_AXES_OFF.items():
+        if payload["sweep"].get(key) == off:
+            del payload["sweep"][key]
+    return config_hash(payload)
 
 
 def prepare_sweep_dir(cfg: RunConfig, out: Path, *, overwrite: bool = False) -> None:
@@ -27,16 +42,16 @@ def prepare_sweep_dir(cfg: RunConfig, out: Path, *, overwrite: bool = False) -> 
     if out.exists() and any(out.iterdir()):
         if marker.is_file():
             old = read_json(marker)
-            if old.get("config_hash") != config_hash(cfg) and not overwrite:
+            if old.get("config_hash") != sweep_hash(cfg) and not overwrite:
                 raise RunError(
                     f"{out} holds a sweep with another config; use another --out, or --overwrite"
                 )
         elif not overwrite:
             raise RunError(f"{out} is not empty and is not a cellscale sweep; use another --out, or --overwrite")
-        if overwrite and (not marker.is_file() or read_json(marker).get("config_hash") != config_hash(cfg)):
+        if overwrite and (not marker.is_file() or read_json(marker).get("config_hash") != sweep_hash(cfg)):
             shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(marker, {"config_hash": config_hash(cfg), "dataset": None})
+    atomic_write_json(marker, {"config_hash": sweep_hash(cfg), "dataset": None})
     atomic_write_text(out / "config.yaml", dump_yaml(cfg))
 
 
@@ -50,6 +65,46 @@ def ensure_dataset(cfg: RunConfig, out: Path) -> Path:
         return path.resolve()
     console.print(f"building dataset ({cfg.data.source}, V={cfg.data.genes}, D={cfg.data.cells}) -> {path}")
     return build_dataset(cfg.data, out=path, overwrite=True).resolve()
+
+
+def depth_dataset_dir(out: Path, depth: float) -> Path:
+    """Where a sweep keeps its dataset thinned to ``depth``: ``SWEEP_DIR/datasets/depth-{depth}``."""
+    return out / "datasets" / f"depth-{depth_label(depth)}"
+
+
+def check_depth_axis(cfg: RunConfig, given: Dataset | None) -> None:
+    """Refuse, before anything is written, a depth axis on data that has no counts to thin."""
+    if all(float(d) == 1.0 for d in cfg.sweep.depths):
+        return
+    if given is not None:
+        check_thinnable(given)
+    elif cfg.data.normalized or (cfg.data.source == "simulate" and cfg.data.simulate.mode == "gaussian"):
+        what = "normalised input" if cfg.data.normalized else "the gaussian simulator mode"
+        raise ConfigError(f"sweep.depths thins raw counts, but the data section builds from {what}, "
+                          "which has none: drop sweep.depths or build from counts")
+
+
+def ensure_depth_datasets(cfg: RunConfig, out: Path, base: Dataset, *, progress: bool = False) -> dict[float, str]:
+    """{depth: dataset dir} for every depth of the sweep: the base dataset at 1.0, each other
+    depth thinned from it once (a complete one from an earlier, interrupted sweep is reused)
+    with its baselines cached in its own ``baselines.json``. Thinning is seeded by the base
+    dataset's seed, so the same config gives the same thinned counts."""
+    paths: dict[float, str] = {}
+    for depth in cfg.sweep.depths:
+        if float(depth) == 1.0:
+            paths[1.0] = str(base.path)
+            continue
+        target, seed = depth_dataset_dir(out, depth), int(base.manifest.get("seed", 0))
+        if is_thinned_from(target, base, fraction=float(depth), seed=seed):
+            path = target
+            Dataset.open(path, verify="quick")  # a truncated leftover is refused, not trained on
+        else:  # absent, or thinned from another base or seed: the sweep's own dir, replaced
+            console.print(f"thinning the dataset to depth {depth_label(depth)} -> {target}")
+            path = thin_dataset(base, fraction=float(depth), seed=seed, out=target, overwrite=True,
+                                progress=progress)
+        load_or_compute_baselines(Dataset.open(path, verify="none"))
+        paths[float(depth)] = str(path.resolve())
+    return paths
 
 
 def run_sweep(
@@ -70,6 +125,7 @@ def run_sweep(
     # (opened and verified once, here)
     given = Dataset.open(Path(cfg.dataset).expanduser().resolve()) if cfg.dataset else None
     plan_runs(cfg, n_genes=given.n_genes if given is not None else cfg.data.genes)
+    check_depth_axis(cfg, given)
     fresh = not out.exists() or (out.is_dir() and not any(out.iterdir()))
     prepare_sweep_dir(cfg, out, overwrite=overwrite)
     try:
@@ -79,26 +135,31 @@ def run_sweep(
             shutil.rmtree(out, ignore_errors=True)
         raise
     ds = given if given is not None else Dataset.open(dataset)
-    atomic_write_json(out / "sweep.json", {"dataset": str(dataset), "config_hash": config_hash(cfg)})
+    atomic_write_json(out / "sweep.json", {"dataset": str(dataset), "config_hash": sweep_hash(cfg)})
     if not (out / "baselines.json").is_file():
         # reference predictors drawn on every figure: gene mean, Bayes-linear, kNN
         base = load_or_compute_baselines(ds)
         atomic_write_json(out / "baselines.json",
-                          {k: v for k, v in base.items() if k in ("gene_mean", "bayes_linear", "knn", "bayes_floor")})
-    specs = plan_runs(cfg, n_genes=ds.n_genes)
+                          {k: v for k, v in base.items() if k in ("gene_mean", "bayes_linear", "knn", "bayes_floor", "likelihood")})
+    datasets = ensure_depth_datasets(cfg, out, ds, progress=progress)
+    if set(datasets) != {1.0}:  # the report finds each depth's manifest and baselines here
+        atomic_write_json(out / "sweep.json", {**read_json(out / "sweep.json"), "depth_datasets": {
+            depth_label(d): p for d, p in sorted(datasets.items(), reverse=True) if d != 1.0}})
+    specs = plan_runs(cfg, n_genes=ds.n_genes, n_train=int(ds.splits["train"].size))
     ids = [s.run_id for s in specs]
+    depths = {s.run_id: s.depth for s in specs}
     backend = backend or cfg.sweep.backend
 
     def on_result(_: dict) -> None:
-        write_results(out, ids)
+        write_results(out, ids, depths)
 
     with SweepProgress(len(specs), enabled=progress) as bar:
         if backend == "ray":
-            run_ray(specs, dataset=str(dataset), sweep_dir=str(out), address=ray_address,
+            run_ray(specs, dataset=datasets, sweep_dir=str(out), address=ray_address,
                     num_cpus_per_run=cfg.sweep.num_cpus_per_run,
                     num_gpus_per_run=cfg.sweep.num_gpus_per_run, num_cpus=ray_num_cpus,
                     progress=bar, on_result=on_result)
         else:
-            run_local(specs, dataset=str(dataset), sweep_dir=str(out), progress=bar,
+            run_local(specs, dataset=datasets, sweep_dir=str(out), progress=bar,
                       on_result=on_result)
-    return write_results(out, ids)
+    return write_results(out, ids, depths)
