@@ -253,3 +253,17 @@ def test_likelihood_sweep_report_is_in_bits_and_sets_the_true_floor_beside_the_f
     md = (out / "report.md").read_text()
     assert "true Bayes floor (simulator, val)" in md and f"{lik['bayes_floor']['val']:.4g} bits" in md
     assert "fitted floor of the gaussian-nll loss (measured)" in md and "best_val_loss (bits)" in md
+
+
+def test_fit_refuses_a_table_of_several_depths():
+    import pandas as pd
+
+    from cellscale.errors import FitError
+    from cellscale.fit import fit_table
+
+    P = np.logspace(2, 6, 6)
+    frame = pd.DataFrame({"run_id": [f"r{i}" for i in range(6)], "params": P, "status": "ok",
+                          "best_val_mse": 1.3 * P**-0.3 + 0.5, "depth": [1.0, 1.0, 1.0, 0.25, 0.25, 0.25]})
+    with pytest.raises(FitError, match=r"the table mixes sequencing depths \(0.25, 1\)"):
+        fit_table(frame, law="power-floor", bootstrap=0)
+    assert fit_table(frame[frame["depth"] == 1.0], law="power-floor", bootstrap=0).n_points == 3

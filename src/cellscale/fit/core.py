@@ -89,13 +89,18 @@ LIKELIHOOD_Y = ("best_val_loss", "test_loss")
 def _resolve_y(df: pd.DataFrame, y: str | None) -> tuple[str, str]:
     """The loss column and its unit. A table of a likelihood objective (its ``objective``
     column) is fitted on ``best_val_loss`` (bits per masked gene) unless ``y`` says otherwise;
-    rows of different objectives are refused (their losses are in different units)."""
+    rows of different objectives are refused (their losses are in different units), and so
+    are rows of different sequencing depths."""
     objectives = set()
     if "objective" in df.columns:
         objectives = {str(o) for o in df["objective"].dropna().unique()}
     if len(objectives) > 1:
         raise FitError(f"the table mixes objectives ({', '.join(sorted(objectives))}): "
                        "fit each objective's rows on their own")
+    if "depth" in df.columns and pd.to_numeric(df["depth"], errors="coerce").dropna().nunique() > 1:
+        depths = ", ".join(f"{d:g}" for d in sorted(pd.to_numeric(df["depth"], errors="coerce").dropna().unique()))
+        raise FitError(f"the table mixes sequencing depths ({depths}): no law here has a depth term, so fit "
+                       "each depth's rows on their own (the report's fit.json has them under by_depth)")
     likelihood = bool(objectives) and objectives != {"mse"}
     if y is None:
         y = LIKELIHOOD_Y[0] if likelihood else Y_DEFAULT
