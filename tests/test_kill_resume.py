@@ -25,10 +25,7 @@ from cellscale.config import load_run_config
 from cellscale.data.store import Dataset
 from cellscale.ladder import get_size
 from cellscale.sweep import run_sweep
-from cellscale.sweep.results import result_columns
-from cellscale.train import train_run
-
-RESULT_FIELDS = result_columns()  # the train fields and the sweep's depth axis
+from cellscale.train import RESULT_FIELDS, train_run
 
 STUDY = {"train": {"cells_seen": 32 * 40, "batch_size": 32, "eval_every": 8, "checkpoint_every": 8,
                    "eval_batch_size": 64, "num_threads": 1, "device": "cpu"}}

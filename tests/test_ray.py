@@ -20,9 +20,7 @@ pytest.importorskip("ray")
 
 from cellscale.config import RunConfig, parse_config
 from cellscale.sweep import run_sweep
-from cellscale.sweep.results import result_columns
-
-RESULT_FIELDS = result_columns()  # the train fields and the sweep's depth axis
+from cellscale.train import RESULT_FIELDS
 
 WALL = ["wall_seconds"]
 NUMERIC = ["best_val_mse", "test_mse"]

@@ -9,7 +9,7 @@ import cellscale.sweep.runner as runner
 from cellscale.config import RunConfig, parse_config
 from cellscale.errors import RunError
 from cellscale.sweep import run_sweep
-from cellscale.sweep.results import result_columns
+from cellscale.train import RESULT_FIELDS
 
 
 def _cfg(dataset: Path, **sweep) -> RunConfig:
@@ -25,7 +25,7 @@ def test_sweep_table_and_skip_on_rerun(tiny_dataset_dir: Path, tmp_path: Path):
     out = tmp_path / "sw"
     csv = run_sweep(cfg, out=out, progress=False)
     table = pd.read_csv(csv)
-    assert list(table.columns) == result_columns()
+    assert list(table.columns) == list(RESULT_FIELDS)
     assert set(table["depth"]) == {1.0}
     assert list(table["run_id"]) == [
         "XXS-dall-s0", "XXS-dall-s1", "XXS-d50-s0", "XXS-d50-s1",

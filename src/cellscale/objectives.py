@@ -32,6 +32,7 @@ __all__ = [
     "loss_unit",
     "position_loss",
     "masked_position_loss",
+    "at_positions",
     "point_prediction",
     "nb_mean_log1p",
     "to_report_units",
@@ -116,8 +117,13 @@ def masked_position_loss(
     if counts is not None:
         kw["counts"] = counts[mask]
     if log_scale is not None:
-        kw["log_scale"] = log_scale.unsqueeze(1).expand_as(mask)[mask]
+        kw["log_scale"] = at_positions(log_scale, mask)
     return position_loss(objective, out, values[mask], **kw)
+
+
+def at_positions(per_cell: Tensor, mask: Tensor) -> Tensor:
+    """A per-cell value [B] repeated at each of the cell's masked positions [M]."""
+    return per_cell.unsqueeze(1).expand_as(mask)[mask]
 
 
 def point_prediction(objective: str, out: Tensor, *, log_scale: Tensor | None = None) -> Tensor:

@@ -170,7 +170,7 @@ def evaluate(
         with autocast():
             out = model(values, mask)
         kw = dict(zip(("counts", "log_scale"), extra))
-        scale_at = kw["log_scale"].unsqueeze(1).expand_as(mask)[mask] if "log_scale" in kw else None
+        scale_at = objectives.at_positions(kw["log_scale"], mask) if "log_scale" in kw else None
         err = (objectives.point_prediction(objective, out, log_scale=scale_at) - values[mask]) ** 2
         pos = err if objective == "mse" else objectives.masked_position_loss(objective, out, values, mask, **kw)
         if per_gene:

@@ -147,11 +147,10 @@ def run_sweep(
             depth_label(d): p for d, p in sorted(datasets.items(), reverse=True) if d != 1.0}})
     specs = plan_runs(cfg, n_genes=ds.n_genes, n_train=int(ds.splits["train"].size))
     ids = [s.run_id for s in specs]
-    depths = {s.run_id: s.depth for s in specs}
     backend = backend or cfg.sweep.backend
 
     def on_result(_: dict) -> None:
-        write_results(out, ids, depths)
+        write_results(out, ids)
 
     with SweepProgress(len(specs), enabled=progress) as bar:
         if backend == "ray":
@@ -162,4 +161,4 @@ def run_sweep(
         else:
             run_local(specs, dataset=datasets, sweep_dir=str(out), progress=bar,
                       on_result=on_result)
-    return write_results(out, ids, depths)
+    return write_results(out, ids)
