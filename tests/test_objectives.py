@@ -267,3 +267,16 @@ def test_fit_refuses_a_table_of_several_depths():
     with pytest.raises(FitError, match=r"the table mixes sequencing depths \(0.25, 1\)"):
         fit_table(frame, law="power-floor", bootstrap=0)
     assert fit_table(frame[frame["depth"] == 1.0], law="power-floor", bootstrap=0).n_points == 3
+
+
+def test_objective_names_agree_everywhere():
+    """The config's Literal, the CLI's choices (kept literal so `cellscale --help` loads no torch)
+    and objectives.OBJECTIVES name the same objectives."""
+    import typing
+
+    from cellscale.cli import build_parser
+
+    literal = typing.get_args(ModelConfig.model_fields["objective"].annotation)
+    parser = build_parser()
+    train = next(a for a in parser._subparsers._group_actions[0].choices["train"]._actions if a.dest == "objective")
+    assert tuple(literal) == tuple(train.choices) == objectives.OBJECTIVES
