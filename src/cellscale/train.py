@@ -171,12 +171,13 @@ def evaluate(
             out = model(values, mask)
         kw = dict(zip(("counts", "log_scale"), extra))
         scale_at = objectives.at_positions(kw["log_scale"], mask) if "log_scale" in kw else None
-        err = (objectives.point_prediction(objective, out, log_scale=scale_at) - values[mask]) ** 2
+        diff = objectives.point_prediction(objective, out, log_scale=scale_at) - values[mask]
+        err = diff**2
         pos = err if objective == "mse" else objectives.masked_position_loss(objective, out, values, mask, **kw)
         if per_gene:
             # outputs are in mask.nonzero() order: column 1 of nonzero() is the gene of each entry
             genes = mask.nonzero()[:, 1].cpu().numpy()
-            sq_g += np.bincount(genes, weights=err.double().cpu().numpy(), minlength=n_genes)
+            sq_g += np.bincount(genes, weights=(diff.double() ** 2).cpu().numpy(), minlength=n_genes)
             nats_g += np.bincount(genes, weights=pos.double().cpu().numpy(), minlength=n_genes)
             n_g += np.bincount(genes, minlength=n_genes)
             continue
