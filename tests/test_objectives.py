@@ -253,6 +253,7 @@ def test_likelihood_sweep_report_is_in_bits_and_sets_the_true_floor_beside_the_f
     md = (out / "report.md").read_text()
     assert "true Bayes floor (simulator, val)" in md and f"{lik['bayes_floor']['val']:.4g} bits" in md
     assert "fitted floor of the gaussian-nll loss (measured)" in md and "best_val_loss (bits)" in md
+    assert "Validation loss of the gaussian-nll objective in bits per masked gene" in md
 
 
 def test_fit_refuses_a_table_of_several_depths():

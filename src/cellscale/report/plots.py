@@ -225,13 +225,16 @@ def learning_curves(
     *,
     refs: Sequence[RefLine] = (),
     max_points: int = 300,
+    val: str = "val_mse",
+    ylabel: str = "MSE on masked genes",
     title: str = "Learning curves (validation MSE solid, training loss faint)",
 ) -> Figure:
-    """Validation MSE against cells seen for every run, training loss drawn faint.
+    """Validation loss (column ``val``) against cells seen for every run, training loss faint.
 
     ``metrics`` maps run_id to a frame of ``metrics.jsonl`` lines (columns ``kind``,
-    ``cells_seen``, ``loss``, ``val_mse``); ``runs`` supplies ``run_id``, ``size``, ``params``
-    and ``status`` for colours and labels.
+    ``cells_seen``, ``loss``, and ``val``: ``val_mse``, or ``val_bits`` for a likelihood
+    objective, whose training loss is in bits too); ``runs`` supplies ``run_id``, ``size``,
+    ``params`` and ``status`` for colours and labels.
     """
     fig, ax = _new_figure()
     info = runs.set_index("run_id") if "run_id" in runs else pd.DataFrame()
@@ -261,15 +264,15 @@ def learning_curves(
                 ys_all += list(tr["loss"])
                 drew = True
         ev = m[(m["kind"] == "eval")]
-        if "val_mse" in ev and "cells_seen" in ev:
-            ev = ev[np.isfinite(pd.to_numeric(ev["val_mse"], errors="coerce")) & (ev["cells_seen"] > 0)]
+        if val in ev and "cells_seen" in ev:
+            ev = ev[np.isfinite(pd.to_numeric(ev[val], errors="coerce")) & (ev["cells_seen"] > 0)]
             if len(ev):
                 label = size if size not in seen_labels else None
                 seen_labels.add(size)
                 ls = "-" if status == "ok" else ":"
-                ax.plot(ev["cells_seen"], ev["val_mse"], color=color, lw=1.6, ls=ls, marker="o",
+                ax.plot(ev["cells_seen"], ev[val], color=color, lw=1.6, ls=ls, marker="o",
                         ms=2.5, label=label)
-                ys_all += list(ev["val_mse"])
+                ys_all += list(ev[val])
                 drew = True
     if drew:
         for ref in refs:
@@ -291,7 +294,7 @@ def learning_curves(
                       title="size (dotted: not ok)", title_fontsize=8, loc="upper left",
                       bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     ax.set_xlabel("cells seen")
-    ax.set_ylabel("MSE on masked genes")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     return fig
 

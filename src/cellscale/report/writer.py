@@ -184,7 +184,7 @@ def _read_metrics(path: Path) -> tuple[pd.DataFrame | None, int]:
     if not rows:
         return None, bad
     df = pd.DataFrame(rows)
-    for c in ("step", "cells_seen", "lr", "loss", "val_mse", "wall"):
+    for c in ("step", "cells_seen", "lr", "loss", "val_mse", "val_bits", "wall"):
         if c in df:
             df[c] = pd.to_numeric(df[c], errors="coerce")
     if "kind" not in df:
@@ -732,12 +732,20 @@ def _make_figures(sd: SweepData, fit: FitOutcome, gene_best: _GeneBest | None = 
         fig_runs = pd.concat([fit.used, runs[runs["status"] != "ok"]], ignore_index=True)
     if sd.objective != "mse":
         cap += (f" Loss: the {sd.objective} objective's validation loss in bits per masked gene (its floor is the "
-                "entropy itself); the learning curves below show the MSE of its point predictions.")
+                "entropy itself); the learning curves below are in bits too.")
     add("loss_vs_params", "Validation loss against parameters", cap,
         plots.loss_vs_params(fig_runs, curve=fit.curve, floor=floor, refs=loss_refs, y=sd.loss_col))
-    add("learning_curves", "Learning curves", "Validation MSE (solid, markers) and training loss (faint) against "
-        "cells seen, every run; dotted curves are runs that did not finish ok.",
-        plots.learning_curves(sd.metrics, runs, refs=[r for r in refs if "baseline" in r.label]))
+    if sd.objective == "mse":
+        add("learning_curves", "Learning curves", "Validation MSE (solid, markers) and training loss (faint) against "
+            "cells seen, every run; dotted curves are runs that did not finish ok.",
+            plots.learning_curves(sd.metrics, runs, refs=[r for r in refs if "baseline" in r.label]))
+    else:
+        add("learning_curves", "Learning curves", f"Validation loss of the {sd.objective} objective in bits per "
+            "masked gene (solid, markers) and training loss in bits (faint) against cells seen, every run; dotted "
+            "curves are runs that did not finish ok.",
+            plots.learning_curves(sd.metrics, runs, refs=[r for r in loss_refs if "baseline" in r.label],
+                                  val="val_bits", ylabel="bits per masked gene",
+                                  title="Learning curves (validation bits solid, training loss faint)"))
     ok = runs[runs["status"] == "ok"]
     head = headline_depth(runs)
     if head is not None:
