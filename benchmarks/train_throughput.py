@@ -5,7 +5,7 @@ reference: the stock ``nn.TransformerEncoder`` (norm_first, GELU, dropout 0.1), 
 token, micro-batches of 4 cells from a per-cell ``torch.utils.data.DataLoader`` over an
 in-memory AnnData, gradient accumulation 8 (effective batch 32), one AdamW step per 8
 micro-batches, gradient clip 1.0; (3) cellscale's step: ``CellTransformer`` (fused QKV,
-SDPA / cache-blocked dropout attention, head on masked positions only), whole batches sliced
+the fused CPU dropout attention of ``cellscale.kernels``, head on masked positions only), whole batches sliced
 from an in-memory array with vectorised masks, fused AdamW, clip 1.0.
 
 Prints cells/s, achieved GFLOP/s (``flops_per_cell(cfg)["train"]``: 2 x MACs of every matmul,
@@ -108,11 +108,11 @@ def reference_runner(cfg, adata, *, micro_batch: int = 4, accum: int = 8, seed: 
 
 
 # -- (3) cellscale's step ----------------------------------------------------------------------
-def cellscale_runner(cfg, X: np.ndarray, *, batch: int, seed: int = 0, blocked: bool = True):
+def cellscale_runner(cfg, X: np.ndarray, *, batch: int, seed: int = 0, fused: bool = True):
     torch.manual_seed(seed)
     model = CellTransformer(cfg).train()
     for layer in model.layers:
-        layer.cpu_blocked_attention = blocked
+        layer.cpu_fused_attention = fused
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01, fused=True)
     data = torch.from_numpy(X)
     n = data.shape[0]
@@ -145,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=20.0, help="time box per measurement")
     ap.add_argument("--batch", default="XXS=256,TINY=256,XS=64,S=64",
                     help="cellscale batch per size, e.g. XS=64,S=64 (default 64)")
-    ap.add_argument("--attention", choices=["blocked", "sdpa"], default="sdpa",
-                    help="CPU training attention with dropout: SDPA (default; math path) or cache-blocked")
+    ap.add_argument("--attention", choices=["fused", "sdpa"], default="fused",
+                    help="CPU training attention with dropout: the fused kernel (default) or SDPA's math path")
     ap.add_argument("--rounds", type=int, default=2,
                     help="alternate reference/cellscale this many times per size (same load for both)")
     ap.add_argument("--threads", type=int, default=None)
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_reference:
             runs.append(("reference", "4x8", reference_runner(cfg, adata)))
         b = batches.get(name, 64)
-        runs.append(("cellscale", str(b), cellscale_runner(cfg, X, batch=b, blocked=args.attention == "blocked")))
+        runs.append(("cellscale", str(b), cellscale_runner(cfg, X, batch=b, fused=args.attention == "fused")))
         # interleave the implementations in rounds so that both see the same machine load
         stats = {impl: [0, 0, 0.0] for impl, _, _ in runs}  # steps, cells, seconds
         for _, _, fn in runs:

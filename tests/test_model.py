@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +9,6 @@ import torch.nn.functional as F
 from cellscale.ladder import get_size
 from cellscale.model import (
     CellTransformer,
-    blocked_dropout_attention,
     count_params,
     dropout,
     flops_per_cell,
@@ -146,20 +143,6 @@ def test_training_mode_dropout_runs_and_is_random():
     assert model.loss(values, mask).item() != model.loss(values, mask).item()
     model.eval()
     assert model.loss(values, mask).item() == model.loss(values, mask).item()
-
-
-def test_blocked_dropout_attention_matches_math():
-    torch.manual_seed(0)
-    B, H, V, hd = 3, 2, 40, 8
-    q, k, v = (torch.randn(B, H, V, hd, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    keep = torch.rand(B * H, V, V) > 0.1
-    o = blocked_dropout_attention(q, k, v, 0.1, keep=keep)
-    attn = ((q @ k.transpose(-1, -2)) / math.sqrt(hd)).softmax(-1) * keep.view(B, H, V, V) / 0.9
-    o2 = attn @ v
-    torch.testing.assert_close(o, o2)
-    go = torch.randn_like(o)
-    for a, b in zip(torch.autograd.grad(o, (q, k, v), go), torch.autograd.grad(o2, (q, k, v), go)):
-        torch.testing.assert_close(a, b)
 
 
 def test_fast_dropout_distribution():

@@ -20,9 +20,10 @@ The fast path differs from the stock module only in *how* it computes:
   (:func:`reference_to_fast_state_dict`);
 * attention through :func:`torch.nn.functional.scaled_dot_product_attention` (flash /
   memory-efficient kernels where the device has them), ``dropout_p`` only in training;
-  on CPU *in training with dropout > 0*, SDPA has no fused kernel (it falls back to its
-  memory-bound math path); :func:`blocked_dropout_attention` computes the same function
-  in cache-sized blocks, opt-in via ``EncoderBlock.cpu_blocked_attention = True``;
+  on CPU *in training with dropout > 0*, SDPA has no fused kernel (it falls back to a
+  memory-bound math path), so there attention runs on :mod:`cellscale.kernels`' fused C++
+  kernel (same function and distribution; the dropout mask is a counter-based hash,
+  recomputed in backward), straight from the fused projection's ``[B, V, 3d]`` output;
 * CPU dropout masks come from a cheaper RNG path than ``bernoulli_`` (:func:`drop_mask`;
   drop probability quantised to 1/65536, scale exact), see ``benchmarks/README.md``;
 * no Python loop over cells; the head (and loss) run on the masked positions only — the
@@ -41,7 +42,7 @@ gene embedding ~ N(0, 0.02), biases 0, LayerNorm weight 1 / bias 0, the mask vec
 ``1/sqrt(2 * n_layers)`` (GPT-2 style) so that deep sizes start with a bounded residual stream.
 
 This module imports only torch, :mod:`cellscale.config` and the torch-only
-:mod:`cellscale.objectives`.
+:mod:`cellscale.objectives` and :mod:`cellscale.kernels`.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cellscale import objectives
+from cellscale import kernels, objectives
 from cellscale.config import ModelConfig
 
 __all__ = [
@@ -68,7 +69,7 @@ __all__ = [
     "dropout",
     "keep_mask",
     "drop_mask",
-    "blocked_dropout_attention",
+    "fused_attention_enabled",
 ]
 
 INIT_STD = 0.02
@@ -139,92 +140,15 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     return _MaskedScale.apply(x, drop, scale)
 
 
-# -- cache-blocked attention with dropout on CPU ------------------------------------------
-# SDPA's fused CPU kernel has no dropout, so with dropout_p > 0 it falls back to the math
-# path, which materialises [B, H, V, V] scores, probabilities and masks in memory (for S at
-# batch 64: 0.5 GB per tensor per layer) and is memory-bound. This autograd function does
-# the same math in blocks of (batch x head) slices that fit the cache, keeps only the bool
-# dropout mask (1 byte per score) and recomputes the softmax in backward (flash-style, with
-# rowsum(dP * P) = rowsum(dO * O)).
-BLOCK_ELEMS = 1 << 21  # score elements per block (8 MB of fp32)
-
-
-class _BlockedDropoutAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, p: float, keep: Tensor | None) -> Tensor:
-        B, H, V, hd = q.shape
-        n = B * H
-        scale = 1.0 / math.sqrt(hd)
-        qs = (q * scale).reshape(n, V, hd)
-        k = k.reshape(n, V, hd)
-        v = v.reshape(n, V, hd)
-        kt = k.transpose(1, 2)
-        g = max(1, min(n, BLOCK_ELEMS // (V * V)))
-        thr, inv = _drop_threshold(p)
-        given = keep is not None
-        if given:
-            inv = 1.0 / (1.0 - p)
-            drop = keep.logical_not()
-        else:
-            drop = torch.empty((n, V, V), dtype=torch.bool)
-            scratch = torch.empty((g * V * V + 1) // 2, dtype=torch.int32)
-        out = torch.empty((n, V, hd), dtype=q.dtype)
-        s_buf = torch.empty((g, V, V), dtype=q.dtype)
-        p_buf = torch.empty((g, V, V), dtype=q.dtype)
-        for i in range(0, n, g):
-            j = min(n, i + g)
-            s, pr = s_buf[: j - i], p_buf[: j - i]
-            torch.bmm(qs[i:j], kt[i:j], out=s)
-            torch._softmax(s, -1, False, out=pr)
-            if not given:
-                drop_mask((j - i, V, V), p, out=drop[i:j], scratch=scratch)
-            pr.masked_fill_(drop[i:j], 0.0)
-            torch.bmm(pr, v[i:j], out=out[i:j])
-        out.mul_(inv)
-        ctx.save_for_backward(qs, k, v, drop, out)
-        ctx.inv, ctx.scale, ctx.g, ctx.shape = inv, scale, g, (B, H, V, hd)
-        return out.view(B, H, V, hd)
-
-    @staticmethod
-    def backward(ctx: Any, dout: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:
-        qs, k, v, drop, out = ctx.saved_tensors
-        B, H, V, hd = ctx.shape
-        n, g, inv = B * H, ctx.g, ctx.inv
-        do = dout.reshape(n, V, hd)
-        D = (do * out).sum(-1, keepdim=True)  # rowsum(dP * P) = rowsum(dO * O)
-        kt = k.transpose(1, 2)
-        vt = v.transpose(1, 2)
-        dq = torch.empty_like(qs)
-        dk = torch.empty_like(k)
-        dv = torch.empty_like(v)
-        bufs = [torch.empty((g, V, V), dtype=qs.dtype) for _ in range(3)]
-        for i in range(0, n, g):
-            j = min(n, i + g)
-            s, pd, ds = (b[: j - i] for b in bufs)
-            torch.bmm(qs[i:j], kt[i:j], out=s)
-            pr = torch._softmax(s, -1, False, out=s)  # P (in place)
-            torch.mul(pr, inv, out=pd)
-            pd.masked_fill_(drop[i:j], 0.0)  # dropped P
-            torch.bmm(pd.transpose(1, 2), do[i:j], out=dv[i:j])
-            torch.bmm(do[i:j], vt[i:j], out=ds)  # d(dropped P)
-            ds.mul_(pd)
-            ds.addcmul_(pr, D[i:j], value=-1.0)  # dS = P * (dP - D)
-            torch.bmm(ds, k[i:j], out=dq[i:j])
-            torch.bmm(ds.transpose(1, 2), qs[i:j], out=dk[i:j])
-        dq.mul_(ctx.scale)
-        shp = (B, H, V, hd)
-        return dq.view(shp), dk.view(shp), dv.view(shp), None, None
-
-
-def blocked_dropout_attention(q: Tensor, k: Tensor, v: Tensor, p: float, *,
-                              keep: Tensor | None = None) -> Tensor:
-    """softmax(q k^T / sqrt(hd)) with dropout p, times v; q, k, v: [B, H, V, hd] (CPU).
-
-    Same function (and distribution) as ``F.scaled_dot_product_attention(..., dropout_p=p)``.
-    ``keep`` ([B*H, V, V] bool) fixes the dropout mask (tests); then the scale is 1/(1-p).
-    """
-    return _BlockedDropoutAttention.apply(q, k, v, p, keep)
-
+def fused_attention_enabled(x: Tensor) -> bool:
+    """Whether attention with dropout on ``x`` runs on the fused CPU kernel (float32 on CPU,
+    the kernel built; otherwise SDPA's math path, with one warning)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return False
+    if kernels.available():
+        return True
+    kernels.warn_fallback()
+    return False
 
 
 class EncoderBlock(nn.Module):
@@ -236,10 +160,9 @@ class EncoderBlock(nn.Module):
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
         self.dropout = dropout
-        # CPU training with dropout: True uses the cache-blocked attention
-        # (blocked_dropout_attention) instead of SDPA's math path. Off by default: on the
-        # (heavily shared) 2-core benchmark machine it did not beat SDPA (benchmarks/README.md).
-        self.cpu_blocked_attention = False
+        # CPU training with dropout: the fused C++ kernel (cellscale.kernels) where it can be
+        # built; False forces SDPA's math path (same function, ~6x slower attention)
+        self.cpu_fused_attention = True
         self.norm1 = nn.LayerNorm(d_model)
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
@@ -253,12 +176,14 @@ class EncoderBlock(nn.Module):
         p = self.dropout if self.training else 0.0
         h = self.norm1(x)
         # [B, V, 3, H, hd] -> 3 x [B, H, V, hd]; q, k, v stacked as in in_proj_weight
-        qkv = self.qkv(h).view(B, V, 3, H, hd).permute(2, 0, 3, 1, 4)
-        if p > 0.0 and x.device.type == "cpu" and self.cpu_blocked_attention:
-            a = blocked_dropout_attention(qkv[0], qkv[1], qkv[2], p)
+        qkv = self.qkv(h)
+        if p > 0.0 and self.cpu_fused_attention and fused_attention_enabled(x):
+            a = kernels.fused_dropout_attention(qkv, H, p)
         else:
-            a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], dropout_p=p)
-        a = a.transpose(1, 2).reshape(B, V, d)
+            # [B, V, 3, H, hd] -> 3 x [B, H, V, hd]; q, k, v stacked as in in_proj_weight
+            q, k, v = qkv.view(B, V, 3, H, hd).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+            a = a.transpose(1, 2).reshape(B, V, d)
         x = x + dropout(self.out(a), p, self.training)
         h = self.norm2(x)
         h = dropout(F.gelu(self.ff1(h)), p, self.training)

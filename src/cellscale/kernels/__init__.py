@@ -1,0 +1,165 @@
+"""Compiled CPU kernels, built on first use with ``torch.utils.cpp_extension``.
+
+``fused_dropout_attention`` is multi-head attention with dropout on the attention
+probabilities (the study's layer) in one C++ kernel: scores stay in cache, the dropout mask
+is a counter-based hash drawn inside the loop and recomputed in backward, so nothing of size
+[B, H, V, V] ever reaches memory. It is what makes CPU training with attention dropout run at
+matmul speed; see ``dropout_attention.cpp`` and ``benchmarks/README.md``.
+
+The build (~1 min, once per machine and torch version) needs a C++ compiler and ninja
+(a Python dependency); it is cached under ``$CELLSCALE_KERNEL_CACHE`` (default
+``~/.cache/cellscale/kernels``). ``cellscale kernels build`` builds it ahead of time. Where it
+cannot be built, :func:`available` is False with the reason in :func:`unavailable_reason`
+and the model falls back to SDPA's math path (same function, slower); setting
+``CELLSCALE_KERNELS=0`` forces that fallback.
+
+Imports only torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "available",
+    "unavailable_reason",
+    "load",
+    "fused_dropout_attention",
+    "fused_keep_mask",
+    "fused_keep_scale",
+]
+
+_SOURCE = Path(__file__).with_name("dropout_attention.cpp")
+_EXT: Any = None
+_ERROR: str | None = None
+_WARNED = False
+
+
+def _cpu_tag() -> str:
+    """Short hash of the CPU's feature flags: the build uses -march=native."""
+    flags = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags += line
+                break
+    except OSError:
+        pass
+    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("CELLSCALE_KERNEL_CACHE") or Path.home() / ".cache" / "cellscale" / "kernels"
+    tv = torch.__version__.replace("+", "_").replace(".", "_")
+    return Path(root) / f"torch{tv}-{_cpu_tag()}"
+
+
+def load(*, verbose: bool = False) -> Any:
+    """The compiled extension module (built if needed), or None where it cannot be built."""
+    global _EXT, _ERROR
+    if _EXT is not None or _ERROR is not None:
+        return _EXT
+    if os.environ.get("CELLSCALE_KERNELS", "1") == "0":
+        _ERROR = "disabled by CELLSCALE_KERNELS=0"
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        build = cache_dir()
+        build.mkdir(parents=True, exist_ok=True)
+        # ninja from the Python package when the system has none
+        try:
+            import ninja  # type: ignore[import-not-found]
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
+        if not (build / "cellscale_dropout_attention.so").exists():
+            print("cellscale: compiling the fused CPU attention kernel (once per machine and torch "
+                  "version, about a minute)", file=sys.stderr, flush=True)
+        flags = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+        _EXT = cpp_extension.load(
+            name="cellscale_dropout_attention",
+            sources=[str(_SOURCE)],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build),
+            verbose=verbose,
+        )
+    except Exception as e:  # no compiler, no ninja, a read-only cache, ...
+        msg = str(e).strip().splitlines()
+        _ERROR = f"{type(e).__name__}: {msg[-1] if msg else ''}"[:300]
+        _EXT = None
+    return _EXT
+
+
+def available() -> bool:
+    return load() is not None
+
+
+def unavailable_reason() -> str | None:
+    load()
+    return _ERROR
+
+
+def warn_fallback() -> None:
+    """Warn once that CPU attention dropout runs on the slow path."""
+    global _WARNED
+    if not _WARNED:
+        _WARNED = True
+        warnings.warn(
+            "cellscale: the fused CPU attention kernel is unavailable "
+            f"({unavailable_reason()}); attention dropout runs on SDPA's slower math path",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+class _FusedDropoutAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, qkv: Tensor, n_heads: int, p: float, seed: int) -> Tensor:
+        qkv = qkv.contiguous()
+        out, lse = _EXT.forward(qkv, n_heads, p, seed)
+        ctx.save_for_backward(qkv, out, lse)
+        ctx.n_heads, ctx.p, ctx.seed = n_heads, p, seed
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, dout: Tensor) -> tuple[Tensor, None, None, None]:
+        qkv, out, lse = ctx.saved_tensors
+        dqkv = _EXT.backward(dout.contiguous(), qkv, out, lse, ctx.n_heads, ctx.p, ctx.seed)
+        return dqkv, None, None, None
+
+
+def fused_dropout_attention(qkv: Tensor, n_heads: int, p: float, *, seed: int | None = None) -> Tensor:
+    """Attention of a fused projection ``qkv`` [B, V, 3d] (q, k, v stacked as in
+    ``MultiheadAttention.in_proj_weight``, heads inside each) -> [B, V, d], dropout ``p`` on
+    the attention probabilities (p quantised to 2^-32, kept values scaled exactly by
+    :func:`fused_keep_scale`). ``seed`` (default: drawn from torch's global CPU generator, so
+    ``torch.manual_seed`` makes runs repeatable) fixes the mask, see :func:`fused_keep_mask`.
+    CPU, float32; call :func:`available` first.
+    """
+    if _EXT is None:
+        raise RuntimeError(f"fused CPU attention unavailable: {unavailable_reason()}")
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    return _FusedDropoutAttention.apply(qkv, n_heads, float(p), seed)
+
+
+def fused_keep_mask(B: int, n_heads: int, V: int, p: float, seed: int) -> Tensor:
+    """The [B, H, V, V] bool keep mask that :func:`fused_dropout_attention` uses for ``seed``."""
+    return _EXT.keep_mask(B, n_heads, V, float(p), seed)
+
+
+def fused_keep_scale(p: float) -> float:
+    """The factor kept probabilities are scaled by (1 / keep probability)."""
+    return float(_EXT.keep_scale(float(p)))

@@ -1,0 +1,270 @@
+// Fused multi-head attention with dropout on the attention probabilities, for CPU training.
+//
+// Same function as scaled_dot_product_attention(q, k, v, dropout_p=p) / the stock
+// TransformerEncoderLayer: O = (keep * softmax(q k^T / sqrt(hd)) / (1 - p)) v. torch's CPU
+// flash kernel has no dropout, so with p > 0 it falls back to a math path that materialises
+// [B, H, V, V] scores, probabilities and a Bernoulli mask in DRAM. Here each (cell, head)
+// slice is processed in query blocks that stay in the core's L2, the dropout mask is a hash
+// of (seed, slice, row, column) computed inside the loop (never stored), and the backward
+// pass recomputes the probabilities from the saved log-sum-exp and the mask from the seed
+// (as FlashAttention does with its Philox counter on GPU).
+//
+// Layout: qkv [B, V, 3, H, hd] (the fused projection's output, no permute copy);
+// out [B, V, H, hd]; lse [B, H, V]; dqkv like qkv.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+// the Fortran BLAS sgemm that libtorch_cpu exports (MKL in the x86 wheels)
+extern "C" void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b,
+                       const int* ldb, const float* beta, float* c, const int* ldc);
+
+namespace {
+
+// row-major C[M, N] = alpha * op(A) op(B) + beta * C (BLAS is column-major: swap operands)
+inline void mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+               int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  const char ca = ta ? 'T' : 'N', cb = tb ? 'T' : 'N';
+  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  sgemm_(&cb, &ca, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+}
+
+inline uint64_t mix64(uint64_t x) {  // splitmix64 finaliser
+  x ^= x >> 30;
+  x *= 0xbf58476d1ce4e5b9ULL;
+  x ^= x >> 27;
+  x *= 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+// 32 random bits for column j of a row with key k (murmur3 fmix32 of a per-row Weyl sequence;
+// plain 32-bit integer ops, so the column loop vectorises)
+__attribute__((always_inline)) inline uint32_t col_bits(uint32_t k, uint32_t j) {
+  uint32_t x = k + j * 0x9e3779b9u;
+  x ^= x >> 16;
+  x *= 0x85ebca6bu;
+  x ^= x >> 13;
+  x *= 0xc2b2ae35u;
+  return x ^ (x >> 16);
+}
+
+inline uint32_t row_key(uint64_t seed, int64_t row) {
+  return static_cast<uint32_t>(mix64(seed ^ mix64(static_cast<uint64_t>(row) + 0x632be59bd9b4e019ULL)) >> 32);
+}
+
+// exp for x <= 0 (scores minus their row max), ~1 ulp in fp32 over the range that matters;
+// branch-free so that the row loops vectorise
+__attribute__((always_inline)) inline float exp_neg(float x) {
+  x = std::max(x, -87.0f);
+  // round to nearest with the 1.5 * 2^23 trick (vectorises without -ffast-math)
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  float s;
+  std::memcpy(&s, &e, sizeof(float));
+  return p * s;
+}
+
+// one row of the backward pass: P = exp(S - lse) from the recomputed scores in pr, the
+// dropout mask from (key, j); on return pr holds the dropped P (for dV) and dpr dS (for dQ, dK).
+// thr = 0 keeps everything (no dropout).
+void backward_row(float* __restrict pr, float* __restrict dpr, int64_t V, float lse, float D,
+                  uint32_t key, uint32_t thr, float inv) {
+#pragma omp simd
+  for (int64_t j = 0; j < V; ++j) {
+    const float pj = exp_neg(pr[j] - lse);
+    const float kf = col_bits(key, static_cast<uint32_t>(j)) >= thr ? inv : 0.0f;
+    const float pd = pj * kf;
+    dpr[j] = pd * dpr[j] - pj * D;  // dS = P * (keep * dPd / (1 - p) - D)
+    pr[j] = pd;
+  }
+}
+
+struct Dims {
+  int64_t B, V, H, hd, d;
+  int64_t qb;  // query rows per block
+};
+
+Dims dims_of(const at::Tensor& qkv, int64_t H) {
+  TORCH_CHECK(qkv.dim() == 3 && qkv.scalar_type() == at::kFloat && qkv.is_contiguous() &&
+                  qkv.device().is_cpu(),
+              "qkv must be a contiguous float32 CPU tensor [B, V, 3*d]");
+  Dims g;
+  g.B = qkv.size(0);
+  g.V = qkv.size(1);
+  TORCH_CHECK(qkv.size(2) % (3 * H) == 0, "3*d must be divisible by 3*n_heads");
+  g.H = H;
+  g.d = qkv.size(2) / 3;
+  g.hd = g.d / H;
+  // a block of scores (qb x V floats, twice in backward) stays well inside a 1-2 MB L2
+  g.qb = std::max<int64_t>(1, std::min<int64_t>(g.V, (32 * 1024) / g.V));
+  return g;
+}
+
+inline uint32_t drop_threshold(double p) {
+  double t = std::round(p * 4294967296.0);
+  return static_cast<uint32_t>(std::min(4294967295.0, std::max(0.0, t)));
+}
+
+}  // namespace
+
+// keep probability is 1 - thr / 2^32; the kept probabilities are scaled by its inverse
+double keep_scale(double p) { return 1.0 / (1.0 - drop_threshold(p) / 4294967296.0); }
+
+std::vector<at::Tensor> forward(const at::Tensor& qkv, int64_t H, double p, int64_t seed) {
+  const Dims g = dims_of(qkv, H);
+  const int64_t B = g.B, V = g.V, hd = g.hd, d = g.d, ld = 3 * d;
+  auto out = at::empty({B, V, d}, qkv.options());
+  auto lse = at::empty({B, H, V}, qkv.options());
+  const float* base = qkv.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  float* l = lse.data_ptr<float>();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const uint32_t thr = drop_threshold(p);
+  const bool drop = thr > 0;
+  const float inv = static_cast<float>(keep_scale(p));
+  const uint64_t useed = static_cast<uint64_t>(seed);
+
+  at::parallel_for(0, B * H, 1, [&](int64_t s0, int64_t s1) {
+    std::vector<float> buf(g.qb * V), W(g.qb);
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t b = s / H, h = s % H;
+      const float* q = base + b * V * ld + h * hd;
+      const float* k = q + d;
+      const float* v = q + 2 * d;
+      float* os = o + b * V * d + h * hd;
+      for (int64_t i0 = 0; i0 < V; i0 += g.qb) {
+        const int64_t m = std::min(g.qb, V - i0);
+        float* S = buf.data();
+        mm(false, true, m, V, hd, scale, q + i0 * ld, ld, k, ld, 0.0f, S, V);
+        float* wrow = W.data();
+        for (int64_t r = 0; r < m; ++r) {
+          float* row = S + r * V;
+          float mx = row[0];
+#pragma omp simd reduction(max : mx)
+          for (int64_t j = 1; j < V; ++j) mx = std::max(mx, row[j]);
+          float sum = 0.0f;
+          if (drop) {
+            // exp, row sum (of ALL probabilities) and the dropout mask in one pass; the
+            // 1 / sum and 1 / keep scales are applied to the output rows after the GEMM
+            const uint32_t key = row_key(useed, s * V + i0 + r);
+#pragma omp simd reduction(+ : sum)
+            for (int64_t j = 0; j < V; ++j) {
+              const float e = exp_neg(row[j] - mx);
+              sum += e;
+              row[j] = e * static_cast<float>(col_bits(key, static_cast<uint32_t>(j)) >= thr);
+            }
+          } else {
+#pragma omp simd reduction(+ : sum)
+            for (int64_t j = 0; j < V; ++j) {
+              const float e = exp_neg(row[j] - mx);
+              sum += e;
+              row[j] = e;
+            }
+          }
+          l[s * V + i0 + r] = mx + std::log(sum);
+          wrow[r] = (drop ? inv : 1.0f) / sum;
+        }
+        mm(false, false, m, hd, V, 1.0f, S, V, v, ld, 0.0f, os + i0 * d, d);
+        for (int64_t r = 0; r < m; ++r) {
+          float* orow = os + (i0 + r) * d;
+          for (int64_t c = 0; c < hd; ++c) orow[c] *= wrow[r];
+        }
+      }
+    }
+  });
+  return {out, lse};
+}
+
+at::Tensor backward(const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& out,
+                    const at::Tensor& lse, int64_t H, double p, int64_t seed) {
+  const Dims g = dims_of(qkv, H);
+  const int64_t B = g.B, V = g.V, hd = g.hd, d = g.d, ld = 3 * d;
+  TORCH_CHECK(dout.is_contiguous() && out.is_contiguous() && lse.is_contiguous(),
+              "dout, out and lse must be contiguous");
+  auto dqkv = at::zeros_like(qkv);
+  const float* base = qkv.data_ptr<float>();
+  const float* go = dout.data_ptr<float>();
+  const float* o = out.data_ptr<float>();
+  const float* l = lse.data_ptr<float>();
+  float* gbase = dqkv.data_ptr<float>();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const uint32_t thr = drop_threshold(p);
+  const bool drop = thr > 0;
+  const float inv = static_cast<float>(keep_scale(p));
+  const uint64_t useed = static_cast<uint64_t>(seed);
+
+  at::parallel_for(0, B * H, 1, [&](int64_t s0, int64_t s1) {
+    std::vector<float> P(g.qb * V), dP(g.qb * V), D(g.qb);
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t b = s / H, h = s % H;
+      const int64_t off = b * V * ld + h * hd;
+      const float* q = base + off;
+      const float* k = q + d;
+      const float* v = q + 2 * d;
+      float* dq = gbase + off;
+      float* dk = dq + d;
+      float* dv = dq + 2 * d;
+      const float* gos = go + b * V * d + h * hd;
+      const float* os = o + b * V * d + h * hd;
+      for (int64_t i0 = 0; i0 < V; i0 += g.qb) {
+        const int64_t m = std::min(g.qb, V - i0);
+        // S, then P = exp(S - lse) (recomputed), and dPd = dO V^T
+        mm(false, true, m, V, hd, scale, q + i0 * ld, ld, k, ld, 0.0f, P.data(), V);
+        mm(false, true, m, V, hd, 1.0f, gos + i0 * d, d, v, ld, 0.0f, dP.data(), V);
+        for (int64_t r = 0; r < m; ++r) {
+          const float* gr = gos + (i0 + r) * d;
+          const float* orow = os + (i0 + r) * d;
+          float acc = 0.0f;  // rowsum(dP * P) = rowsum(dO * O)
+          for (int64_t c = 0; c < hd; ++c) acc += gr[c] * orow[c];
+          const float Di = acc;
+          
+          const uint32_t key = drop ? row_key(useed, s * V + i0 + r) : 0u;
+          backward_row(P.data() + r * V, dP.data() + r * V, V, l[s * V + i0 + r], Di, key,
+                       drop ? thr : 0u, drop ? inv : 1.0f);
+        }
+        mm(true, false, V, hd, m, 1.0f, P.data(), V, gos + i0 * d, d, 1.0f, dv, ld);
+        mm(false, false, m, hd, V, scale, dP.data(), V, k, ld, 0.0f, dq + i0 * ld, ld);
+        mm(true, false, V, hd, m, scale, dP.data(), V, q + i0 * ld, ld, 1.0f, dk, ld);
+      }
+    }
+  });
+  return dqkv;
+}
+
+// the keep mask [B, H, V, V] that forward/backward use for this seed (tests, diagnostics)
+at::Tensor keep_mask(int64_t B, int64_t H, int64_t V, double p, int64_t seed) {
+  auto m = at::empty({B, H, V, V}, at::TensorOptions().dtype(at::kBool));
+  bool* mp = m.data_ptr<bool>();
+  const uint32_t thr = drop_threshold(p);
+  const uint64_t useed = static_cast<uint64_t>(seed);
+  at::parallel_for(0, B * H * V, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint32_t key = row_key(useed, r);
+      for (int64_t j = 0; j < V; ++j) mp[r * V + j] = col_bits(key, static_cast<uint32_t>(j)) >= thr;
+    }
+  });
+  return m;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("forward", &forward, "fused dropout attention forward -> (out, lse)");
+  mod.def("backward", &backward, "fused dropout attention backward -> dqkv");
+  mod.def("keep_mask", &keep_mask, "the keep mask for (B, H, V, p, seed)");
+  mod.def("keep_scale", &keep_scale, "1 / keep probability (p quantised to 2^-32)");
+}

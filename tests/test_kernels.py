@@ -1,0 +1,127 @@
+"""The fused CPU attention kernel computes the study's attention with dropout exactly."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cellscale import kernels
+from cellscale.config import ModelConfig
+from cellscale.model import CellTransformer
+
+
+
+def test_kernel_builds_here():
+    assert kernels.available(), kernels.unavailable_reason()
+
+
+def _reference(qkv: torch.Tensor, H: int, keep: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) * keep * scale @ v, float64, the stock layer's layout."""
+    B, V, d3 = qkv.shape
+    d = d3 // 3
+    q, k, v = qkv.view(B, V, 3, H, d // H).permute(2, 0, 3, 1, 4)
+    p = ((q @ k.transpose(-1, -2)) / math.sqrt(d // H)).softmax(-1)
+    if keep is not None:
+        p = p * keep * scale
+    return (p @ v).transpose(1, 2).reshape(B, V, d)
+
+
+@pytest.mark.parametrize(
+    "B,V,H,hd,p",
+    [(2, 37, 3, 5, 0.1), (3, 512, 4, 16, 0.1), (2, 64, 1, 1, 0.3), (2, 100, 2, 8, 0.0), (1, 700, 2, 16, 0.5)],
+)
+def test_fused_attention_equals_math_with_the_same_mask(B, V, H, hd, p):
+    torch.manual_seed(0)
+    d = H * hd
+    x = torch.randn(B, V, 3 * d, dtype=torch.float64)
+    x32 = x.float().requires_grad_()
+    out = kernels.fused_dropout_attention(x32, H, p, seed=1234)
+    go = torch.randn(B, V, d, dtype=torch.float64)
+    out.backward(go.float())
+    keep = kernels.fused_keep_mask(B, H, V, p, 1234).double() if p > 0 else None
+    xr = x.clone().requires_grad_()
+    ref = _reference(xr, H, keep, kernels.fused_keep_scale(p))
+    ref.backward(go)
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x32.grad.double(), xr.grad, rtol=1e-5, atol=5e-5)
+
+
+def test_mask_statistics_and_scale():
+    keep = kernels.fused_keep_mask(4, 8, 512, 0.1, 7)
+    n = keep.numel()  # 8.4 M draws: the drop rate within 5 standard errors of p
+    drop = 1.0 - keep.double().mean().item()
+    assert abs(drop - 0.1) < 5 * math.sqrt(0.1 * 0.9 / n)
+    # rows and columns are not correlated: neighbours agree as often as independence says
+    same_col = (keep[..., 1:, :] == keep[..., :-1, :]).double().mean().item()
+    same_row = (keep[..., :, 1:] == keep[..., :, :-1]).double().mean().item()
+    for agree in (same_col, same_row):
+        assert abs(agree - (0.9**2 + 0.1**2)) < 1e-3
+    assert kernels.fused_keep_scale(0.1) == pytest.approx(1 / 0.9, rel=1e-9)
+    assert kernels.fused_keep_scale(0.0) == 1.0
+
+
+def test_mask_is_a_function_of_the_seed_only():
+    x = torch.randn(2, 64, 3 * 32)
+    a = kernels.fused_dropout_attention(x, 4, 0.1, seed=5)
+    b = kernels.fused_dropout_attention(x, 4, 0.1, seed=5)
+    c = kernels.fused_dropout_attention(x, 4, 0.1, seed=6)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.fused_dropout_attention(x, 4, 0.1, seed=5)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(a, one)  # bit-identical whatever the thread count
+    torch.manual_seed(3)
+    d1 = kernels.fused_dropout_attention(x, 4, 0.1)
+    torch.manual_seed(3)
+    assert torch.equal(d1, kernels.fused_dropout_attention(x, 4, 0.1))  # torch.manual_seed repeats it
+
+
+def test_dropout_is_unbiased():
+    torch.manual_seed(0)
+    x = torch.randn(1, 48, 3 * 8)
+    no_drop = kernels.fused_dropout_attention(x, 1, 0.0, seed=0)
+    mean = torch.stack([kernels.fused_dropout_attention(x, 1, 0.2, seed=s) for s in range(2000)]).mean(0)
+    # E[keep * scale] = 1, so the dropped attention averages to the plain one (2000 draws)
+    assert (mean - no_drop).abs().max().item() < 0.02
+    assert (mean - no_drop).abs().mean().item() < 0.004
+
+
+def test_model_trains_on_the_kernel(monkeypatch):
+    calls = []
+    real = kernels.fused_dropout_attention
+    monkeypatch.setattr(kernels, "fused_dropout_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = ModelConfig(n_genes=32, d_model=16, n_layers=2, n_heads=2, ffn_ratio=2, dropout=0.1)
+    model = CellTransformer(cfg).train()
+    values = torch.randn(3, 32)
+    mask = torch.rand(3, 32) < 0.3
+    model.loss(values, mask).backward()
+    assert len(calls) == 2  # one per layer
+    model.eval()
+    model.loss(values, mask)
+    assert len(calls) == 2  # evaluation has no dropout: SDPA's fused kernel
+
+
+def test_without_the_kernel_training_falls_back_with_one_warning(tmp_path):
+    code = (
+        "import warnings, torch\n"
+        "from cellscale.config import ModelConfig\n"
+        "from cellscale.model import CellTransformer\n"
+        "cfg = ModelConfig(n_genes=16, d_model=8, n_layers=2, n_heads=2, ffn_ratio=1, dropout=0.1)\n"
+        "m = CellTransformer(cfg).train()\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    for _ in range(2):\n"
+        "        m.loss(torch.randn(2, 16), torch.rand(2, 16) < 0.5).backward()\n"
+        "print(len([x for x in w if 'fused CPU attention kernel is unavailable' in str(x.message)]))\n"
+    )
+    env = {"CELLSCALE_KERNELS": "0", "PATH": "/usr/bin:/bin"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "1"
