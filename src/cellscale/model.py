@@ -136,6 +136,8 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
         return x
     if x.device.type != "cpu":
         return F.dropout(x, p, True)
+    if x.dtype == torch.float32 and kernels.available():
+        return kernels.fused_dropout(x, p)
     drop, scale = drop_mask(x.shape, p)
     return _MaskedScale.apply(x, drop, scale)
 

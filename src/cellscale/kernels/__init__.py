@@ -34,6 +34,7 @@ __all__ = [
     "unavailable_reason",
     "load",
     "fused_dropout_attention",
+    "fused_dropout",
     "fused_keep_mask",
     "fused_keep_scale",
 ]
@@ -86,7 +87,8 @@ def load(*, verbose: bool = False) -> Any:
         if not (build / "cellscale_dropout_attention.so").exists():
             print("cellscale: compiling the fused CPU attention kernel (once per machine and torch "
                   "version, about a minute)", file=sys.stderr, flush=True)
-        flags = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+        flags = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
+                 "-ffp-contract=fast"]
         _EXT = cpp_extension.load(
             name="cellscale_dropout_attention",
             sources=[str(_SOURCE)],
@@ -153,6 +155,28 @@ def fused_dropout_attention(qkv: Tensor, n_heads: int, p: float, *, seed: int | 
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
     return _FusedDropoutAttention.apply(qkv, n_heads, float(p), seed)
+
+
+class _FusedDropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, p: float, seed: int) -> Tensor:
+        ctx.p, ctx.seed = p, seed
+        return _EXT.dropout(x, p, seed)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None]:
+        return _EXT.dropout(g, ctx.p, ctx.seed), None, None  # same mask and scale
+
+
+def fused_dropout(x: Tensor, p: float, *, seed: int | None = None) -> Tensor:
+    """``F.dropout(x, p, training=True)`` semantics (CPU, float32) with the kernel's
+    counter-based mask: one pass, and no mask kept for backward (it is recomputed from the
+    seed). ``seed`` defaults to a draw from torch's global CPU generator."""
+    if _EXT is None:
+        raise RuntimeError(f"fused CPU kernels unavailable: {unavailable_reason()}")
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    return _FusedDropout.apply(x, float(p), seed)
 
 
 def fused_keep_mask(B: int, n_heads: int, V: int, p: float, seed: int) -> Tensor:

@@ -36,6 +36,67 @@ inline void mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, c
   sgemm_(&cb, &ca, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
 }
 
+// register-tiled micro-kernel: C[r][0:16] (+)= sum_k a[r * ars + k * aks] * b[k * bks + 0:16],
+// r < R <= 6 (12 accumulators + 2 operand registers: fits AVX2's 16 ymm registers; GCC vector
+// extensions, so it also compiles to NEON/SSE elsewhere)
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4)));
+
+template <int R>
+__attribute__((always_inline)) inline void tile16(const float* __restrict a, int64_t ars, int64_t aks,
+                                                  const float* __restrict b, int64_t bks, int64_t K,
+                                                  float alpha, float* __restrict c, int64_t crs,
+                                                  bool accumulate) {
+  v8 lo[R], hi[R];
+  for (int r = 0; r < R; ++r) lo[r] = hi[r] = v8{};
+  for (int64_t k = 0; k < K; ++k) {
+    const v8 b0 = *reinterpret_cast<const v8u*>(b + k * bks);
+    const v8 b1 = *reinterpret_cast<const v8u*>(b + k * bks + 8);
+    for (int r = 0; r < R; ++r) {
+      const float s = a[r * ars + k * aks];
+      lo[r] += s * b0;
+      hi[r] += s * b1;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    v8u* c0 = reinterpret_cast<v8u*>(c + r * crs);
+    v8u* c1 = reinterpret_cast<v8u*>(c + r * crs + 8);
+    if (accumulate) {
+      *c0 = *c0 + alpha * lo[r];
+      *c1 = *c1 + alpha * hi[r];
+    } else {
+      *c0 = alpha * lo[r];
+      *c1 = alpha * hi[r];
+    }
+  }
+}
+
+// C[M][N] (+)= alpha * sum_k A(r, k) B[k][n], N % 16 == 0: A(r, k) = a[r * ars + k * aks]
+inline void gemm16(int64_t M, int64_t N, int64_t K, float alpha, const float* a, int64_t ars,
+                   int64_t aks, const float* b, int64_t bks, float* c, int64_t crs, bool accumulate) {
+  for (int64_t n0 = 0; n0 < N; n0 += 16) {
+    int64_t r = 0;
+    for (; r + 6 <= M; r += 6)
+      tile16<6>(a + r * ars, ars, aks, b + n0, bks, K, alpha, c + r * crs + n0, crs, accumulate);
+    const float* ar = a + r * ars;
+    float* cr = c + r * crs + n0;
+    switch (M - r) {
+      case 5: tile16<5>(ar, ars, aks, b + n0, bks, K, alpha, cr, crs, accumulate); break;
+      case 4: tile16<4>(ar, ars, aks, b + n0, bks, K, alpha, cr, crs, accumulate); break;
+      case 3: tile16<3>(ar, ars, aks, b + n0, bks, K, alpha, cr, crs, accumulate); break;
+      case 2: tile16<2>(ar, ars, aks, b + n0, bks, K, alpha, cr, crs, accumulate); break;
+      case 1: tile16<1>(ar, ars, aks, b + n0, bks, K, alpha, cr, crs, accumulate); break;
+      default: break;
+    }
+  }
+}
+
+// K^T (or V^T) of one slice: rows of stride ld -> [hd][V] contiguous, for the tiled QK^T
+inline void transpose_to(const float* src, int64_t ld, int64_t V, int64_t hd, float* dst) {
+  for (int64_t j = 0; j < V; ++j)
+    for (int64_t c = 0; c < hd; ++c) dst[c * V + j] = src[j * ld + c];
+}
+
 inline uint64_t mix64(uint64_t x) {  // splitmix64 finaliser
   x ^= x >> 30;
   x *= 0xbf58476d1ce4e5b9ULL;
@@ -95,9 +156,45 @@ void backward_row(float* __restrict pr, float* __restrict dpr, int64_t V, float 
   }
 }
 
+void dropout_row(const float* __restrict a, float* __restrict b, int64_t n, uint32_t key,
+                 uint32_t thr, float inv) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j)
+    b[j] = col_bits(key, static_cast<uint32_t>(j)) >= thr ? a[j] * inv : 0.0f;
+}
+
+// one row of the forward pass: scores -> exp(score - max) * keep (the 1 / sum and 1 / keep
+// scales are applied to the output rows after the GEMM); writes the row's log-sum-exp (of ALL
+// probabilities, kept or not) and returns the sum. thr = 0 keeps everything.
+float forward_row(float* __restrict row, int64_t V, uint32_t key, uint32_t thr, float* lse) {
+  // row max: eight lanes in a vector register (GCC does not vectorise a float max reduction
+  // without -ffast-math)
+  float mx = row[0];
+  int64_t j0 = 0;
+  if (V >= 8) {
+    v8 m8 = *reinterpret_cast<const v8u*>(row);
+    for (j0 = 8; j0 + 8 <= V; j0 += 8) {
+      const v8 x = *reinterpret_cast<const v8u*>(row + j0);
+      m8 = m8 > x ? m8 : x;
+    }
+    for (int l = 0; l < 8; ++l) mx = std::max(mx, m8[l]);
+  }
+  for (; j0 < V; ++j0) mx = std::max(mx, row[j0]);
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < V; ++j) {
+    const float e = exp_neg(row[j] - mx);
+    sum += e;
+    row[j] = col_bits(key, static_cast<uint32_t>(j)) >= thr ? e : 0.0f;
+  }
+  *lse = mx + std::log(sum);
+  return sum;
+}
+
 struct Dims {
   int64_t B, V, H, hd, d;
   int64_t qb;  // query rows per block
+  bool tiled;  // head_dim and V multiples of 16: register-tiled GEMMs instead of BLAS calls
 };
 
 Dims dims_of(const at::Tensor& qkv, int64_t H) {
@@ -113,6 +210,7 @@ Dims dims_of(const at::Tensor& qkv, int64_t H) {
   g.hd = g.d / H;
   // a block of scores (qb x V floats, twice in backward) stays well inside a 1-2 MB L2
   g.qb = std::max<int64_t>(1, std::min<int64_t>(g.V, (32 * 1024) / g.V));
+  g.tiled = g.hd % 16 == 0 && g.V % 16 == 0;
   return g;
 }
 
@@ -141,46 +239,31 @@ std::vector<at::Tensor> forward(const at::Tensor& qkv, int64_t H, double p, int6
   const uint64_t useed = static_cast<uint64_t>(seed);
 
   at::parallel_for(0, B * H, 1, [&](int64_t s0, int64_t s1) {
-    std::vector<float> buf(g.qb * V), W(g.qb);
+    std::vector<float> buf(g.qb * V), W(g.qb), Kt(g.tiled ? hd * V : 0);
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t b = s / H, h = s % H;
       const float* q = base + b * V * ld + h * hd;
       const float* k = q + d;
       const float* v = q + 2 * d;
       float* os = o + b * V * d + h * hd;
+      if (g.tiled) transpose_to(k, ld, V, hd, Kt.data());
       for (int64_t i0 = 0; i0 < V; i0 += g.qb) {
         const int64_t m = std::min(g.qb, V - i0);
         float* S = buf.data();
-        mm(false, true, m, V, hd, scale, q + i0 * ld, ld, k, ld, 0.0f, S, V);
+        if (g.tiled)
+          gemm16(m, V, hd, scale, q + i0 * ld, ld, 1, Kt.data(), V, S, V, false);
+        else
+          mm(false, true, m, V, hd, scale, q + i0 * ld, ld, k, ld, 0.0f, S, V);
         float* wrow = W.data();
         for (int64_t r = 0; r < m; ++r) {
-          float* row = S + r * V;
-          float mx = row[0];
-#pragma omp simd reduction(max : mx)
-          for (int64_t j = 1; j < V; ++j) mx = std::max(mx, row[j]);
-          float sum = 0.0f;
-          if (drop) {
-            // exp, row sum (of ALL probabilities) and the dropout mask in one pass; the
-            // 1 / sum and 1 / keep scales are applied to the output rows after the GEMM
-            const uint32_t key = row_key(useed, s * V + i0 + r);
-#pragma omp simd reduction(+ : sum)
-            for (int64_t j = 0; j < V; ++j) {
-              const float e = exp_neg(row[j] - mx);
-              sum += e;
-              row[j] = e * static_cast<float>(col_bits(key, static_cast<uint32_t>(j)) >= thr);
-            }
-          } else {
-#pragma omp simd reduction(+ : sum)
-            for (int64_t j = 0; j < V; ++j) {
-              const float e = exp_neg(row[j] - mx);
-              sum += e;
-              row[j] = e;
-            }
-          }
-          l[s * V + i0 + r] = mx + std::log(sum);
+          const uint32_t key = drop ? row_key(useed, s * V + i0 + r) : 0u;
+          const float sum = forward_row(S + r * V, V, key, thr, l + s * V + i0 + r);
           wrow[r] = (drop ? inv : 1.0f) / sum;
         }
-        mm(false, false, m, hd, V, 1.0f, S, V, v, ld, 0.0f, os + i0 * d, d);
+        if (g.tiled)
+          gemm16(m, hd, V, 1.0f, S, V, 1, v, ld, os + i0 * d, d, false);
+        else
+          mm(false, false, m, hd, V, 1.0f, S, V, v, ld, 0.0f, os + i0 * d, d);
         for (int64_t r = 0; r < m; ++r) {
           float* orow = os + (i0 + r) * d;
           for (int64_t c = 0; c < hd; ++c) orow[c] *= wrow[r];
@@ -210,7 +293,8 @@ at::Tensor backward(const at::Tensor& dout, const at::Tensor& qkv, const at::Ten
   const uint64_t useed = static_cast<uint64_t>(seed);
 
   at::parallel_for(0, B * H, 1, [&](int64_t s0, int64_t s1) {
-    std::vector<float> P(g.qb * V), dP(g.qb * V), D(g.qb);
+    std::vector<float> P(g.qb * V), dP(g.qb * V);
+    std::vector<float> Kt(g.tiled ? hd * V : 0), Vt(g.tiled ? hd * V : 0);
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t b = s / H, h = s % H;
       const int64_t off = b * V * ld + h * hd;
@@ -222,11 +306,20 @@ at::Tensor backward(const at::Tensor& dout, const at::Tensor& qkv, const at::Ten
       float* dv = dq + 2 * d;
       const float* gos = go + b * V * d + h * hd;
       const float* os = o + b * V * d + h * hd;
+      if (g.tiled) {
+        transpose_to(k, ld, V, hd, Kt.data());
+        transpose_to(v, ld, V, hd, Vt.data());
+      }
       for (int64_t i0 = 0; i0 < V; i0 += g.qb) {
         const int64_t m = std::min(g.qb, V - i0);
         // S, then P = exp(S - lse) (recomputed), and dPd = dO V^T
-        mm(false, true, m, V, hd, scale, q + i0 * ld, ld, k, ld, 0.0f, P.data(), V);
-        mm(false, true, m, V, hd, 1.0f, gos + i0 * d, d, v, ld, 0.0f, dP.data(), V);
+        if (g.tiled) {
+          gemm16(m, V, hd, scale, q + i0 * ld, ld, 1, Kt.data(), V, P.data(), V, false);
+          gemm16(m, V, hd, 1.0f, gos + i0 * d, d, 1, Vt.data(), V, dP.data(), V, false);
+        } else {
+          mm(false, true, m, V, hd, scale, q + i0 * ld, ld, k, ld, 0.0f, P.data(), V);
+          mm(false, true, m, V, hd, 1.0f, gos + i0 * d, d, v, ld, 0.0f, dP.data(), V);
+        }
         for (int64_t r = 0; r < m; ++r) {
           const float* gr = gos + (i0 + r) * d;
           const float* orow = os + (i0 + r) * d;
@@ -238,9 +331,15 @@ at::Tensor backward(const at::Tensor& dout, const at::Tensor& qkv, const at::Ten
           backward_row(P.data() + r * V, dP.data() + r * V, V, l[s * V + i0 + r], Di, key,
                        drop ? thr : 0u, drop ? inv : 1.0f);
         }
-        mm(true, false, V, hd, m, 1.0f, P.data(), V, gos + i0 * d, d, 1.0f, dv, ld);
-        mm(false, false, m, hd, V, scale, dP.data(), V, k, ld, 0.0f, dq + i0 * ld, ld);
-        mm(true, false, V, hd, m, scale, dP.data(), V, q + i0 * ld, ld, 1.0f, dk, ld);
+        if (g.tiled) {
+          gemm16(V, hd, m, 1.0f, P.data(), 1, V, gos + i0 * d, d, dv, ld, true);
+          gemm16(m, hd, V, scale, dP.data(), V, 1, k, ld, dq + i0 * ld, ld, false);
+          gemm16(V, hd, m, scale, dP.data(), 1, V, q + i0 * ld, ld, dk, ld, true);
+        } else {
+          mm(true, false, V, hd, m, 1.0f, P.data(), V, gos + i0 * d, d, 1.0f, dv, ld);
+          mm(false, false, m, hd, V, scale, dP.data(), V, k, ld, 0.0f, dq + i0 * ld, ld);
+          mm(true, false, V, hd, m, scale, dP.data(), V, q + i0 * ld, ld, 1.0f, dk, ld);
+        }
       }
     }
   });
@@ -262,7 +361,32 @@ at::Tensor keep_mask(int64_t B, int64_t H, int64_t V, double p, int64_t seed) {
   return m;
 }
 
+// elementwise dropout y = x * keep / (1 - p) with the same counter-based mask (element n of
+// the flattened tensor: row n / 1024, column n % 1024); the backward pass calls it again with
+// the same seed on the gradient, so no mask is stored
+at::Tensor dropout(const at::Tensor& x, double p, int64_t seed) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu(), "x must be a float32 CPU tensor");
+  auto xc = x.contiguous();
+  auto y = at::empty_like(xc);
+  const float* xp = xc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t n = xc.numel();
+  const uint32_t thr = drop_threshold(p);
+  const float inv = static_cast<float>(keep_scale(p));
+  const uint64_t useed = static_cast<uint64_t>(seed);
+  constexpr int64_t W = 1024;
+  at::parallel_for(0, (n + W - 1) / W, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint32_t key = row_key(useed, r);
+      const int64_t j1 = std::min(W, n - r * W);
+      dropout_row(xp + r * W, yp + r * W, j1, key, thr, inv);
+    }
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("dropout", &dropout, "elementwise dropout with the counter-based mask of seed");
   mod.def("forward", &forward, "fused dropout attention forward -> (out, lse)");
   mod.def("backward", &backward, "fused dropout attention backward -> dqkv");
   mod.def("keep_mask", &keep_mask, "the keep mask for (B, H, V, p, seed)");
