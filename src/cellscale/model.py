@@ -24,7 +24,8 @@ The fast path differs from the stock module only in *how* it computes:
   memory-bound math path), so there attention runs on :mod:`cellscale.kernels`' fused C++
   kernel (same function and distribution; the dropout mask is a counter-based hash,
   recomputed in backward), straight from the fused projection's ``[B, V, 3d]`` output;
-* CPU dropout masks come from a cheaper RNG path than ``bernoulli_`` (:func:`drop_mask`;
+* CPU dropout (residual and FFN) uses the kernel's hash dropout (one pass, mask recomputed in
+  backward); without the kernel, a cheaper RNG path than ``bernoulli_`` (:func:`drop_mask`;
   drop probability quantised to 1/65536, scale exact), see ``benchmarks/README.md``;
 * no Python loop over cells; the head (and loss) run on the masked positions only — the
   hidden states at ``mask.nonzero()`` are gathered first. Predictions at unmasked positions

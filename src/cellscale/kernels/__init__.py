@@ -126,20 +126,74 @@ def warn_fallback() -> None:
         )
 
 
-class _FusedDropoutAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, qkv: Tensor, n_heads: int, p: float, seed: int) -> Tensor:
-        qkv = qkv.contiguous()
-        out, lse = _EXT.forward(qkv, n_heads, p, seed)
-        ctx.save_for_backward(qkv, out, lse)
-        ctx.n_heads, ctx.p, ctx.seed = n_heads, p, seed
-        return out
+# torch custom operators (not autograd.Functions around pybind calls), so that torch.compile
+# traces through them without graph breaks. The seed travels as an int64 tensor [1]: drawing
+# it (torch.randint) stays inside a compiled graph, reading it happens inside the operator.
+@torch.library.custom_op("cellscale::dropout_attention", mutates_args=())
+def _attention_op(qkv: Tensor, n_heads: int, p: float, seed: Tensor) -> tuple[Tensor, Tensor]:
+    return tuple(_EXT.forward(qkv.contiguous(), n_heads, p, int(seed.item())))
 
-    @staticmethod
-    def backward(ctx: Any, dout: Tensor) -> tuple[Tensor, None, None, None]:
-        qkv, out, lse = ctx.saved_tensors
-        dqkv = _EXT.backward(dout.contiguous(), qkv, out, lse, ctx.n_heads, ctx.p, ctx.seed)
-        return dqkv, None, None, None
+
+@_attention_op.register_fake
+def _(qkv: Tensor, n_heads: int, p: float, seed: Tensor) -> tuple[Tensor, Tensor]:
+    B, V, d3 = qkv.shape
+    return qkv.new_empty(B, V, d3 // 3), qkv.new_empty(B, n_heads, V)
+
+
+@torch.library.custom_op("cellscale::dropout_attention_backward", mutates_args=())
+def _attention_backward_op(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, n_heads: int,
+                           p: float, seed: Tensor) -> Tensor:
+    return _EXT.backward(dout.contiguous(), qkv.contiguous(), out, lse, n_heads, p, int(seed.item()))
+
+
+@_attention_backward_op.register_fake
+def _(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, n_heads: int, p: float, seed: Tensor) -> Tensor:
+    return torch.empty_like(qkv)
+
+
+def _attention_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    qkv, n_heads, p, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse, seed)
+    ctx.n_heads, ctx.p = n_heads, p
+
+
+def _attention_backward(ctx: Any, dout: Tensor, dlse: Tensor | None) -> tuple:
+    qkv, out, lse, seed = ctx.saved_tensors  # lse is an auxiliary output: no gradient flows from it
+    return _attention_backward_op(dout, qkv, out, lse, ctx.n_heads, ctx.p, seed), None, None, None
+
+
+_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+@torch.library.custom_op("cellscale::hash_dropout", mutates_args=())
+def _dropout_op(x: Tensor, p: float, seed: Tensor) -> Tensor:
+    return _EXT.dropout(x, p, int(seed.item()))
+
+
+@_dropout_op.register_fake
+def _(x: Tensor, p: float, seed: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+def _dropout_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
+    _, p, seed = inputs
+    ctx.save_for_backward(seed)
+    ctx.p = p
+
+
+def _dropout_backward(ctx: Any, g: Tensor) -> tuple:
+    (seed,) = ctx.saved_tensors
+    return _dropout_op(g, ctx.p, seed), None, None  # the same mask and scale
+
+
+_dropout_op.register_autograd(_dropout_backward, setup_context=_dropout_setup)
+
+
+def _seed_tensor(seed: int | None) -> Tensor:
+    if seed is None:
+        return torch.randint(0, 2**62, (1,), dtype=torch.int64)
+    return torch.tensor([seed], dtype=torch.int64)
 
 
 def fused_dropout_attention(qkv: Tensor, n_heads: int, p: float, *, seed: int | None = None) -> Tensor:
@@ -152,20 +206,7 @@ def fused_dropout_attention(qkv: Tensor, n_heads: int, p: float, *, seed: int | 
     """
     if _EXT is None:
         raise RuntimeError(f"fused CPU attention unavailable: {unavailable_reason()}")
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())
-    return _FusedDropoutAttention.apply(qkv, n_heads, float(p), seed)
-
-
-class _FusedDropout(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, p: float, seed: int) -> Tensor:
-        ctx.p, ctx.seed = p, seed
-        return _EXT.dropout(x, p, seed)
-
-    @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None]:
-        return _EXT.dropout(g, ctx.p, ctx.seed), None, None  # same mask and scale
+    return _attention_op(qkv, n_heads, float(p), _seed_tensor(seed))[0]
 
 
 def fused_dropout(x: Tensor, p: float, *, seed: int | None = None) -> Tensor:
@@ -174,9 +215,7 @@ def fused_dropout(x: Tensor, p: float, *, seed: int | None = None) -> Tensor:
     seed). ``seed`` defaults to a draw from torch's global CPU generator."""
     if _EXT is None:
         raise RuntimeError(f"fused CPU kernels unavailable: {unavailable_reason()}")
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())
-    return _FusedDropout.apply(x, float(p), seed)
+    return _dropout_op(x, float(p), _seed_tensor(seed))
 
 
 def fused_keep_mask(B: int, n_heads: int, V: int, p: float, seed: int) -> Tensor:

@@ -208,7 +208,7 @@ Dims dims_of(const at::Tensor& qkv, int64_t H) {
   g.H = H;
   g.d = qkv.size(2) / 3;
   g.hd = g.d / H;
-  // a block of scores (qb x V floats, twice in backward) stays well inside a 1-2 MB L2
+  // a block of scores: qb x V floats = 128 KB (two in backward), inside a 512 KB L2
   g.qb = std::max<int64_t>(1, std::min<int64_t>(g.V, (32 * 1024) / g.V));
   g.tiled = g.hd % 16 == 0 && g.V % 16 == 0;
   return g;
