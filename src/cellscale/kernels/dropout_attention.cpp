@@ -147,7 +147,7 @@ __attribute__((always_inline)) inline float exp_neg(float x) {
 void backward_row(float* __restrict pr, float* __restrict dpr, int64_t V, float lse, float D,
                   uint32_t key, uint32_t thr, float inv) {
 #pragma omp simd
-  for (int64_t j = 0; j < V; ++j) {
+  for (int32_t j = 0; j < static_cast<int32_t>(V); ++j) {
     const float pj = exp_neg(pr[j] - lse);
     const float kf = col_bits(key, static_cast<uint32_t>(j)) >= thr ? inv : 0.0f;
     const float pd = pj * kf;
@@ -159,7 +159,7 @@ void backward_row(float* __restrict pr, float* __restrict dpr, int64_t V, float 
 void dropout_row(const float* __restrict a, float* __restrict b, int64_t n, uint32_t key,
                  uint32_t thr, float inv) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j)
+  for (int32_t j = 0; j < static_cast<int32_t>(n); ++j)
     b[j] = col_bits(key, static_cast<uint32_t>(j)) >= thr ? a[j] * inv : 0.0f;
 }
 
@@ -182,7 +182,7 @@ float forward_row(float* __restrict row, int64_t V, uint32_t key, uint32_t thr, 
   for (; j0 < V; ++j0) mx = std::max(mx, row[j0]);
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < V; ++j) {
+  for (int32_t j = 0; j < static_cast<int32_t>(V); ++j) {
     const float e = exp_neg(row[j] - mx);
     sum += e;
     row[j] = col_bits(key, static_cast<uint32_t>(j)) >= thr ? e : 0.0f;
