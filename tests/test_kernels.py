@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 
@@ -151,3 +152,26 @@ def test_compiled_model_traces_the_kernels_and_matches_eager():
         compiled.backward()
     assert compiled.item() == eager.item()  # same seeds drawn, same masks
     assert not [w for w in caught if "does not know how to trace" in str(w.message)]
+
+
+def test_a_failed_build_is_reported_and_training_falls_back(tmp_path):
+    # no working compiler: the build fails, available() says why, training still runs
+    code = (
+        "import warnings, torch\n"
+        "from cellscale import kernels\n"
+        "from cellscale.config import ModelConfig\n"
+        "from cellscale.model import CellTransformer\n"
+        "assert not kernels.available()\n"
+        "print('reason:', kernels.unavailable_reason())\n"
+        "cfg = ModelConfig(n_genes=16, d_model=8, n_layers=1, n_heads=2, ffn_ratio=1, dropout=0.1)\n"
+        "with warnings.catch_warnings():\n"
+        "    warnings.simplefilter('ignore')\n"
+        "    CellTransformer(cfg).train().loss(torch.randn(2, 16), torch.rand(2, 16) < 0.5).backward()\n"
+        "print('trained')\n"
+    )
+    env = dict(os.environ, CXX="/bin/false", CELLSCALE_KERNEL_CACHE=str(tmp_path / "cache"))
+    env.pop("CELLSCALE_KERNELS", None)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "reason: " in r.stdout and "trained" in r.stdout
+    assert "compiling the fused CPU attention kernel" in r.stderr  # the user was told what it tried
