@@ -191,13 +191,29 @@ float forward_row(float* __restrict row, int64_t V, uint32_t key, uint32_t thr, 
   return sum;
 }
 
+inline uint32_t drop_threshold(double p) {
+  double t = std::round(p * 4294967296.0);
+  return static_cast<uint32_t>(std::min(4294967295.0, std::max(0.0, t)));
+}
+
+// shapes, blocking and dropout constants of one call (p = 0: thr = 0 keeps all, inv = 1)
 struct Dims {
-  int64_t B, V, H, hd, d;
+  int64_t B, V, H, hd, d, ld;
   int64_t qb;  // query rows per block
   bool tiled;  // head_dim and V multiples of 16: register-tiled GEMMs instead of BLAS calls
+  float scale, inv;
+  uint32_t thr;
+  uint64_t seed;
 };
 
-Dims dims_of(const at::Tensor& qkv, int64_t H) {
+}  // namespace
+
+// keep probability is 1 - thr / 2^32; the kept probabilities are scaled by its inverse
+double keep_scale(double p) { return 1.0 / (1.0 - drop_threshold(p) / 4294967296.0); }
+
+namespace {
+
+Dims dims_of(const at::Tensor& qkv, int64_t H, double p, int64_t seed) {
   TORCH_CHECK(qkv.dim() == 3 && qkv.scalar_type() == at::kFloat && qkv.is_contiguous() &&
                   qkv.device().is_cpu(),
               "qkv must be a contiguous float32 CPU tensor [B, V, 3*d]");
@@ -207,39 +223,59 @@ Dims dims_of(const at::Tensor& qkv, int64_t H) {
   TORCH_CHECK(qkv.size(2) % (3 * H) == 0, "3*d must be divisible by 3*n_heads");
   g.H = H;
   g.d = qkv.size(2) / 3;
+  g.ld = 3 * g.d;
   g.hd = g.d / H;
   // a block of scores: qb x V floats = 128 KB (two in backward), inside a 512 KB L2
   g.qb = std::max<int64_t>(1, std::min<int64_t>(g.V, (32 * 1024) / g.V));
   g.tiled = g.hd % 16 == 0 && g.V % 16 == 0;
+  g.scale = 1.0f / std::sqrt(static_cast<float>(g.hd));
+  g.thr = drop_threshold(p);
+  g.inv = static_cast<float>(keep_scale(p));
+  g.seed = static_cast<uint64_t>(seed);
   return g;
 }
 
-inline uint32_t drop_threshold(double p) {
-  double t = std::round(p * 4294967296.0);
-  return static_cast<uint32_t>(std::min(4294967295.0, std::max(0.0, t)));
+// The three GEMM shapes of attention, on the tiled kernel or on BLAS (row-major, any strides).
+// C[m, V] = alpha * A[m, hd] B[V, hd]^T; bt is B^T as [hd][V], which the tiled kernel reads
+inline void mm_abt(const Dims& g, int64_t m, float alpha, const float* a, int64_t lda,
+                   const float* b, int64_t ldb, const float* bt, float* c) {
+  if (g.tiled)
+    gemm16(m, g.V, g.hd, alpha, a, lda, 1, bt, g.V, c, g.V, false);
+  else
+    mm(false, true, m, g.V, g.hd, alpha, a, lda, b, ldb, 0.0f, c, g.V);
+}
+
+// C[m, hd] = alpha * A[m, V] B[V, hd]
+inline void mm_ab(const Dims& g, int64_t m, float alpha, const float* a, const float* b,
+                  int64_t ldb, float* c, int64_t ldc) {
+  if (g.tiled)
+    gemm16(m, g.hd, g.V, alpha, a, g.V, 1, b, ldb, c, ldc, false);
+  else
+    mm(false, false, m, g.hd, g.V, alpha, a, g.V, b, ldb, 0.0f, c, ldc);
+}
+
+// C[V, hd] += alpha * A[m, V]^T B[m, hd]
+inline void mm_atb_add(const Dims& g, int64_t m, float alpha, const float* a, const float* b,
+                       int64_t ldb, float* c, int64_t ldc) {
+  if (g.tiled)
+    gemm16(g.V, g.hd, m, alpha, a, 1, g.V, b, ldb, c, ldc, true);
+  else
+    mm(true, false, g.V, g.hd, m, alpha, a, g.V, b, ldb, 1.0f, c, ldc);
 }
 
 }  // namespace
 
-// keep probability is 1 - thr / 2^32; the kept probabilities are scaled by its inverse
-double keep_scale(double p) { return 1.0 / (1.0 - drop_threshold(p) / 4294967296.0); }
-
 std::vector<at::Tensor> forward(const at::Tensor& qkv, int64_t H, double p, int64_t seed) {
-  const Dims g = dims_of(qkv, H);
-  const int64_t B = g.B, V = g.V, hd = g.hd, d = g.d, ld = 3 * d;
+  const Dims g = dims_of(qkv, H, p, seed);
+  const int64_t B = g.B, V = g.V, hd = g.hd, d = g.d, ld = g.ld;
   auto out = at::empty({B, V, d}, qkv.options());
   auto lse = at::empty({B, H, V}, qkv.options());
   const float* base = qkv.data_ptr<float>();
   float* o = out.data_ptr<float>();
   float* l = lse.data_ptr<float>();
-  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  const uint32_t thr = drop_threshold(p);
-  const bool drop = thr > 0;
-  const float inv = static_cast<float>(keep_scale(p));
-  const uint64_t useed = static_cast<uint64_t>(seed);
 
   at::parallel_for(0, B * H, 1, [&](int64_t s0, int64_t s1) {
-    std::vector<float> buf(g.qb * V), W(g.qb), Kt(g.tiled ? hd * V : 0);
+    std::vector<float> S(g.qb * V), W(g.qb), Kt(g.tiled ? hd * V : 0);
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t b = s / H, h = s % H;
       const float* q = base + b * V * ld + h * hd;
@@ -249,24 +285,15 @@ std::vector<at::Tensor> forward(const at::Tensor& qkv, int64_t H, double p, int6
       if (g.tiled) transpose_to(k, ld, V, hd, Kt.data());
       for (int64_t i0 = 0; i0 < V; i0 += g.qb) {
         const int64_t m = std::min(g.qb, V - i0);
-        float* S = buf.data();
-        if (g.tiled)
-          gemm16(m, V, hd, scale, q + i0 * ld, ld, 1, Kt.data(), V, S, V, false);
-        else
-          mm(false, true, m, V, hd, scale, q + i0 * ld, ld, k, ld, 0.0f, S, V);
-        float* wrow = W.data();
+        mm_abt(g, m, g.scale, q + i0 * ld, ld, k, ld, Kt.data(), S.data());
         for (int64_t r = 0; r < m; ++r) {
-          const uint32_t key = drop ? row_key(useed, s * V + i0 + r) : 0u;
-          const float sum = forward_row(S + r * V, V, key, thr, l + s * V + i0 + r);
-          wrow[r] = (drop ? inv : 1.0f) / sum;
+          const int64_t row = s * V + i0 + r;
+          W[r] = g.inv / forward_row(S.data() + r * V, V, row_key(g.seed, row), g.thr, l + row);
         }
-        if (g.tiled)
-          gemm16(m, hd, V, 1.0f, S, V, 1, v, ld, os + i0 * d, d, false);
-        else
-          mm(false, false, m, hd, V, 1.0f, S, V, v, ld, 0.0f, os + i0 * d, d);
+        mm_ab(g, m, 1.0f, S.data(), v, ld, os + i0 * d, d);
         for (int64_t r = 0; r < m; ++r) {
           float* orow = os + (i0 + r) * d;
-          for (int64_t c = 0; c < hd; ++c) orow[c] *= wrow[r];
+          for (int64_t c = 0; c < hd; ++c) orow[c] *= W[r];
         }
       }
     }
@@ -276,8 +303,8 @@ std::vector<at::Tensor> forward(const at::Tensor& qkv, int64_t H, double p, int6
 
 at::Tensor backward(const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& out,
                     const at::Tensor& lse, int64_t H, double p, int64_t seed) {
-  const Dims g = dims_of(qkv, H);
-  const int64_t B = g.B, V = g.V, hd = g.hd, d = g.d, ld = 3 * d;
+  const Dims g = dims_of(qkv, H, p, seed);
+  const int64_t B = g.B, V = g.V, hd = g.hd, d = g.d, ld = g.ld;
   TORCH_CHECK(dout.is_contiguous() && out.is_contiguous() && lse.is_contiguous(),
               "dout, out and lse must be contiguous");
   auto dqkv = at::zeros_like(qkv);
@@ -286,11 +313,6 @@ at::Tensor backward(const at::Tensor& dout, const at::Tensor& qkv, const at::Ten
   const float* o = out.data_ptr<float>();
   const float* l = lse.data_ptr<float>();
   float* gbase = dqkv.data_ptr<float>();
-  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  const uint32_t thr = drop_threshold(p);
-  const bool drop = thr > 0;
-  const float inv = static_cast<float>(keep_scale(p));
-  const uint64_t useed = static_cast<uint64_t>(seed);
 
   at::parallel_for(0, B * H, 1, [&](int64_t s0, int64_t s1) {
     std::vector<float> P(g.qb * V), dP(g.qb * V);
@@ -313,33 +335,20 @@ at::Tensor backward(const at::Tensor& dout, const at::Tensor& qkv, const at::Ten
       for (int64_t i0 = 0; i0 < V; i0 += g.qb) {
         const int64_t m = std::min(g.qb, V - i0);
         // S, then P = exp(S - lse) (recomputed), and dPd = dO V^T
-        if (g.tiled) {
-          gemm16(m, V, hd, scale, q + i0 * ld, ld, 1, Kt.data(), V, P.data(), V, false);
-          gemm16(m, V, hd, 1.0f, gos + i0 * d, d, 1, Vt.data(), V, dP.data(), V, false);
-        } else {
-          mm(false, true, m, V, hd, scale, q + i0 * ld, ld, k, ld, 0.0f, P.data(), V);
-          mm(false, true, m, V, hd, 1.0f, gos + i0 * d, d, v, ld, 0.0f, dP.data(), V);
-        }
+        mm_abt(g, m, g.scale, q + i0 * ld, ld, k, ld, Kt.data(), P.data());
+        mm_abt(g, m, 1.0f, gos + i0 * d, d, v, ld, Vt.data(), dP.data());
         for (int64_t r = 0; r < m; ++r) {
           const float* gr = gos + (i0 + r) * d;
           const float* orow = os + (i0 + r) * d;
-          float acc = 0.0f;  // rowsum(dP * P) = rowsum(dO * O)
-          for (int64_t c = 0; c < hd; ++c) acc += gr[c] * orow[c];
-          const float Di = acc;
-          
-          const uint32_t key = drop ? row_key(useed, s * V + i0 + r) : 0u;
-          backward_row(P.data() + r * V, dP.data() + r * V, V, l[s * V + i0 + r], Di, key,
-                       drop ? thr : 0u, drop ? inv : 1.0f);
+          float D = 0.0f;  // rowsum(dP * P) = rowsum(dO * O)
+          for (int64_t c = 0; c < hd; ++c) D += gr[c] * orow[c];
+          const int64_t row = s * V + i0 + r;
+          backward_row(P.data() + r * V, dP.data() + r * V, V, l[row], D, row_key(g.seed, row),
+                       g.thr, g.inv);
         }
-        if (g.tiled) {
-          gemm16(V, hd, m, 1.0f, P.data(), 1, V, gos + i0 * d, d, dv, ld, true);
-          gemm16(m, hd, V, scale, dP.data(), V, 1, k, ld, dq + i0 * ld, ld, false);
-          gemm16(V, hd, m, scale, dP.data(), 1, V, q + i0 * ld, ld, dk, ld, true);
-        } else {
-          mm(true, false, V, hd, m, 1.0f, P.data(), V, gos + i0 * d, d, 1.0f, dv, ld);
-          mm(false, false, m, hd, V, scale, dP.data(), V, k, ld, 0.0f, dq + i0 * ld, ld);
-          mm(true, false, V, hd, m, scale, dP.data(), V, q + i0 * ld, ld, 1.0f, dk, ld);
-        }
+        mm_atb_add(g, m, 1.0f, P.data(), gos + i0 * d, d, dv, ld);
+        mm_ab(g, m, g.scale, dP.data(), k, ld, dq + i0 * ld, ld);
+        mm_atb_add(g, m, g.scale, dP.data(), q + i0 * ld, ld, dk, ld);
       }
     }
   });
