@@ -258,6 +258,22 @@ def test_plots_are_pure_functions_returning_figures(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # no file I/O
 
 
+def test_loss_vs_data_draws_each_sizes_fitted_curve():
+    runs = pd.DataFrame({"run_id": ["a", "b", "c"], "size": ["XXS", "S", "S"], "params": [533, 859137, 859137],
+                         "best_val_mse": [1.8, 1.5, 1.45], "status": ["ok", "ok", "ok"],
+                         "train_cells": [100, 100, 1000]})
+    xs = np.logspace(2, 3, 10)
+    curves = {"S": plots.Curve(xs, 1.4 + xs**-0.3, 1.39 + xs**-0.3, 1.41 + xs**-0.3), "XXS": plots.Curve(xs, 1.8 + 0 * xs)}
+    ax = plots.loss_vs_data(runs, curves=curves).axes[0]
+    from matplotlib.colors import to_hex
+
+    drawn = [ln for ln in ax.get_lines() if len(ln.get_xdata())]  # not the empty legend proxy
+    dashed = {to_hex(ln.get_color()) for ln in drawn if ln.get_linestyle() == "--"}
+    sizes = {to_hex(ln.get_color()) for ln in drawn if ln.get_linestyle() == "-"}
+    assert len(dashed) == 2 and dashed == sizes  # one fitted L(N, D) curve per size, in its colour
+    assert len(ax.collections) >= 3  # the S band (fill_between) beside the run dots
+
+
 def test_load_sweep_tolerates_a_truncated_metrics_line(tmp_path):
     sweep = make_sweep(tmp_path, bootstrap=BOOT)
     path = sweep / "runs" / "XXS-dall-s0" / "metrics.jsonl"

@@ -339,11 +339,12 @@ def loss_vs_data(
         _message(ax, "no finished runs with a training-set size")
         ax.set_title(title)
         return fig
+    for name, color in colors.items():
         cv = (curves or {}).get(name)
         if cv is not None and len(cv.x):
             if cv.lo is not None and cv.hi is not None:
-                ax.fill_between(cv.x, cv.lo, cv.hi, color=colors[name], alpha=0.08, lw=0)
-            ax.plot(cv.x, cv.y, color=colors[name], lw=1.2, ls="--")
+                ax.fill_between(cv.x, cv.lo, cv.hi, color=color, alpha=0.08, lw=0)
+            ax.plot(cv.x, cv.y, color=color, lw=1.2, ls="--")
     for ref in refs:
         if ref.value is not None and np.isfinite(ref.value) and ref.value > 0:
             ax.axhline(ref.value, color=ref.color, ls=ref.style, lw=1.3, label=ref.label)
