@@ -36,6 +36,11 @@ __all__ = [
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
+def depth_label(depth: float) -> str:
+    """A sequencing depth as it appears in run ids, dataset dirs and reports: ``0.25``, ``1``."""
+    return f"{float(depth):g}"
+
+
 class ConfigError(CellscaleError, ValueError):
     """A configuration problem, with a message fit for a one-line ``error:``."""
 
@@ -188,7 +193,7 @@ class SweepConfig(_Frozen):
         for d in v:
             if not math.isfinite(d) or not 0.0 < d <= 1.0:
                 raise ValueError(f"depth {d!r} is not a fraction of the reads in (0, 1]")
-        labels = [f"{d:g}" for d in v]  # run ids and dataset dirs are named by this label
+        labels = [depth_label(d) for d in v]  # run ids and dataset dirs are named by this label
         dup = next((lab for i, lab in enumerate(labels) if lab in labels[:i]), None)
         if dup is not None:
             raise ValueError(f"depth {dup} is listed twice; remove the duplicate")

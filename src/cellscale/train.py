@@ -126,13 +126,11 @@ class EvalResult:
 
     ``loss``: the objective's number (the MSE for ``mse``; bits per masked gene for the
     likelihoods); ``mse``: the MSE of the point prediction (``objectives.point_prediction``) of
-    the log1p values, comparable across objectives; ``n_masked``: positions scored. With
-    ``per_gene``: float64 per-gene sums of squared errors (``sse_g``) and of the loss in nats
+    the log1p values, comparable across objectives. With ``per_gene``: float64 per-gene sums of squared errors (``sse_g``) and of the loss in nats
     (``nats_g``; squared errors again for mse) and masked counts (``n_g``)."""
 
     loss: float
     mse: float
-    n_masked: int
     sse_g: np.ndarray | None = None
     nats_g: np.ndarray | None = None
     n_g: np.ndarray | None = None
@@ -194,12 +192,12 @@ def evaluate(
         total = max(int(n_g.sum()), 1)
         return EvalResult(
             loss=objectives.to_report_units(objective, float(nats_g.sum()) / total),
-            mse=float(sq_g.sum()) / total, n_masked=int(n_g.sum()), sse_g=sq_g, nats_g=nats_g, n_g=n_g)
+            mse=float(sq_g.sum()) / total, sse_g=sq_g, nats_g=nats_g, n_g=n_g)
     if world > 1:
         sq, loss_sum, n = dist.all_reduce_sum([sq, loss_sum, float(n)])
         n = int(round(n))
     return EvalResult(loss=objectives.to_report_units(objective, loss_sum / max(n, 1)),
-                      mse=sq / max(n, 1), n_masked=int(n))
+                      mse=sq / max(n, 1))
 
 
 def per_gene_summary(sse: np.ndarray, counts: np.ndarray) -> tuple[list[float | None], dict[str, float | None]]:

@@ -97,9 +97,10 @@ def _resolve_y(df: pd.DataFrame, y: str | None) -> tuple[str, str]:
     if len(objectives) > 1:
         raise FitError(f"the table mixes objectives ({', '.join(sorted(objectives))}): "
                        "fit each objective's rows on their own")
-    if "depth" in df.columns and pd.to_numeric(df["depth"], errors="coerce").dropna().nunique() > 1:
-        depths = ", ".join(f"{d:g}" for d in sorted(pd.to_numeric(df["depth"], errors="coerce").dropna().unique()))
-        raise FitError(f"the table mixes sequencing depths ({depths}): no law here has a depth term, so fit "
+    depths = sorted(pd.to_numeric(df["depth"], errors="coerce").dropna().unique()) if "depth" in df.columns else []
+    if len(depths) > 1:
+        raise FitError(f"the table mixes sequencing depths ({', '.join(f'{d:g}' for d in depths)}): no law here "
+                       "has a depth term, so fit "
                        "each depth's rows on their own (the report's fit.json has them under by_depth)")
     likelihood = bool(objectives) and objectives != {"mse"}
     if y is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import html
 import json
 import math
@@ -27,6 +28,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from cellscale.config import depth_label
 from cellscale.errors import FitError, RunError
 from cellscale.report import plots
 from cellscale.report.methods import (
@@ -79,6 +81,16 @@ class SweepData:
         base.update((self.config or {}).get("fit") or {})
         return base
 
+    @functools.cached_property
+    def baselines_json(self) -> dict[str, Any]:
+        """SWEEP_DIR/baselines.json (written by the sweep, cellscale.baselines), read once; {}
+        when missing or unreadable."""
+        try:
+            cached = json.loads((self.sweep_dir / "baselines.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return cached if isinstance(cached, dict) else {}
+
     @property
     def baselines(self) -> dict[str, dict[str, float]]:
         """{name: {"val": mse, "test": mse}} from the manifest, else from results.csv."""
@@ -91,12 +103,7 @@ class SweepData:
                     if any(x is not None for x in vals.values()):
                         out[name] = vals
         # Bayes-linear and kNN, written by the sweep (cellscale.baselines)
-        cached: dict[str, Any] = {}
-        try:
-            cached = json.loads((self.sweep_dir / "baselines.json").read_text())
-        except (OSError, ValueError):
-            pass
-        for name, v in (cached if isinstance(cached, dict) else {}).items():
+        for name, v in self.baselines_json.items():
             if name not in out and name in ("bayes_linear", "knn") and isinstance(v, dict):
                 vals = {k: _float(v.get(k)) for k in ("val", "test")}
                 if any(x is not None for x in vals.values()):
@@ -125,11 +132,7 @@ class SweepData:
         (gene mean, Bayes-linear, and the exact floor of gaussian-mode data); empty for mse."""
         if self.objective == "mse":
             return {}
-        try:
-            cached = json.loads((self.sweep_dir / "baselines.json").read_text())
-        except (OSError, ValueError):
-            return {}
-        block = ((cached.get("likelihood") or {}).get(self.objective) or {}) if isinstance(cached, dict) else {}
+        block = (self.baselines_json.get("likelihood") or {}).get(self.objective) or {}
         return {k: {s: _float(v.get(s)) for s in ("val", "test")} for k, v in block.items() if isinstance(v, dict)}
 
     @property
@@ -941,10 +944,6 @@ _DEPTH_HEADER = ["depth", "runs fitted", "alpha", "alpha 95% CI", "floor", "floo
                  "floor at bound", "gene-mean (val)", "Bayes-linear (val)", "best run (val)"]
 
 
-def _depth_key(depth: float) -> str:
-    return f"{float(depth):g}"
-
-
 def _depth_fits_json(depth_fits: dict[float, FitOutcome], sd: SweepData) -> dict[str, Any]:
     """fit.json's ``by_depth``: {"1": fit, "0.25": fit, ...}, each the law's ``to_dict`` (or its
     error) plus the depth, the number of ok runs and that depth's baselines."""
@@ -957,7 +956,7 @@ def _depth_fits_json(depth_fits: dict[float, FitOutcome], sd: SweepData) -> dict
         entry["n_runs_ok"] = int(((sd.runs["depth"] == depth) & (sd.runs["status"] == "ok")).sum())
         if sd.depth_baselines.get(depth):
             entry["baselines"] = sd.depth_baselines[depth]
-        out[_depth_key(depth)] = entry
+        out[depth_label(depth)] = entry
     return out
 
 
@@ -977,7 +976,7 @@ def _depth_rows(depth_fits: dict[float, FitOutcome], sd: SweepData) -> list[list
         base = sd.depth_baselines.get(depth, {})
         at = sd.runs[(sd.runs["depth"] == depth) & (sd.runs["status"] == "ok")]["best_val_mse"]
         rows.append([
-            _depth_key(depth), fmt_int(0 if fo.used is None else len(fo.used)),
+            depth_label(depth), fmt_int(0 if fo.used is None else len(fo.used)),
             fmt_num(params.get("alpha")) if "alpha" in params else "n/a", ci(cis.get("alpha")),
             fmt_num(params.get(fname)) if fname in params else "n/a", ci(cis.get(fname)) if fname else "n/a",
             fmt_num(d.get("r2")) if fo.data else f"no fit: {fo.error}",
@@ -996,7 +995,7 @@ def _depth_text(depth_fits: dict[float, FitOutcome], head: float | None) -> str:
             "(library sizes thinned exactly over all genes, then renormalised), so a run at depth f is trained "
             "and scored on the noisier measurement, validation cells included; its baselines change with it. "
             f"The '{law}' law is fitted to each depth's runs on its own (rows below, fit.json 'by_depth'); the "
-            f"headline fit above uses depth {_depth_key(head if head is not None else 1.0)} only. A floor that "
+            f"headline fit above uses depth {depth_label(head if head is not None else 1.0)} only. A floor that "
             "rises as depth falls is measurement noise that no model size removes.")
 
 
@@ -1344,11 +1343,10 @@ def write_report(sweep_dir: str | os.PathLike) -> tuple[Path, Path]:
     runs = sd.runs
     fcfg = sd.fit_config
     gene_best = _gene_best(sd)
-    fit = run_fit(runs, fcfg, full_train=_float(((sd.manifest or {}).get("split_sizes") or {}).get("train")),
-                  per_gene_mse=None if gene_best is None else gene_best.positive)
+    full_train = _float(((sd.manifest or {}).get("split_sizes") or {}).get("train"))
+    fit = run_fit(runs, fcfg, full_train=full_train, per_gene_mse=None if gene_best is None else gene_best.positive)
 
-    depth_fits = run_depth_fits(runs, fcfg, full_train=_float(((sd.manifest or {}).get("split_sizes") or {}).get("train")),
-                                headline=fit)
+    depth_fits = run_depth_fits(runs, fcfg, full_train=full_train, headline=fit)
 
     fit_json = fit.data if fit.data is not None else {
         "law": fit.law, "method": fit.method, "error": fit.error,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cellscale.config import ConfigError, ModelConfig, RunConfig, TrainConfig, parse_config
+from cellscale.config import ConfigError, ModelConfig, RunConfig, TrainConfig, depth_label, parse_config
 from cellscale.ladder import get_size
 
 
@@ -18,11 +18,6 @@ class RunSpec:
     seed: int
     # fraction of the sequencing depth (binomially thinned counts); 1.0 = the dataset as built
     depth: float = 1.0
-
-
-def depth_label(depth: float) -> str:
-    """The depth as it appears in run ids and dataset dirs: ``0.25``, ``1``."""
-    return f"{float(depth):g}"
 
 
 def run_id(size: str, train_cells: int | None, seed: int, depth: float = 1.0) -> str:

@@ -6,14 +6,14 @@ import shutil
 from pathlib import Path
 
 from cellscale.baselines import load_or_compute_baselines
-from cellscale.config import ConfigError, RunConfig, config_hash, dump_yaml, load_run_config
+from cellscale.config import ConfigError, RunConfig, config_hash, depth_label, dump_yaml, load_run_config
 from cellscale.data.build import build_dataset
 from cellscale.data.store import Dataset
 from cellscale.data.thin import check_thinnable, is_thinned_from, thin_dataset
 from cellscale.errors import RunError
 from cellscale.io import atomic_write_json, atomic_write_text, read_json
 from cellscale.progress import SweepProgress, console
-from cellscale.sweep.plan import depth_label, plan_runs
+from cellscale.sweep.plan import plan_runs
 from cellscale.sweep.results import write_results
 from cellscale.sweep.runner import run_local, run_ray
 
