@@ -10,7 +10,7 @@ import pandas as pd
 from cellscale.config import RunConfig, load_run_config, preset_path
 from cellscale.io import read_json
 from cellscale.progress import console
-from cellscale.report.writer import write_report
+from cellscale.report.writer import fitted_loss_column, write_report
 from cellscale.sweep import run_sweep
 
 
@@ -45,15 +45,14 @@ def summarize(out: Path, results_csv: Path) -> dict[str, Any]:
         "failed_or_diverged": int(len(table) - len(ok)),
     }
     if len(ok):
-        likelihood = "objective" in ok and ok["objective"].fillna("mse").ne("mse").any()
-        key = "best_val_loss" if likelihood else "best_val_mse"
+        key = fitted_loss_column(ok)
         best = ok.loc[ok[key].idxmin()]
         summary.update({
             "best_run": str(best["run_id"]),
             "best_val_mse": float(best["best_val_mse"]),
             "gene_mean_val_mse": float(best["gene_mean_val_mse"]),
         })
-        if likelihood:
+        if key == "best_val_loss":
             summary.update({"objective": str(best["objective"]), "best_val_bits": float(best["best_val_loss"])})
     fit_path = out / "fit.json"
     if fit_path.is_file():

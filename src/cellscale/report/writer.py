@@ -503,10 +503,16 @@ def run_depth_fits(runs: pd.DataFrame, fit_config: dict[str, Any], *, full_train
     return out
 
 
+def fitted_loss_column(runs: pd.DataFrame) -> str:
+    """The results column a sweep's law is fitted to and its best run is chosen by: the MSE, or
+    ``best_val_loss`` (bits) when any run has a likelihood objective."""
+    likelihood = "objective" in runs and runs["objective"].fillna("mse").ne("mse").any()
+    return "best_val_loss" if likelihood else "best_val_mse"
+
+
 def _fit_subset(runs: pd.DataFrame, law: str, full_train: float | None = None) -> tuple[pd.DataFrame, str | None]:
     ok = runs[runs["status"] == "ok"]
-    likelihood = "objective" in ok and ok["objective"].fillna("mse").ne("mse").any()
-    y = "best_val_loss" if likelihood else "best_val_mse"  # the loss the law is fitted to
+    y = fitted_loss_column(ok)
     usable = np.isfinite(ok[y]) & (ok[y] > 0) & np.isfinite(ok["params"]) & (ok["params"] > 0)
     note = None
     if not usable.all():
@@ -862,7 +868,7 @@ def _data_curves(fit: FitOutcome, data_runs: pd.DataFrame) -> dict[str, plots.Cu
 def _run_table_rows(runs: pd.DataFrame) -> tuple[list[str], list[list[str]], list[str]]:
     cols = ["run_id", "size", "params", "train_cells", "depth", "seed", "cells_seen", "lr", "best_step",
             "best_val_mse", "test_mse", "wall_seconds", "status", "error"]
-    likelihood = runs["objective"].fillna("mse").ne("mse").any() if "objective" in runs else False
+    likelihood = fitted_loss_column(runs) == "best_val_loss"
     if likelihood:  # the objective's own numbers, in bits, before the MSEs of its point predictions
         cols[9:9] = ["objective", "best_val_loss (bits)", "test_loss (bits)"]
     rows, statuses = [], []
@@ -872,7 +878,7 @@ def _run_table_rows(runs: pd.DataFrame) -> tuple[list[str], list[list[str]], lis
         row = [
             str(r["run_id"]), str(r["size"]), fmt_int(r["params"]),
             "all" if pd.isna(r["train_cells"]) else fmt_int(r["train_cells"]),
-            "" if pd.isna(r["depth"]) else f"{float(r['depth']):g}",
+            "" if pd.isna(r["depth"]) else depth_label(r["depth"]),
             "" if pd.isna(r["seed"]) else fmt_int(r["seed"]), fmt_int(r["cells_seen"]), fmt_num(r["lr"], 3),
             fmt_int(r["best_step"]), fmt_num(r["best_val_mse"]), fmt_num(r["test_mse"]),
             fmt_num(r["wall_seconds"], 3), str(r["status"]), str(r["error"] or ""),
