@@ -31,7 +31,7 @@ likelihood objectives (``cellscale.objectives``):
 * ``gaussian-nll``: ``gene_mean`` = each gene's training mean and (maximum-likelihood) variance;
   ``bayes_linear`` = the Gaussian conditional mean above with its conditional variance
   ``diag((P_mm)^{-1})``; for a gaussian-mode simulated dataset also ``bayes_floor`` (the exact
-  conditional's entropy, ``simulate.bayes_floor_bits``).
+  conditional's entropy, ``simulate.bayes_floors``).
 * ``nb`` (datasets with raw counts): ``gene_mean`` = a per-gene negative binomial with mean
   ``rate_g * library_size / target_sum`` (``rate_g`` = the gene's training counts over the
   training cells' total scale) and a method-of-moments inverse dispersion.
@@ -92,14 +92,18 @@ def _rows(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return out
 
 
+def _chunks(array: np.ndarray, rows: np.ndarray, mask: np.ndarray):
+    """(rows, array[rows] as float64, mask rows) in chunks of ``_ROW_CHUNK`` cells."""
+    for start in range(0, rows.size, _ROW_CHUNK):
+        r = rows[start : start + _ROW_CHUNK]
+        yield r, _rows(array, r), mask[start : start + _ROW_CHUNK]
+
+
 def _sse(values: np.ndarray, rows: np.ndarray, mask: np.ndarray, predict) -> tuple[float, int]:
     """Sum of squared errors and #masked positions of ``predict(x, m) -> full pred`` by chunk."""
     sse, n = 0.0, 0
-    for start in range(0, rows.size, _ROW_CHUNK):
-        x = _rows(values, rows[start : start + _ROW_CHUNK])
-        m = mask[start : start + _ROW_CHUNK]
-        pred = predict(x, m)
-        err = (x - pred)[m]
+    for _, x, m in _chunks(values, rows, mask):
+        err = (x - predict(x, m))[m]
         sse += float(np.dot(err, err))
         n += int(m.sum())
     return sse, n
@@ -267,7 +271,7 @@ def _gaussian_floor(ds: Dataset, splits: Sequence[str]) -> dict[str, dict[str, f
     if cfg.get("source", "simulate") != "simulate" or sim.get("mode") != "gaussian":
         return None
     from cellscale.config import SimulateConfig
-    from cellscale.data.sources.simulate import bayes_floor_bits, bayes_floor_mse, gaussian_params, gene_names
+    from cellscale.data.sources.simulate import bayes_floors, gaussian_params, gene_names
 
     sim_cfg = SimulateConfig.model_validate(sim)
     params = gaussian_params(sim_cfg, int(m.get("seed", cfg.get("seed", 0))))
@@ -276,10 +280,8 @@ def _gaussian_floor(ds: Dataset, splits: Sequence[str]) -> dict[str, dict[str, f
         genes = np.array([pos[g] for g in ds.genes], dtype=np.int64)
     except KeyError:
         return None
-    return {
-        "mse": {s: bayes_floor_mse(params, genes=genes, masks=ds.eval_mask(s)) for s in splits},
-        "bits": {s: bayes_floor_bits(params, genes=genes, masks=ds.eval_mask(s)) for s in splits},
-    }
+    floors = {s: bayes_floors(params, genes=genes, masks=ds.eval_mask(s)) for s in splits}
+    return {"mse": {s: f[0] for s, f in floors.items()}, "bits": {s: f[1] for s, f in floors.items()}}
 
 
 # --------------------------------------------------------------------------- likelihoods
@@ -290,15 +292,28 @@ def _gauss_nats(x: np.ndarray, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
     return 0.5 * np.log(2 * np.pi * var) + (x - mean) ** 2 / (2 * var)
 
 
-def _bits(ds: Dataset, rows: np.ndarray, mask: np.ndarray, nats) -> float:
-    """Mean over masked positions of ``nats(x, m, rows) -> per-entry nats``, in bits."""
+def _bits(array: np.ndarray, rows: np.ndarray, mask: np.ndarray, nats) -> float:
+    """Mean over masked positions of ``nats(a, r) -> per-entry nats`` (``a`` = ``array[r]``),
+    in bits."""
     total, n = 0.0, 0
-    for start in range(0, rows.size, _ROW_CHUNK):
-        r = rows[start : start + _ROW_CHUNK]
-        m = mask[start : start + _ROW_CHUNK]
-        total += float(nats(_rows(ds.values, r), m, r)[m].sum())
+    for r, a, m in _chunks(array, rows, mask):
+        total += float(nats(a, r)[m].sum())
         n += int(m.sum())
     return total / n / _LN2
+
+
+def _bayes_linear_scores(values: np.ndarray, rows: np.ndarray, mask: np.ndarray, mean: np.ndarray,
+                         precision: np.ndarray) -> tuple[float, float, int]:
+    """MSE, Gaussian NLL (bits) and #masked positions of the Bayes-linear predictor, from one
+    batched solve per chunk (its conditional mean and variance)."""
+    sse, nats, n = 0.0, 0.0, 0
+    for _, x, m in _chunks(values, rows, mask):
+        pred, var = bayes_linear_predict(x, m, mean, precision=precision, return_var=True)
+        err = (x - pred)[m]
+        sse += float(np.dot(err, err))
+        nats += float(_gauss_nats(x[m], pred[m], var[m]).sum())
+        n += int(m.sum())
+    return sse / n, nats / n / _LN2, n
 
 
 def nb_gene_fit(ds: Dataset, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -307,7 +322,7 @@ def nb_gene_fit(ds: Dataset, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     value under any fixed dispersion); ``theta`` by moments, ``sum mu^2 / sum((k - mu)^2 - mu)``,
     clipped to [1e-3, 1e6] (a gene with no extra-Poisson variance sits at the Poisson end)."""
     rows = np.sort(np.asarray(rows, dtype=np.int64))
-    scale = _scales(ds)
+    scale = ds.library_scale
     V = ds.n_genes
     k_sum = np.zeros(V)
     for start in range(0, rows.size, _ROW_CHUNK):
@@ -325,11 +340,6 @@ def nb_gene_fit(ds: Dataset, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rate, np.clip(theta, 1e-3, 1e6)
 
 
-def _scales(ds: Dataset) -> np.ndarray:
-    target_sum = float((ds.manifest.get("preprocessing") or {}).get("target_sum", 1e4))
-    return np.asarray(ds.library_size, dtype=np.float64) / target_sum
-
-
 def nb_nats(k: np.ndarray, mu: np.ndarray, theta: np.ndarray) -> np.ndarray:
     """-log NB(k; mean mu, inverse dispersion theta), elementwise (numpy twin of the objective's)."""
     return -(scipy.special.gammaln(k + theta) - scipy.special.gammaln(theta) - scipy.special.gammaln(k + 1)
@@ -337,28 +347,23 @@ def nb_nats(k: np.ndarray, mu: np.ndarray, theta: np.ndarray) -> np.ndarray:
 
 
 def likelihood_baselines(ds: Dataset, splits: Sequence[str], mean: np.ndarray, cov: np.ndarray,
-                         precision: np.ndarray) -> dict[str, Any]:
-    """The ``"likelihood"`` block of :func:`compute_baselines` (see the module doc)."""
+                         bayes_linear_bits: dict[str, float]) -> dict[str, Any]:
+    """The ``"likelihood"`` block of :func:`compute_baselines` (see the module doc);
+    ``bayes_linear_bits`` are the Bayes-linear NLLs from :func:`_bayes_linear_scores`."""
     train = ds.splits["train"]
     n_train = train.size
     var = np.diag(cov) * (n_train - 1) / n_train  # the maximum-likelihood variance
     var = np.maximum(var, 1e-6 * max(float(var.mean()), 1e-12))  # a gene constant in training
-    out: dict[str, Any] = {"gaussian-nll": {"gene_mean": {}, "bayes_linear": {}}}
-    for s in splits:
-        rows, mask = ds.splits[s], ds.eval_mask(s)
-        out["gaussian-nll"]["gene_mean"][s] = _bits(ds, rows, mask, lambda x, m, r: _gauss_nats(x, mean, var))
-
-        def bayes_linear(x, m, r):
-            pred, cvar = bayes_linear_predict(x, m, mean, precision=precision, return_var=True)
-            return _gauss_nats(x, pred, np.where(m, cvar, 1.0))
-
-        out["gaussian-nll"]["bayes_linear"][s] = _bits(ds, rows, mask, bayes_linear)
-    if ds.counts is not None and np.all(np.asarray(ds.library_size) > 0):
+    out: dict[str, Any] = {"gaussian-nll": {
+        "gene_mean": {s: _bits(ds.values, ds.splits[s], ds.eval_mask(s), lambda x, r: _gauss_nats(x, mean, var))
+                      for s in splits},
+        "bayes_linear": dict(bayes_linear_bits),
+    }}
+    if ds.counts is not None and np.all(ds.library_scale > 0):
         rate, theta = nb_gene_fit(ds, train)
-        scale = _scales(ds)
+        scale = ds.library_scale
         out["nb"] = {"gene_mean": {
-            s: _bits(ds, ds.splits[s], ds.eval_mask(s),
-                     lambda x, m, r: nb_nats(_rows(ds.counts, r), scale[r, None] * rate, theta))
+            s: _bits(ds.counts, ds.splits[s], ds.eval_mask(s), lambda k, r: nb_nats(k, scale[r, None] * rate, theta))
             for s in splits}}
     return out
 
@@ -389,15 +394,15 @@ def compute_baselines(
     knn_train = np.asarray(values[knn_rows], dtype=np.float64)
 
     out: dict[str, Any] = {"gene_mean": {}, "bayes_linear": {}, "knn": {}, "n_masked": {}}
+    bayes_linear_bits: dict[str, float] = {}
     for s in splits:
         rows, mask = ds.splits[s], ds.eval_mask(s)
         out["gene_mean"][s] = gene_mean_baseline(values, train, rows, mask)
-        sse, n = _sse(values, rows, mask, lambda x, m: bayes_linear_predict(x, m, mean, precision=P))
-        out["bayes_linear"][s] = sse / n
+        out["bayes_linear"][s], bayes_linear_bits[s], out["n_masked"][s] = _bayes_linear_scores(
+            values, rows, mask, mean, P)
         sse, n = _sse(values, rows, mask, lambda x, m: knn_predict(x, m, knn_train, k=knn_k))
         out["knn"][s] = sse / n
-        out["n_masked"][s] = n
-    out["likelihood"] = likelihood_baselines(ds, splits, mean, cov, P)
+    out["likelihood"] = likelihood_baselines(ds, splits, mean, cov, bayes_linear_bits)
     floor = _gaussian_floor(ds, splits)
     if floor is not None:
         out["bayes_floor"] = floor["mse"]

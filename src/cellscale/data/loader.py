@@ -56,12 +56,10 @@ class CountsView:
                 f"{ds.path} holds no raw counts (built from normalised values, or simulated in "
                 "gaussian mode): the nb objective needs counts; use objective mse or gaussian-nll"
             )
-        target_sum = float((ds.manifest.get("preprocessing") or {}).get("target_sum", 1e4))
-        lib = np.asarray(ds.library_size, dtype=np.float64)
-        if np.any(lib <= 0):
+        if np.any(ds.library_scale <= 0):
             raise DataError(f"{ds.path}: a cell has a library size <= 0; rebuild the dataset")
         self.counts = ds.counts
-        self.log_scale = np.log(lib / target_sum).astype(np.float32)
+        self.log_scale = np.log(ds.library_scale).astype(np.float32)
 
     def rows(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.from_numpy(_read_rows(self.counts, rows)), torch.from_numpy(self.log_scale[rows])

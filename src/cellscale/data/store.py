@@ -305,6 +305,11 @@ class Dataset:
     def baselines(self) -> dict[str, dict[str, float]]:
         return self.manifest.get("baselines", {})
 
+    @property
+    def target_sum(self) -> float:
+        """The normalisation's counts per cell (values = log1p(counts / library_size * target_sum))."""
+        return float((self.manifest.get("preprocessing") or {}).get("target_sum", 1e4))
+
     # ---------------------------------------------------------------- arrays
     def _load(self, name: str) -> np.ndarray:
         try:
@@ -327,6 +332,11 @@ class Dataset:
     @cached_property
     def library_size(self) -> np.ndarray:
         return np.asarray(self._load("library_size.npy"))
+
+    @cached_property
+    def library_scale(self) -> np.ndarray:
+        """library_size / target_sum (float64 [cells]): a count model's mean is rate x scale."""
+        return np.asarray(self.library_size, dtype=np.float64) / self.target_sum
 
     @cached_property
     def splits(self) -> dict[str, np.ndarray]:

@@ -167,7 +167,6 @@ def _write_arrays(parent: Dataset, w: DatasetWriter, *, fraction: float, seed: i
             w.copy_file(name, parent.path / name)
         return int((parent.library_size <= 0).sum())
     D, V = parent.n_cells, parent.n_genes
-    target_sum = float((parent.manifest.get("preprocessing") or {}).get("target_sum", 1e4))
     src_counts, src_lib = parent.counts, parent.library_size
     values = w.array("values.npy", (D, V), parent.values.dtype)
     counts = w.array("counts.npy", (D, V), src_counts.dtype)
@@ -179,7 +178,7 @@ def _write_arrays(parent: Dataset, w: DatasetWriter, *, fraction: float, seed: i
             kept, lib[rows] = thin_counts(src_counts[rows], src_lib[rows], fraction=fraction, seed=seed, chunk=k)
             counts[rows] = kept
             # a cell thinned to nothing has all-zero counts: dividing by 1 keeps its values 0
-            values[rows] = normalize_log1p(kept, np.where(lib[rows] > 0, lib[rows], 1.0), target_sum=target_sum)
+            values[rows] = normalize_log1p(kept, np.where(lib[rows] > 0, lib[rows], 1.0), target_sum=parent.target_sum)
             advance()
     w.save("library_size.npy", lib)
     del values, counts
