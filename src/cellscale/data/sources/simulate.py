@@ -58,6 +58,7 @@ __all__ = [
     "resolve_config",
     "load_sim_params",
     "gaussian_params",
+    "bayes_floors",
     "bayes_floor_mse",
     "bayes_floor_bits",
     "gene_names",
@@ -213,24 +214,10 @@ def gaussian_params(cfg: SimulateConfig, seed: int) -> dict[str, np.ndarray]:
     return {"mean": mean, "loadings": loadings, "noise_var": noise_var}
 
 
-def _masked_condvar_traces(W: np.ndarray, psi: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    """For each mask row (True = masked), tr Cov(x_m | x_o) of x ~ N(., W W^T + diag(psi))."""
-    M = masks.astype(np.float64)
-    tr = M @ psi
-    k = W.shape[1]
-    if k == 0:
-        return tr
-    outer = (W[:, :, None] * W[:, None, :]).reshape(W.shape[0], k * k)
-    # A = I + W_o^T Psi_o^{-1} W_o ;  S = W_m^T W_m ;  tr(W_m A^{-1} W_m^T) = <A^{-1}, S>
-    A = np.eye(k).reshape(1, k * k) + (1.0 - M) @ (outer / psi[:, None])
-    S = M @ outer
-    Ainv = np.linalg.inv(A.reshape(-1, k, k)).reshape(-1, k * k)
-    return tr + np.einsum("ij,ij->i", Ainv, S)
-
-
 def _masked_condvar_diag(W: np.ndarray, psi: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    """Var(x_g | x_o) for every gene g of each mask row (meaningful where the row masks g):
-    ``psi_g + w_g^T A^{-1} w_g`` with ``A = I + W_o^T Psi_o^{-1} W_o`` (Woodbury)."""
+    """Var(x_g | x_o) for every gene g of each mask row (True = masked; meaningful where the
+    row masks g) of x ~ N(., W W^T + diag(psi)): ``psi_g + w_g^T A^{-1} w_g`` with
+    ``A = I + W_o^T Psi_o^{-1} W_o`` (Woodbury: one k x k inverse per row)."""
     M = masks.astype(np.float64)
     k = W.shape[1]
     if k == 0:
@@ -241,26 +228,53 @@ def _masked_condvar_diag(W: np.ndarray, psi: np.ndarray, masks: np.ndarray) -> n
     return psi + Ainv @ outer.T
 
 
-def bayes_floor_bits(params: dict[str, np.ndarray], *, masks: np.ndarray, genes: np.ndarray | None = None) -> float:
-    """Bayes-optimal ``gaussian-nll`` loss of the gaussian-mode model, in bits per masked gene,
-    for the given masks (n x V bool): the mean over masked positions of the differential
-    entropy ``0.5 log2(2 pi e Var(x_g | x_o))`` of the exact conditional of each masked gene
-    given the visible ones (a per-gene predictive cannot do better: the expected NLL of a
-    Gaussian predictive is minimised by the true conditional mean and variance)."""
+def _masked_condvar_traces(W: np.ndarray, psi: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """tr Cov(x_m | x_o) of each mask row: the sum of its masked genes' conditional variances."""
+    return np.where(masks, _masked_condvar_diag(W, psi, masks), 0.0).sum(axis=1)
+
+
+def _restricted(params: dict[str, np.ndarray], genes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(loadings, noise variances) of the model restricted to ``genes`` (all when None)."""
     W, psi = np.asarray(params["loadings"], float), np.asarray(params["noise_var"], float)
     if genes is not None:
         genes = np.asarray(genes, dtype=np.int64)
         W, psi = W[genes], psi[genes]
+    return W, psi
+
+
+def _checked_masks(masks: np.ndarray, V: int) -> np.ndarray:
     masks = np.asarray(masks, dtype=bool)
-    if masks.ndim != 2 or masks.shape[1] != psi.size:
-        raise ValueError(f"masks must be (n, {psi.size}), got {masks.shape}")
-    total, n = 0.0, 0
+    if masks.ndim != 2 or masks.shape[1] != V:
+        raise ValueError(f"masks must be (n, {V}), got {masks.shape}")
+    return masks
+
+
+def bayes_floors(params: dict[str, np.ndarray], *, masks: np.ndarray,
+                 genes: np.ndarray | None = None) -> tuple[float, float]:
+    """``(mse, bits)``: the Bayes-optimal ``mse`` and ``gaussian-nll`` losses of the gaussian-mode
+    model (``gaussian_params``) restricted to ``genes``, for the given masks (n x V bool, e.g. a
+    dataset's fixed eval mask), exact for those masks, from one pass over the conditionals.
+
+    ``mse`` = sum over masked positions of the exact conditional variance / number of masked
+    positions (the ratio of sums that the evaluation computes); ``bits`` = the mean over masked
+    positions of the differential entropy ``0.5 log2(2 pi e Var(x_g | x_o))`` of each masked
+    gene's exact conditional (a per-gene predictive cannot do better: the expected NLL of a
+    Gaussian predictive is minimised by the true conditional mean and variance)."""
+    W, psi = _restricted(params, genes)
+    masks = _checked_masks(masks, psi.size)
+    sq, bits, n = 0.0, 0.0, 0
     for i in range(0, masks.shape[0], 4096):
         m = masks[i : i + 4096]
         var = _masked_condvar_diag(W, psi, m)[m]
-        total += float(np.sum(0.5 * np.log2(2 * np.pi * np.e * var)))
+        sq += float(var.sum())
+        bits += float(np.sum(0.5 * np.log2(2 * np.pi * np.e * var)))
         n += int(m.sum())
-    return total / n
+    return sq / n, bits / n
+
+
+def bayes_floor_bits(params: dict[str, np.ndarray], *, masks: np.ndarray, genes: np.ndarray | None = None) -> float:
+    """The ``bits`` of :func:`bayes_floors`."""
+    return bayes_floors(params, masks=masks, genes=genes)[1]
 
 
 def bayes_floor_mse(
@@ -278,19 +292,11 @@ def bayes_floor_mse(
     evaluation's own rule (``draw_mask``: Bernoulli(mask_prob), >= 1 masked gene per row),
     seeded by ``seed``; the Monte-Carlo standard error (delta method for the ratio) is
     returned too with ``return_se`` (relative SE ~ 1e-4 at V=512, 8192 masks)."""
-    W, psi = np.asarray(params["loadings"], float), np.asarray(params["noise_var"], float)
-    if genes is not None:
-        genes = np.asarray(genes, dtype=np.int64)
-        W, psi = W[genes], psi[genes]
-    V = psi.size
     if masks is not None:
-        masks = np.asarray(masks, dtype=bool)
-        if masks.ndim != 2 or masks.shape[1] != V:
-            raise ValueError(f"masks must be (n, {V}), got {masks.shape}")
-        tr = np.concatenate([_masked_condvar_traces(W, psi, masks[i : i + 4096]) for i in range(0, masks.shape[0], 4096)])
-        n = masks.sum(axis=1).astype(np.float64)
-        floor = float(tr.sum() / n.sum())
+        floor = bayes_floors(params, masks=masks, genes=genes)[0]
         return (floor, 0.0) if return_se else floor
+    W, psi = _restricted(params, genes)
+    V = psi.size
     rng = np.random.default_rng(seed_sequence(seed, "bayes-floor"))
     trs, ns = [], []
     for start in range(0, n_masks, 4096):
