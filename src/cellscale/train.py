@@ -167,16 +167,22 @@ def evaluate(
         values, mask, *extra = (t.to(device, non_blocking=True) for t in item)
         with autocast():
             out = model(values, mask)
-        kw = dict(zip(("counts", "log_scale"), extra))
-        scale_at = objectives.at_positions(kw["log_scale"], mask) if "log_scale" in kw else None
-        diff = objectives.point_prediction(objective, out, log_scale=scale_at) - values[mask]
+        # the masked positions' targets (and counts, scales), gathered once for both numbers
+        target = values[mask]
+        kw = {}
+        if extra:
+            counts, log_scale = extra
+            kw = {"counts": counts[mask], "log_scale": objectives.at_positions(log_scale, mask)}
+        diff = objectives.point_prediction(objective, out, log_scale=kw.get("log_scale")) - target
         err = diff**2
-        pos = err if objective == "mse" else objectives.masked_position_loss(objective, out, values, mask, **kw)
+        pos = err if objective == "mse" else objectives.position_loss(objective, out, target, **kw)
         if per_gene:
             # outputs are in mask.nonzero() order: column 1 of nonzero() is the gene of each entry
             genes = mask.nonzero()[:, 1].cpu().numpy()
-            sq_g += np.bincount(genes, weights=(diff.double() ** 2).cpu().numpy(), minlength=n_genes)
-            nats_g += np.bincount(genes, weights=pos.double().cpu().numpy(), minlength=n_genes)
+            sq = np.bincount(genes, weights=(diff.double() ** 2).cpu().numpy(), minlength=n_genes)
+            sq_g += sq
+            nats_g += sq if objective == "mse" else np.bincount(
+                genes, weights=pos.double().cpu().numpy(), minlength=n_genes)
             n_g += np.bincount(genes, minlength=n_genes)
             continue
         sq += float(err.sum())
