@@ -325,26 +325,30 @@ def _baseline_entry(obj: Any) -> dict[str, dict[str, float]]:
 
 def _read_depth_baselines(data: SweepData) -> None:
     """Each depth's reference predictors: the thinned datasets' manifests (gene mean) and
-    baselines.json (Bayes-linear, kNN), as listed in sweep.json (else SWEEP_DIR/datasets/depth-*)."""
+    baselines.json (Bayes-linear, kNN), as listed in sweep.json (else SWEEP_DIR/datasets/depth-*);
+    the full-depth dataset's from the manifest and baselines.json already read."""
     listed = (data.sweep_meta or {}).get("depth_datasets")
     dirs = [Path(p) for p in listed.values()] if isinstance(listed, dict) else sorted(
         (data.sweep_dir / "datasets").glob("depth-*"))
-    if data.dataset_dir is not None:
-        dirs.insert(0, data.dataset_dir)
+    sources: list[tuple[Any, Any]] = []
+    if data.dataset_dir is not None and data.manifest is not None:
+        sources.append((data.manifest, data.baselines_json))
     for d in dirs:
-        try:
-            man = json.loads((d / "manifest.json").read_text())
-        except (OSError, ValueError):
+        sources.append((_read_json_or_none(d / "manifest.json"), _read_json_or_none(d / "baselines.json")))
+    for man, cache in sources:
+        if not isinstance(man, dict):
             continue
         depth = _float(man.get("depth_fraction", 1.0))
-        entry = _baseline_entry({"gene_mean": (man.get("baselines") or {}).get("gene_mean")})
-        cache = data.sweep_dir / "baselines.json" if d == data.dataset_dir else d / "baselines.json"
-        try:
-            entry = {**_baseline_entry(json.loads(cache.read_text())), **entry}
-        except (OSError, ValueError):
-            pass
+        entry = {**_baseline_entry(cache), **_baseline_entry({"gene_mean": (man.get("baselines") or {}).get("gene_mean")})}
         if depth is not None and entry:
             data.depth_baselines[depth] = entry
+
+
+def _read_json_or_none(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _read_per_gene(data: SweepData, runs_dir: Path) -> None:

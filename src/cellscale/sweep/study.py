@@ -95,13 +95,13 @@ def ensure_depth_datasets(cfg: RunConfig, out: Path, base: Dataset, *, progress:
             paths[1.0] = str(base.path)
             continue
         target, seed = depth_dataset_dir(out, depth), int(base.manifest.get("seed", 0))
-        if is_thinned_from(target, base, fraction=float(depth), seed=seed):
-            path = target
-            Dataset.open(path, verify="quick")  # a truncated leftover is refused, not trained on
-        else:  # absent, or thinned from another base or seed: the sweep's own dir, replaced
+        # a match is reused by thin_dataset (a truncated one is refused, not trained on);
+        # anything else there (another base or seed) is the sweep's own dir: replaced
+        reuse = is_thinned_from(target, base, fraction=float(depth), seed=seed)
+        if not reuse:
             console.print(f"thinning the dataset to depth {depth_label(depth)} -> {target}")
-            path = thin_dataset(base, fraction=float(depth), seed=seed, out=target, overwrite=True,
-                                progress=progress)
+        path = thin_dataset(base, fraction=float(depth), seed=seed, out=target, overwrite=not reuse,
+                            progress=progress)
         load_or_compute_baselines(Dataset.open(path, verify="none"))
         paths[float(depth)] = str(path.resolve())
     return paths
@@ -135,16 +135,16 @@ def run_sweep(
             shutil.rmtree(out, ignore_errors=True)
         raise
     ds = given if given is not None else Dataset.open(dataset)
-    atomic_write_json(out / "sweep.json", {"dataset": str(dataset), "config_hash": sweep_hash(cfg)})
     if not (out / "baselines.json").is_file():
         # reference predictors drawn on every figure: gene mean, Bayes-linear, kNN
         base = load_or_compute_baselines(ds)
         atomic_write_json(out / "baselines.json",
                           {k: v for k, v in base.items() if k in ("gene_mean", "bayes_linear", "knn", "bayes_floor", "likelihood")})
     datasets = ensure_depth_datasets(cfg, out, ds, progress=progress)
+    meta: dict = {"dataset": str(dataset), "config_hash": sweep_hash(cfg)}
     if set(datasets) != {1.0}:  # the report finds each depth's manifest and baselines here
-        atomic_write_json(out / "sweep.json", {**read_json(out / "sweep.json"), "depth_datasets": {
-            depth_label(d): p for d, p in sorted(datasets.items(), reverse=True) if d != 1.0}})
+        meta["depth_datasets"] = {depth_label(d): p for d, p in sorted(datasets.items(), reverse=True) if d != 1.0}
+    atomic_write_json(out / "sweep.json", meta)
     specs = plan_runs(cfg, n_genes=ds.n_genes, n_train=int(ds.splits["train"].size))
     ids = [s.run_id for s in specs]
     backend = backend or cfg.sweep.backend
