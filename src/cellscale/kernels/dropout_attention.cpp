@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -91,10 +92,48 @@ inline void gemm16(int64_t M, int64_t N, int64_t K, float alpha, const float* a,
   }
 }
 
+typedef int v8i __attribute__((vector_size(32)));
+
+// 8 x 8 transpose in registers (unpack, shuffle, then swap 128-bit halves: the classic AVX
+// sequence, written with GCC's generic shuffles)
+inline void transpose8(v8 r[8]) {
+  v8 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shuffle(r[i], r[i + 1], v8i{0, 8, 1, 9, 4, 12, 5, 13});
+    t[i + 1] = __builtin_shuffle(r[i], r[i + 1], v8i{2, 10, 3, 11, 6, 14, 7, 15});
+  }
+  for (int i = 0; i < 8; i += 4)
+    for (int h = 0; h < 2; ++h) {
+      u[i + 2 * h] = __builtin_shuffle(t[i + h], t[i + h + 2], v8i{0, 1, 8, 9, 4, 5, 12, 13});
+      u[i + 2 * h + 1] = __builtin_shuffle(t[i + h], t[i + h + 2], v8i{2, 3, 10, 11, 6, 7, 14, 15});
+    }
+  for (int c = 0; c < 4; ++c) {
+    r[c] = __builtin_shuffle(u[c], u[c + 4], v8i{0, 1, 2, 3, 8, 9, 10, 11});
+    r[c + 4] = __builtin_shuffle(u[c], u[c + 4], v8i{4, 5, 6, 7, 12, 13, 14, 15});
+  }
+}
+
 // K^T (or V^T) of one slice: rows of stride ld -> [hd][V] contiguous, for the tiled QK^T
+// (hd, V multiples of 16 there); in 8 x 8 register blocks: a scalar copy waited on every load
 inline void transpose_to(const float* src, int64_t ld, int64_t V, int64_t hd, float* dst) {
-  for (int64_t j = 0; j < V; ++j)
-    for (int64_t c = 0; c < hd; ++c) dst[c * V + j] = src[j * ld + c];
+  for (int64_t j = 0; j < V; j += 8)
+    for (int64_t c = 0; c < hd; c += 8) {
+      v8 r[8];
+      for (int i = 0; i < 8; ++i) r[i] = *reinterpret_cast<const v8u*>(src + (j + i) * ld + c);
+      transpose8(r);
+      for (int i = 0; i < 8; ++i) *reinterpret_cast<v8u*>(dst + (c + i) * V + j) = r[i];
+    }
+}
+
+// body(s, thread_buffers) for s in [0, n), slices handed out one at a time (a static split
+// leaves one core idle whenever the other is slowed, which on a shared VM is often)
+template <class Init, class Body>
+void for_each_slice(int64_t n, Init init, Body body) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    auto buffers = init();
+    for (int64_t s = next.fetch_add(1); s < n; s = next.fetch_add(1)) body(s, buffers);
+  });
 }
 
 inline uint64_t mix64(uint64_t x) {  // splitmix64 finaliser
@@ -191,6 +230,17 @@ float forward_row(float* __restrict row, int64_t V, uint32_t key, uint32_t thr, 
   return sum;
 }
 
+// out[i] = a_i . b_i over n rows of length hd (row stride ld)
+void rowdots(const float* __restrict a, const float* __restrict b, int64_t ld, int64_t n, int64_t hd,
+             float* __restrict out) {
+  for (int64_t i = 0; i < n; ++i) {
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (int32_t c = 0; c < static_cast<int32_t>(hd); ++c) acc += a[i * ld + c] * b[i * ld + c];
+    out[i] = acc;
+  }
+}
+
 inline uint32_t drop_threshold(double p) {
   double t = std::round(p * 4294967296.0);
   return static_cast<uint32_t>(std::min(4294967295.0, std::max(0.0, t)));
@@ -274,30 +324,35 @@ std::vector<at::Tensor> forward(const at::Tensor& qkv, int64_t H, double p, int6
   float* o = out.data_ptr<float>();
   float* l = lse.data_ptr<float>();
 
-  at::parallel_for(0, B * H, 1, [&](int64_t s0, int64_t s1) {
-    std::vector<float> S(g.qb * V), W(g.qb), Kt(g.tiled ? hd * V : 0);
-    for (int64_t s = s0; s < s1; ++s) {
-      const int64_t b = s / H, h = s % H;
-      const float* q = base + b * V * ld + h * hd;
-      const float* k = q + d;
-      const float* v = q + 2 * d;
-      float* os = o + b * V * d + h * hd;
-      if (g.tiled) transpose_to(k, ld, V, hd, Kt.data());
-      for (int64_t i0 = 0; i0 < V; i0 += g.qb) {
-        const int64_t m = std::min(g.qb, V - i0);
-        mm_abt(g, m, g.scale, q + i0 * ld, ld, k, ld, Kt.data(), S.data());
-        for (int64_t r = 0; r < m; ++r) {
-          const int64_t row = s * V + i0 + r;
-          W[r] = g.inv / forward_row(S.data() + r * V, V, row_key(g.seed, row), g.thr, l + row);
+  struct Buffers {
+    std::vector<float> S, W, Kt;
+  };
+  for_each_slice(
+      B * H, [&] { return Buffers{std::vector<float>(g.qb * V), std::vector<float>(g.qb),
+                                   std::vector<float>(g.tiled ? hd * V : 0)}; },
+      [&](int64_t s, Buffers& buf) {
+        float* S = buf.S.data();
+        float* W = buf.W.data();
+        const int64_t b = s / H, h = s % H;
+        const float* q = base + b * V * ld + h * hd;
+        const float* k = q + d;
+        const float* v = q + 2 * d;
+        float* os = o + b * V * d + h * hd;
+        if (g.tiled) transpose_to(k, ld, V, hd, buf.Kt.data());
+        for (int64_t i0 = 0; i0 < V; i0 += g.qb) {
+          const int64_t m = std::min(g.qb, V - i0);
+          mm_abt(g, m, g.scale, q + i0 * ld, ld, k, ld, buf.Kt.data(), S);
+          for (int64_t r = 0; r < m; ++r) {
+            const int64_t row = s * V + i0 + r;
+            W[r] = g.inv / forward_row(S + r * V, V, row_key(g.seed, row), g.thr, l + row);
+          }
+          mm_ab(g, m, 1.0f, S, v, ld, os + i0 * d, d);
+          for (int64_t r = 0; r < m; ++r) {
+            float* orow = os + (i0 + r) * d;
+            for (int64_t c = 0; c < hd; ++c) orow[c] *= W[r];
+          }
         }
-        mm_ab(g, m, 1.0f, S.data(), v, ld, os + i0 * d, d);
-        for (int64_t r = 0; r < m; ++r) {
-          float* orow = os + (i0 + r) * d;
-          for (int64_t c = 0; c < hd; ++c) orow[c] *= W[r];
-        }
-      }
-    }
-  });
+      });
   return {out, lse};
 }
 
@@ -314,44 +369,50 @@ at::Tensor backward(const at::Tensor& dout, const at::Tensor& qkv, const at::Ten
   const float* l = lse.data_ptr<float>();
   float* gbase = dqkv.data_ptr<float>();
 
-  at::parallel_for(0, B * H, 1, [&](int64_t s0, int64_t s1) {
-    std::vector<float> P(g.qb * V), dP(g.qb * V);
-    std::vector<float> Kt(g.tiled ? hd * V : 0), Vt(g.tiled ? hd * V : 0);
-    for (int64_t s = s0; s < s1; ++s) {
-      const int64_t b = s / H, h = s % H;
-      const int64_t off = b * V * ld + h * hd;
-      const float* q = base + off;
-      const float* k = q + d;
-      const float* v = q + 2 * d;
-      float* dq = gbase + off;
-      float* dk = dq + d;
-      float* dv = dq + 2 * d;
-      const float* gos = go + b * V * d + h * hd;
-      const float* os = o + b * V * d + h * hd;
-      if (g.tiled) {
-        transpose_to(k, ld, V, hd, Kt.data());
-        transpose_to(v, ld, V, hd, Vt.data());
-      }
-      for (int64_t i0 = 0; i0 < V; i0 += g.qb) {
-        const int64_t m = std::min(g.qb, V - i0);
-        // S, then P = exp(S - lse) (recomputed), and dPd = dO V^T
-        mm_abt(g, m, g.scale, q + i0 * ld, ld, k, ld, Kt.data(), P.data());
-        mm_abt(g, m, 1.0f, gos + i0 * d, d, v, ld, Vt.data(), dP.data());
-        for (int64_t r = 0; r < m; ++r) {
-          const float* gr = gos + (i0 + r) * d;
-          const float* orow = os + (i0 + r) * d;
-          float D = 0.0f;  // rowsum(dP * P) = rowsum(dO * O)
-          for (int64_t c = 0; c < hd; ++c) D += gr[c] * orow[c];
-          const int64_t row = s * V + i0 + r;
-          backward_row(P.data() + r * V, dP.data() + r * V, V, l[row], D, row_key(g.seed, row),
-                       g.thr, g.inv);
+  struct Buffers {
+    std::vector<float> P, dP, Kt, Vt, D;
+  };
+  for_each_slice(
+      B * H,
+      [&] {
+        return Buffers{std::vector<float>(g.qb * V), std::vector<float>(g.qb * V),
+                       std::vector<float>(g.tiled ? hd * V : 0), std::vector<float>(g.tiled ? hd * V : 0),
+                       std::vector<float>(V)};
+      },
+      [&](int64_t s, Buffers& buf) {
+        float* P = buf.P.data();
+        float* dP = buf.dP.data();
+        float* D = buf.D.data();
+        const int64_t b = s / H, h = s % H;
+        const int64_t off = b * V * ld + h * hd;
+        const float* q = base + off;
+        const float* k = q + d;
+        const float* v = q + 2 * d;
+        float* dq = gbase + off;
+        float* dk = dq + d;
+        float* dv = dq + 2 * d;
+        const float* gos = go + b * V * d + h * hd;
+        const float* os = o + b * V * d + h * hd;
+        if (g.tiled) {
+          transpose_to(k, ld, V, hd, buf.Kt.data());
+          transpose_to(v, ld, V, hd, buf.Vt.data());
         }
-        mm_atb_add(g, m, 1.0f, P.data(), gos + i0 * d, d, dv, ld);
-        mm_ab(g, m, g.scale, dP.data(), k, ld, dq + i0 * ld, ld);
-        mm_atb_add(g, m, g.scale, dP.data(), q + i0 * ld, ld, dk, ld);
-      }
-    }
-  });
+        rowdots(gos, os, d, V, hd, D);  // D_i = rowsum(dP * P)_i = dO_i . O_i
+        for (int64_t i0 = 0; i0 < V; i0 += g.qb) {
+          const int64_t m = std::min(g.qb, V - i0);
+          // S, then P = exp(S - lse) (recomputed), and dPd = dO V^T
+          mm_abt(g, m, g.scale, q + i0 * ld, ld, k, ld, buf.Kt.data(), P);
+          mm_abt(g, m, 1.0f, gos + i0 * d, d, v, ld, buf.Vt.data(), dP);
+          for (int64_t r = 0; r < m; ++r) {
+            const int64_t row = s * V + i0 + r;
+            backward_row(P + r * V, dP + r * V, V, l[row], D[i0 + r], row_key(g.seed, row), g.thr,
+                         g.inv);
+          }
+          mm_atb_add(g, m, 1.0f, P, gos + i0 * d, d, dv, ld);
+          mm_ab(g, m, g.scale, dP, k, ld, dq + i0 * ld, ld);
+          mm_atb_add(g, m, g.scale, dP, q + i0 * ld, ld, dk, ld);
+        }
+      });
   return dqkv;
 }
 
