@@ -94,19 +94,49 @@ def test_dropout_is_unbiased():
     assert (mean - no_drop).abs().mean().item() < 0.004
 
 
+@pytest.mark.parametrize("shape,p", [((3, 1000, 7), 0.1), ((2, 1024), 0.0), ((5, 333), 0.5)])
+def test_gelu_dropout_is_gelu_then_the_same_dropout(shape, p):
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    x = (torch.randn(shape) * 3).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    y = kernels.fused_gelu_dropout(x, p, seed=11)
+    ref = kernels.fused_dropout(F.gelu(x_ref), p, seed=11)  # same seed -> same mask
+    keep = kernels.fused_dropout(torch.ones(shape), p, seed=11) > 0  # the mask of this seed
+    assert not y.detach()[~keep].any()
+    assert (y - ref).abs().max().item() < 2e-6
+    g = torch.randn(shape)
+    y.backward(g)
+    ref.backward(g)
+    assert (x.grad - x_ref.grad).abs().max().item() < 2e-6
+
+
+def test_gelu_of_the_kernel_is_exact_gelu_to_float_precision():
+    import torch.nn.functional as F
+
+    x = torch.linspace(-12, 12, 240_001, dtype=torch.float64)
+    exact = F.gelu(x)
+    assert (kernels.fused_gelu_dropout(x.float(), 0.0, seed=0).double() - exact).abs().max().item() < 1e-6
+    small = x.abs() < 1
+    rel = ((kernels.fused_gelu_dropout(x.float(), 0.0, seed=0).double() - exact).abs() / exact.abs().clamp_min(1e-30))
+    assert rel[small & (x.abs() > 1e-3)].max().item() < 1e-6
+
+
 def test_model_trains_on_the_kernel(monkeypatch):
-    calls = []
-    real = kernels.fused_dropout_attention
+    calls, gelu_calls = [], []
+    real, real_gelu = kernels.fused_dropout_attention, kernels.fused_gelu_dropout
     monkeypatch.setattr(kernels, "fused_dropout_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(kernels, "fused_gelu_dropout", lambda *a, **k: gelu_calls.append(1) or real_gelu(*a, **k))
     cfg = ModelConfig(n_genes=32, d_model=16, n_layers=2, n_heads=2, ffn_ratio=2, dropout=0.1)
     model = CellTransformer(cfg).train()
     values = torch.randn(3, 32)
     mask = torch.rand(3, 32) < 0.3
     model.loss(values, mask).backward()
-    assert len(calls) == 2  # one per layer
+    assert len(calls) == len(gelu_calls) == 2  # one per layer
     model.eval()
     model.loss(values, mask)
-    assert len(calls) == 2  # evaluation has no dropout: SDPA's fused kernel
+    assert len(calls) == len(gelu_calls) == 2  # evaluation has no dropout: SDPA's kernel, F.gelu
 
 
 def test_without_the_kernel_training_falls_back_with_one_warning(tmp_path):
@@ -133,6 +163,7 @@ def test_custom_ops_pass_torch_opcheck():
     seed = torch.tensor([5])
     torch.library.opcheck(kernels._attention_op, (torch.randn(2, 40, 48, requires_grad=True), 2, 0.1, seed))
     torch.library.opcheck(kernels._dropout_op, (torch.randn(3, 50, requires_grad=True), 0.2, seed))
+    torch.library.opcheck(kernels._gelu_dropout_op, (torch.randn(3, 50, requires_grad=True), 0.2, seed))
 
 
 def test_compiled_model_traces_the_kernels_and_matches_eager():

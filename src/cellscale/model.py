@@ -25,7 +25,8 @@ The fast path differs from the stock module only in *how* it computes:
   kernel (same function and distribution; the dropout mask is a counter-based hash,
   recomputed in backward), straight from the fused projection's ``[B, V, 3d]`` output;
 * CPU dropout (residual and FFN) uses the kernel's hash dropout (one pass, mask recomputed in
-  backward); without the kernel, a cheaper RNG path than ``bernoulli_`` (:func:`drop_mask`;
+  backward), the FFN's GELU fused with its dropout (one pass each way; GELU to within 1e-6 of
+  ``F.gelu``, which evaluation keeps); without the kernel, a cheaper RNG path than ``bernoulli_`` (:func:`drop_mask`;
   drop probability quantised to 1/65536, scale exact), see ``benchmarks/README.md``;
 * no Python loop over cells; the head (and loss) run on the masked positions only — the
   hidden states at ``mask.nonzero()`` are gathered first. Predictions at unmasked positions
@@ -143,6 +144,14 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     return _MaskedScale.apply(x, drop, scale)
 
 
+def gelu_dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """``dropout(F.gelu(x), p, training)``; in CPU float32 training one fused pass each way
+    (:func:`cellscale.kernels.fused_gelu_dropout`)."""
+    if training and p > 0.0 and x.device.type == "cpu" and x.dtype == torch.float32 and kernels.available():
+        return kernels.fused_gelu_dropout(x, p)
+    return dropout(F.gelu(x), p, training)
+
+
 def fused_attention_enabled(x: Tensor) -> bool:
     """Whether attention with dropout on ``x`` runs on the fused CPU kernel (float32 on CPU,
     the kernel built; otherwise SDPA's math path, with one warning)."""
@@ -189,7 +198,7 @@ class EncoderBlock(nn.Module):
             a = a.transpose(1, 2).reshape(B, V, d)
         x = x + dropout(self.out(a), p, self.training)
         h = self.norm2(x)
-        h = dropout(F.gelu(self.ff1(h)), p, self.training)
+        h = gelu_dropout(self.ff1(h), p, self.training)
         return x + dropout(self.ff2(h), p, self.training)
 
 

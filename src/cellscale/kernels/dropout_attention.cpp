@@ -202,6 +202,46 @@ void dropout_row(const float* __restrict a, float* __restrict b, int64_t n, uint
     b[j] = col_bits(key, static_cast<uint32_t>(j)) >= thr ? a[j] * inv : 0.0f;
 }
 
+// GELU(x) = x Phi(x) and its derivative Phi(x) + x phi(x), Phi = (1 + erf(x / sqrt 2)) / 2,
+// with erfc from Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7) whose exp(-x^2 / 2) is also
+// the density phi's: one exp and one division per element, branch-free (vectorises)
+struct GeluParts {
+  float cdf, pdf;
+};
+
+__attribute__((always_inline)) inline GeluParts gelu_parts(float x) {
+  const float u = std::fabs(x) * 0.70710678118654752f;
+  const float t = 1.0f / (1.0f + 0.3275911f * u);
+  const float e = exp_neg(-u * u);
+  float poly = 1.061405429f;
+  poly = poly * t - 1.453152027f;
+  poly = poly * t + 1.421413741f;
+  poly = poly * t - 0.284496736f;
+  poly = poly * t + 0.254829592f;
+  const float half_erfc = 0.5f * poly * t * e;  // erfc(|x| / sqrt 2) / 2 = Phi(-|x|)
+  return {x >= 0.0f ? 1.0f - half_erfc : half_erfc, e * 0.39894228040143268f};
+}
+
+// y = dropout(GELU(x)) (thr, inv as in dropout_row)
+void gelu_dropout_row(const float* __restrict x, float* __restrict y, int64_t n, uint32_t key,
+                      uint32_t thr, float inv) {
+#pragma omp simd
+  for (int32_t j = 0; j < static_cast<int32_t>(n); ++j) {
+    const GeluParts gp = gelu_parts(x[j]);
+    y[j] = col_bits(key, static_cast<uint32_t>(j)) >= thr ? x[j] * gp.cdf * inv : 0.0f;
+  }
+}
+
+// dx = keep * g / (1 - p) * GELU'(x)
+void gelu_dropout_backward_row(const float* __restrict g, const float* __restrict x,
+                               float* __restrict dx, int64_t n, uint32_t key, uint32_t thr, float inv) {
+#pragma omp simd
+  for (int32_t j = 0; j < static_cast<int32_t>(n); ++j) {
+    const GeluParts gp = gelu_parts(x[j]);
+    dx[j] = col_bits(key, static_cast<uint32_t>(j)) >= thr ? g[j] * inv * (gp.cdf + x[j] * gp.pdf) : 0.0f;
+  }
+}
+
 // one row of the forward pass: scores -> exp(score - max) * keep (the 1 / sum and 1 / keep
 // scales are applied to the output rows after the GEMM); writes the row's log-sum-exp (of ALL
 // probabilities, kept or not) and returns the sum. thr = 0 keeps everything.
@@ -431,32 +471,73 @@ at::Tensor keep_mask(int64_t B, int64_t H, int64_t V, double p, int64_t seed) {
   return m;
 }
 
-// elementwise dropout y = x * keep / (1 - p) with the same counter-based mask (element n of
-// the flattened tensor: row n / 1024, column n % 1024); the backward pass calls it again with
-// the same seed on the gradient, so no mask is stored
-at::Tensor dropout(const at::Tensor& x, double p, int64_t seed) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu(), "x must be a float32 CPU tensor");
-  auto xc = x.contiguous();
+namespace {
+
+// The elementwise ops' mask layout: element i of the flattened tensor is column i % 1024 of
+// row i / 1024. f(offset, length, key) for each row, rows split across threads.
+template <class F>
+void for_each_mask_row(int64_t n, int64_t seed, F f) {
+  constexpr int64_t W = 1024;
+  const uint64_t useed = static_cast<uint64_t>(seed);
+  at::parallel_for(0, (n + W - 1) / W, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) f(r * W, std::min(W, n - r * W), row_key(useed, r));
+  });
+}
+
+at::Tensor checked_contiguous(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu(), name, " must be a float32 CPU tensor");
+  return x.contiguous();
+}
+
+}  // namespace
+
+// y = row(x) over the mask rows of one input (Row: a *_row function above)
+template <class Row>
+at::Tensor map_mask_rows(const at::Tensor& x, double p, int64_t seed, Row row) {
+  const auto xc = checked_contiguous(x, "x");
   auto y = at::empty_like(xc);
   const float* xp = xc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const int64_t n = xc.numel();
   const uint32_t thr = drop_threshold(p);
   const float inv = static_cast<float>(keep_scale(p));
-  const uint64_t useed = static_cast<uint64_t>(seed);
-  constexpr int64_t W = 1024;
-  at::parallel_for(0, (n + W - 1) / W, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const uint32_t key = row_key(useed, r);
-      const int64_t j1 = std::min(W, n - r * W);
-      dropout_row(xp + r * W, yp + r * W, j1, key, thr, inv);
-    }
+  for_each_mask_row(xc.numel(), seed, [&](int64_t i, int64_t len, uint32_t key) {
+    row(xp + i, yp + i, len, key, thr, inv);
   });
   return y;
 }
 
+// elementwise dropout y = x * keep / (1 - p) with the same counter-based mask; the backward
+// pass calls it again with the same seed on the gradient, so no mask is stored
+at::Tensor dropout(const at::Tensor& x, double p, int64_t seed) {
+  return map_mask_rows(x, p, seed, dropout_row);
+}
+
+// y = dropout(GELU(x)) in one pass, the mask of dropout(GELU(x), p, seed) (the FFN's
+// activation and its dropout: the stock layer's two passes forward and two backward)
+at::Tensor gelu_dropout(const at::Tensor& x, double p, int64_t seed) {
+  return map_mask_rows(x, p, seed, gelu_dropout_row);
+}
+
+at::Tensor gelu_dropout_backward(const at::Tensor& g, const at::Tensor& x, double p, int64_t seed) {
+  const auto gc = checked_contiguous(g, "g");
+  const auto xc = checked_contiguous(x, "x");
+  TORCH_CHECK(gc.sizes() == xc.sizes(), "g and x must have the same shape");
+  auto dx = at::empty_like(xc);
+  const float* gp = gc.data_ptr<float>();
+  const float* xp = xc.data_ptr<float>();
+  float* dp = dx.data_ptr<float>();
+  const uint32_t thr = drop_threshold(p);
+  const float inv = static_cast<float>(keep_scale(p));
+  for_each_mask_row(xc.numel(), seed, [&](int64_t i, int64_t len, uint32_t key) {
+    gelu_dropout_backward_row(gp + i, xp + i, dp + i, len, key, thr, inv);
+  });
+  return dx;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("dropout", &dropout, "elementwise dropout with the counter-based mask of seed");
+  mod.def("gelu_dropout", &gelu_dropout, "dropout(GELU(x)) with the mask of dropout");
+  mod.def("gelu_dropout_backward", &gelu_dropout_backward, "gradient of gelu_dropout");
   mod.def("forward", &forward, "fused dropout attention forward -> (out, lse)");
   mod.def("backward", &backward, "fused dropout attention backward -> dqkv");
   mod.def("keep_mask", &keep_mask, "the keep mask for (B, H, V, p, seed)");
