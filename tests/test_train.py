@@ -12,7 +12,7 @@ from cellscale.data.store import Dataset
 from cellscale.errors import RunError
 from cellscale.ladder import get_size
 from cellscale.model import CellTransformer, count_params, flops_per_cell, non_embedding_params
-from cellscale.train import lr_at, resolve_lr, train_run
+from cellscale.train import frozen_gc, lr_at, resolve_lr, train_run
 
 TRAIN = TrainConfig(cells_seen=32 * 24, batch_size=32, eval_every=6, eval_batch_size=64,
                     warmup_frac=0.1, num_threads=1)
@@ -46,6 +46,24 @@ def test_result_accounting(tiny_dataset_dir: Path, tmp_path: Path):
     assert math.isfinite(res["test_mse"])
     saved = json.loads((tmp_path / "run" / "result.json").read_text())
     assert saved["best_val_mse"] == res["best_val_mse"]
+
+
+def test_training_freezes_the_collector_only_while_it_runs(tiny_dataset_dir: Path, tmp_path: Path):
+    import gc
+
+    seen = []
+    res = train_run(Dataset.open(tiny_dataset_dir), get_size("TINY", n_genes=32), TRAIN, out=tmp_path / "run",
+                    train_cells=100, seed=0, on_step=lambda rec: seen.append(gc.get_freeze_count()))
+    assert res["status"] == "ok" and len(seen) == 24
+    assert min(seen) > 0  # the objects alive at the start were frozen during the loop
+    assert gc.get_freeze_count() == 0  # and released after it
+    gc.freeze()  # a caller's own freeze is left as it is
+    try:
+        with frozen_gc():
+            pass
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
 
 
 def test_schedule_warmup_then_cosine():
