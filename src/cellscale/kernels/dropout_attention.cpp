@@ -125,6 +125,17 @@ inline void transpose_to(const float* src, int64_t ld, int64_t V, int64_t hd, fl
     }
 }
 
+// n rows of hd floats at row stride ld <-> contiguous [n][hd]. The GEMMs re-read their B
+// operand for every tile; a head's rows of qkv lie 1536 bytes apart (S), which maps them onto
+// 8 of L1's 64 sets, so strided they were re-fetched from L2 on every pass
+inline void pack_rows(const float* src, int64_t ld, int64_t n, int64_t hd, float* dst) {
+  for (int64_t j = 0; j < n; ++j) std::memcpy(dst + j * hd, src + j * ld, hd * sizeof(float));
+}
+
+inline void unpack_rows(const float* src, int64_t n, int64_t hd, float* dst, int64_t ld) {
+  for (int64_t j = 0; j < n; ++j) std::memcpy(dst + j * ld, src + j * hd, hd * sizeof(float));
+}
+
 // body(s, thread_buffers) for s in [0, n), slices handed out one at a time (a static split
 // leaves one core idle whenever the other is slowed, which on a shared VM is often)
 template <class Init, class Body>
@@ -365,20 +376,24 @@ std::vector<at::Tensor> forward(const at::Tensor& qkv, int64_t H, double p, int6
   float* l = lse.data_ptr<float>();
 
   struct Buffers {
-    std::vector<float> S, W, Kt;
+    std::vector<float> S, W, Kt, Vp;
   };
   for_each_slice(
-      B * H, [&] { return Buffers{std::vector<float>(g.qb * V), std::vector<float>(g.qb),
-                                   std::vector<float>(g.tiled ? hd * V : 0)}; },
+      B * H,
+      [&] {
+        return Buffers{std::vector<float>(g.qb * V), std::vector<float>(g.qb),
+                       std::vector<float>(g.tiled ? hd * V : 0), std::vector<float>(V * hd)};
+      },
       [&](int64_t s, Buffers& buf) {
         float* S = buf.S.data();
         float* W = buf.W.data();
+        float* Vp = buf.Vp.data();
         const int64_t b = s / H, h = s % H;
         const float* q = base + b * V * ld + h * hd;
         const float* k = q + d;
-        const float* v = q + 2 * d;
         float* os = o + b * V * d + h * hd;
         if (g.tiled) transpose_to(k, ld, V, hd, buf.Kt.data());
+        pack_rows(q + 2 * d, ld, V, hd, Vp);
         for (int64_t i0 = 0; i0 < V; i0 += g.qb) {
           const int64_t m = std::min(g.qb, V - i0);
           mm_abt(g, m, g.scale, q + i0 * ld, ld, k, ld, buf.Kt.data(), S);
@@ -386,7 +401,7 @@ std::vector<at::Tensor> forward(const at::Tensor& qkv, int64_t H, double p, int6
             const int64_t row = s * V + i0 + r;
             W[r] = g.inv / forward_row(S + r * V, V, row_key(g.seed, row), g.thr, l + row);
           }
-          mm_ab(g, m, 1.0f, S, v, ld, os + i0 * d, d);
+          mm_ab(g, m, 1.0f, S, Vp, hd, os + i0 * d, d);
           for (int64_t r = 0; r < m; ++r) {
             float* orow = os + (i0 + r) * d;
             for (int64_t c = 0; c < hd; ++c) orow[c] *= W[r];
@@ -402,7 +417,7 @@ at::Tensor backward(const at::Tensor& dout, const at::Tensor& qkv, const at::Ten
   const int64_t B = g.B, V = g.V, hd = g.hd, d = g.d, ld = g.ld;
   TORCH_CHECK(dout.is_contiguous() && out.is_contiguous() && lse.is_contiguous(),
               "dout, out and lse must be contiguous");
-  auto dqkv = at::zeros_like(qkv);
+  auto dqkv = at::empty_like(qkv);  // every element is written: dq per block, dk and dv per slice
   const float* base = qkv.data_ptr<float>();
   const float* go = dout.data_ptr<float>();
   const float* o = out.data_ptr<float>();
@@ -410,48 +425,58 @@ at::Tensor backward(const at::Tensor& dout, const at::Tensor& qkv, const at::Ten
   float* gbase = dqkv.data_ptr<float>();
 
   struct Buffers {
-    std::vector<float> P, dP, Kt, Vt, D;
+    std::vector<float> P, dP, Kt, Vt, D, Kp, dKp, dVp, Qb, dOb;
   };
   for_each_slice(
       B * H,
       [&] {
-        return Buffers{std::vector<float>(g.qb * V), std::vector<float>(g.qb * V),
-                       std::vector<float>(g.tiled ? hd * V : 0), std::vector<float>(g.tiled ? hd * V : 0),
-                       std::vector<float>(V)};
+        const auto f = [](int64_t n) { return std::vector<float>(n); };
+        return Buffers{f(g.qb * V), f(g.qb * V), f(g.tiled ? hd * V : 0), f(g.tiled ? hd * V : 0), f(V),
+                       f(V * hd), f(V * hd), f(V * hd), f(g.qb * hd), f(g.qb * hd)};
       },
       [&](int64_t s, Buffers& buf) {
         float* P = buf.P.data();
         float* dP = buf.dP.data();
         float* D = buf.D.data();
+        float* Kp = buf.Kp.data();
+        float* dKp = buf.dKp.data();
+        float* dVp = buf.dVp.data();
+        float* Qb = buf.Qb.data();
+        float* dOb = buf.dOb.data();
         const int64_t b = s / H, h = s % H;
         const int64_t off = b * V * ld + h * hd;
         const float* q = base + off;
         const float* k = q + d;
         const float* v = q + 2 * d;
         float* dq = gbase + off;
-        float* dk = dq + d;
-        float* dv = dq + 2 * d;
         const float* gos = go + b * V * d + h * hd;
         const float* os = o + b * V * d + h * hd;
         if (g.tiled) {
           transpose_to(k, ld, V, hd, buf.Kt.data());
           transpose_to(v, ld, V, hd, buf.Vt.data());
         }
+        pack_rows(k, ld, V, hd, Kp);
+        std::fill(buf.dKp.begin(), buf.dKp.end(), 0.0f);
+        std::fill(buf.dVp.begin(), buf.dVp.end(), 0.0f);
         rowdots(gos, os, d, V, hd, D);  // D_i = rowsum(dP * P)_i = dO_i . O_i
         for (int64_t i0 = 0; i0 < V; i0 += g.qb) {
           const int64_t m = std::min(g.qb, V - i0);
+          pack_rows(q + i0 * ld, ld, m, hd, Qb);
+          pack_rows(gos + i0 * d, d, m, hd, dOb);
           // S, then P = exp(S - lse) (recomputed), and dPd = dO V^T
-          mm_abt(g, m, g.scale, q + i0 * ld, ld, k, ld, buf.Kt.data(), P);
-          mm_abt(g, m, 1.0f, gos + i0 * d, d, v, ld, buf.Vt.data(), dP);
+          mm_abt(g, m, g.scale, Qb, hd, k, ld, buf.Kt.data(), P);
+          mm_abt(g, m, 1.0f, dOb, hd, v, ld, buf.Vt.data(), dP);
           for (int64_t r = 0; r < m; ++r) {
             const int64_t row = s * V + i0 + r;
             backward_row(P + r * V, dP + r * V, V, l[row], D[i0 + r], row_key(g.seed, row), g.thr,
                          g.inv);
           }
-          mm_atb_add(g, m, 1.0f, P, gos + i0 * d, d, dv, ld);
-          mm_ab(g, m, g.scale, dP, k, ld, dq + i0 * ld, ld);
-          mm_atb_add(g, m, g.scale, dP, q + i0 * ld, ld, dk, ld);
+          mm_atb_add(g, m, 1.0f, P, dOb, hd, dVp, hd);
+          mm_ab(g, m, g.scale, dP, Kp, hd, dq + i0 * ld, ld);
+          mm_atb_add(g, m, g.scale, dP, Qb, hd, dKp, hd);
         }
+        unpack_rows(dKp, V, hd, dq + d, ld);
+        unpack_rows(dVp, V, hd, dq + 2 * d, ld);
       });
   return dqkv;
 }
