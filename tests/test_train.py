@@ -12,7 +12,7 @@ from cellscale.data.store import Dataset
 from cellscale.errors import RunError
 from cellscale.ladder import get_size
 from cellscale.model import CellTransformer, count_params, flops_per_cell, non_embedding_params
-from cellscale.train import frozen_gc, lr_at, resolve_lr, train_run
+from cellscale.train import frozen_gc, lr_at, resolve_lr, run_threads, train_run
 
 TRAIN = TrainConfig(cells_seen=32 * 24, batch_size=32, eval_every=6, eval_batch_size=64,
                     warmup_frac=0.1, num_threads=1)
@@ -64,6 +64,22 @@ def test_training_freezes_the_collector_only_while_it_runs(tiny_dataset_dir: Pat
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+def test_small_steps_run_on_one_thread_and_the_next_run_gets_the_callers_count(tiny_dataset_dir: Path,
+                                                                               tmp_path: Path):
+    ds = Dataset.open(tiny_dataset_dir)
+    auto = TRAIN.model_copy(update={"num_threads": None})
+    before = torch.get_num_threads()
+    threads: dict[str, set[int]] = {"TINY": set(), "XS": set()}
+    for name in threads:
+        cfg = get_size(name, n_genes=ds.n_genes)
+        expect = run_threads(cfg, auto, torch.device("cpu"))
+        assert expect == (1 if name == "TINY" else None)  # TINY's step is far under SMALL_STEP_FLOPS, XS's far over
+        train_run(ds, cfg, auto, out=tmp_path / name, train_cells=100, seed=0,
+                  on_step=lambda rec, n=name: threads[n].add(torch.get_num_threads()))
+        assert torch.get_num_threads() == before
+    assert threads == {"TINY": {1}, "XS": {before}}
 
 
 def test_schedule_warmup_then_cosine():
