@@ -92,24 +92,30 @@ inline void gemm16(int64_t M, int64_t N, int64_t K, float alpha, const float* a,
   }
 }
 
+// two-vector lane shuffle: GCC's __builtin_shuffle (any version), clang's __builtin_shufflevector
+#if defined(__clang__)
+#define SHUFFLE8(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
 typedef int v8i __attribute__((vector_size(32)));
+#define SHUFFLE8(a, b, ...) __builtin_shuffle(a, b, v8i{__VA_ARGS__})
+#endif
 
 // 8 x 8 transpose in registers (unpack, shuffle, then swap 128-bit halves: the classic AVX
-// sequence, written with GCC's generic shuffles)
+// sequence, written with generic shuffles)
 inline void transpose8(v8 r[8]) {
   v8 t[8], u[8];
   for (int i = 0; i < 8; i += 2) {
-    t[i] = __builtin_shuffle(r[i], r[i + 1], v8i{0, 8, 1, 9, 4, 12, 5, 13});
-    t[i + 1] = __builtin_shuffle(r[i], r[i + 1], v8i{2, 10, 3, 11, 6, 14, 7, 15});
+    t[i] = SHUFFLE8(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = SHUFFLE8(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
   }
   for (int i = 0; i < 8; i += 4)
     for (int h = 0; h < 2; ++h) {
-      u[i + 2 * h] = __builtin_shuffle(t[i + h], t[i + h + 2], v8i{0, 1, 8, 9, 4, 5, 12, 13});
-      u[i + 2 * h + 1] = __builtin_shuffle(t[i + h], t[i + h + 2], v8i{2, 3, 10, 11, 6, 7, 14, 15});
+      u[i + 2 * h] = SHUFFLE8(t[i + h], t[i + h + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[i + 2 * h + 1] = SHUFFLE8(t[i + h], t[i + h + 2], 2, 3, 10, 11, 6, 7, 14, 15);
     }
   for (int c = 0; c < 4; ++c) {
-    r[c] = __builtin_shuffle(u[c], u[c + 4], v8i{0, 1, 2, 3, 8, 9, 10, 11});
-    r[c + 4] = __builtin_shuffle(u[c], u[c + 4], v8i{4, 5, 6, 7, 12, 13, 14, 15});
+    r[c] = SHUFFLE8(u[c], u[c + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    r[c + 4] = SHUFFLE8(u[c], u[c + 4], 4, 5, 6, 7, 12, 13, 14, 15);
   }
 }
 
@@ -514,8 +520,6 @@ at::Tensor checked_contiguous(const at::Tensor& x, const char* name) {
   return x.contiguous();
 }
 
-}  // namespace
-
 // y = row(x) over the mask rows of one input (Row: a *_row function above)
 template <class Row>
 at::Tensor map_mask_rows(const at::Tensor& x, double p, int64_t seed, Row row) {
@@ -530,6 +534,8 @@ at::Tensor map_mask_rows(const at::Tensor& x, double p, int64_t seed, Row row) {
   });
   return y;
 }
+
+}  // namespace
 
 // elementwise dropout y = x * keep / (1 - p) with the same counter-based mask; the backward
 // pass calls it again with the same seed on the gradient, so no mask is stored
