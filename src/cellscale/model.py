@@ -26,8 +26,9 @@ The fast path differs from the stock module only in *how* it computes:
   recomputed in backward), straight from the fused projection's ``[B, V, 3d]`` output;
 * CPU dropout (residual and FFN) uses the kernel's hash dropout (one pass, mask recomputed in
   backward), the FFN's GELU fused with its dropout (one pass each way; GELU to within 1e-6 of
-  ``F.gelu``, which evaluation keeps); without the kernel, a cheaper RNG path than ``bernoulli_`` (:func:`drop_mask`;
-  drop probability quantised to 1/65536, scale exact), see ``benchmarks/README.md``;
+  ``F.gelu``, which evaluation keeps); without the kernel, a cheaper RNG path than
+  ``bernoulli_`` (:func:`drop_mask`; drop probability quantised to 1/65536, scale exact), see
+  ``benchmarks/README.md``;
 * no Python loop over cells; the head (and loss) run on the masked positions only — the
   hidden states at ``mask.nonzero()`` are gathered first. Predictions at unmasked positions
   never enter the study's loss, so the objective and its gradients are identical.
