@@ -88,6 +88,34 @@ def test_iterate_equals_batch_and_resumes(ds):
     it.close()
 
 
+def test_iterate_pins_every_tensor_in_the_prefetch_thread_when_asked(ds, monkeypatch):
+    import threading
+
+    pinned = []
+
+    def fake_pin(self):  # CPU-only machines cannot pin; record who pinned what instead
+        pinned.append((threading.current_thread().name, tuple(self.shape)))
+        return self.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    tb = TrainBatches(ds, batch_size=27, seed=2, with_counts=True)
+    got = list(tb.iterate(3, 4, pin_memory=True))
+    assert pinned == [("cellscale-prefetch", s) for _ in range(4) for s in ((27, ds.n_genes),) * 3 + ((27,),)]
+    for k, item in enumerate(got):
+        assert all(torch.equal(a, b) for a, b in zip(item, tb.batch(3 + k)))
+    pinned.clear()
+    list(tb.iterate(3, 4))
+    assert pinned == []
+
+
+@pytest.mark.gpu
+def test_iterate_pins_on_a_cuda_machine(ds):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    v, m = next(TrainBatches(ds, batch_size=27, seed=2).iterate(0, 1, pin_memory=True))
+    assert v.is_pinned() and m.is_pinned()
+
+
 def test_bad_arguments(ds):
     with pytest.raises(DataError, match="fewer than batch_size"):
         TrainBatches(ds, train_cells=10, batch_size=32, seed=0)

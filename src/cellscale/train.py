@@ -521,7 +521,7 @@ def _train(
     step = int(state["step"])
     steps_this_call = 0
     eval_kw = {"cfg": train_cfg, "device": device, "autocast": autocast, "dist": dist}
-    for item in batches.iterate(step, total_steps - step):
+    for item in batches.iterate(step, total_steps - step, pin_memory=device.type == "cuda"):
         if stop_after_steps is not None and steps_this_call >= stop_after_steps:
             break
         lr = lr_at(step, total_steps=total_steps, peak=peak_lr, cfg=train_cfg)

@@ -134,9 +134,13 @@ class TrainBatches:
             return item
         return item + self._counts.rows(self.rows(step))
 
-    def iterate(self, start_step: int = 0, n_steps: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def iterate(self, start_step: int = 0, n_steps: int | None = None, *,
+                pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield ``batch(start_step)``, ``batch(start_step + 1)``, ... (``n_steps`` of them, or
-        forever when None), prepared by a background thread through a bounded queue."""
+        forever when None), prepared by a background thread through a bounded queue.
+        ``pin_memory`` (for a CUDA device): that thread also copies each batch's tensors into
+        page-locked memory, so the trainer's ``non_blocking`` copies to the device are
+        asynchronous (from pageable memory they are not)."""
         stop = None if n_steps is None else start_step + int(n_steps)
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         halt = threading.Event()
@@ -147,6 +151,8 @@ class TrainBatches:
             try:
                 while not halt.is_set() and (stop is None or step < stop):
                     item = self.batch(step)
+                    if pin_memory:
+                        item = tuple(t.pin_memory() if isinstance(t, torch.Tensor) else t for t in item)
                     while not halt.is_set():
                         try:
                             q.put(item, timeout=0.1)
