@@ -7,14 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _run(script: str, *args: str) -> str:
+def _run(script: str, *args: str, rc: int = 0) -> str:
     r = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
                        timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return r.stdout
+    assert r.returncode == rc, r.stderr[-2000:]
+    return r.stdout if rc == 0 else r.stderr
 
 
 def test_train_throughput_prints_both_mfus_and_the_summary_line():
@@ -32,3 +34,26 @@ def test_loader_benchmark_prints_the_ratios(tmp_path: Path):
     out = _run("bench_loader.py", "--cells", "3000", "--genes", "64", "--seconds", "0.3", "--workdir", str(tmp_path))
     ratios = re.findall(r"^ratio .* ([\d.]+)x$", out, flags=re.M)
     assert len(ratios) == 2 and all(float(r) > 0 for r in ratios)
+
+
+def test_gpu_benchmark_runs_on_cpu_and_projects_the_ladder():
+    out = _run("gpu_throughput.py", "--device", "cpu", "--sizes", "TINY", "--ladder-sizes", "XXS,TINY",
+               "--seconds", "0.5", "--ladder-cells", "6400", "--ladder-seeds", "2")
+    lines = out.strip().splitlines()
+    assert re.fullmatch(r"mfu_m=nan mfu_l=nan ladder_hours=[\d.]+", lines[-1])
+    row = next(r for r in (l.split() for l in lines) if r[:2] == ["TINY", "64"])
+    assert float(row[2]) > 0 and row[4].endswith("%")
+    per_size = re.findall(r"^  (XXS|TINY) +([\d.]+) cells/s -> +([\d.]+) min for 2 seeds$", out, flags=re.M)
+    assert [p[0] for p in per_size] == ["XXS", "TINY"]
+    # the projection is the sum of cells_seen / rate x seeds
+    hours = sum(6400 / float(rate) * 2 for _, rate, _ in per_size) / 3600
+    assert float(lines[-1].split("ladder_hours=")[1]) == pytest.approx(hours, rel=0.02, abs=1e-3)
+
+
+def test_gpu_benchmark_refuses_cuda_without_a_device():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    err = _run("gpu_throughput.py", "--device", "cuda", rc=2)
+    assert err.strip() == "error: --device cuda but torch sees no CUDA device"
