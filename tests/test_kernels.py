@@ -164,6 +164,7 @@ def test_custom_ops_pass_torch_opcheck():
     torch.library.opcheck(kernels._attention_op, (torch.randn(2, 40, 48, requires_grad=True), 2, 0.1, seed))
     torch.library.opcheck(kernels._dropout_op, (torch.randn(3, 50, requires_grad=True), 0.2, seed))
     torch.library.opcheck(kernels._gelu_dropout_op, (torch.randn(3, 50, requires_grad=True), 0.2, seed))
+    torch.library.opcheck(kernels._gelu_dropout_backward_op, (torch.randn(3, 50), torch.randn(3, 50), 0.2, seed))
 
 
 def test_compiled_model_traces_the_kernels_and_matches_eager():

@@ -134,7 +134,7 @@ def warn_fallback() -> None:
 # it (torch.randint) stays inside a compiled graph, reading it happens inside the operator.
 @torch.library.custom_op("cellscale::dropout_attention", mutates_args=())
 def _attention_op(qkv: Tensor, n_heads: int, p: float, seed: Tensor) -> tuple[Tensor, Tensor]:
-    return tuple(_EXT.forward(qkv.contiguous(), n_heads, p, int(seed.item())))
+    return tuple(_require().forward(qkv.contiguous(), n_heads, p, int(seed.item())))
 
 
 @_attention_op.register_fake
@@ -146,7 +146,7 @@ def _(qkv: Tensor, n_heads: int, p: float, seed: Tensor) -> tuple[Tensor, Tensor
 @torch.library.custom_op("cellscale::dropout_attention_backward", mutates_args=())
 def _attention_backward_op(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, n_heads: int,
                            p: float, seed: Tensor) -> Tensor:
-    return _EXT.backward(dout.contiguous(), qkv.contiguous(), out, lse, n_heads, p, int(seed.item()))
+    return _require().backward(dout.contiguous(), qkv.contiguous(), out, lse, n_heads, p, int(seed.item()))
 
 
 @_attention_backward_op.register_fake
@@ -169,14 +169,14 @@ def _attention_backward(ctx: Any, dout: Tensor, dlse: Tensor | None) -> tuple:
 _attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
 
 
+def _shaped_like_first(t: Tensor, *rest: Any) -> Tensor:
+    """Fake kernel of the elementwise ops: the output is shaped like the first input."""
+    return torch.empty_like(t)
+
+
 @torch.library.custom_op("cellscale::hash_dropout", mutates_args=())
 def _dropout_op(x: Tensor, p: float, seed: Tensor) -> Tensor:
-    return _EXT.dropout(x, p, int(seed.item()))
-
-
-@_dropout_op.register_fake
-def _(x: Tensor, p: float, seed: Tensor) -> Tensor:
-    return torch.empty_like(x)
+    return _require().dropout(x, p, int(seed.item()))
 
 
 def _dropout_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
@@ -190,27 +190,18 @@ def _dropout_backward(ctx: Any, g: Tensor) -> tuple:
     return _dropout_op(g, ctx.p, seed), None, None  # the same mask and scale
 
 
+_dropout_op.register_fake(_shaped_like_first)
 _dropout_op.register_autograd(_dropout_backward, setup_context=_dropout_setup)
 
 
 @torch.library.custom_op("cellscale::gelu_dropout", mutates_args=())
 def _gelu_dropout_op(x: Tensor, p: float, seed: Tensor) -> Tensor:
-    return _EXT.gelu_dropout(x, p, int(seed.item()))
-
-
-@_gelu_dropout_op.register_fake
-def _(x: Tensor, p: float, seed: Tensor) -> Tensor:
-    return torch.empty_like(x)
+    return _require().gelu_dropout(x, p, int(seed.item()))
 
 
 @torch.library.custom_op("cellscale::gelu_dropout_backward", mutates_args=())
 def _gelu_dropout_backward_op(g: Tensor, x: Tensor, p: float, seed: Tensor) -> Tensor:
-    return _EXT.gelu_dropout_backward(g, x, p, int(seed.item()))
-
-
-@_gelu_dropout_backward_op.register_fake
-def _(g: Tensor, x: Tensor, p: float, seed: Tensor) -> Tensor:
-    return torch.empty_like(x)
+    return _require().gelu_dropout_backward(g, x, p, int(seed.item()))
 
 
 def _gelu_dropout_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
@@ -224,6 +215,8 @@ def _gelu_dropout_backward(ctx: Any, g: Tensor) -> tuple:
     return _gelu_dropout_backward_op(g, x, ctx.p, seed), None, None
 
 
+_gelu_dropout_op.register_fake(_shaped_like_first)
+_gelu_dropout_backward_op.register_fake(_shaped_like_first)
 _gelu_dropout_op.register_autograd(_gelu_dropout_backward, setup_context=_gelu_dropout_setup)
 
 
@@ -249,7 +242,6 @@ def fused_dropout_attention(qkv: Tensor, n_heads: int, p: float, *, seed: int | 
     ``torch.manual_seed`` makes runs repeatable) fixes the mask, see :func:`fused_keep_mask`.
     CPU, float32; raises RuntimeError where the kernels cannot be built (see :func:`available`).
     """
-    _require()
     return _attention_op(qkv, n_heads, float(p), _seed_tensor(seed))[0]
 
 
@@ -257,7 +249,6 @@ def fused_dropout(x: Tensor, p: float, *, seed: int | None = None) -> Tensor:
     """``F.dropout(x, p, training=True)`` semantics (CPU, float32) with the kernel's
     counter-based mask: one pass, and no mask kept for backward (it is recomputed from the
     seed). ``seed`` defaults to a draw from torch's global CPU generator."""
-    _require()
     return _dropout_op(x, float(p), _seed_tensor(seed))
 
 
@@ -266,7 +257,6 @@ def fused_gelu_dropout(x: Tensor, p: float, *, seed: int | None = None) -> Tenso
     float32). The exact GELU ``x Phi(x)``, with ``erf`` from Abramowitz & Stegun 7.1.26 (absolute
     error < 1.5e-7, so the result is within ~1e-7 |x| of torch's); same mask and scale as
     :func:`fused_dropout` for the same seed."""
-    _require()
     return _gelu_dropout_op(x, float(p), _seed_tensor(seed))
 
 
