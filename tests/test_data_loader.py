@@ -110,8 +110,8 @@ def test_iterate_pins_every_tensor_in_the_prefetch_thread_when_asked(ds, monkeyp
 
 @pytest.mark.gpu
 def test_iterate_pins_on_a_cuda_machine(ds):
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
+    # selected only with -m gpu: there a missing device is a failure, not a skip
+    assert torch.cuda.is_available(), "the gpu tests need a CUDA device"
     v, m = next(TrainBatches(ds, batch_size=27, seed=2).iterate(0, 1, pin_memory=True))
     assert v.is_pinned() and m.is_pinned()
 
