@@ -130,8 +130,9 @@ class EvalResult:
 
     ``loss``: the objective's number (the MSE for ``mse``; bits per masked gene for the
     likelihoods); ``mse``: the MSE of the point prediction (``objectives.point_prediction``) of
-    the log1p values, comparable across objectives. With ``per_gene``: float64 per-gene sums of squared errors (``sse_g``) and of the loss in nats
-    (``nats_g``; squared errors again for mse) and masked counts (``n_g``)."""
+    the log1p values, comparable across objectives. With ``per_gene``: float64 per-gene sums of
+    squared errors (``sse_g``) and of the loss in nats (``nats_g``; squared errors again for mse)
+    and masked counts (``n_g``)."""
 
     loss: float
     mse: float
@@ -329,6 +330,20 @@ def run_threads(model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.de
 
 
 @contextmanager
+def torch_threads(n: int | None):
+    """torch's intra-op thread count set to ``n`` (unchanged when None) for the block, and the
+    caller's count restored after it: a run's choice is its own, so the next run in this process
+    (a local sweep) does not inherit a small run's single thread."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextmanager
 def frozen_gc():
     """Python's cyclic collector leaves the objects alive at entry (model, data, libraries)
     alone until exit: its full passes over them were ~2% of an S training step on CPU. A
@@ -378,9 +393,8 @@ def train_run(
 
     device = pick_device(train_cfg.device)
     dist = from_env(device)
-    threads_before = torch.get_num_threads()
     try:
-        with frozen_gc():
+        with torch_threads(run_threads(model_cfg, train_cfg, device)), frozen_gc():
             return _train(
                 ds, model_cfg, train_cfg, out=out, train_cells=train_cells, seed=seed, run_id=run_id,
                 on_step=on_step, stop_after_steps=stop_after_steps, identity=identity,
@@ -389,9 +403,6 @@ def train_run(
             )
     finally:
         dist.close()
-        # a run's thread choice is its own: the next run in this process (a local sweep) starts
-        # from the caller's count, not from the last small run's one thread
-        torch.set_num_threads(threads_before)
 
 
 def _train(
@@ -422,9 +433,6 @@ def _train(
         if prev is not None:
             return prev
 
-    threads = run_threads(model_cfg, train_cfg, device)
-    if threads is not None:
-        torch.set_num_threads(threads)  # train_run restores the caller's count
     autocast = autocast_for(device, train_cfg.precision)
 
     torch.manual_seed(seed)
