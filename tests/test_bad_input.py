@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from cellscale.train import RESULT_FIELDS
+from cellscale.schema import RESULT_FIELDS
 
 
 def cellscale(*args: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:

@@ -20,11 +20,11 @@ import torch
 import yaml
 
 from cellscale.config import load_run_config
-from cellscale.data.loader import TrainBatches
+from cellscale.data.loader import RankBatches, TrainBatches
 from cellscale.data.store import Dataset
 from cellscale.errors import RunError
 from cellscale.ladder import get_size
-from cellscale.train import RankBatches, train_run
+from cellscale.train import train_run
 
 REL = 1e-4
 STUDY = {

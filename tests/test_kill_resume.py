@@ -24,8 +24,9 @@ import yaml
 from cellscale.config import load_run_config
 from cellscale.data.store import Dataset
 from cellscale.ladder import get_size
+from cellscale.schema import RESULT_FIELDS
 from cellscale.sweep import run_sweep
-from cellscale.train import RESULT_FIELDS, train_run
+from cellscale.train import train_run
 
 STUDY = {"train": {"cells_seen": 32 * 40, "batch_size": 32, "eval_every": 8, "checkpoint_every": 8,
                    "eval_batch_size": 64, "num_threads": 1, "device": "cpu"}}

@@ -17,11 +17,11 @@ from cellscale import objectives
 from cellscale.baselines import compute_baselines, nb_nats
 from cellscale.config import DataConfig, ModelConfig, SimulateConfig, TrainConfig
 from cellscale.data.build import build_dataset
-from cellscale.data.loader import TrainBatches, eval_batches
+from cellscale.data.loader import RankBatches, TrainBatches, eval_batches
 from cellscale.data.store import Dataset
 from cellscale.ladder import get_size
 from cellscale.model import CellTransformer, count_params, flops_per_cell
-from cellscale.train import RankBatches, evaluate, train_run
+from cellscale.train import evaluate, train_run
 
 
 def test_gaussian_nll_is_the_normal_log_density():

@@ -19,8 +19,8 @@ import torch
 pytest.importorskip("ray")
 
 from cellscale.config import RunConfig, parse_config
+from cellscale.schema import RESULT_FIELDS
 from cellscale.sweep import run_sweep
-from cellscale.train import RESULT_FIELDS
 
 WALL = ["wall_seconds"]
 NUMERIC = ["best_val_mse", "test_mse"]

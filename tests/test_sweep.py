@@ -8,8 +8,8 @@ import pytest
 import cellscale.sweep.runner as runner
 from cellscale.config import RunConfig, parse_config
 from cellscale.errors import RunError
+from cellscale.schema import RESULT_FIELDS
 from cellscale.sweep import run_sweep
-from cellscale.train import RESULT_FIELDS
 
 
 def _cfg(dataset: Path, **sweep) -> RunConfig:

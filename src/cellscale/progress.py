@@ -9,7 +9,12 @@ from typing import Any, Callable, Iterator
 
 from rich.console import Console
 from rich.progress import (
-    BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
 )
 
 console = Console(stderr=True)
@@ -35,6 +40,11 @@ def score_line(result: dict[str, Any]) -> str:
         text = (f"val {result['best_val_loss']:.4f} bits  test {result['test_loss']:.4f} bits  "
                 f"(MSE {text})")
     return text
+
+
+def _loss_text(info: dict[str, Any]) -> str:
+    """The step's loss for a progress line; empty before the run's first loss is read."""
+    return "" if info.get("loss") is None else f" loss {info['loss']:.4f}"
 
 
 class SweepProgress:
@@ -84,8 +94,7 @@ class SweepProgress:
                 pct = int(100 * info["step"] / info["total"])
                 if pct // 25 != last["pct"] // 25:
                     last["pct"] = pct
-                    self._say(f"    {spec.run_id}: step {info['step']}/{info['total']} "
-                              f"loss {info['loss']:.4f}")
+                    self._say(f"    {spec.run_id}: step {info['step']}/{info['total']}{_loss_text(info)}")
 
             return plain
         if self._run is not None:
@@ -102,7 +111,7 @@ class SweepProgress:
             rate = (info["step"] - first["step"]) * info.get("batch_size", 0) / max(now - first["t"], 1e-9)
             speed = f"  {rate:,.0f} cells/s" if info["step"] > first["step"] else ""
             self._bar.update(self._run, completed=info["step"], total=info["total"],
-                             info=f"loss {info['loss']:.4f}{speed}")
+                             info=f"{_loss_text(info).strip()}{speed}")
 
         return hook
 

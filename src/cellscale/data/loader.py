@@ -33,9 +33,9 @@ import torch
 
 from cellscale.data.mask import draw_mask, seed_sequence
 from cellscale.data.store import Dataset
-from cellscale.errors import DataError
+from cellscale.errors import DataError, RunError
 
-__all__ = ["TrainBatches", "eval_batches", "CountsView"]
+__all__ = ["TrainBatches", "RankBatches", "eval_batches", "CountsView"]
 
 
 def _read_rows(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -187,6 +187,37 @@ class TrainBatches:
     def __len__(self) -> int:
         return self.steps_per_epoch
 
+
+
+class RankBatches(TrainBatches):
+    """Rank ``rank``'s contiguous slice of each global batch of :class:`TrainBatches`.
+
+    ``batch(step)`` returns ``(values[B/W, V], mask[B/W, V], n_masked_global)`` (with
+    ``counts`` and ``log_scale`` before the count under ``with_counts``): the rows and mask are
+    exactly the single-process batch's rows ``[rank*B/W, (rank+1)*B/W)``, and
+    ``n_masked_global`` counts the masked positions of the whole global batch. With one rank
+    (the default) it is the single-process batch plus its masked count, so one training step
+    serves one process and W alike."""
+
+    def __init__(self, ds: Dataset, *, world_size: int = 1, rank: int = 0, **kw) -> None:
+        super().__init__(ds, **kw)
+        if self.batch_size % world_size:
+            raise RunError(
+                f"train batch_size {self.batch_size} is not divisible by the {world_size} "
+                f"processes: use a batch size that is a multiple of {world_size}"
+            )
+        self.world_size, self.rank = int(world_size), int(rank)
+        self.local_size = self.batch_size // self.world_size
+
+    def batch(self, step: int) -> tuple:  # type: ignore[override]
+        rows = self.rows(step)
+        mask = self.mask(step)
+        lo, hi = self.rank * self.local_size, (self.rank + 1) * self.local_size
+        item: tuple = (torch.from_numpy(_read_rows(self._values, rows[lo:hi])),
+                       torch.from_numpy(mask[lo:hi].copy()))
+        if self._counts is not None:
+            item += self._counts.rows(rows[lo:hi])
+        return (*item, int(mask.sum()))
 
 def eval_batches(
     ds: Dataset, split: str, *, batch_size: int, max_cells: int | None = None,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from cellscale.io import atomic_write_text
-from cellscale.train import RESULT_FIELDS
+from cellscale.schema import RESULT_FIELDS
 
 
 def collect_results(sweep_dir: Path, run_ids: list[str] | None = None) -> pd.DataFrame:

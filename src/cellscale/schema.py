@@ -1,0 +1,28 @@
+"""The run record: the fields of ``result.json`` and the columns of ``results.csv``.
+
+Torch-free, so that the sweep's table writer and the report read the schema without importing
+the trainer. One fact, one place: a new result field is added here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+RESULT_FIELDS = (
+    "run_id", "size", "params", "non_embedding_params", "d_model", "n_layers", "n_heads",
+    "n_genes", "objective", "train_cells", "depth", "seed", "steps", "cells_seen", "tokens_seen",
+    "flops", "lr", "best_step", "best_val_mse", "test_mse", "best_val_loss", "test_loss",
+    "gene_mean_val_mse", "gene_mean_test_mse", "wall_seconds", "status", "error",
+)
+# the text columns; every other field is a number (or missing)
+TEXT_FIELDS = ("run_id", "size", "objective", "status", "error")
+NUMERIC_FIELDS = tuple(c for c in RESULT_FIELDS if c not in TEXT_FIELDS)
+# a run with one of these statuses is never trained again
+FINISHED = ("ok", "diverged")
+
+
+def failed_record(*, run_id: str, size: str, seed: int, train_cells: int | None, depth: float,
+                  error: str, **extra: Any) -> dict[str, Any]:
+    """The result.json of a run that raised: enough to name it in results.csv, and its error."""
+    return {"run_id": run_id, "size": size, "seed": seed, "train_cells": train_cells,
+            "depth": depth, "status": "failed", "error": error, **extra}

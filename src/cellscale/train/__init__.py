@@ -1,0 +1,21 @@
+"""One training run: one model size on one training subset, resumable, with a result.json.
+
+Batches are a pure function of (seed, step) (see ``data.loader``); the optimiser, schedule and
+torch RNG state are checkpointed, so a run killed at any moment and started again with the same
+call ends with the same numbers. The rooms:
+
+- ``settings``: learning rate and schedule, device, precision, optimiser, threads, gc;
+- ``rundir``: the run's identity hash and claiming its directory;
+- ``setup``: the model, optimiser, loss and batches (``Run``), the loop state, resuming;
+- ``loop``: the training loop and what it does when due (log, validate, checkpoint);
+- ``evaluate``: scores of a held-out split under the fixed evaluation mask;
+- ``result``: the best checkpoint's final scores and the result record;
+- ``run``: ``train_run``, which chains them.
+"""
+
+from cellscale.train.evaluate import EvalResult, evaluate, per_gene_summary
+from cellscale.train.run import train_run
+from cellscale.train.settings import frozen_gc, lr_at, resolve_lr, run_threads, torch_threads
+
+__all__ = ["train_run", "evaluate", "EvalResult", "per_gene_summary", "resolve_lr", "lr_at",
+           "run_threads", "torch_threads", "frozen_gc"]

@@ -1,0 +1,179 @@
+"""The training loop: set the rate, step, and when due log, validate, checkpoint.
+
+Train losses stay on the device between the loop's due points (log, eval, checkpoint): they are
+read there, all at once, and a non-finite one ends the run as diverged at its own step. One
+step path serves one process and W ranks: each rank's mean loss over its masked positions is
+weighted by W x its share of the global batch's masked positions (exactly 1 on one process),
+and DDP's gradient average then gives the gradient of the global batch's mean loss.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from cellscale import objectives
+from cellscale.checkpoint import rng_key, save_checkpoint, save_weights
+from cellscale.io import atomic_write_with, to_json
+from cellscale.train.evaluate import evaluate
+from cellscale.train.settings import lr_at
+from cellscale.train.setup import LoopState, Run
+
+
+@dataclass
+class Clock:
+    """Training seconds: those of earlier processes of the run plus this one's."""
+
+    before: float
+    t0: float = field(default_factory=time.perf_counter)
+
+    def elapsed(self) -> float:
+        return self.before + (time.perf_counter() - self.t0)
+
+
+@dataclass
+class PendingLosses:
+    """Train losses of the steps since the last read: device tensors, host-side counts."""
+
+    losses: list[torch.Tensor] = field(default_factory=list)
+    n_local: list[int] = field(default_factory=list)
+    n_global: list[int] = field(default_factory=list)
+
+    def add(self, loss: torch.Tensor, n_local: int, n_global: int) -> None:
+        self.losses.append(loss.detach())
+        self.n_local.append(n_local)
+        self.n_global.append(n_global)
+
+    def read(self, run: Run) -> list[tuple[float, int]]:
+        """(the global batch's mean loss, its masked positions) of each pending step, in step
+        order: one device read and, under DDP, one all-reduce for all of them."""
+        if not self.losses:
+            return []
+        local = torch.stack(self.losses).double().cpu().tolist()
+        sums = run.dist.all_reduce_sum([m * n for m, n in zip(local, self.n_local)])
+        read = [(s / n, n) for s, n in zip(sums, self.n_global)]
+        self.losses, self.n_local, self.n_global = [], [], []
+        return read
+
+
+def train_step(run: Run, item: tuple, lr: float) -> tuple[torch.Tensor, int, int]:
+    """One optimiser step; returns (this rank's mean loss, its masked positions, the global
+    batch's masked positions)."""
+    *tensors, n_global = item
+    n_local = int(tensors[1].sum())  # the host-side mask: no device read
+    values, mask, *extra = (t.to(run.device, non_blocking=True) for t in tensors)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    with run.autocast():
+        loss = run.loss_fn(values, mask, **dict(zip(("counts", "log_scale"), extra)))
+    run.optimizer.zero_grad(set_to_none=True)
+    (loss * (run.dist.world_size * n_local / n_global)).backward()
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
+    run.optimizer.step()
+    return loss, n_local, n_global
+
+
+def absorb(state: LoopState, read: list[tuple[float, int]]) -> bool:
+    """Add the losses read (of the steps before ``state.step``) to the running sums; False,
+    with the state marked diverged and set back to the step that blew up, at a non-finite one."""
+    first = state.step - len(read)
+    for i, (value, n_masked) in enumerate(read):
+        if not math.isfinite(value):
+            state.status, state.diverged_at, state.step = "diverged", first + i, first + i
+            return False
+        state.masked_tokens += n_masked
+        state.run_loss += value
+        state.run_n += 1
+        state.last_loss = value
+    return True
+
+
+@dataclass
+class MetricsLog:
+    """metrics.jsonl: rank 0 writes, every rank counts lines (a resume cuts the file back)."""
+
+    run: Run
+    state: LoopState
+    clock: Clock
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.run.dist.is_main:
+            with open(self.run.metrics_path, "a") as fh:
+                fh.write(to_json(record, indent=None) + "\n")
+        self.state.metric_lines += 1
+
+    def train(self, lr: float) -> None:
+        state = self.state
+        loss = objectives.to_report_units(self.run.model_cfg.objective, state.run_loss / state.run_n)
+        self.write({"kind": "train", "step": state.step, "cells_seen": state.step * self.run.cfg.batch_size,
+                    "lr": lr, "loss": loss, "wall": self.clock.elapsed()})
+        state.run_loss, state.run_n = 0.0, 0
+
+
+def validate(run: Run, state: LoopState, log: MetricsLog) -> bool:
+    """Score the validation split (capped at ``max_eval_cells``), keep the best weights;
+    False when the loss is not finite (the run diverged)."""
+    scores = evaluate(run.model, run.ds, "val", max_cells=run.cfg.max_eval_cells, **run.eval_kw())
+    val = scores.loss  # checkpoints are chosen by the objective's own loss
+    record = {"kind": "eval", "step": state.step, "cells_seen": state.step * run.cfg.batch_size,
+              "val_mse": scores.mse}
+    if run.model_cfg.objective != "mse":
+        record["val_bits"] = val
+    log.write({**record, "wall": log.clock.elapsed()})
+    if val < state.best_val:
+        state.best_val, state.best_step = val, state.step
+        if run.dist.is_main:
+            atomic_write_with(run.best_path, lambda p: save_weights(run.model, p))
+    if not math.isfinite(val):
+        state.status, state.diverged_at = "diverged", state.step
+        return False
+    return True
+
+
+def checkpoint(run: Run, state: LoopState, clock: Clock) -> None:
+    state.wall = clock.elapsed()
+    extra: dict[str, torch.Tensor] = {}
+    if run.dist.active:  # every rank's RNG state, so that a resumed run draws the same dropout
+        cuda = torch.cuda.get_rng_state() if run.device.type == "cuda" else None
+        for r, (cpu_rng, cuda_rng) in enumerate(run.dist.all_gather_object((torch.get_rng_state(), cuda))):
+            if r > 0:
+                extra[rng_key(r)] = cpu_rng
+                if cuda_rng is not None:
+                    extra[rng_key(r, "cuda")] = cuda_rng
+    if run.dist.is_main:
+        save_checkpoint(run.ckpt_dir, model=run.model, optimizer=run.optimizer,
+                        loop_state=state.to_json(), extra_tensors=extra)
+
+
+def train_loop(run: Run, state: LoopState, *, on_step: Callable[[dict[str, Any]], None] | None = None,
+               stop_after_steps: int | None = None) -> Clock:
+    """Train from ``state.step`` to the end of the budget (or ``stop_after_steps`` steps, or
+    divergence), updating ``state``; returns the run's clock."""
+    c, clock, pending = run.cadence, Clock(state.wall), PendingLosses()
+    log = MetricsLog(run, state, clock)
+    run.model.train()
+    start = state.step
+    for item in run.batches.iterate(start, c.total_steps - start, pin_memory=run.device.type == "cuda"):
+        if stop_after_steps is not None and state.step - start >= stop_after_steps:
+            break
+        lr = lr_at(state.step, total_steps=c.total_steps, peak=run.peak_lr, cfg=run.cfg)
+        pending.add(*train_step(run, item, lr))
+        state.step += 1
+        if c.any_due(state.step) and not absorb(state, pending.read(run)):
+            log.write({"kind": "diverged", "step": state.step, "loss": None})
+            break
+        if c.due(c.log_every, state.step):
+            log.train(lr)
+        if c.due(c.eval_every, state.step) and not validate(run, state, log):
+            break
+        if c.due(c.ckpt_every, state.step):
+            checkpoint(run, state, clock)
+        if on_step is not None:
+            on_step({"step": state.step, "total": c.total_steps, "loss": state.last_loss, "lr": lr,
+                     "batch_size": run.cfg.batch_size})
+    return clock

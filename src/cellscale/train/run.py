@@ -1,0 +1,69 @@
+"""``train_run``: claim the run dir, build the run, resume, loop, finalise."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cellscale import objectives
+from cellscale.config import ModelConfig, TrainConfig, config_hash
+from cellscale.data.loader import CountsView
+from cellscale.data.store import Dataset
+from cellscale.distributed import from_env, shard_device
+from cellscale.train.loop import train_loop
+from cellscale.train.result import finalise
+from cellscale.train.rundir import claim_shared, run_identity
+from cellscale.train.settings import frozen_gc, pick_device, run_threads, torch_threads
+from cellscale.train.setup import build_run, resume
+
+
+def train_run(
+    dataset: str | Path | Dataset,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    *,
+    out: str | Path,
+    train_cells: int | None = None,
+    seed: int = 0,
+    run_id: str | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+    stop_after_steps: int | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Train one model and write ``out/result.json``; rerunning the same call resumes.
+
+    ``overwrite`` replaces an ``out`` that holds something else or a run with other settings
+    (a run with the same settings is still resumed or returned).
+
+    ``on_step`` receives a small dict after every optimiser step (for progress bars; its
+    ``loss`` is the newest train loss read from the device, None before the first);
+    ``stop_after_steps`` ends the process's work early without finishing the run (tests).
+    Launched by torchrun (``WORLD_SIZE`` > 1) the run is data parallel (``cellscale.distributed``).
+    """
+    t_start = time.perf_counter()
+    ds = dataset if isinstance(dataset, Dataset) else Dataset.open(dataset)
+    out = Path(out)
+    model_cfg = model_cfg.model_copy(update={"n_genes": ds.n_genes})
+    if objectives.needs_counts(model_cfg.objective):
+        CountsView(ds)  # refuses a dataset without raw counts before anything is written
+    n_train = len(ds.train_indices(train_cells))
+    identity = run_identity(model_cfg, train_cfg, dataset=ds, train_cells=n_train, seed=seed)
+    ident_hash = config_hash(identity)
+
+    device = pick_device(train_cfg.device)
+    dist = from_env(device)
+    try:
+        with torch_threads(run_threads(model_cfg, train_cfg, device)), frozen_gc():
+            prev = claim_shared(out, identity, ident_hash, overwrite=overwrite, dist=dist)
+            if prev is not None:
+                return prev
+            run = build_run(ds, model_cfg, train_cfg, out=out, train_cells=train_cells, seed=seed,
+                            n_train=n_train, run_id=run_id or out.name,
+                            device=shard_device(device, dist), dist=dist)
+            state = resume(run)
+            clock = train_loop(run, state, on_step=on_step, stop_after_steps=stop_after_steps)
+            return finalise(run, state, clock=clock, t_start=t_start)
+    finally:
+        dist.close()

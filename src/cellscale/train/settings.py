@@ -1,0 +1,117 @@
+"""A run's numeric settings and process knobs: learning rate and schedule, device, precision,
+optimiser, torch's thread count, the garbage collector."""
+
+from __future__ import annotations
+
+import gc
+import math
+from contextlib import contextmanager, nullcontext
+
+import torch
+
+from cellscale.config import ModelConfig, TrainConfig
+from cellscale.errors import RunError
+from cellscale.model import flops_per_cell
+
+# below this many FLOPs per step a CPU step runs on one thread (thread start-up and barriers
+# cost more than they save). Measured with the fused kernels, batch 32, V = 64, 1 vs 2 threads:
+# 4.4e7 (TINY) 6.8 vs 6.9 ms, 4.0e8 (SMALL) 21.5 vs 17.9 ms, 1.4e9 (XS) 58.4 vs 38.5 ms
+SMALL_STEP_FLOPS = 1e8
+
+
+def _flops_per_step(model_cfg: ModelConfig, train_cfg: TrainConfig) -> float:
+    return flops_per_cell(model_cfg, mask_prob=train_cfg.mask_prob)["train"] * train_cfg.batch_size
+
+
+def resolve_lr(model_cfg: ModelConfig, train_cfg: TrainConfig) -> float:
+    """Peak learning rate. "auto" shrinks with width (wider models need smaller steps, the
+    reason one rate for all sizes under-trained the study's large models) and grows with batch."""
+    if train_cfg.lr == "auto":
+        lr = train_cfg.lr_base * 64.0 / model_cfg.d_model
+        lr = min(max(lr, train_cfg.lr_min), train_cfg.lr_max)
+    else:
+        lr = float(train_cfg.lr)
+    ratio = train_cfg.batch_size / train_cfg.lr_batch_ref
+    scale = {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[train_cfg.lr_batch_scaling]
+    return lr * scale
+
+
+def lr_at(step: int, *, total_steps: int, peak: float, cfg: TrainConfig) -> float:
+    if cfg.schedule == "constant":
+        return peak
+    warmup = int(cfg.warmup_frac * total_steps)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    floor = cfg.final_lr_frac * peak
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RunError("device 'cuda' requested but no CUDA device is visible; use --device cpu")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, precision: str):
+    # bf16 autocast keeps fp32 master weights; on CPU bf16 matmuls are slower here, so fp32
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    # decay matrices only: biases, LayerNorm gains and the mask vector are not shrunk to zero
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=1e-8)
+
+
+def run_threads(model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.device) -> int | None:
+    """torch's intra-op thread count for a run: ``train.num_threads``, else 1 for a CPU step
+    under ``SMALL_STEP_FLOPS`` (thread start-up and synchronisation would dominate it), else
+    None (the process's count)."""
+    if train_cfg.num_threads:
+        return int(train_cfg.num_threads)
+    if device.type == "cpu" and _flops_per_step(model_cfg, train_cfg) < SMALL_STEP_FLOPS:
+        return 1
+    return None
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """torch's intra-op thread count set to ``n`` (unchanged when None) for the block, and the
+    caller's count restored after it: a run's choice is its own, so the next run in this process
+    (a local sweep) does not inherit a small run's single thread."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextmanager
+def frozen_gc():
+    """Python's cyclic collector leaves the objects alive at entry (model, data, libraries)
+    alone until exit: its full passes over them were ~2% of an S training step on CPU. A
+    caller that froze objects itself keeps control (nothing is done then)."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
