@@ -138,7 +138,7 @@ def cellscale_runner(cfg, X: np.ndarray, *, batch: int, seed: int = 0, fused: bo
     return step
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="XXS,TINY,XS,S")
     ap.add_argument("--genes", type=int, default=512)
@@ -152,8 +152,72 @@ def main(argv: list[str] | None = None) -> int:
                     help="alternate reference/cellscale this many times per size (same load for both)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip-reference", action="store_true")
-    args = ap.parse_args(argv)
+    return ap
 
+
+def _measure_size(name: str, args, adata, X: np.ndarray, batches: dict[str, int], peaks: list[float]):
+    """Both implementations' cells/s for one size, interleaved in rounds so that both see the
+    same machine load; a short peak measurement right after each cellscale window pairs its MFU
+    with the load it ran under. Returns ({impl: cells/s}, paired MFU, table rows)."""
+    cfg = get_size(name, n_genes=args.genes, dropout=0.1)
+    f_train = flops_per_cell(cfg, mask_prob=MASK_PROB)["train"]
+    runs = []
+    if not args.skip_reference:
+        runs.append(("reference", "4x8", reference_runner(cfg, adata)))
+    b = batches.get(name, 64)
+    runs.append(("cellscale", str(b), cellscale_runner(cfg, X, batch=b, fused=args.attention == "fused")))
+    stats = {impl: [0, 0, 0.0] for impl, _, _ in runs}  # steps, cells, seconds
+    pair_mfus = []
+    for _, _, fn in runs:
+        fn()  # warmup
+    for _ in range(args.rounds):
+        for impl, _, fn in runs:
+            t = time.perf_counter()
+            cps, steps, cells = time_steps(fn, seconds=args.seconds / args.rounds, warmup=0, min_steps=1)
+            st = stats[impl]
+            st[0] += steps
+            st[1] += cells
+            st[2] += time.perf_counter() - t
+            if impl == "cellscale":
+                peaks.append(matmul_peak_gflops(2048, seconds=1.0))
+                pair_mfus.append(cps * f_train / 1e9 / peaks[-1])
+    speeds, table = {}, []
+    for impl, bdesc, _ in runs:
+        steps, cells, secs = stats[impl]
+        speeds[impl] = cells / secs
+        table.append((name, impl, bdesc, cells / secs, cells / secs * f_train / 1e9, steps))
+    return speeds, float(np.median(pair_mfus)), table
+
+
+def _print_table(table, rows, paired, peak: float) -> None:
+    print(f"{'size':5s} {'impl':10s} {'batch':>9s} {'cells/s':>9s} {'GFLOP/s':>8s} {'MFU':>6s} {'paired':>7s} {'steps':>6s}")
+    for name, impl, bdesc, cps, gfs, steps in table:
+        pair = f"{paired[name]:7.1%}" if impl == "cellscale" else f"{'':7s}"
+        print(f"{name:5s} {impl:10s} {bdesc:>9s} {cps:9.1f} {gfs:8.2f} {gfs / peak:6.1%} {pair} {steps:6d}")
+        if impl == "cellscale" and name in ("XS", "S") and (name, "reference") in rows:
+            print(f"      speedup {name}: {cps / rows[(name, 'reference')]:.2f}x")
+
+
+def _print_summary(rows, paired, peak: float, genes: int, t_start: float) -> None:
+    def speed(n: str) -> float:
+        if (n, "reference") in rows and (n, "cellscale") in rows:
+            return rows[(n, "cellscale")] / rows[(n, "reference")]
+        return float("nan")
+
+    mfu_s = float("nan")
+    if ("S", "cellscale") in rows:
+        cfg = get_size("S", n_genes=genes)
+        mfu_s = rows[("S", "cellscale")] * flops_per_cell(cfg, mask_prob=MASK_PROB)["train"] / 1e9 / peak
+    print("MFU: against the highest peak of the run (conservative; the final line's mfu_s); paired: "
+          "median over rounds of each cellscale window against the peak measured right after it")
+    if "S" in paired:
+        print(f"mfu_s_paired={paired['S']:.3f}")
+    print(f"wall {time.perf_counter() - t_start:.0f} s; load average at end: {load_average()}")
+    print(f"speedup_xs={speed('XS'):.2f} speedup_s={speed('S'):.2f} mfu_s={mfu_s:.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     threads = setup_threads(args.threads)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     batches = {k: int(v) for k, v in (kv.split("=") for kv in args.batch.split(",") if kv)}
@@ -178,64 +242,16 @@ def main(argv: list[str] | None = None) -> int:
     paired: dict[str, float] = {}  # median over rounds of (window GFLOP/s / the peak right after it)
     table: list[tuple[str, str, str, float, float, int]] = []
     for name in sizes:
-        cfg = get_size(name, n_genes=args.genes, dropout=0.1)
-        f_train = flops_per_cell(cfg, mask_prob=MASK_PROB)["train"]
-        runs = []
-        if not args.skip_reference:
-            runs.append(("reference", "4x8", reference_runner(cfg, adata)))
-        b = batches.get(name, 64)
-        runs.append(("cellscale", str(b), cellscale_runner(cfg, X, batch=b, fused=args.attention == "fused")))
-        # interleave the implementations in rounds so that both see the same machine load; a
-        # short peak measurement right after each cellscale window pairs its MFU with the load
-        # it ran under
-        stats = {impl: [0, 0, 0.0] for impl, _, _ in runs}  # steps, cells, seconds
-        pair_mfus = []
-        for _, _, fn in runs:
-            fn()  # warmup
-        for _ in range(args.rounds):
-            for impl, _, fn in runs:
-                t = time.perf_counter()
-                cps, steps, cells = time_steps(fn, seconds=args.seconds / args.rounds, warmup=0, min_steps=1)
-                st = stats[impl]
-                st[0] += steps
-                st[1] += cells
-                st[2] += time.perf_counter() - t
-                if impl == "cellscale":
-                    peaks.append(matmul_peak_gflops(2048, seconds=1.0))
-                    pair_mfus.append(cps * f_train / 1e9 / peaks[-1])
-        paired[name] = float(np.median(pair_mfus))
-        for impl, bdesc, fn in runs:
-            steps, cells, secs = stats[impl]
-            rows[(name, impl)] = cells / secs
-            table.append((name, impl, bdesc, cells / secs, cells / secs * f_train / 1e9, steps))
-        line = "  ".join(f"{impl} {rows[(name, impl)]:.1f} cells/s" for impl, _, _ in runs)
+        speeds, paired[name], size_rows = _measure_size(name, args, adata, X, batches, peaks)
+        rows.update({(name, impl): v for impl, v in speeds.items()})
+        table += size_rows
+        line = "  ".join(f"{impl} {v:.1f} cells/s" for impl, v in speeds.items())
         print(f"{name}: {line}", flush=True)
     peak = max(peaks)
-
     print(f"matmul peak used for MFU: {peak:.1f} GFLOP/s (highest of {len(peaks)} measurements: "
           f"{', '.join(f'{p:.0f}' for p in peaks)})")
-    print(f"{'size':5s} {'impl':10s} {'batch':>9s} {'cells/s':>9s} {'GFLOP/s':>8s} {'MFU':>6s} {'paired':>7s} {'steps':>6s}")
-    for name, impl, bdesc, cps, gfs, steps in table:
-        pair = f"{paired[name]:7.1%}" if impl == "cellscale" else f"{'':7s}"
-        print(f"{name:5s} {impl:10s} {bdesc:>9s} {cps:9.1f} {gfs:8.2f} {gfs / peak:6.1%} {pair} {steps:6d}")
-        if impl == "cellscale" and name in ("XS", "S") and (name, "reference") in rows:
-            print(f"      speedup {name}: {cps / rows[(name, 'reference')]:.2f}x")
-
-    def speed(n: str) -> float:
-        if (n, "reference") in rows and (n, "cellscale") in rows:
-            return rows[(n, "cellscale")] / rows[(n, "reference")]
-        return float("nan")
-
-    mfu_s = float("nan")
-    if ("S", "cellscale") in rows:
-        cfg = get_size("S", n_genes=args.genes)
-        mfu_s = rows[("S", "cellscale")] * flops_per_cell(cfg, mask_prob=MASK_PROB)["train"] / 1e9 / peak
-    print("MFU: against the highest peak of the run (conservative; the final line's mfu_s); paired: "
-          "median over rounds of each cellscale window against the peak measured right after it")
-    if "S" in paired:
-        print(f"mfu_s_paired={paired['S']:.3f}")
-    print(f"wall {time.perf_counter() - t_start:.0f} s; load average at end: {load_average()}")
-    print(f"speedup_xs={speed('XS'):.2f} speedup_s={speed('S'):.2f} mfu_s={mfu_s:.3f}")
+    _print_table(table, rows, paired, peak)
+    _print_summary(rows, paired, peak, args.genes, t_start)
     return 0
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
@@ -301,75 +302,128 @@ def build_dataset(cfg: DataConfig, *, out: str | os.PathLike, overwrite: bool = 
             src.close()
 
 
-def _build(cfg: DataConfig, src: CellSource, *, out: Path, overwrite: bool, steps: _Steps, chash: str) -> Path:
+@dataclass(frozen=True)
+class _Cells:
+    """The kept cells: sorted source rows, their library sizes (all genes) and metadata, and
+    what quality control saw."""
+
+    rows: np.ndarray
+    lib: np.ndarray
+    lib_all: np.ndarray
+    obs: pd.DataFrame
+    n_loaded: int
+    n_empty: int
+    vmax: float | None
+
+
+def _keep_cells(cfg: DataConfig, src: CellSource) -> _Cells:
     D, V = int(cfg.cells), int(cfg.genes)
-    normalized = bool(src.normalized)
     n_loaded = int(src.n_obs)
+    lib_all, nonempty, vmax = src.scan()  # library size over ALL genes, before the cut to V
+    usable = np.flatnonzero(nonempty)
+    n_empty = n_loaded - usable.size
+    if usable.size == 0:
+        raise DataError(
+            f"all {n_loaded} cells have zero counts: the matrix is empty; check the input "
+            "(or the --layer you named)"
+        )
+    if src.n_vars < V:
+        raise DataError(
+            f"the data has {src.n_vars} genes but --genes is {V}: lower --genes to at most {src.n_vars}"
+        )
+    if usable.size < D:
+        raise DataError(
+            f"only {usable.size} usable cells ({n_empty} of {n_loaded} dropped with zero counts) "
+            f"but --cells is {D}: lower --cells to at most {usable.size}"
+        )
+    rows = usable[subsample(usable.size, n_keep=D, seed=cfg.seed)]  # sorted source rows
+    return _Cells(rows=rows, lib=np.asarray(lib_all[rows], dtype=np.float64), lib_all=lib_all,
+                  obs=src.obs(rows), n_loaded=n_loaded, n_empty=int(n_empty), vmax=vmax)
 
-    with steps.step("quality control and library sizes (all genes)"):
-        lib_all, nonempty, vmax = src.scan()  # library size over ALL genes, before the cut to V
-        usable = np.flatnonzero(nonempty)
-        n_empty = n_loaded - usable.size
-        if usable.size == 0:
-            raise DataError(
-                f"all {n_loaded} cells have zero counts: the matrix is empty; check the input "
-                "(or the --layer you named)"
-            )
-        if src.n_vars < V:
-            raise DataError(
-                f"the data has {src.n_vars} genes but --genes is {V}: lower --genes to at most {src.n_vars}"
-            )
-        if usable.size < D:
-            raise DataError(
-                f"only {usable.size} usable cells ({n_empty} of {n_loaded} dropped with zero counts) "
-                f"but --cells is {D}: lower --cells to at most {usable.size}"
-            )
-        rows = usable[subsample(usable.size, n_keep=D, seed=cfg.seed)]  # sorted source rows
-        lib = np.asarray(lib_all[rows], dtype=np.float64)
-        obs = src.obs(rows)
 
+def _split_cells(cfg: DataConfig, obs: pd.DataFrame) -> dict[str, np.ndarray]:
     if cfg.split_by is not None and cfg.split_by not in obs:
         raise DataError(f"split_by column '{cfg.split_by}' is not in the cell metadata: pick one of {list(obs.columns)[:12]}")
     groups = obs[cfg.split_by].astype(str).to_numpy() if cfg.split_by else None
-    splits = make_splits(D, fractions=cfg.split, seed=cfg.seed, groups=groups)
+    return make_splits(int(cfg.cells), fractions=cfg.split, seed=cfg.seed, groups=groups)
 
+
+def _hvg_settings(cfg: DataConfig, src: CellSource) -> tuple[str, str | None]:
+    """(flavor, batch key) of the gene selection; normalised input has no counts for seurat_v3."""
     flavor = cfg.hvg_flavor
     batch_key = cfg.hvg_batch_key or (cfg.census.hvg_batch_key if cfg.source == "census" else None)
-    if normalized and flavor == "seurat_v3":
-        flavor = "all" if V == src.n_vars else "variance"
+    if src.normalized and flavor == "seurat_v3":
+        flavor = "all" if int(cfg.genes) == src.n_vars else "variance"
+    return flavor, batch_key
+
+
+def _counts_dtype(src: CellSource, vmax: float | None) -> str | None:
+    if src.normalized:
+        return None
+    return "int32" if vmax is None or vmax <= np.iinfo(np.int32).max else "float32"
+
+
+def _write_blocks(cfg: DataConfig, src: CellSource, cells: _Cells, gene_idx, *, values, counts,
+                  counts_dtype: str | None, advance) -> None:
+    """Stream the kept genes of the kept cells into the arrays (normalised + log1p values)."""
+    start = 0
+    for block in src.blocks(cells.rows, gene_idx):
+        stop = start + block.shape[0]
+        if counts is None:
+            values[start:stop] = block
+        else:
+            if counts_dtype == "int32" and block.size and block.max() > np.iinfo(np.int32).max:
+                raise DataError("a count exceeds the int32 range: the source is not raw counts per cell")
+            counts[start:stop] = block
+            values[start:stop] = normalize_log1p(block, cells.lib[start:stop], target_sum=cfg.target_sum)
+        advance(max(1, round(block.shape[0] / _ROW_CHUNK)))
+        start = stop
+    if start != int(cfg.cells):
+        raise DataError(f"the source returned {start} cells instead of {cfg.cells}: rebuild (the source changed?)")
+
+
+def _preprocessing(cfg: DataConfig, src: CellSource, cells: _Cells, source_info: dict, flavor: str,
+                   batch_key: str | None) -> dict[str, Any]:
+    normalized = bool(src.normalized)
+    return {
+        "normalized_input": normalized,
+        "n_loaded_cells": cells.n_loaded,
+        "n_empty_cells_dropped": cells.n_empty,
+        "n_usable_cells": int(cells.n_loaded - cells.n_empty),
+        "subsampled": bool(cells.n_loaded - cells.n_empty > int(cfg.cells)),
+        "n_source_genes": int(src.n_vars),
+        "library_size": source_info.get("library_size", "total over all source genes, before gene selection"),
+        "target_sum": float(cfg.target_sum),
+        "transform": "log1p" if not normalized else "as given (already normalised)",
+        "hvg_flavor": flavor,
+        "hvg_batch_key": batch_key,
+        "hvg_cells": "train split",
+    }
+
+
+def _build(cfg: DataConfig, src: CellSource, *, out: Path, overwrite: bool, steps: _Steps, chash: str) -> Path:
+    D, V = int(cfg.cells), int(cfg.genes)
+    with steps.step("quality control and library sizes (all genes)"):
+        cells = _keep_cells(cfg, src)
+    splits = _split_cells(cfg, cells.obs)
+    flavor, batch_key = _hvg_settings(cfg, src)
     with steps.step(f"selecting {V} genes ({flavor}) on {splits['train'].size} training cells"):
         gene_idx = src.select_genes(
-            rows[np.sort(splits["train"])], n_top_genes=V, flavor=flavor, batch_key=batch_key,
-            target_sum=cfg.target_sum, lib=lib_all,
+            cells.rows[np.sort(splits["train"])], n_top_genes=V, flavor=flavor, batch_key=batch_key,
+            target_sum=cfg.target_sum, lib=cells.lib_all,
         )
     genes = [str(src.var_names[g]) for g in gene_idx]
-
-    n_chunks = math.ceil(D / _ROW_CHUNK)
+    counts_dtype = _counts_dtype(src, cells.vmax)
     with DatasetWriter(out, overwrite=overwrite) as w:
         values = w.array("values.npy", (D, V), np.dtype(cfg.dtype))
-        counts = None
-        counts_dtype = None
-        if not normalized:
-            counts_dtype = "int32" if vmax is None or vmax <= np.iinfo(np.int32).max else "float32"
-            counts = w.array("counts.npy", (D, V), np.dtype(counts_dtype))
-        with steps.step("reading the kept genes, normalising and writing arrays", total=n_chunks) as advance:
-            start = 0
-            for block in src.blocks(rows, gene_idx):
-                stop = start + block.shape[0]
-                if normalized:
-                    values[start:stop] = block
-                else:
-                    if counts_dtype == "int32" and block.size and block.max() > np.iinfo(np.int32).max:
-                        raise DataError("a count exceeds the int32 range: the source is not raw counts per cell")
-                    counts[start:stop] = block
-                    values[start:stop] = normalize_log1p(block, lib[start:stop], target_sum=cfg.target_sum)
-                advance(max(1, round(block.shape[0] / _ROW_CHUNK)))
-                start = stop
-            if start != D:
-                raise DataError(f"the source returned {start} cells instead of {D}: rebuild (the source changed?)")
-        w.save("library_size.npy", lib)
+        counts = None if counts_dtype is None else w.array("counts.npy", (D, V), np.dtype(counts_dtype))
+        total = math.ceil(D / _ROW_CHUNK)
+        with steps.step("reading the kept genes, normalising and writing arrays", total=total) as advance:
+            _write_blocks(cfg, src, cells, gene_idx, values=values, counts=counts, counts_dtype=counts_dtype,
+                          advance=advance)
+        w.save("library_size.npy", cells.lib)
         w.save_splits(splits)
-        w.save_obs(obs)
+        w.save_obs(cells.obs)
 
         eval_mask_seed = int(cfg.seed)
         with steps.step("gene-mean baseline under the evaluation mask"):
@@ -377,27 +431,14 @@ def _build(cfg: DataConfig, src: CellSource, *, out: Path, overwrite: bool, step
         shapes = {"values.npy": [D, V], "library_size.npy": [D]}
         if counts is not None:
             shapes["counts.npy"] = [D, V]
-        source_info = src.describe(rows, gene_idx) or {"kind": cfg.source}
+        source_info = src.describe(cells.rows, gene_idx) or {"kind": cfg.source}
         manifest = {
             "source": source_info,
             "source_fingerprint": _source_fingerprint(cfg),
             "V": V,
             "D": D,
             "seed": int(cfg.seed),
-            "preprocessing": {
-                "normalized_input": normalized,
-                "n_loaded_cells": n_loaded,
-                "n_empty_cells_dropped": int(n_empty),
-                "n_usable_cells": int(n_loaded - n_empty),
-                "subsampled": bool(n_loaded - n_empty > D),
-                "n_source_genes": int(src.n_vars),
-                "library_size": source_info.get("library_size", "total over all source genes, before gene selection"),
-                "target_sum": float(cfg.target_sum),
-                "transform": "log1p" if not normalized else "as given (already normalised)",
-                "hvg_flavor": flavor,
-                "hvg_batch_key": batch_key,
-                "hvg_cells": "train split",
-            },
+            "preprocessing": _preprocessing(cfg, src, cells, source_info, flavor, batch_key),
             "genes": genes,
             "split": {"fractions": list(cfg.split), "split_by": cfg.split_by, "seed": int(cfg.seed)},
             "split_sizes": {k: int(v.size) for k, v in splits.items()},

@@ -182,6 +182,77 @@ def _flat_bincount(block: sp.csr_matrix, codes: np.ndarray, n_batches: int, weig
     return np.bincount(flat, weights=weights, minlength=n_batches * n_vars).reshape(n_batches, n_vars)
 
 
+def _block_codes(blocks, codes_all: np.ndarray | None):
+    """(CSR block, the batch code of each of its rows) over ``blocks()``, in row order."""
+    n_rows = 0
+    for block in blocks():
+        block = sp.csr_matrix(block)
+        codes = codes_all[n_rows : n_rows + block.shape[0]] if codes_all is not None else np.zeros(block.shape[0], np.int64)
+        n_rows += block.shape[0]
+        yield block, codes
+
+
+def _batch_moments(blocks, codes_all, n_batches: int, n_vars: int):
+    """Per-(batch, gene) mean and unbiased variance of the counts, and cells per batch."""
+    s = np.zeros((n_batches, n_vars))
+    sq = np.zeros((n_batches, n_vars))
+    n_b = np.zeros(n_batches, dtype=np.int64)
+    for block, codes in _block_codes(blocks, codes_all):
+        n_b += np.bincount(codes, minlength=n_batches)
+        d = block.data.astype(np.float64)
+        s += _flat_bincount(block, codes, n_batches, d)
+        sq += _flat_bincount(block, codes, n_batches, d * d)
+    if np.any(n_b < 2):
+        raise DataError("seurat_v3 HVG selection needs at least 2 training cells per batch: use more cells or no batch key")
+    mean = s / n_b[:, None]
+    var = (sq / n_b[:, None] - mean**2) * (n_b / (n_b - 1))[:, None]
+    return mean, var, n_b
+
+
+def _loess_std(mean: np.ndarray, var: np.ndarray, span: float) -> np.ndarray:
+    """Per-(batch, gene) regularised standard deviation from a LOESS fit of log variance on
+    log mean (constant genes keep 1)."""
+    from skmisc.loess import loess
+
+    n_batches, n_vars = mean.shape
+    reg_std = np.ones((n_batches, n_vars))
+    for b in range(n_batches):
+        not_const = var[b] > 0
+        est = np.zeros(n_vars)
+        try:
+            model = loess(np.log10(mean[b, not_const]), np.log10(var[b, not_const]), span=span, degree=2)
+            model.fit()
+        except ValueError as err:
+            raise DataError(f"seurat_v3 HVG selection failed ({str(err).splitlines()[0]}): try hvg_flavor 'variance' or more cells") from None
+        est[not_const] = model.outputs.fitted_values
+        reg_std[b] = np.sqrt(10**est)
+    return reg_std
+
+
+def _clipped_sums(blocks, codes_all, clip: np.ndarray):
+    n_batches, n_vars = clip.shape
+    cs = np.zeros((n_batches, n_vars))
+    csq = np.zeros((n_batches, n_vars))
+    for block, codes in _block_codes(blocks, codes_all):
+        row_codes = np.repeat(codes, np.diff(block.indptr))
+        clipped = np.minimum(block.data.astype(np.float64), clip[row_codes, block.indices])
+        cs += _flat_bincount(block, codes, n_batches, clipped)
+        csq += _flat_bincount(block, codes, n_batches, clipped * clipped)
+    return cs, csq
+
+
+def _rank_top(norm_gene_vars: np.ndarray, V: int) -> np.ndarray:
+    """The top ``V`` genes ranked exactly as scanpy (median rank over batches, then number of
+    batches), as ascending indices."""
+    ranked = np.argsort(np.argsort(-norm_gene_vars, axis=1), axis=1).astype(np.float32)
+    n_high = np.sum((ranked < V).astype(int), axis=0)
+    ranked[ranked >= V] = np.nan
+    median_ranked = np.ma.median(np.ma.masked_invalid(ranked), axis=0).filled(np.nan)
+    df = pd.DataFrame({"highly_variable_rank": median_ranked, "highly_variable_nbatches": n_high})
+    order = df.sort_values(["highly_variable_rank", "highly_variable_nbatches"], ascending=[True, False], na_position="last").index
+    return np.sort(np.asarray(order[:V], dtype=np.int64))
+
+
 def seurat_v3_genes_chunked(
     blocks,
     *,
@@ -198,64 +269,16 @@ def seurat_v3_genes_chunked(
     scanpy step by step, so the selected genes equal scanpy's on the same cells while only
     one block is in memory at a time. Returns ascending gene indices.
     """
-    from skmisc.loess import loess
-
-    V = int(n_top_genes)
-    n_rows = 0
-    codes_all = None
+    codes_all, n_batches = None, 1
     if batch_labels is not None:
         codes_all, n_batches = _batch_codes(batch_labels, len(batch_labels))
-    else:
-        n_batches = 1
-    s = np.zeros((n_batches, n_vars))
-    sq = np.zeros((n_batches, n_vars))
-    n_b = np.zeros(n_batches, dtype=np.int64)
-    for block in blocks():
-        block = sp.csr_matrix(block)
-        codes = codes_all[n_rows : n_rows + block.shape[0]] if codes_all is not None else np.zeros(block.shape[0], np.int64)
-        n_rows += block.shape[0]
-        n_b += np.bincount(codes, minlength=n_batches)
-        d = block.data.astype(np.float64)
-        s += _flat_bincount(block, codes, n_batches, d)
-        sq += _flat_bincount(block, codes, n_batches, d * d)
-    if np.any(n_b < 2):
-        raise DataError("seurat_v3 HVG selection needs at least 2 training cells per batch: use more cells or no batch key")
-    mean = s / n_b[:, None]
-    var = (sq / n_b[:, None] - mean**2) * (n_b / (n_b - 1))[:, None]
-    reg_std = np.ones((n_batches, n_vars))
-    clip = np.empty((n_batches, n_vars))
-    for b in range(n_batches):
-        not_const = var[b] > 0
-        est = np.zeros(n_vars)
-        try:
-            model = loess(np.log10(mean[b, not_const]), np.log10(var[b, not_const]), span=span, degree=2)
-            model.fit()
-        except ValueError as err:
-            raise DataError(f"seurat_v3 HVG selection failed ({str(err).splitlines()[0]}): try hvg_flavor 'variance' or more cells") from None
-        est[not_const] = model.outputs.fitted_values
-        reg_std[b] = np.sqrt(10**est)
-        clip[b] = reg_std[b] * np.sqrt(n_b[b]) + mean[b]
-    cs = np.zeros((n_batches, n_vars))
-    csq = np.zeros((n_batches, n_vars))
-    n_rows = 0
-    for block in blocks():
-        block = sp.csr_matrix(block)
-        codes = codes_all[n_rows : n_rows + block.shape[0]] if codes_all is not None else np.zeros(block.shape[0], np.int64)
-        n_rows += block.shape[0]
-        row_codes = np.repeat(codes, np.diff(block.indptr))
-        clipped = np.minimum(block.data.astype(np.float64), clip[row_codes, block.indices])
-        cs += _flat_bincount(block, codes, n_batches, clipped)
-        csq += _flat_bincount(block, codes, n_batches, clipped * clipped)
+    mean, var, n_b = _batch_moments(blocks, codes_all, n_batches, n_vars)
+    reg_std = _loess_std(mean, var, span)
+    clip = reg_std * np.sqrt(n_b)[:, None] + mean
+    cs, csq = _clipped_sums(blocks, codes_all, clip)
     n = n_b[:, None].astype(np.float64)
     norm_gene_vars = (1 / ((n - 1) * np.square(reg_std))) * (n * np.square(mean) + csq - 2 * cs * mean)
-    # ranking exactly as scanpy (median rank over batches, then number of batches)
-    ranked = np.argsort(np.argsort(-norm_gene_vars, axis=1), axis=1).astype(np.float32)
-    n_high = np.sum((ranked < V).astype(int), axis=0)
-    ranked[ranked >= V] = np.nan
-    median_ranked = np.ma.median(np.ma.masked_invalid(ranked), axis=0).filled(np.nan)
-    df = pd.DataFrame({"highly_variable_rank": median_ranked, "highly_variable_nbatches": n_high})
-    order = df.sort_values(["highly_variable_rank", "highly_variable_nbatches"], ascending=[True, False], na_position="last").index
-    return np.sort(np.asarray(order[:V], dtype=np.int64))
+    return _rank_top(norm_gene_vars, int(n_top_genes))
 
 
 def log_variance_chunked(blocks, *, n_vars: int, lib_size: np.ndarray, target_sum: float) -> np.ndarray:

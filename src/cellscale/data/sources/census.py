@@ -112,56 +112,19 @@ class CensusSource:
     def _init(self, cfg: DataConfig) -> None:
         c = cfg.census
         where = f"--census-uri {c.uri}" if c.uri else f"Census release {c.version}"
-        try:
-            organisms = list(self.census["census_data"].keys())
-        except Exception as err:  # noqa: BLE001
-            raise DataError(f"{where} is not a Census (no census_data collection: {_short(err)}): check --census-uri") from None
-        if c.organism not in organisms:
-            raise DataError(f"{where} has no organism '{c.organism}': use one of {', '.join(sorted(organisms))}")
-        self.exp = self.census["census_data"][c.organism]
-        schema = self.exp.obs.schema
-        self.obs_schema = set(schema.names)
-        missing = {"tissue_general", "raw_sum"} - self.obs_schema
-        if missing:
-            raise DataError(f"{where}: obs has no column(s) {', '.join(sorted(missing))}: use a Census release from 2023 or later")
+        self._open_experiment(c, where)
         self.value_filter = _value_filter(c.obs_filter, list(c.tissues))
         # one read per tissue (only soma_joinid and raw_sum come back): memory stays at the
         # candidates' size even when the filter matches tens of millions of cells
         self.available, self.kept = {}, {}
-        parts_j, parts_s, parts_t = [], [], []
         self.tissues = list(dict.fromkeys(c.tissues))
-        for code, t in enumerate(self.tissues):
-            try:
-                tbl = self.exp.obs.read(
-                    value_filter=_value_filter(c.obs_filter, [t]), column_names=["soma_joinid", "raw_sum"]
-                ).concat()
-            except (ValueError, TypeError, soma.SOMAError) as err:
-                raise DataError(f"invalid --obs-filter '{c.obs_filter}' ({_short(err)}): use SOMA value-filter syntax, "
-                                "e.g. \"is_primary_data == True and assay == '10x 3\\' v3'\"") from None
-            jids = tbl["soma_joinid"].to_numpy().astype(np.int64)
-            raw = tbl["raw_sum"].to_numpy().astype(np.float64)
-            self.available[t] = int(jids.size)
-            if c.per_tissue_cap is not None and jids.size > c.per_tissue_cap:
-                rng = np.random.default_rng(seed_sequence(cfg.seed, "census-tissue", t))
-                order = np.argsort(jids, kind="stable")  # the sample must not depend on read order
-                pick = order[np.sort(rng.choice(jids.size, size=c.per_tissue_cap, replace=False))]
-                jids, raw = jids[pick], raw[pick]
-            self.kept[t] = int(jids.size)
-            parts_j.append(jids)
-            parts_s.append(raw)
-            parts_t.append(np.full(jids.size, code, dtype=np.int16))
+        parts = [self._tissue_cells(cfg, t, code) for code, t in enumerate(self.tissues)]
         if sum(self.available.values()) == 0:
             raise DataError(
                 f"the obs filter \"{self.value_filter}\" matches no cells in {where} ({c.organism}): "
                 "check --obs-filter and the tissue list"
             )
-        joinids = np.concatenate(parts_j)
-        order = np.argsort(joinids, kind="stable")
-        self.joinids = joinids[order]
-        if np.any(np.diff(self.joinids) == 0):
-            raise DataError(f"{where}: a cell is listed under two tissues: the Census copy is inconsistent")
-        self.raw_sum = np.concatenate(parts_s)[order]
-        self.tissue_code = np.concatenate(parts_t)[order]
+        self._merge_tissues(parts, where)
         usable = int((self.raw_sum > 0).sum())
         if usable < cfg.cells:
             cap = f"a per-tissue cap of {c.per_tissue_cap}" if c.per_tissue_cap else "no per-tissue cap"
@@ -169,6 +132,54 @@ class CensusSource:
                 f"the Census filter gives only {usable} cells ({len(self.tissues)} tissues, {cap}) but --cells is "
                 f"{cfg.cells}: lower --cells, raise --per-tissue-cap or add tissues"
             )
+        self._read_var()
+        self.n_obs, self.n_vars = int(self.joinids.size), int(self.var_joinids.size)
+        self.X = self.exp.ms[MEASUREMENT].X[X_LAYER]
+
+    def _open_experiment(self, c, where: str) -> None:
+        try:
+            organisms = list(self.census["census_data"].keys())
+        except Exception as err:  # noqa: BLE001
+            raise DataError(f"{where} is not a Census (no census_data collection: {_short(err)}): check --census-uri") from None
+        if c.organism not in organisms:
+            raise DataError(f"{where} has no organism '{c.organism}': use one of {', '.join(sorted(organisms))}")
+        self.exp = self.census["census_data"][c.organism]
+        self.obs_schema = set(self.exp.obs.schema.names)
+        missing = {"tissue_general", "raw_sum"} - self.obs_schema
+        if missing:
+            raise DataError(f"{where}: obs has no column(s) {', '.join(sorted(missing))}: use a Census release from 2023 or later")
+
+    def _tissue_cells(self, cfg: DataConfig, tissue: str, code: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(joinids, raw_sum, tissue code) of one tissue's cells, sampled to the per-tissue cap."""
+        c = cfg.census
+        try:
+            tbl = self.exp.obs.read(
+                value_filter=_value_filter(c.obs_filter, [tissue]), column_names=["soma_joinid", "raw_sum"]
+            ).concat()
+        except (ValueError, TypeError, soma.SOMAError) as err:
+            raise DataError(f"invalid --obs-filter '{c.obs_filter}' ({_short(err)}): use SOMA value-filter syntax, "
+                            "e.g. \"is_primary_data == True and assay == '10x 3\\' v3'\"") from None
+        jids = tbl["soma_joinid"].to_numpy().astype(np.int64)
+        raw = tbl["raw_sum"].to_numpy().astype(np.float64)
+        self.available[tissue] = int(jids.size)
+        if c.per_tissue_cap is not None and jids.size > c.per_tissue_cap:
+            rng = np.random.default_rng(seed_sequence(cfg.seed, "census-tissue", tissue))
+            order = np.argsort(jids, kind="stable")  # the sample must not depend on read order
+            pick = order[np.sort(rng.choice(jids.size, size=c.per_tissue_cap, replace=False))]
+            jids, raw = jids[pick], raw[pick]
+        self.kept[tissue] = int(jids.size)
+        return jids, raw, np.full(jids.size, code, dtype=np.int16)
+
+    def _merge_tissues(self, parts: list, where: str) -> None:
+        joinids = np.concatenate([p[0] for p in parts])
+        order = np.argsort(joinids, kind="stable")
+        self.joinids = joinids[order]
+        if np.any(np.diff(self.joinids) == 0):
+            raise DataError(f"{where}: a cell is listed under two tissues: the Census copy is inconsistent")
+        self.raw_sum = np.concatenate([p[1] for p in parts])[order]
+        self.tissue_code = np.concatenate([p[2] for p in parts])[order]
+
+    def _read_var(self) -> None:
         var = self.exp.ms[MEASUREMENT].var.read(column_names=["soma_joinid", "feature_id", "feature_name"]).concat().to_pandas()
         var = var.sort_values("soma_joinid").reset_index(drop=True)
         self.var_joinids = var["soma_joinid"].to_numpy().astype(np.int64)
@@ -176,8 +187,6 @@ class CensusSource:
         self.feature_name = var["feature_name"].astype(str).to_numpy()
         ids = pd.Index(self.feature_id)
         self.var_names = list(self.feature_id if not ids.has_duplicates else [f"{a}" for a in self.var_joinids])
-        self.n_obs, self.n_vars = int(self.joinids.size), int(self.var_joinids.size)
-        self.X = self.exp.ms[MEASUREMENT].X[X_LAYER]
 
     # ---------------------------------------------------------------- source protocol
     def scan(self) -> tuple[np.ndarray, np.ndarray, float | None]:
