@@ -168,3 +168,28 @@ def test_overwrite_replaces_a_foreign_or_other_run_dir(tiny_dataset_dir: Path, t
     # other settings: replaced
     other = short.model_copy(update={"cells_seen": 96})
     assert train_run(ds, model, other, out=out, overwrite=True)["steps"] == 3
+
+
+def test_train_losses_are_read_from_the_device_only_when_due(tiny_dataset_dir: Path, tmp_path: Path, monkeypatch):
+    # 120 steps: log every 2 (120 // 50), eval every 12, checkpoint every 30; a read at each of
+    # the 60 due steps, each of the steps since the one before (never one read per step)
+    from cellscale.train import loop
+
+    reads: list[int] = []
+    real_read = loop.PendingLosses.read
+
+    def spy(self, run):
+        reads.append(len(self.losses))
+        return real_read(self, run)
+
+    monkeypatch.setattr(loop.PendingLosses, "read", spy)
+    seen: list = []
+    cfg = TRAIN.model_copy(update={"cells_seen": 32 * 120, "eval_every": 12, "checkpoint_every": 30})
+    res = train_run(Dataset.open(tiny_dataset_dir), get_size("XXS", n_genes=64), cfg, out=tmp_path / "r",
+                    on_step=lambda info: seen.append(info["loss"]))
+    assert res["status"] == "ok" and res["steps"] == 120
+    assert reads == [2] * 60
+    train_lines = [m for m in _metrics(tmp_path / "r") if m["kind"] == "train"]
+    assert [m["step"] for m in train_lines] == list(range(2, 121, 2))
+    # progress sees the newest loss read: none before the first read, then the read step's own
+    assert seen[0] is None and seen[1] is not None and seen[2] == seen[1]
