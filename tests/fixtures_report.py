@@ -79,6 +79,78 @@ def _metrics_lines(final: float, cells_seen: int, batch: int, rng: np.random.Gen
     return lines
 
 
+def _write_config(sweep: Path, *, source: str, sizes: list[str], seeds, train_cells, depths, fit_law: str,
+                  bootstrap: int) -> None:
+    data_cfg = {"source": source, "genes": 512, "cells": 2000, "seed": 0}
+    if source == "census":
+        data_cfg["census"] = {"version": "2025-01-30", "tissues": ["blood", "lung"], "per_tissue_cap": 1000}
+    cfg = RunConfig.model_validate({
+        "name": "report-test",
+        "description": "fabricated sweep for the report tests",
+        "data": data_cfg,
+        "train": {"cells_seen": 64_000, "batch_size": 64},
+        "sweep": {"sizes": sizes, "seeds": list(seeds), "train_cells": list(train_cells), "depths": list(depths)},
+        "fit": {"law": fit_law, "method": "huber-log", "bootstrap": bootstrap, "seed": 0},
+    })
+    (sweep / "config.yaml").write_text(dump_yaml(cfg))
+
+
+def _write_sweep_json(sweep: Path, dataset: Path, depths) -> None:
+    """sweep.json, and with several depths each thinned dataset's manifest (listed in it)."""
+    meta = {"dataset": str(dataset.resolve()), "config_hash": "abc123def456"}
+    if len(depths) > 1:
+        meta["depth_datasets"] = {}
+        for f in depths:
+            if f != 1.0:
+                ddir = sweep / "datasets" / f"depth-{f:g}"
+                ddir.mkdir(parents=True)
+                (ddir / "manifest.json").write_text(json.dumps({"depth_fraction": f, "baselines": {"gene_mean": {
+                    "val": depth_gene_mean(f), "test": depth_gene_mean(f, "test")}}}))
+                meta["depth_datasets"][f"{f:g}"] = str(ddir.resolve())
+    (sweep / "sweep.json").write_text(json.dumps(meta))
+
+
+def _write_manifest(dataset: Path, *, source: str, with_baselines: bool, bayes_floor: float | None) -> None:
+    manifest = {
+        "source": source, "V": 512, "D": 2000, "seed": 0, "target_sum": 10000.0, "hvg_flavor": "seurat_v3",
+        "genes": [f"g{i}" for i in range(512)], "split_sizes": {"train": 1800, "val": 100, "test": 100},
+        "eval_mask_seed": 12345, "mask_prob": 0.15, "cellscale_version": "0.1.0",
+        "created": "2026-11-24T06:00:00Z",
+    }
+    if with_baselines:
+        manifest["baselines"] = {"gene_mean": {"val": GENE_MEAN_VAL, "test": GENE_MEAN_TEST}}
+    if bayes_floor is not None:
+        manifest["bayes_floor_mse"] = bayes_floor
+    if source == "census":
+        manifest["census"] = {"version": "2025-01-30", "organism": "homo_sapiens",
+                              "obs_filter": "is_primary_data == True", "tissues": ["blood", "lung"]}
+    (dataset / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _clean_loss(params: int, tc: int | None, depth: float, fit_law: str) -> float:
+    if fit_law == "chinchilla":
+        clean = law(params) + B2 * (1800 if tc is None else tc) ** (-BETA2)
+    else:
+        clean = law(params) + (0.0 if tc is None else 0.3 * (1800 / tc - 1) ** 0.5 * (params / 1e6) ** 0.1)
+    return clean + DEPTH_GAIN * (1.0 / depth - 1.0)
+
+
+def _result_row(rid: str, size: str, tc: int | None, depth: float, seed: int, status: str, error: str,
+                best: float, test: float, multi_depth: bool) -> dict:
+    params, d, nl, nh = LADDER_512[size]
+    return {
+        "run_id": rid, "size": size, "params": params, "non_embedding_params": params - 512 * max(d, 1),
+        "d_model": d, "n_layers": nl, "n_heads": nh, "n_genes": 512,
+        "train_cells": np.nan if tc is None else tc, "seed": seed, "steps": 1000,
+        "cells_seen": 64_000, "tokens_seen": 64_000 * 512, "flops": 6.0 * params * 64_000 * 512,
+        "lr": 1e-3, "best_step": 900 if status == "ok" else np.nan, "best_val_mse": best,
+        "test_mse": test, "gene_mean_val_mse": depth_gene_mean(depth),
+        "gene_mean_test_mse": depth_gene_mean(depth, "test"),
+        "wall_seconds": 12.5, "status": status, "error": error,
+        **({"depth": depth} if multi_depth else {}),
+    }
+
+
 def make_sweep(
     root: Path,
     *,
@@ -120,84 +192,32 @@ def make_sweep(
     dataset.mkdir(parents=True)
     (sweep / "runs").mkdir(parents=True)
     all_sizes = list(sizes) + [s for s in (diverged, failed) if s and s not in sizes]
-    data_cfg = {"source": source, "genes": 512, "cells": 2000, "seed": 0}
-    if source == "census":
-        data_cfg["census"] = {"version": "2025-01-30", "tissues": ["blood", "lung"], "per_tissue_cap": 1000}
-    cfg = RunConfig.model_validate({
-        "name": "report-test",
-        "description": "fabricated sweep for the report tests",
-        "data": data_cfg,
-        "train": {"cells_seen": 64_000, "batch_size": 64},
-        "sweep": {"sizes": all_sizes, "seeds": list(seeds), "train_cells": list(train_cells), "depths": list(depths)},
-        "fit": {"law": fit_law, "method": "huber-log", "bootstrap": bootstrap, "seed": 0},
-    })
-    (sweep / "config.yaml").write_text(dump_yaml(cfg))
-    meta = {"dataset": str(dataset.resolve()), "config_hash": "abc123def456"}
-    if len(depths) > 1:
-        meta["depth_datasets"] = {}
-        for f in depths:
-            if f != 1.0:
-                ddir = sweep / "datasets" / f"depth-{f:g}"
-                ddir.mkdir(parents=True)
-                (ddir / "manifest.json").write_text(json.dumps({"depth_fraction": f, "baselines": {"gene_mean": {
-                    "val": depth_gene_mean(f), "test": depth_gene_mean(f, "test")}}}))
-                meta["depth_datasets"][f"{f:g}"] = str(ddir.resolve())
-    (sweep / "sweep.json").write_text(json.dumps(meta))
+    _write_config(sweep, source=source, sizes=all_sizes, seeds=seeds, train_cells=train_cells, depths=depths,
+                  fit_law=fit_law, bootstrap=bootstrap)
+    _write_sweep_json(sweep, dataset, depths)
     if with_manifest:
-        manifest = {
-            "source": source, "V": 512, "D": 2000, "seed": 0, "target_sum": 10000.0, "hvg_flavor": "seurat_v3",
-            "genes": [f"g{i}" for i in range(512)], "split_sizes": {"train": 1800, "val": 100, "test": 100},
-            "eval_mask_seed": 12345, "mask_prob": 0.15, "cellscale_version": "0.1.0",
-            "created": "2026-11-24T06:00:00Z",
-        }
-        if with_baselines:
-            manifest["baselines"] = {"gene_mean": {"val": GENE_MEAN_VAL, "test": GENE_MEAN_TEST}}
-        if bayes_floor is not None:
-            manifest["bayes_floor_mse"] = bayes_floor
-        if source == "census":
-            manifest["census"] = {"version": "2025-01-30", "organism": "homo_sapiens",
-                                  "obs_filter": "is_primary_data == True", "tissues": ["blood", "lung"]}
-        (dataset / "manifest.json").write_text(json.dumps(manifest))
+        _write_manifest(dataset, source=source, with_baselines=with_baselines, bayes_floor=bayes_floor)
 
     rows = []
-    for size in all_sizes:
-        params, d, nl, nh = LADDER_512[size]
-        for tc, depth in itertools.product(train_cells, depths):
-            for seed in seeds:
-                tc_label = "all" if tc is None else str(tc)
-                rid = f"{size}-d{tc_label}-s{seed}" + ("" if depth == 1.0 else f"-f{depth:g}")
-                status, error = "ok", ""
-                if fit_law == "chinchilla":
-                    clean = law(params) + B2 * (1800 if tc is None else tc) ** (-BETA2)
-                else:
-                    clean = law(params) + (0.0 if tc is None else 0.3 * (1800 / tc - 1) ** 0.5 * (params / 1e6) ** 0.1)
-                clean += DEPTH_GAIN * (1.0 / depth - 1.0)
-                best = float(clean * (1 + noise * rng.standard_normal()))
-                test = best * 1.002
-                if only_failed or (size == failed and seed == seeds[0]):
-                    status, error, best, test = "failed", FAILED_ERROR, float("nan"), float("nan")
-                elif size == diverged and seed == seeds[0]:
-                    status, error, best, test = "diverged", DIVERGED_ERROR, 2.9, float("nan")
-                rows.append({
-                    "run_id": rid, "size": size, "params": params, "non_embedding_params": params - 512 * max(d, 1),
-                    "d_model": d, "n_layers": nl, "n_heads": nh, "n_genes": 512,
-                    "train_cells": np.nan if tc is None else tc, "seed": seed, "steps": 1000,
-                    "cells_seen": 64_000, "tokens_seen": 64_000 * 512, "flops": 6.0 * params * 64_000 * 512,
-                    "lr": 1e-3, "best_step": 900 if status == "ok" else np.nan, "best_val_mse": best,
-                    "test_mse": test, "gene_mean_val_mse": depth_gene_mean(depth),
-                    "gene_mean_test_mse": depth_gene_mean(depth, "test"),
-                    "wall_seconds": 12.5, "status": status, "error": error,
-                    **({"depth": depth} if len(depths) > 1 else {}),
-                })
-                if per_gene and np.isfinite(test) and rid not in per_gene_skip:
-                    run_dir = sweep / "runs" / rid
-                    run_dir.mkdir(parents=True, exist_ok=True)
-                    (run_dir / "per_gene.json").write_text(json.dumps(per_gene_json(test)))
-                if with_metrics and status != "failed":
-                    run_dir = sweep / "runs" / rid
-                    run_dir.mkdir(parents=True, exist_ok=True)
-                    lines = _metrics_lines(best if status == "ok" else 2.9, 64_000, 64, rng,
-                                           diverged=status == "diverged")
-                    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    for size, tc, depth, seed in ((s, tc, f, seed) for s in all_sizes
+                                  for tc, f in itertools.product(train_cells, depths) for seed in seeds):
+        tc_label = "all" if tc is None else str(tc)
+        rid = f"{size}-d{tc_label}-s{seed}" + ("" if depth == 1.0 else f"-f{depth:g}")
+        status, error = "ok", ""
+        best = float(_clean_loss(LADDER_512[size][0], tc, depth, fit_law) * (1 + noise * rng.standard_normal()))
+        test = best * 1.002
+        if only_failed or (size == failed and seed == seeds[0]):
+            status, error, best, test = "failed", FAILED_ERROR, float("nan"), float("nan")
+        elif size == diverged and seed == seeds[0]:
+            status, error, best, test = "diverged", DIVERGED_ERROR, 2.9, float("nan")
+        rows.append(_result_row(rid, size, tc, depth, seed, status, error, best, test, len(depths) > 1))
+        run_dir = sweep / "runs" / rid
+        if per_gene and np.isfinite(test) and rid not in per_gene_skip:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "per_gene.json").write_text(json.dumps(per_gene_json(test)))
+        if with_metrics and status != "failed":
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lines = _metrics_lines(best if status == "ok" else 2.9, 64_000, 64, rng, diverged=status == "diverged")
+            (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     pd.DataFrame(rows).to_csv(sweep / "results.csv", index=False)
     return sweep

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from fixtures_report import DIVERGED_ERROR, FAILED_ERROR, LADDER_512, make_sweep
 from matplotlib.figure import Figure
 from PIL import Image
 from threadpoolctl import threadpool_limits
@@ -23,7 +24,6 @@ import cellscale.fit
 from cellscale.report import plots
 from cellscale.report.methods import meaning_paragraph, methods_paragraph
 from cellscale.report.writer import load_sweep, write_report
-from fixtures_report import DIVERGED_ERROR, FAILED_ERROR, LADDER_512, make_sweep
 
 BOOT = 50  # bootstrap resamples in the fabricated configs: enough for a band, quick to fit
 IMG_RE = re.compile(r'<img[^>]*\ssrc="data:image/png;base64,([A-Za-z0-9+/=]+)"')
@@ -492,7 +492,7 @@ def depth_report(tmp_path_factory):
 
 
 def test_depth_fits_recover_each_depths_floor(depth_report):
-    from fixtures_report import ALPHA, C, DEPTH_GAIN, depth_gene_mean
+    from fixtures_report import ALPHA, DEPTH_GAIN, C, depth_gene_mean
 
     fit = json.loads((depth_report / "fit.json").read_text())
     assert set(fit["by_depth"]) == {"1", "0.5", "0.25"}

@@ -32,13 +32,12 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from cellscale.data.manifest import FORMAT, FORMAT_VERSION, Manifest
 from cellscale.data.mask import draw_mask, seed_sequence
 from cellscale.errors import DataError
 
-__all__ = ["Dataset", "DatasetWriter", "FORMAT", "is_dataset_dir", "sha256_file", "target_state"]
+__all__ = ["Dataset", "DatasetWriter", "FORMAT", "FORMAT_VERSION", "Manifest", "is_dataset_dir", "sha256_file", "target_state"]
 
-FORMAT = "cellscale-dataset"
-FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 _HASH_CHUNK = 1 << 24
 
@@ -232,7 +231,8 @@ class Dataset:
 
     def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
         self.path = path
-        self.manifest = manifest
+        self.manifest = manifest  # the raw dict; ``meta`` is the same manifest, typed and validated
+        self.meta = Manifest.parse(manifest, origin=path / MANIFEST)
         self._eval_masks: dict[str, np.ndarray] = {}
 
     # ---------------------------------------------------------------- opening

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter
-from matplotlib import colormaps
 
 __all__ = [
     "Curve",
@@ -125,6 +125,80 @@ def _message(ax, text: str) -> None:
             fontsize=11, color="#555555", wrap=True)
 
 
+def _ref_lines(ax, refs: Sequence[RefLine], **style: Any) -> list[float]:
+    """Draw the positive finite reference lines (``style``: line width, z-order); return their values."""
+    drawn = []
+    for ref in refs:
+        if ref.value is not None and np.isfinite(ref.value) and ref.value > 0:
+            ax.axhline(ref.value, color=ref.color, ls=ref.style, label=ref.label, **style)
+            drawn.append(ref.value)
+    return drawn
+
+
+def _finished_and_not(runs: pd.DataFrame, x: str, y: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(ok runs, other runs), each with positive finite ``x`` and ``y``."""
+    df = runs.copy()
+    if "status" not in df:
+        df["status"] = "ok"
+    df[x] = pd.to_numeric(df.get(x), errors="coerce")
+    df[y] = pd.to_numeric(df.get(y), errors="coerce")
+    finite = np.isfinite(df[x]) & np.isfinite(df[y]) & (df[x] > 0) & (df[y] > 0)
+    return df[(df["status"] == "ok") & finite], df[(df["status"] != "ok") & finite]
+
+
+def _visible_floor(ax, floor: Floor | None, data_min: float) -> Floor | None:
+    """The floor when it lies near the runs; far below them (or not positive) it is named in a
+    corner instead, so that an undetermined floor does not flatten the plot."""
+    if floor is None or (np.isfinite(floor.value) and floor.value > 0.3 * data_min):
+        return floor
+    ax.text(0.01, 0.02, f"{floor.label}: below the plotted range", transform=ax.transAxes,
+            fontsize=8, color="#9467bd")
+    return None
+
+
+def _run_points(ax, good: pd.DataFrame, bad: pd.DataFrame, x: str, y: str) -> None:
+    """A dot per ok run (seeds of a size jittered), the per-size mean and range, failed runs as crosses."""
+    colors = size_colors(good.groupby("size")[x].median().to_dict() if not good.empty else {})
+    rng = np.random.default_rng(0)
+    for name, grp in good.groupby("size", sort=False):
+        # a small horizontal jitter so that seeds of one size do not hide each other
+        jitter = 10 ** rng.uniform(-0.02, 0.02, len(grp)) if len(grp) > 1 else np.ones(1)
+        ax.scatter(grp[x] * jitter, grp[y], s=28, color=colors[name], edgecolor="black",
+                   linewidths=0.4, alpha=0.85, zorder=4, label=str(name))
+    if not good.empty:
+        stats = good.groupby("size").agg(px=(x, "median"), mean=(y, "mean"), lo=(y, "min"),
+                                         hi=(y, "max"), n=(y, "size")).sort_values("px")
+        ax.errorbar(stats["px"], stats["mean"],
+                    yerr=[stats["mean"] - stats["lo"], stats["hi"] - stats["mean"]],
+                    fmt="_", color="black", ms=14, capsize=4, lw=1.2, zorder=3,
+                    label="mean over seeds (bar: min-max)")
+    if not bad.empty:
+        ax.scatter(bad[x], bad[y], label="diverged / failed (not fitted)", **_STATUS_STYLE["diverged"])
+
+
+def _law_curve(ax, curve: Curve) -> None:
+    if curve.lo is not None and curve.hi is not None:
+        ax.fill_between(curve.x, curve.lo, curve.hi, color="#1f77b4", alpha=0.18, lw=0,
+                        label="95% band of the fit", zorder=1)
+    ax.plot(curve.x, curve.y, color="#1f77b4", lw=2, label=curve.label, zorder=2)
+
+
+def _floor_band(ax, floor: Floor) -> None:
+    ax.axhline(floor.value, color="#9467bd", lw=1.5, ls="-.", zorder=2,
+               label=floor.label + (" (at search bound!)" if floor.at_boundary else ""))
+    if floor.lo is not None and floor.hi is not None and floor.hi > 0:
+        ax.axhspan(max(floor.lo, 1e-12), floor.hi, color="#9467bd", alpha=0.15, lw=0,
+                   label="floor 95% interval", zorder=0)
+
+
+def _empty_log_log(fig: Figure, ax, text: str, title: str) -> Figure:
+    _message(ax, text)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    return fig
+
+
 def loss_vs_params(
     runs: pd.DataFrame,
     *,
@@ -142,68 +216,24 @@ def loss_vs_params(
     ``ok`` are drawn as red crosses when they have a finite loss (they are not fitted).
     """
     fig, ax = _new_figure()
-    df = runs.copy()
-    if "status" not in df:
-        df["status"] = "ok"
-    df[x] = pd.to_numeric(df.get(x), errors="coerce")
-    df[y] = pd.to_numeric(df.get(y), errors="coerce")
-    good = df[(df["status"] == "ok") & np.isfinite(df[x]) & np.isfinite(df[y]) & (df[x] > 0) & (df[y] > 0)]
-    bad = df[(df["status"] != "ok") & np.isfinite(df[x]) & np.isfinite(df[y]) & (df[x] > 0) & (df[y] > 0)]
-
-    # the view is set by the runs, the references and the floor estimate; a wide floor interval
-    # (an undetermined floor) runs off the bottom of the plot rather than squashing the points
+    good, bad = _finished_and_not(runs, x, y)
+    # the view is set by the runs, the references and the floor estimate
     all_y = list(good[y]) + list(bad[y]) + [r.value for r in refs]
-    data_min = min(list(good[y]) + list(bad[y]), default=np.nan)
-    if floor is not None and np.isfinite(floor.value) and floor.value > 0.3 * data_min:
+    floor = _visible_floor(ax, floor, min(list(good[y]) + list(bad[y]), default=np.nan))
+    if floor is not None:
         all_y.append(floor.value)
-    elif floor is not None:  # far below the runs (or not positive): say so instead of flattening the plot
-        ax.text(0.01, 0.02, f"{floor.label}: below the plotted range", transform=ax.transAxes,
-                fontsize=8, color="#9467bd")
-        floor = None
     if good.empty and bad.empty:
-        _message(ax, "no finished run with a finite validation loss")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_title(title)
-        return fig
-
-    sizes = good.groupby("size")[x].median().to_dict() if not good.empty else {}
-    colors = size_colors(sizes)
-    rng = np.random.default_rng(0)
-    for name, grp in good.groupby("size", sort=False):
-        # a small horizontal jitter so that seeds of one size do not hide each other
-        jitter = 10 ** rng.uniform(-0.02, 0.02, len(grp)) if len(grp) > 1 else np.ones(1)
-        ax.scatter(grp[x] * jitter, grp[y], s=28, color=colors[name], edgecolor="black",
-                   linewidths=0.4, alpha=0.85, zorder=4, label=str(name))
-    if not good.empty:
-        stats = good.groupby("size").agg(px=(x, "median"), mean=(y, "mean"), lo=(y, "min"),
-                                         hi=(y, "max"), n=(y, "size")).sort_values("px")
-        ax.errorbar(stats["px"], stats["mean"],
-                    yerr=[stats["mean"] - stats["lo"], stats["hi"] - stats["mean"]],
-                    fmt="_", color="black", ms=14, capsize=4, lw=1.2, zorder=3,
-                    label="mean over seeds (bar: min-max)")
-    if not bad.empty:
-        ax.scatter(bad[x], bad[y], label="diverged / failed (not fitted)", **_STATUS_STYLE["diverged"])
-
+        return _empty_log_log(fig, ax, "no finished run with a finite validation loss", title)
+    _run_points(ax, good, bad, x, y)
     xs_all = np.concatenate([good[x].to_numpy(), bad[x].to_numpy()])
     xlo, xhi = xs_all.min() / 2.0, xs_all.max() * 2.0
     if curve is not None and len(curve.x):
-        if curve.lo is not None and curve.hi is not None:
-            ax.fill_between(curve.x, curve.lo, curve.hi, color="#1f77b4", alpha=0.18, lw=0,
-                            label="95% band of the fit", zorder=1)
-        ax.plot(curve.x, curve.y, color="#1f77b4", lw=2, label=curve.label, zorder=2)
+        _law_curve(ax, curve)
         all_y += list(_finite_pos(curve.y))
         xlo, xhi = min(xlo, np.min(curve.x)), max(xhi, np.max(curve.x))
     if floor is not None and np.isfinite(floor.value) and floor.value > 0:
-        ax.axhline(floor.value, color="#9467bd", lw=1.5, ls="-.", zorder=2,
-                   label=floor.label + (" (at search bound!)" if floor.at_boundary else ""))
-        if floor.lo is not None and floor.hi is not None and floor.hi > 0:
-            ax.axhspan(max(floor.lo, 1e-12), floor.hi, color="#9467bd", alpha=0.15, lw=0,
-                       label="floor 95% interval", zorder=0)
-    for ref in refs:
-        if ref.value is not None and np.isfinite(ref.value) and ref.value > 0:
-            ax.axhline(ref.value, color=ref.color, ls=ref.style, lw=1.3, label=ref.label, zorder=2)
-
+        _floor_band(ax, floor)
+    _ref_lines(ax, refs, lw=1.3, zorder=2)
     ax.set_xscale("log")
     ax.set_xlim(xlo, xhi)
     ys = _finite_pos(all_y)
@@ -217,6 +247,48 @@ def loss_vs_params(
     ax.grid(True, which="minor", axis="x", alpha=0.12)
     _legend_outside(ax)
     return fig
+
+
+def _train_points(m: pd.DataFrame, max_points: int) -> pd.DataFrame:
+    """The training-loss points of one run, averaged down to at most ``max_points``."""
+    tr = m[(m["kind"] == "train")]
+    if "loss" not in tr or "cells_seen" not in tr:
+        return tr.iloc[:0]
+    tr = tr[np.isfinite(pd.to_numeric(tr["loss"], errors="coerce")) & (tr["cells_seen"] > 0)]
+    if len(tr) > max_points:  # average consecutive steps: a readable faint curve, a small PNG
+        chunks = np.array_split(np.arange(len(tr)), max_points)
+        tr = pd.DataFrame({"cells_seen": [tr["cells_seen"].iloc[c].mean() for c in chunks],
+                           "loss": [tr["loss"].iloc[c].mean() for c in chunks]})
+    return tr
+
+
+def _eval_points(m: pd.DataFrame, val: str) -> pd.DataFrame:
+    ev = m[(m["kind"] == "eval")]
+    if val not in ev or "cells_seen" not in ev:
+        return ev.iloc[:0]
+    return ev[np.isfinite(pd.to_numeric(ev[val], errors="coerce")) & (ev["cells_seen"] > 0)]
+
+
+@dataclass
+class _Run:
+    size: str
+    status: str
+    color: Any
+
+
+def _run_info(rid: str, info: pd.DataFrame, colors: Mapping[str, Any]) -> _Run:
+    size = str(info.loc[rid, "size"]) if rid in info.index else rid
+    status = str(info.loc[rid, "status"]) if rid in info.index and "status" in info else "ok"
+    return _Run(size, status, colors.get(size, "#777777"))
+
+
+def _size_legend(ax, params: Mapping[str, float]) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        order = sorted(range(len(labels)), key=lambda i: params.get(labels[i], float("inf")))
+        ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=8,
+                  title="size (dotted: not ok)", title_fontsize=8, loc="upper left",
+                  bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
 def learning_curves(
@@ -238,61 +310,35 @@ def learning_curves(
     """
     fig, ax = _new_figure()
     info = runs.set_index("run_id") if "run_id" in runs else pd.DataFrame()
-    params = {}
-    for rid in metrics:
-        if rid in info.index:
-            params[str(info.loc[rid, "size"])] = float(pd.to_numeric(info.loc[rid, "params"], errors="coerce") or 0)
+    params = {str(info.loc[rid, "size"]): float(pd.to_numeric(info.loc[rid, "params"], errors="coerce") or 0)
+              for rid in metrics if rid in info.index}
     colors = size_colors(params)
     seen_labels: set[str] = set()
     ys_all: list[float] = []
-    drew = False
     for rid, m in metrics.items():
         if m is None or m.empty or "kind" not in m:
             continue
-        size = str(info.loc[rid, "size"]) if rid in info.index else rid
-        status = str(info.loc[rid, "status"]) if rid in info.index and "status" in info else "ok"
-        color = colors.get(size, "#777777")
-        tr = m[(m["kind"] == "train")]
-        if "loss" in tr and "cells_seen" in tr:
-            tr = tr[np.isfinite(pd.to_numeric(tr["loss"], errors="coerce")) & (tr["cells_seen"] > 0)]
-            if len(tr) > max_points:  # average consecutive steps: a readable faint curve, a small PNG
-                chunks = np.array_split(np.arange(len(tr)), max_points)
-                tr = pd.DataFrame({"cells_seen": [tr["cells_seen"].iloc[c].mean() for c in chunks],
-                                   "loss": [tr["loss"].iloc[c].mean() for c in chunks]})
-            if len(tr):
-                ax.plot(tr["cells_seen"], tr["loss"], color=color, alpha=0.22, lw=0.8)
-                ys_all += list(tr["loss"])
-                drew = True
-        ev = m[(m["kind"] == "eval")]
-        if val in ev and "cells_seen" in ev:
-            ev = ev[np.isfinite(pd.to_numeric(ev[val], errors="coerce")) & (ev["cells_seen"] > 0)]
-            if len(ev):
-                label = size if size not in seen_labels else None
-                seen_labels.add(size)
-                ls = "-" if status == "ok" else ":"
-                ax.plot(ev["cells_seen"], ev[val], color=color, lw=1.6, ls=ls, marker="o",
-                        ms=2.5, label=label)
-                ys_all += list(ev[val])
-                drew = True
-    if drew:
-        for ref in refs:
-            if ref.value is not None and np.isfinite(ref.value) and ref.value > 0:
-                ax.axhline(ref.value, color=ref.color, ls=ref.style, lw=1.2, label=ref.label)
-                ys_all.append(ref.value)
-    if not drew:
+        run = _run_info(rid, info, colors)
+        tr = _train_points(m, max_points)
+        if len(tr):
+            ax.plot(tr["cells_seen"], tr["loss"], color=run.color, alpha=0.22, lw=0.8)
+            ys_all += list(tr["loss"])
+        ev = _eval_points(m, val)
+        if len(ev):
+            ax.plot(ev["cells_seen"], ev[val], color=run.color, lw=1.6, ls="-" if run.status == "ok" else ":",
+                    marker="o", ms=2.5, label=run.size if run.size not in seen_labels else None)
+            seen_labels.add(run.size)
+            ys_all += list(ev[val])
+    if not ys_all:
         _message(ax, "no learning curves recorded (no metrics.jsonl found)")
     else:
+        ys_all += _ref_lines(ax, refs, lw=1.2)
         ax.set_xscale("log")
         ys = _finite_pos(ys_all)
         if len(ys):
             _plain_log_y(ax, ys.min() / 1.04, ys.max() * 1.04)
         ax.grid(True, which="major", alpha=0.3)
-        handles, labels = ax.get_legend_handles_labels()
-        if handles:
-            order = sorted(range(len(labels)), key=lambda i: params.get(labels[i], float("inf")))
-            ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=8,
-                      title="size (dotted: not ok)", title_fontsize=8, loc="upper left",
-                      bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+        _size_legend(ax, params)
     ax.set_xlabel("cells seen")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -345,9 +391,7 @@ def loss_vs_data(
             if cv.lo is not None and cv.hi is not None:
                 ax.fill_between(cv.x, cv.lo, cv.hi, color=color, alpha=0.08, lw=0)
             ax.plot(cv.x, cv.y, color=color, lw=1.2, ls="--")
-    for ref in refs:
-        if ref.value is not None and np.isfinite(ref.value) and ref.value > 0:
-            ax.axhline(ref.value, color=ref.color, ls=ref.style, lw=1.3, label=ref.label)
+    _ref_lines(ax, refs, lw=1.3)
     ax.set_xscale("log")
     if curves:
         ax.plot([], [], color="#555555", ls="--", lw=1.2, label="fitted L(N, D) (band: 95%)")
@@ -556,7 +600,6 @@ def entropy_summary(
     return fig
 
 
-
 @dataclass(frozen=True)
 class GeneErrors:
     """One run's per-gene test MSEs (NaN where a gene was never masked)."""
@@ -568,6 +611,75 @@ class GeneErrors:
     mse: np.ndarray
 
 
+def _log_y_plain(ax) -> None:
+    """Log y axis ticked at 1, 2 and 5 per decade, labelled as plain numbers."""
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def _named_genes(ax, best: GeneErrors, order: np.ndarray, rank: np.ndarray, vals: np.ndarray, k: int) -> None:
+    """Mark the ``k`` hardest and easiest genes and list their names."""
+    for idx, color, label, side in ((slice(len(order) - k, None), "#d62728", "hardest", "right"),
+                                    (slice(0, k), "#2ca02c", "easiest", "left")):
+        ax.scatter(rank[idx], vals[idx], color=color, s=22, zorder=4, label=f"{k} {label}")
+        names = [str(best.genes[g]) for g in order[idx]]
+        if label == "hardest":
+            names = names[::-1]  # hardest first
+        text = f"{label}:\n" + "\n".join(names)
+        x = 0.98 if side == "right" else 0.02
+        y, va = (0.5, "center") if side == "right" else (0.97, "top")
+        ax.text(x, y, text, transform=ax.transAxes, ha=side, va=va, fontsize=7, color=color,
+                family="monospace", bbox={"facecolor": "white", "alpha": 0.8, "lw": 0})
+
+
+def _sorted_genes_panel(ax, best: GeneErrors | None, n_named: int) -> None:
+    if best is None:
+        _message(ax, "no per-gene errors recorded (per_gene.json)")
+        ax.set_axis_off()
+        return
+    mse = np.asarray(best.mse, float)
+    ok = np.flatnonzero(np.isfinite(mse))
+    order = ok[np.argsort(mse[ok], kind="stable")]
+    vals = mse[order]
+    rank = np.arange(1, len(order) + 1)
+    ax.plot(rank, vals, color="#1f77b4", lw=1.6, label=f"{best.run_id} ({len(order)} genes)")
+    _named_genes(ax, best, order, rank, vals, min(n_named, len(order) // 2) if len(order) > 1 else len(order))
+    if len(vals) and np.all(vals > 0):
+        _log_y_plain(ax)
+    ax.set_xlabel("gene rank (easiest to hardest)")
+    ax.set_ylabel("test MSE of the gene (masked positions)")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(True, alpha=0.3)
+    ax.set_title(f"best run {best.run_id}: sorted per-gene test MSE", fontsize=10)
+
+
+def _spread_panel(ax, runs: Sequence[GeneErrors]) -> bool:
+    """A box of per-gene MSE per run, by size; False when no run has per-gene errors."""
+    usable = [r for r in runs if np.isfinite(np.asarray(r.mse, float)).any()]
+    if not usable:
+        _message(ax, "no run with per-gene errors")
+        ax.set_axis_off()
+        return False
+    usable = sorted(usable, key=lambda r: (r.params, r.run_id))
+    colors = size_colors({r.size: r.params for r in usable})
+    data = [np.asarray(r.mse, float)[np.isfinite(np.asarray(r.mse, float))] for r in usable]
+    box = ax.boxplot(data, vert=True, patch_artist=True, showfliers=True, widths=0.6,
+                     flierprops={"markersize": 2, "alpha": 0.5}, medianprops={"color": "black"})
+    for patch, r in zip(box["boxes"], usable):
+        patch.set_facecolor(colors[r.size])
+        patch.set_alpha(0.75)
+    ax.set_xticks(range(1, len(usable) + 1), [r.run_id for r in usable], rotation=60, ha="right", fontsize=7)
+    allv = np.concatenate(data)
+    if allv.size and np.all(allv > 0):
+        _log_y_plain(ax)
+    ax.set_ylabel("per-gene test MSE")
+    ax.set_title("spread of per-gene test MSE, every run (by size)", fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    return True
+
+
 def per_gene_errors(best: GeneErrors | None, runs: Sequence[GeneErrors] = (), *, n_named: int = 10,
                     title: str = "Per-gene test error") -> Figure:
     """Left: the best run's per-gene test MSE sorted from easiest to hardest, the ``n_named``
@@ -576,61 +688,7 @@ def per_gene_errors(best: GeneErrors | None, runs: Sequence[GeneErrors] = (), *,
     fig = Figure(figsize=(12.0, 5.0), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     ax, ax_runs = fig.subplots(1, 2, width_ratios=[1.15, 1.0])
-    if best is None:
-        _message(ax, "no per-gene errors recorded (per_gene.json)")
-        ax.set_axis_off()
-    else:
-        mse = np.asarray(best.mse, float)
-        ok = np.flatnonzero(np.isfinite(mse))
-        order = ok[np.argsort(mse[ok], kind="stable")]
-        vals = mse[order]
-        rank = np.arange(1, len(order) + 1)
-        ax.plot(rank, vals, color="#1f77b4", lw=1.6, label=f"{best.run_id} ({len(order)} genes)")
-        k = min(n_named, len(order) // 2) if len(order) > 1 else len(order)
-        for idx, color, label, side in ((slice(len(order) - k, None), "#d62728", "hardest", "right"),
-                                        (slice(0, k), "#2ca02c", "easiest", "left")):
-            ax.scatter(rank[idx], vals[idx], color=color, s=22, zorder=4, label=f"{k} {label}")
-            names = [str(best.genes[g]) for g in order[idx]]
-            if label == "hardest":
-                names = names[::-1]  # hardest first
-            text = f"{label}:\n" + "\n".join(names)
-            x = 0.98 if side == "right" else 0.02
-            y, va = (0.5, "center") if side == "right" else (0.97, "top")
-            ax.text(x, y, text, transform=ax.transAxes, ha=side, va=va, fontsize=7, color=color,
-                    family="monospace", bbox={"facecolor": "white", "alpha": 0.8, "lw": 0})
-        if len(vals) and np.all(vals > 0):
-            ax.set_yscale("log")
-            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
-            ax.yaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("gene rank (easiest to hardest)")
-        ax.set_ylabel("test MSE of the gene (masked positions)")
-        ax.legend(fontsize=7, loc="lower right")
-        ax.grid(True, alpha=0.3)
-        ax.set_title(f"best run {best.run_id}: sorted per-gene test MSE", fontsize=10)
-    usable = [r for r in runs if np.isfinite(np.asarray(r.mse, float)).any()]
-    if not usable:
-        _message(ax_runs, "no run with per-gene errors")
-        ax_runs.set_axis_off()
-        return fig
-    usable = sorted(usable, key=lambda r: (r.params, r.run_id))
-    colors = size_colors({r.size: r.params for r in usable})
-    data = [np.asarray(r.mse, float)[np.isfinite(np.asarray(r.mse, float))] for r in usable]
-    box = ax_runs.boxplot(data, vert=True, patch_artist=True, showfliers=True, widths=0.6,
-                          flierprops={"markersize": 2, "alpha": 0.5}, medianprops={"color": "black"})
-    for patch, r in zip(box["boxes"], usable):
-        patch.set_facecolor(colors[r.size])
-        patch.set_alpha(0.75)
-    ax_runs.set_xticks(range(1, len(usable) + 1), [r.run_id for r in usable], rotation=60, ha="right",
-                       fontsize=7)
-    allv = np.concatenate(data)
-    if allv.size and np.all(allv > 0):
-        ax_runs.set_yscale("log")
-        ax_runs.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-        ax_runs.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
-        ax_runs.yaxis.set_minor_formatter(NullFormatter())
-    ax_runs.set_ylabel("per-gene test MSE")
-    ax_runs.set_title("spread of per-gene test MSE, every run (by size)", fontsize=10)
-    ax_runs.grid(True, axis="y", alpha=0.3)
-    fig.suptitle(title)
+    _sorted_genes_panel(ax, best, n_named)
+    if _spread_panel(ax_runs, runs):
+        fig.suptitle(title)
     return fig

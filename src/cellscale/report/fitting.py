@@ -1,0 +1,200 @@
+"""The report's fits: the configured law on the finished runs (``run_fit``), one fit per
+sequencing depth (``run_depth_fits``), and the fit.json they make. A fit problem never raises:
+it becomes the outcome's ``error``, stated in the report."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+import cellscale.fit  # called as cellscale.fit.fit_table, so that a test may stand in for it
+from cellscale.config import FitConfig, depth_label
+from cellscale.errors import FitError
+from cellscale.fit.result import FitResult
+from cellscale.report import plots
+from cellscale.report.fmt import fmt_int
+from cellscale.report.records import SweepData
+
+# laws of model size alone: runs of different training-set sizes must not be mixed in them
+ONE_D_LAWS = {"power", "power-floor"}
+
+
+@dataclass
+class FitOutcome:
+    law: str
+    method: str
+    result: FitResult | None = None  # when the fit succeeded
+    data: dict[str, Any] | None = None  # FitResult.to_dict()
+    error: str | None = None
+    note: str | None = None  # which runs were used, when not all finished ones
+    used: pd.DataFrame | None = None
+    curve: plots.Curve | None = None  # the law against parameters, for one-variable laws
+    curve_error: str | None = None
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """The fit's fit.json object: ``to_dict()``, or why there is none."""
+        if self.data is not None:
+            return self.data
+        return {"law": self.law, "method": self.method, "error": self.error,
+                "n_points": 0 if self.used is None else int(len(self.used))}
+
+
+def headline_depth(runs: pd.DataFrame) -> float | None:
+    """The depth the headline fit uses when the ok runs span several: 1.0, else the largest;
+    None when there is a single depth (or no depth column)."""
+    ok = runs[runs["status"] == "ok"] if "status" in runs else runs
+    if "depth" not in ok or ok["depth"].nunique() < 2:
+        return None
+    depths = pd.to_numeric(ok["depth"], errors="coerce").dropna()
+    return 1.0 if (depths == 1.0).any() else float(depths.max())
+
+
+def fitted_loss_column(runs: pd.DataFrame) -> str:
+    """The results column a sweep's law is fitted to and its best run is chosen by: the MSE, or
+    ``best_val_loss`` (bits) when any run has a likelihood objective."""
+    likelihood = "objective" in runs and runs["objective"].fillna("mse").ne("mse").any()
+    return "best_val_loss" if likelihood else "best_val_mse"
+
+
+def _and(note: str | None, more: str) -> str:
+    return ((note + "; ") if note else "") + more
+
+
+def _usable(ok: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
+    y = fitted_loss_column(ok)
+    usable = np.isfinite(ok[y]) & (ok[y] > 0) & np.isfinite(ok["params"]) & (ok["params"] > 0)
+    if usable.all():
+        return ok, None
+    return ok[usable], ("runs marked ok without a positive finite loss or parameter count were left out: "
+                        + ", ".join(ok.loc[~usable, "run_id"].astype(str)))
+
+
+def _headline_only(ok: pd.DataFrame, note: str | None) -> tuple[pd.DataFrame, str | None]:
+    head = headline_depth(ok)
+    if head is None:
+        return ok, note
+    # no law here has a depth term: mixing depths would bend the fit
+    keep = ok[ok["depth"] == head]
+    where = "full depth (1)" if head == 1.0 else f"the largest depth, {head:g}"
+    return keep, _and(note, f"the runs span {ok['depth'].nunique()} sequencing depths, so only the {len(keep)} "
+                            f"runs at {where} were fitted here; each depth has its own fit in the depth table")
+
+
+def _largest_data_only(ok: pd.DataFrame, note: str | None) -> tuple[pd.DataFrame, str | None]:
+    tc = ok["train_cells"]
+    if tc.isna().any():  # NaN means "all training cells": the largest subset
+        keep, label = ok[tc.isna()], "all training cells"
+    else:
+        keep, label = ok[tc == tc.max()], f"{fmt_int(tc.max())} training cells"
+    return keep, _and(note, f"the law depends on model size only, so only the {len(keep)} runs on the largest "
+                            f"training set ({label}) were fitted; the others appear in the data figure")
+
+
+def fit_subset(runs: pd.DataFrame, law: str, full_train: float | None = None) -> tuple[pd.DataFrame, str | None]:
+    """The runs the law is fitted to, and a note saying which were left out and why."""
+    ok, note = _usable(runs[runs["status"] == "ok"])
+    ok, note = _headline_only(ok, note)
+    if law in ONE_D_LAWS and ok["train_cells"].nunique(dropna=False) > 1:
+        ok, note = _largest_data_only(ok, note)
+    elif law not in ONE_D_LAWS and ok["train_cells"].isna().any() and full_train is not None:
+        # laws of data size need a number where the sweep says "all training cells"
+        ok = ok.assign(train_cells=ok["train_cells"].fillna(full_train))
+        note = _and(note, f"runs on all training cells counted as {fmt_int(full_train)} cells (the train split)")
+    return ok.reset_index(drop=True), note
+
+
+def eval_curve(result: FitResult, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The fitted law and its 95% bootstrap band at X (parameter counts, or one row per point)."""
+    y = np.asarray(result.predict(X), dtype=float).reshape(-1)
+    lo, hi = (np.asarray(v, dtype=float).reshape(-1) for v in result.band(X, level=0.95))
+    return y, lo, hi
+
+
+def _curve_against_params(out: FitOutcome) -> None:
+    x = list(out.data.get("x") or ["params"])
+    if len(x) > 1:
+        out.curve_error = f"the '{out.law}' law depends on more than model size; its curve is not drawn against parameters"
+    elif x != ["params"]:
+        out.curve_error = f"the law was fitted against {out.data.get('x')}, not total parameters"
+    else:
+        p = out.used["params"].to_numpy(float)
+        xs = np.logspace(np.log10(p.min()) - 0.3, np.log10(p.max()) + 0.5, 200)
+        try:
+            out.curve = plots.Curve(xs, *eval_curve(out.result, xs), label=f"fit: {out.law} ({out.method})")
+        except FitError as err:
+            out.curve_error = str(err)
+
+
+def _fit_table(used: pd.DataFrame, **kw: Any) -> FitResult:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cellscale.fit.fit_table(used, **kw)
+
+
+def run_fit(runs: pd.DataFrame, fit_config: dict[str, Any], *, full_train: float | None = None,
+            per_gene_mse=None) -> FitOutcome:
+    """Fit the configured law to the finished runs; never raises for a fit problem.
+
+    ``full_train`` (the train split's size) stands in for an empty ``train_cells`` in laws of data.
+    ``per_gene_mse`` (the best run's positive per-gene test MSEs) adds fit.json's
+    ``entropy_bits.per_gene`` block (heteroscedastic entropy, unweighted mean over genes).
+    """
+    settings = {**FitConfig().model_dump(), **fit_config}
+    out = FitOutcome(law=str(settings["law"]), method=str(settings["method"]))
+    out.used, out.note = fit_subset(runs, out.law, full_train)
+    if out.used.empty:
+        n_bad = int((runs["status"] != "ok").sum())
+        out.error = ("no finished run with a finite validation loss"
+                     + (f" ({n_bad} run(s) diverged or failed)" if n_bad else ""))
+        return out
+    kw = dict(law=out.law, method=out.method, bootstrap=int(settings["bootstrap"]), seed=int(settings["seed"]))
+    if per_gene_mse is not None and len(per_gene_mse):
+        kw["per_gene_mse"] = np.asarray(per_gene_mse, dtype=float)
+    try:
+        out.result = _fit_table(out.used, **kw)
+        out.data = out.result.to_dict()
+    except FitError as err:
+        out.result, out.error = None, str(err)
+        return out
+    except Exception as err:  # a bug in the fit must not cost the user the report
+        out.result, out.error = None, f"the fit raised {type(err).__name__}: {err}"
+        return out
+    _curve_against_params(out)
+    return out
+
+
+def run_depth_fits(runs: pd.DataFrame, fit_config: dict[str, Any], *, full_train: float | None = None,
+                   headline: FitOutcome | None = None) -> dict[float, FitOutcome]:
+    """The configured law fitted to each sequencing depth's runs on its own ({} for one depth),
+    largest depth first; ``headline`` (already fitted to the headline depth) is reused for it."""
+    head = headline_depth(runs)
+    if head is None:
+        return {}
+    ok_depths = sorted(runs.loc[runs["status"] == "ok", "depth"].dropna().unique(), reverse=True)
+    out = {}
+    for d in ok_depths:
+        if headline is not None and float(d) == head and headline.used is not None:
+            out[float(d)] = headline
+        else:
+            out[float(d)] = run_fit(runs[runs["depth"] == d], fit_config, full_train=full_train)
+    return out
+
+
+def fit_json(fit: FitOutcome, depth_fits: dict[float, FitOutcome], sd: SweepData) -> dict[str, Any]:
+    """fit.json: the headline fit, and with several depths ``by_depth``: {"1": fit, "0.25": fit,
+    ...}, each with its depth, its number of ok runs and that depth's baselines."""
+    if not depth_fits:
+        return fit.record
+    by_depth = {}
+    for depth, fo in depth_fits.items():
+        entry = {**fo.record, "depth": depth,
+                 "n_runs_ok": int(((sd.runs["depth"] == depth) & (sd.runs["status"] == "ok")).sum())}
+        if sd.depth_baselines.get(depth):
+            entry["baselines"] = sd.depth_baselines[depth]
+        by_depth[depth_label(depth)] = entry
+    return {**fit.record, "by_depth": by_depth}

@@ -1,0 +1,167 @@
+"""The report's one list of sections: every heading, sentence, table and figure reference, in
+order. Both backends (``render``) draw this list; no prose is written anywhere else but in
+``methods`` (the generated paragraphs) and the figure captions (``figures``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+
+from cellscale.config import depth_label
+from cellscale.report import tables
+from cellscale.report.doc import Bullets, Callout, Code, Document, Fig, Figure, Para, Section
+from cellscale.report.fitting import FitOutcome, headline_depth
+from cellscale.report.methods import meaning_paragraph, methods_paragraph
+from cellscale.report.records import GeneBest, SweepData
+
+BITS_NOTE = ("Bits are the differential entropy of a Gaussian with variance equal to the MSE (0.5 log2(2 pi e MSE)): "
+             "the homoscedastic-Gaussian figure, which depends on the units of the normalised log1p values and is an "
+             "upper bound on a per-gene (heteroscedastic) figure.")
+
+
+@dataclass
+class Findings:
+    """What the sections describe: the sweep, its fits and the best run's per-gene errors."""
+
+    sd: SweepData
+    fit: FitOutcome
+    depth_fits: dict[float, FitOutcome]
+    best: GeneBest | None
+    figures: dict[str, Figure]
+
+    @property
+    def status_counts(self) -> dict[str, int]:
+        runs = self.sd.runs
+        return {k: int(v) for k, v in runs["status"].value_counts().items()} if len(runs) else {}
+
+
+def _warnings(f: Findings) -> list[str]:
+    out = []
+    if f.fit.data and f.fit.data.get("floor_at_boundary"):
+        out.append("The fitted floor sits on the boundary of its search range: it is set by the fitting bounds, "
+                   "not by the data. Do not report it as the irreducible loss.")
+    bad = {k: v for k, v in f.status_counts.items() if k != "ok"}
+    if bad:
+        out.append(f"{sum(bad.values())} of {len(f.sd.runs)} runs did not finish ok ("
+                   + ", ".join(f"{v} {k}" for k, v in bad.items())
+                   + "); they are listed in the run table and excluded from the fit.")
+    if f.fit.error:
+        out.append(f"No scaling law was fitted: {f.fit.error}.")
+    return out
+
+
+def _meaning(f: Findings) -> str:
+    runs = f.sd.runs
+    head = headline_depth(runs)  # the baseline and the fit are the headline depth's: so are the runs
+    return meaning_paragraph(runs if head is None else runs[runs["depth"] == head], f.fit.data,
+                             baseline_val=f.sd.gene_mean_val, bayes_floor=f.sd.bayes_floor, fit_error=f.fit.error)
+
+
+def _methods(f: Findings) -> str:
+    sd = f.sd
+    extra = {}
+    if sd.sweep_meta and sd.sweep_meta.get("config_hash"):
+        extra["config hash"] = sd.sweep_meta["config_hash"]
+    if sd.dataset_dir:
+        extra["dataset"] = str(sd.dataset_dir)
+    return methods_paragraph(sd.config, sd.manifest, sd.runs, fit=f.fit.data, fit_note=f.fit.note, extra=extra)
+
+
+def _gene_text(sd: SweepData, best: GeneBest | None) -> str:
+    if not sd.per_gene:
+        return ("No per-gene errors: no run has a per_gene.json (runs written by an older cellscale, or runs "
+                "that failed before a best checkpoint).")
+    text = ("Test MSE of each gene over its masked positions under the fixed evaluation mask, at each run's best "
+            "checkpoint (runs/<id>/per_gene.json).")
+    if best is None:
+        return text + " No finished ok run has per-gene errors, so no best run is described."
+    n = int(np.isfinite(best.mse).sum())
+    text += (f" Best run by validation MSE: {best.run_id} ({best.size}); {n} of {len(best.genes)} genes scored"
+             + (f", {len(best.genes) - n} never masked on the test split" if n < len(best.genes) else "") + ".")
+    if best.note:
+        text += f" Note: {best.note}."
+    return text
+
+
+def _depth_text(f: Findings) -> str:
+    law = next(iter(f.depth_fits.values())).law
+    head = headline_depth(f.sd.runs)
+    return ("Each depth is the dataset with every count binomially thinned to that fraction of the reads "
+            "(library sizes thinned exactly over all genes, then renormalised), so a run at depth f is trained "
+            "and scored on the noisier measurement, validation cells included; its baselines change with it. "
+            f"The '{law}' law is fitted to each depth's runs on its own (rows below, fit.json 'by_depth'); the "
+            f"headline fit above uses depth {depth_label(head if head is not None else 1.0)} only. A floor that "
+            "rises as depth falls is measurement noise that no model size removes.")
+
+
+def _fit_sections(f: Findings) -> list[Section]:
+    fit = f.fit
+    if fit.error:
+        blocks = [Callout("No fit:", fit.error, quote=False)]
+    else:
+        blocks = [Para(["Law ", Code(fit.law), ", method ", Code(fit.method), "."]), tables.fit_table(fit, f.sd)]
+    out = [Section("The fit", blocks)]
+    definition, co_table = tables.compute_optimal(fit)
+    if co_table is not None:
+        out.append(Section("Compute-optimal allocation", [Para(definition), co_table], level=3, joined=True))
+    out.append(Section(None, [Fig("compute_frontier")]))
+    return out
+
+
+def _entropy_section(f: Findings) -> Section:
+    table = tables.entropy_table(f.fit, f.sd, f.best)
+    first = table if table.rows else Para("No entropy estimate: there is no fit.")
+    return Section("Entropy per masked gene", [first, Para(BITS_NOTE), Fig("entropy")])
+
+
+def _depth_sections(f: Findings) -> list[Section]:
+    table = tables.depth_table(f.depth_fits, f.sd)
+    if not table.rows:
+        return []
+    return [Section("Sequencing depth", [Para(_depth_text(f)), Fig("loss_vs_depth"), table])]
+
+
+def _gene_sections(f: Findings) -> list[Section]:
+    out = [Section("Per-gene error", [Para(_gene_text(f.sd, f.best)), Fig("per_gene")])]
+    hardest = tables.hardest_easiest(f.best)
+    if hardest.rows:
+        out.append(Section("Hardest and easiest genes", [hardest], level=3))
+    spread = tables.gene_spread(f.sd)
+    if spread.rows:
+        out.append(Section("Spread of per-gene error by run", [spread], level=3))
+    return out
+
+
+def _runs_section(f: Findings) -> Section:
+    counts = ", ".join(f"{v} {k}" for k, v in f.status_counts.items())
+    return Section("Runs", [Para(f"{counts or 'no runs'}. Runs that diverged or failed are listed with their error "
+                                 "and are not fitted."), tables.run_table(f.sd.runs)], joined=True)
+
+
+def sections(f: Findings) -> list[Section]:
+    out = [Section("What this means", [Para(_meaning(f), box=True), *(Callout("Warning:", w) for w in _warnings(f))])]
+    if f.sd.notes:
+        out.append(Section("Missing or incomplete inputs", [Bullets(list(f.sd.notes))], level=3, joined=True))
+    out.append(Section("Scaling with model size", [Fig("loss_vs_params")]))
+    out += _fit_sections(f)
+    out.append(_entropy_section(f))
+    out.append(Section("Learning curves", [Fig("learning_curves")]))
+    if "loss_vs_data" in f.figures:
+        out.append(Section("Scaling with data", [Fig("loss_vs_data")]))
+    out += _depth_sections(f) + _gene_sections(f)
+    out.append(_runs_section(f))
+    out.append(Section("Methods", [Para(_methods(f))]))
+    return out
+
+
+def document(f: Findings) -> Document:
+    """The whole report: title, provenance lines and the sections."""
+    cfg = f.sd.config or {}
+    meta = [f"Sweep directory: {f.sd.sweep_dir.resolve()}",
+            f"Generated {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}"]
+    if cfg.get("description"):
+        meta.insert(0, str(cfg["description"]))
+    return Document(title=f"cellscale report: {cfg.get('name') or f.sd.sweep_dir.name}", meta=meta,
+                    sections=sections(f), figures=f.figures)
