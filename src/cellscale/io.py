@@ -26,7 +26,7 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    _atomic(Path(path), lambda p: p.write_text(text))
+    _atomic(Path(path), lambda p: p.write_text(text, encoding="utf-8"))
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -38,21 +38,24 @@ def atomic_write_with(path: str | Path, writer: Callable[[Path], None]) -> None:
     _atomic(Path(path), writer)
 
 
-def _clean(obj: Any) -> Any:
-    # JSON has no NaN/inf: a missing number is null
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
+def jsonable(obj: Any) -> Any:
+    """A JSON-safe copy: NaN and inf become null (JSON has neither), numpy and torch scalars and
+    arrays plain Python numbers and lists, paths strings, mapping keys strings."""
+    if isinstance(obj, float):
+        return float(obj) if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
-        return _clean(obj.item())
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if hasattr(obj, "tolist") and callable(obj.tolist):  # numpy / torch scalars and arrays
+        return jsonable(obj.tolist())
     return obj
 
 
 def to_json(obj: Any, *, indent: int | None = 2) -> str:
-    return json.dumps(_clean(obj), indent=indent, sort_keys=False)
+    return json.dumps(jsonable(obj), indent=indent, sort_keys=False)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -60,4 +63,4 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+    return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -35,6 +35,7 @@ import pandas as pd
 from cellscale.data.manifest import FORMAT, FORMAT_VERSION, Manifest
 from cellscale.data.mask import draw_mask, seed_sequence
 from cellscale.errors import DataError
+from cellscale.io import to_json
 
 __all__ = ["Dataset", "DatasetWriter", "FORMAT", "FORMAT_VERSION", "Manifest", "is_dataset_dir", "sha256_file", "target_state"]
 
@@ -182,7 +183,7 @@ class DatasetWriter:
             "cellscale_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        text = json.dumps(manifest, indent=1, default=_json_default)
+        text = to_json(manifest, indent=1)
         with open(self.tmp / MANIFEST, "w") as f:
             f.write(text)
             f.flush()
@@ -202,18 +203,6 @@ class DatasetWriter:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
         return self.out
-
-
-def _json_default(o):
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def check_target(out: Path, *, overwrite: bool) -> None:

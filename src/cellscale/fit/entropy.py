@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from cellscale.bits import gaussian_bits
 from cellscale.errors import FitError
 
 HOMOSCEDASTIC_LABEL = "homoscedastic Gaussian: 0.5 log2(2 pi e c) bits per masked gene, c = fitted floor"
@@ -20,9 +21,9 @@ PER_GENE_LABEL = (
 
 
 def entropy_bits(c):
-    """0.5 log2(2 pi e c); -inf at c = 0. Accepts scalars and arrays."""
-    with np.errstate(divide="ignore"):
-        h = 0.5 * np.log2(2 * np.pi * np.e * np.asarray(c, dtype=float))
+    """0.5 log2(2 pi e c) (:func:`cellscale.bits.gaussian_bits`); -inf at c = 0. Accepts
+    scalars (returns a float) and arrays."""
+    h = gaussian_bits(c)
     return float(h) if np.ndim(h) == 0 else h
 
 

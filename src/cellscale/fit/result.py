@@ -2,30 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from cellscale.errors import FitError
 from cellscale.fit.laws.base import Law
-
-
-def plain(value: Any) -> Any:
-    """JSON-safe copy: numpy scalars to Python, NaN and inf to None."""
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [plain(v) for v in value]
-    if isinstance(value, (np.bool_, bool)):
-        return bool(value)
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        v = float(value)
-        return v if math.isfinite(v) else None
-    return value
+from cellscale.io import jsonable
 
 
 @dataclass
@@ -99,4 +82,4 @@ class FitResult:
             "floor_at_boundary": self.floor_at_boundary,
         }
         out.update(self.extra)
-        return plain(out)
+        return jsonable(out)

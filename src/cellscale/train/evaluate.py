@@ -9,11 +9,11 @@ import numpy as np
 import torch
 
 from cellscale import objectives
+from cellscale.bits import gaussian_bits
 from cellscale.config import TrainConfig
 from cellscale.data.loader import eval_batches
 from cellscale.data.store import Dataset
 from cellscale.distributed import DistContext
-from cellscale.fit.entropy import entropy_bits
 from cellscale.model import CellTransformer
 
 
@@ -150,5 +150,5 @@ def per_gene_summary(sse: np.ndarray, counts: np.ndarray) -> tuple[list[float | 
         out["per_gene_mse_spread"] = float(np.std(mse[seen]))
         m, w = mse[seen], counts[seen].astype(np.float64)
         if np.all(m > 0) and np.all(np.isfinite(m)):
-            out["entropy_bits_per_gene"] = float(np.sum(w * entropy_bits(m)) / np.sum(w))
+            out["entropy_bits_per_gene"] = float(np.sum(w * gaussian_bits(m)) / np.sum(w))
     return values, out

@@ -48,6 +48,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
+from cellscale.bits import gaussian_bits
 from cellscale.config import SimulateConfig
 from cellscale.data.mask import draw_mask, seed_sequence
 from cellscale.errors import DataError
@@ -267,7 +268,7 @@ def bayes_floors(params: dict[str, np.ndarray], *, masks: np.ndarray,
         m = masks[i : i + 4096]
         var = _masked_condvar_diag(W, psi, m)[m]
         sq += float(var.sum())
-        bits += float(np.sum(0.5 * np.log2(2 * np.pi * np.e * var)))
+        bits += float(np.sum(gaussian_bits(var)))
         n += int(m.sum())
     return sq / n, bits / n
 
