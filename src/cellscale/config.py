@@ -9,12 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from cellscale.errors import CellscaleError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cellscale.errors import CellscaleError
 
 __all__ = [
     "ConfigError",
@@ -27,6 +29,7 @@ __all__ = [
     "FitConfig",
     "RunConfig",
     "load_run_config",
+    "data_config_with",
     "dump_yaml",
     "config_hash",
     "preset_path",
@@ -118,11 +121,17 @@ class ModelConfig(_Frozen):
     n_layers: int = Field(..., ge=1)
     n_heads: int = Field(..., ge=1)
     ffn_ratio: int = Field(4, ge=1)
-    dropout: float = Field(0.1, ge=0, lt=1)
+    dropout: float = Field(0.1, ge=0, lt=1, description="on the residual branches and the FFN")
+    # on the attention probabilities; None = the same as dropout (the study's single rate)
+    attention_dropout: float | None = Field(None, ge=0, lt=1)
     n_genes: int = Field(512, ge=1)
     # what the head predicts and is scored by (cellscale.objectives): the study's MSE, or a
     # likelihood whose loss is bits per masked gene
     objective: Literal["mse", "gaussian-nll", "nb"] = "mse"
+
+    @property
+    def attn_dropout(self) -> float:
+        return self.dropout if self.attention_dropout is None else self.attention_dropout
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ModelConfig":
@@ -143,6 +152,15 @@ class TrainConfig(_Frozen):
     lr_max: float = Field(3e-2, gt=0)
     lr_batch_scaling: Literal["none", "sqrt", "linear"] = "sqrt"
     lr_batch_ref: int = Field(64, ge=1)
+    # budget "fixed": exactly cells_seen (the study's way), on the schedule below. "plateau":
+    # warmup, then a constant rate until the validation curve's gain over its last doubling of
+    # cells seen (cellscale.plateau) stays at most plateau_tol for plateau_patience evaluations,
+    # then a linear cooldown over cooldown_frac of the steps so far; cells_seen is the maximum
+    # (the cooldown starts early enough to end there)
+    budget: Literal["fixed", "plateau"] = "fixed"
+    plateau_tol: float = Field(0.01, gt=0, lt=1)
+    plateau_patience: int = Field(2, ge=1)
+    cooldown_frac: float = Field(0.2, gt=0, le=1)
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup_frac: float = Field(0.05, ge=0, lt=1)
     final_lr_frac: float = Field(0.1, ge=0, le=1)
@@ -150,7 +168,7 @@ class TrainConfig(_Frozen):
     grad_clip: float = Field(1.0, gt=0)
     betas: tuple[float, float] = (0.9, 0.95)
     mask_prob: float = Field(0.15, gt=0, lt=1)
-    eval_every: int = Field(0, ge=0, description="steps between evaluations; 0 = ~10 per run")
+    eval_every: int = Field(0, ge=0, description="steps between evaluations; 0 = ~10 per run (~40 of the maximum with budget plateau)")
     eval_batch_size: int = Field(256, ge=1)
     max_eval_cells: int | None = Field(None, ge=1, description="cap on validation cells per eval")
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = at evals")
@@ -165,6 +183,9 @@ class FitConfig(_Frozen):
     method: str = "huber-log"
     bootstrap: int = Field(1000, ge=0)
     seed: int = 0
+    # a law is fitted to runs trained to their plateau (result "converged"); True fits the
+    # unconverged ones too (the report still names them)
+    keep_unconverged: bool = False
 
 
 class SweepConfig(_Frozen):
@@ -211,6 +232,22 @@ class RunConfig(_Frozen):
     train: TrainConfig = Field(default_factory=TrainConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     fit: FitConfig = Field(default_factory=FitConfig)
+
+
+def data_config_with(
+    base: DataConfig, settings: Mapping[str, Any], census: Mapping[str, Any], *, origin: str = "data build",
+) -> DataConfig:
+    """``base`` (a study's data section) with ``settings`` (DataConfig keys) and ``census``
+    (CensusConfig keys) laid over it: what ``cellscale data build`` builds. Callers leave out
+    what was not given; ``normalized`` only switches on."""
+    merged = base.model_dump()
+    merged.update({k: v for k, v in settings.items() if k != "normalized"})
+    merged["normalized"] = bool(settings.get("normalized")) or base.normalized
+    merged["census"] = {**merged["census"], **census}
+    cfg = parse_config(DataConfig, merged, origin=origin)
+    if cfg.source == "h5ad" and not cfg.input:
+        raise ConfigError("--source h5ad needs --input PATH to a .h5ad file")
+    return cfg
 
 
 def _format_validation_error(err: ValidationError, origin: str) -> str:

@@ -73,6 +73,7 @@ __all__ = [
     "keep_mask",
     "drop_mask",
     "fused_attention_enabled",
+    "attention_impl",
 ]
 
 INIT_STD = 0.02
@@ -164,15 +165,33 @@ def fused_attention_enabled(x: Tensor) -> bool:
     return False
 
 
+def attention_impl(cfg: ModelConfig, device: torch.device | str, *, dtype: torch.dtype = torch.float32) -> str:
+    """Which attention path a training step of ``cfg`` runs on ``device``: ``fused-cpu-kernel``
+    (cellscale.kernels, CPU float32 with attention dropout), or SDPA's own choice for these
+    shapes, as torch reports it (``sdpa-flash_attention``, ``sdpa-math``, ...)."""
+    device = torch.device(device)
+    p = cfg.attn_dropout
+    probe = torch.zeros(1, cfg.n_heads, 8, cfg.d_model // cfg.n_heads, device=device, dtype=dtype)
+    if p > 0.0 and fused_attention_enabled(probe):
+        return "fused-cpu-kernel"
+    try:
+        choice = torch._fused_sdp_choice(probe, probe, probe, None, p, False)
+        return "sdpa-" + str(torch.nn.attention.SDPBackend(choice)).split(".")[-1].lower()
+    except (AttributeError, RuntimeError, TypeError, ValueError):  # a torch without the probe
+        return "sdpa"
+
+
 class EncoderBlock(nn.Module):
     """One pre-LN encoder layer (same function as the stock norm_first GELU layer)."""
 
-    def __init__(self, d_model: int, n_heads: int, ffn_ratio: int, dropout: float) -> None:
+    def __init__(self, d_model: int, n_heads: int, ffn_ratio: int, dropout: float,
+                 attn_dropout: float | None = None) -> None:
         super().__init__()
         self.d_model = d_model
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
-        self.dropout = dropout
+        self.dropout = dropout  # residual branches and FFN
+        self.attn_dropout = dropout if attn_dropout is None else attn_dropout
         # CPU training with dropout: the fused C++ kernel (cellscale.kernels) where it can be
         # built; False forces SDPA's math path (same function, ~6x slower attention)
         self.cpu_fused_attention = True
@@ -187,15 +206,15 @@ class EncoderBlock(nn.Module):
         B, V, d = x.shape
         H, hd = self.n_heads, self.head_dim
         p = self.dropout if self.training else 0.0
+        pa = self.attn_dropout if self.training else 0.0
         h = self.norm1(x)
-        # [B, V, 3, H, hd] -> 3 x [B, H, V, hd]; q, k, v stacked as in in_proj_weight
         qkv = self.qkv(h)
-        if p > 0.0 and self.cpu_fused_attention and fused_attention_enabled(x):
-            a = kernels.fused_dropout_attention(qkv, H, p)
+        if pa > 0.0 and self.cpu_fused_attention and fused_attention_enabled(x):
+            a = kernels.fused_dropout_attention(qkv, H, pa)
         else:
             # [B, V, 3, H, hd] -> 3 x [B, H, V, hd]; q, k, v stacked as in in_proj_weight
             q, k, v = qkv.view(B, V, 3, H, hd).permute(2, 0, 3, 1, 4)
-            a = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+            a = F.scaled_dot_product_attention(q, k, v, dropout_p=pa)
             a = a.transpose(1, 2).reshape(B, V, d)
         x = x + dropout(self.out(a), p, self.training)
         h = self.norm2(x)
@@ -221,7 +240,7 @@ class CellTransformer(nn.Module):
         self.value_proj = nn.Linear(1, d)
         self.mask_embed = nn.Parameter(torch.empty(d))
         self.layers = nn.ModuleList(
-            EncoderBlock(d, cfg.n_heads, cfg.ffn_ratio, cfg.dropout) for _ in range(cfg.n_layers)
+            EncoderBlock(d, cfg.n_heads, cfg.ffn_ratio, cfg.dropout, cfg.attn_dropout) for _ in range(cfg.n_layers)
         )
         self.head = nn.Linear(d, objectives.head_outputs(cfg.objective))
         self.reset_parameters()

@@ -13,9 +13,11 @@ RESULT_FIELDS = (
     "n_genes", "objective", "train_cells", "depth", "seed", "steps", "cells_seen", "tokens_seen",
     "flops", "lr", "best_step", "best_val_mse", "test_mse", "best_val_loss", "test_loss",
     "gene_mean_val_mse", "gene_mean_test_mse", "wall_seconds", "status", "error",
+    # was the run trained to its plateau (cellscale.plateau), and the figure behind the verdict
+    "budget", "converged", "plateau_gain", "dropout", "attention_dropout", "attention_impl",
 )
 # the text columns; every other field is a number (or missing)
-TEXT_FIELDS = ("run_id", "size", "objective", "status", "error")
+TEXT_FIELDS = ("run_id", "size", "objective", "status", "error", "budget", "attention_impl")
 NUMERIC_FIELDS = tuple(c for c in RESULT_FIELDS if c not in TEXT_FIELDS)
 # a run with one of these statuses is never trained again
 FINISHED = ("ok", "diverged")

@@ -95,9 +95,31 @@ def _largest_data_only(ok: pd.DataFrame, note: str | None) -> tuple[pd.DataFrame
                             f"training set ({label}) were fitted; the others appear in the data figure")
 
 
-def fit_subset(runs: pd.DataFrame, law: str, full_train: float | None = None) -> tuple[pd.DataFrame, str | None]:
+def unconverged_ids(runs: pd.DataFrame) -> list[str]:
+    """Run ids whose result says they did not reach their plateau (an older result without the
+    verdict is not counted: it cannot be judged)."""
+    if "converged" not in runs:
+        return []
+    flag = pd.to_numeric(runs["converged"], errors="coerce")
+    return runs.loc[flag == 0, "run_id"].astype(str).tolist()
+
+
+def _converged_only(ok: pd.DataFrame, note: str | None, keep: bool) -> tuple[pd.DataFrame, str | None]:
+    left = unconverged_ids(ok)
+    if not left:
+        return ok, note
+    if keep:
+        return ok, _and(note, "fitted although not trained to a plateau (fit.keep_unconverged): " + ", ".join(left))
+    return (ok[~ok["run_id"].astype(str).isin(left)],
+            _and(note, "left out as not trained to a plateau (fit.keep_unconverged: true keeps them): "
+                 + ", ".join(left)))
+
+
+def fit_subset(runs: pd.DataFrame, law: str, full_train: float | None = None, *,
+               keep_unconverged: bool = False) -> tuple[pd.DataFrame, str | None]:
     """The runs the law is fitted to, and a note saying which were left out and why."""
     ok, note = _usable(runs[runs["status"] == "ok"])
+    ok, note = _converged_only(ok, note, keep_unconverged)
     ok, note = _headline_only(ok, note)
     if law in ONE_D_LAWS and ok["train_cells"].nunique(dropna=False) > 1:
         ok, note = _largest_data_only(ok, note)
@@ -146,11 +168,14 @@ def run_fit(runs: pd.DataFrame, fit_config: dict[str, Any], *, full_train: float
     """
     settings = {**FitConfig().model_dump(), **fit_config}
     out = FitOutcome(law=str(settings["law"]), method=str(settings["method"]))
-    out.used, out.note = fit_subset(runs, out.law, full_train)
+    out.used, out.note = fit_subset(runs, out.law, full_train, keep_unconverged=bool(settings["keep_unconverged"]))
     if out.used.empty:
         n_bad = int((runs["status"] != "ok").sum())
+        left = unconverged_ids(runs[runs["status"] == "ok"])
         out.error = ("no finished run with a finite validation loss"
-                     + (f" ({n_bad} run(s) diverged or failed)" if n_bad else ""))
+                     + (f" ({n_bad} run(s) diverged or failed)" if n_bad else "")
+                     + (f"; {len(left)} finished run(s) were not trained to a plateau: raise their budget, "
+                        "or set fit.keep_unconverged: true" if left else ""))
         return out
     kw = dict(law=out.law, method=out.method, bootstrap=int(settings["bootstrap"]), seed=int(settings["seed"]))
     if per_gene_mse is not None and len(per_gene_mse):

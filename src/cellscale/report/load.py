@@ -24,7 +24,10 @@ from cellscale.schema import NUMERIC_FIELDS, RESULT_FIELDS
 
 # columns an older results.csv may lack without anything being missing: their value then
 # (a sweep without a depth axis ran at full depth; one before the objectives trained on the MSE)
-_OPTIONAL_DEFAULTS = {"depth": 1.0, "objective": "mse", "best_val_loss": np.nan, "test_loss": np.nan}
+_OPTIONAL_DEFAULTS = {"depth": 1.0, "objective": "mse", "best_val_loss": np.nan, "test_loss": np.nan,
+                      # before the plateau criterion every run had a fixed budget, its verdict unknown
+                      "budget": "fixed", "converged": np.nan, "plateau_gain": np.nan, "dropout": np.nan,
+                      "attention_dropout": np.nan, "attention_impl": np.nan}
 _METRIC_NUMBERS = ("step", "cells_seen", "lr", "loss", "val_mse", "val_bits", "wall")
 
 

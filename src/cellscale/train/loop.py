@@ -1,4 +1,5 @@
-"""The training loop: set the rate, step, and when due log, validate, checkpoint.
+"""The training loop: set the rate, step, and when due log, validate, checkpoint (``budget``
+decides where the run ends).
 
 Train losses stay on the device between the loop's due points (log, eval, checkpoint): they are
 read there, all at once, and a non-finite one ends the run as diverged at its own step. One
@@ -20,6 +21,7 @@ import torch
 from cellscale import objectives
 from cellscale.checkpoint import rng_key, save_checkpoint, save_weights
 from cellscale.io import atomic_write_with, to_json
+from cellscale.train import budget
 from cellscale.train.evaluate import evaluate
 from cellscale.train.settings import lr_at
 from cellscale.train.setup import LoopState, Run
@@ -132,6 +134,8 @@ def validate(run: Run, state: LoopState, log: MetricsLog) -> bool:
     if not math.isfinite(val):
         state.status, state.diverged_at = "diverged", state.step
         return False
+    state.evals.append([state.step * run.cfg.batch_size, val])
+    budget.on_eval(run, state)
     return True
 
 
@@ -159,21 +163,24 @@ def train_loop(run: Run, state: LoopState, *, on_step: Callable[[dict[str, Any]]
     run.model.train()
     start = state.step
     for item in run.batches.iterate(start, c.total_steps - start, pin_memory=run.device.type == "cuda"):
-        if stop_after_steps is not None and state.step - start >= stop_after_steps:
+        budget.on_step(run, state)
+        end = budget.end_step(run, state)
+        if state.step >= end or (stop_after_steps is not None and state.step - start >= stop_after_steps):
             break
-        lr = lr_at(state.step, total_steps=c.total_steps, peak=run.peak_lr, cfg=run.cfg)
+        lr = lr_at(state.step, total_steps=c.total_steps, peak=run.peak_lr, cfg=run.cfg,
+                   decay_start=state.decay_start, end=end)
         pending.add(*train_step(run, item, lr))
         state.step += 1
-        if c.any_due(state.step) and not absorb(state, pending.read(run)):
+        if c.any_due(state.step, end) and not absorb(state, pending.read(run)):
             log.write({"kind": "diverged", "step": state.step, "loss": None})
             break
-        if c.due(c.log_every, state.step):
+        if c.due(c.log_every, state.step, end):
             log.train(lr)
-        if c.due(c.eval_every, state.step) and not validate(run, state, log):
+        if c.due(c.eval_every, state.step, end) and not validate(run, state, log):
             break
-        if c.due(c.ckpt_every, state.step):
+        if c.due(c.ckpt_every, state.step, end):
             checkpoint(run, state, clock)
         if on_step is not None:
-            on_step({"step": state.step, "total": c.total_steps, "loss": state.last_loss, "lr": lr,
-                     "batch_size": run.cfg.batch_size})
+            on_step({"step": state.step, "total": budget.end_step(run, state), "loss": state.last_loss,
+                     "lr": lr, "batch_size": run.cfg.batch_size})
     return clock

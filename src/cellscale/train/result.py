@@ -13,9 +13,11 @@ import torch
 from cellscale import objectives
 from cellscale.checkpoint import crashpoint, load_weights
 from cellscale.io import atomic_write_json
-from cellscale.model import count_params, flops_per_cell, non_embedding_params
+from cellscale.model import attention_impl, count_params, flops_per_cell, non_embedding_params
+from cellscale.train.budget import end_step, verdict
 from cellscale.train.evaluate import EvalResult, evaluate, per_gene_summary
 from cellscale.train.loop import Clock
+from cellscale.train.settings import compute_dtype
 from cellscale.train.setup import LoopState, Run
 
 
@@ -65,6 +67,7 @@ def result_record(run: Run, state: LoopState, scores: FinalScores, *, clock: Clo
     status = "ok" if state.status == "running" else state.status
     baselines = run.ds.manifest.get("baselines", {}).get("gene_mean", {})
     cells = state.step * cfg.batch_size
+    converged, gain = verdict(run, state)
     per_gene = scores.per_gene or {"per_gene_mse_spread": None, "entropy_bits_per_gene": None}
     return {
         "run_id": run.run_id,
@@ -97,11 +100,19 @@ def result_record(run: Run, state: LoopState, scores: FinalScores, *, clock: Clo
         "wall_seconds": clock.elapsed(),
         "status": status,
         "error": f"non-finite loss at step {state.diverged_at}" if status == "diverged" else None,
+        "budget": cfg.budget,
+        "converged": converged,
+        "plateau_gain": gain,
+        "dropout": mcfg.dropout,
+        "attention_dropout": mcfg.attn_dropout,
+        "attention_impl": attention_impl(mcfg, run.device, dtype=compute_dtype(run.device, cfg.precision)),
+        "plateau_tol": cfg.plateau_tol,
+        "decay_start": state.decay_start,
         "diverged_at": state.diverged_at,
         **per_gene,
         "entropy_bits_per_gene_weighting": "masked-count",
         "batch_size": cfg.batch_size,
-        "schedule": cfg.schedule,
+        "schedule": "wsd" if cfg.budget == "plateau" else cfg.schedule,
         "device": str(run.device),
         "world_size": run.dist.world_size,
         "resumed_at": state.resumes,
@@ -113,7 +124,7 @@ def result_record(run: Run, state: LoopState, scores: FinalScores, *, clock: Clo
 def finalise(run: Run, state: LoopState, *, clock: Clock, t_start: float) -> dict[str, Any]:
     """Score the best checkpoint and write result.json (rank 0), or leave an unfinished run
     resumable (``stop_after_steps``)."""
-    if state.status == "running" and state.step < run.cadence.total_steps:
+    if state.status == "running" and state.step < end_step(run, state):
         return {"status": "incomplete", "step": state.step}
     scores = final_scores(run, state)
     result = result_record(run, state, scores, clock=clock, t_start=t_start)

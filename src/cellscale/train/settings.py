@@ -36,15 +36,32 @@ def resolve_lr(model_cfg: ModelConfig, train_cfg: TrainConfig) -> float:
     return lr * scale
 
 
-def lr_at(step: int, *, total_steps: int, peak: float, cfg: TrainConfig) -> float:
+def lr_at(step: int, *, total_steps: int, peak: float, cfg: TrainConfig, decay_start: int | None = None,
+          end: int | None = None) -> float:
+    """The rate of ``step``. Budget "fixed": linear warmup then ``cfg.schedule`` over
+    ``total_steps``. Budget "plateau" (warmup-stable-decay): linear warmup over warmup_frac of
+    the maximum ``total_steps``, the peak until ``decay_start`` (None: not decided yet), then a
+    linear decay to final_lr_frac x peak at ``end`` (the run's planned end; default the maximum)."""
+    warmup = int(cfg.warmup_frac * total_steps)
+    if cfg.budget == "plateau":
+        return _wsd(step, warmup=warmup, decay_start=decay_start, end=end or total_steps, peak=peak, cfg=cfg)
     if cfg.schedule == "constant":
         return peak
-    warmup = int(cfg.warmup_frac * total_steps)
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total_steps - warmup)
     floor = cfg.final_lr_frac * peak
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _wsd(step: int, *, warmup: int, decay_start: int | None, end: int, peak: float, cfg: TrainConfig) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if decay_start is None or step < decay_start:
+        return peak
+    floor = cfg.final_lr_frac * peak
+    progress = (step - decay_start + 1) / max(1, end - decay_start)
+    return peak + (floor - peak) * min(1.0, progress)
 
 
 def pick_device(name: str) -> torch.device:
@@ -57,10 +74,14 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast_for(device: torch.device, precision: str):
+def compute_dtype(device: torch.device, precision: str) -> torch.dtype:
     # bf16 autocast keeps fp32 master weights; on CPU bf16 matmuls are slower here, so fp32
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16:
+    return torch.bfloat16 if use_bf16 else torch.float32
+
+
+def autocast_for(device: torch.device, precision: str):
+    if compute_dtype(device, precision) == torch.bfloat16:
         return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return nullcontext
 

@@ -39,6 +39,13 @@ class LoopState:
     status: str = "running"
     diverged_at: int | None = None
     resumes: list[int] = field(default_factory=list)
+    evals: list[list[float]] = field(default_factory=list)  # [cells seen, validation loss] per eval
+    # the plateau budget: consecutive evaluations on the plateau, the criterion's latest figure,
+    # the step the cooldown began and the step it ends (None: the cadence's maximum)
+    plateau_hits: int = 0
+    plateau_gain: float | None = None
+    decay_start: int | None = None
+    end_step: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,15 +68,17 @@ class Cadence:
     @classmethod
     def of(cls, cfg: TrainConfig) -> Cadence:
         total = max(1, math.ceil(cfg.cells_seen / cfg.batch_size))
-        eval_every = cfg.eval_every or max(1, total // 10)
+        # a plateau run may stop anywhere before its maximum: evaluations are denser
+        evals_per_run = 40 if cfg.budget == "plateau" else 10
+        eval_every = cfg.eval_every or max(1, total // evals_per_run)
         return cls(total_steps=total, log_every=max(1, min(eval_every, total // 50 or 1)),
                    eval_every=eval_every, ckpt_every=cfg.checkpoint_every or eval_every)
 
-    def due(self, every: int, step: int) -> bool:
-        return step % every == 0 or step == self.total_steps
+    def due(self, every: int, step: int, end: int | None = None) -> bool:
+        return step % every == 0 or step == (end or self.total_steps)
 
-    def any_due(self, step: int) -> bool:
-        return any(self.due(e, step) for e in (self.log_every, self.eval_every, self.ckpt_every))
+    def any_due(self, step: int, end: int | None = None) -> bool:
+        return any(self.due(e, step, end) for e in (self.log_every, self.eval_every, self.ckpt_every))
 
 
 class _LossOf(torch.nn.Module):

@@ -1,0 +1,45 @@
+"""The report's fit uses only runs trained to their plateau, names the others, and can keep them."""
+
+import numpy as np
+import pandas as pd
+
+from cellscale.report.fitting import fit_subset, run_fit, unconverged_ids
+
+
+def _runs(converged) -> pd.DataFrame:
+    params = [100, 1_000, 10_000, 100_000, 1_000_000]
+    return pd.DataFrame({
+        "run_id": [f"r{i}" for i in range(5)], "size": list("ABCDE"), "status": "ok",
+        "params": params, "best_val_mse": [1.0 + 2.0 * p**-0.3 for p in params],
+        "train_cells": np.nan, "depth": 1.0, "objective": "mse", "converged": converged,
+    })
+
+
+def test_unconverged_runs_are_left_out_and_named():
+    runs = _runs([True, True, False, True, False])
+    assert unconverged_ids(runs) == ["r2", "r4"]
+    used, note = fit_subset(runs, "power-floor")
+    assert used["run_id"].tolist() == ["r0", "r1", "r3"]
+    assert note == "left out as not trained to a plateau (fit.keep_unconverged: true keeps them): r2, r4"
+
+
+def test_keep_unconverged_fits_them_and_still_names_them():
+    used, note = fit_subset(_runs([True, True, False, True, False]), "power-floor", keep_unconverged=True)
+    assert len(used) == 5
+    assert note == "fitted although not trained to a plateau (fit.keep_unconverged): r2, r4"
+
+
+def test_results_without_a_verdict_are_kept():
+    # an older results.csv (no converged column, or an empty cell) cannot be judged
+    runs = _runs([np.nan] * 5)
+    assert unconverged_ids(runs) == [] and len(fit_subset(runs, "power-floor")[0]) == 5
+    assert unconverged_ids(runs.drop(columns="converged")) == []
+
+
+def test_no_converged_run_is_an_error_that_says_what_to_do():
+    out = run_fit(_runs([False] * 5), {"bootstrap": 0})
+    assert out.result is None
+    assert out.error == ("no finished run with a finite validation loss; 5 finished run(s) were not trained "
+                         "to a plateau: raise their budget, or set fit.keep_unconverged: true")
+    kept = run_fit(_runs([False] * 5), {"bootstrap": 0, "keep_unconverged": True})
+    assert kept.error is None and kept.data["n_points"] == 5
