@@ -42,3 +42,19 @@ def last_doubling_gain(cells: Sequence[float], losses: Sequence[float]) -> float
 
 def is_converged(gain: float | None, tol: float = PLATEAU_TOL) -> bool:
     return gain is not None and gain <= tol
+
+
+def criterion_text(tol: float) -> str:
+    """The plateau criterion in words, for the methods paragraph."""
+    return (f"a run counts as trained to its plateau when the best validation loss improved by at most "
+            f"{100 * tol:.3g}% over the last doubling of its cells seen (from half its cells to all of them)")
+
+
+def budget_text(*, budget: str, tol: float, patience: int, cooldown_frac: float, max_cells: int) -> str:
+    """How long runs trained, in words: the fixed budget or the plateau budget's rule."""
+    if budget == "plateau":
+        return (f"Runs trained until their validation curve plateaued: once the best validation loss had "
+                f"improved by at most {100 * tol:.3g}% over the last doubling of cells seen at {patience} "
+                f"evaluation(s) in a row, the rate was cooled down over {100 * cooldown_frac:.3g}% of the steps "
+                f"so far and the run ended; at most {max_cells:,} cells seen")
+    return f"Runs trained for a fixed budget; {criterion_text(tol)}"

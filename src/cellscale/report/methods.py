@@ -14,9 +14,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cellscale.config import FitConfig
+from cellscale.config import FitConfig, ModelConfig, TrainConfig
 from cellscale.data.manifest import Manifest
+from cellscale.plateau import budget_text
 from cellscale.report.fmt import floor_name, fmt_int, fmt_num
+from cellscale.schedule import lr_rule_text, schedule_text
 
 __all__ = ["methods_paragraph", "meaning_paragraph", "fmt_num", "fmt_int", "best_model", "floor_name"]
 
@@ -26,20 +28,17 @@ def _given(value: Any, fallback: Any) -> Any:
     return fallback if value is None else value
 
 
+def _train_config(train: Mapping[str, Any]) -> TrainConfig | None:
+    """The sweep's TrainConfig (its defaults where the dump is silent); None if it does not parse."""
+    try:
+        return TrainConfig(**train)
+    except ValueError:
+        return None
+
+
 def _lr_text(train: Mapping[str, Any], runs: pd.DataFrame | None) -> str:
-    lr = train.get("lr", "auto")
-    scaling = train.get("lr_batch_scaling", "sqrt")
-    if lr == "auto":
-        text = (
-            f"peak learning rate chosen per size as {fmt_num(train.get('lr_base'))} x sqrt(64 / d_model), "
-            f"clipped to [{fmt_num(train.get('lr_min'))}, {fmt_num(train.get('lr_max'))}]"
-        )
-        if scaling != "none":
-            text += f", then scaled ({scaling}) with batch size relative to 256"
-    else:
-        text = f"peak learning rate {fmt_num(lr)}"
-        if scaling != "none":
-            text += f" (scaled {scaling} with batch size relative to 256)"
+    cfg = _train_config(train)
+    text = lr_rule_text(cfg) if cfg is not None else "peak learning rate as configured (the config does not parse)"
     if runs is not None and "lr" in runs and "size" in runs:
         used = runs.dropna(subset=["lr"]).groupby("size")["lr"].first()
         if len(used):
@@ -50,12 +49,8 @@ def _lr_text(train: Mapping[str, Any], runs: pd.DataFrame | None) -> str:
 
 
 def _schedule_text(train: Mapping[str, Any]) -> str:
-    if train.get("schedule", "cosine") == "constant":
-        return "a constant learning rate (the seed study's schedule)"
-    return (
-        f"linear warm-up over the first {fmt_num(100 * float(train.get('warmup_frac', 0.05)), 3)}% of steps "
-        f"then cosine decay to {fmt_num(100 * float(train.get('final_lr_frac', 0.1)), 3)}% of the peak"
-    )
+    cfg = _train_config(train)
+    return schedule_text(cfg) if cfg is not None else "the configured schedule"
 
 
 def _census_text(c: Mapping[str, Any]) -> str:
@@ -157,15 +152,34 @@ def _split_text(cfg_data: Mapping[str, Any], man: Manifest) -> str:
     return text
 
 
+def _rates_used(runs: pd.DataFrame | None, col: str) -> list[float]:
+    if runs is None or col not in runs:
+        return []
+    return sorted({float(v) for v in pd.to_numeric(runs[col], errors="coerce").dropna()})
+
+
+def _dropout_text(runs: pd.DataFrame | None, model_defaults: Mapping[str, Any]) -> str:
+    """The dropout the runs record (residual/FFN and attention), else the model config's."""
+    res, att = _rates_used(runs, "dropout"), _rates_used(runs, "attention_dropout")
+    if not res:
+        fields = ModelConfig.model_fields
+        res = [float(model_defaults.get("dropout", fields["dropout"].default))]
+        a = model_defaults.get("attention_dropout", fields["attention_dropout"].default)
+        att = res if a is None else [float(a)]
+    res_t, att_t = (" or ".join(fmt_num(v) for v in r) for r in (res, att))
+    if att == res:
+        return f"dropout {res_t} (residual branches, FFN and attention probabilities)"
+    return f"dropout {res_t} on the residual branches and FFN and {att_t} on the attention probabilities"
+
+
 def _ladder_text(runs: pd.DataFrame | None, model_defaults: Mapping[str, Any]) -> str:
     arch = (
         "Models are masked-reconstruction transformers as in the seed study: a learned gene-identity "
         "embedding plus a Linear(1, d) projection of the log1p value, a learned mask vector replacing "
         "the value embedding of masked genes, no positional encoding, a pre-LayerNorm encoder with GELU"
     )
-    dropout = model_defaults.get("dropout", 0.1)
     ffn = model_defaults.get("ffn_ratio")
-    arch += f" and dropout {fmt_num(dropout)}"
+    arch += f" and {_dropout_text(runs, model_defaults)}"
     if ffn:
         arch += f", FFN ratio {ffn}"
     arch += ", and a linear head predicting one value per gene; the loss is the MSE on masked positions."
@@ -185,6 +199,19 @@ def _ladder_text(runs: pd.DataFrame | None, model_defaults: Mapping[str, Any]) -
     return arch + f" Sizes (d_model/layers/heads): {'; '.join(parts)}."
 
 
+def _verdicts(runs: pd.DataFrame | None) -> str:
+    """How many finished runs reached the plateau criterion, from their own verdicts."""
+    if runs is None or "converged" not in runs or "status" not in runs:
+        return ""
+    ok = runs[runs["status"] == "ok"]
+    flag = pd.to_numeric(ok["converged"], errors="coerce")
+    if flag.isna().all():
+        return ""
+    text = f"; {int((flag == 1).sum())} of {len(ok)} finished runs reached it"
+    left = ok.loc[flag == 0, "run_id"].astype(str).tolist()
+    return text + (f" (not: {', '.join(left)})" if left else "")
+
+
 def _budget_text(train: Mapping[str, Any], sweep: Mapping[str, Any], runs: pd.DataFrame | None,
                  man: Manifest) -> str:
     cells = None
@@ -194,7 +221,12 @@ def _budget_text(train: Mapping[str, Any], sweep: Mapping[str, Any], runs: pd.Da
             cells = ", ".join(fmt_int(v) for v in vals)
     if cells is None:
         cells = fmt_int(train.get("cells_seen"))
-    text = f"Each run trained for a budget of {cells} cells seen (cells drawn with repeats)"
+    cfg = _train_config(train)
+    text = ""
+    if cfg is not None:
+        text = budget_text(budget=cfg.budget, tol=cfg.plateau_tol, patience=cfg.plateau_patience,
+                           cooldown_frac=cfg.cooldown_frac, max_cells=cfg.cells_seen) + _verdicts(runs) + ". "
+    text += f"Each run trained for a budget of {cells} cells seen (cells drawn with repeats)"
     if sweep.get("epochs"):
         text += f", {fmt_num(sweep['epochs'])} epochs of its own training cells (cells seen = epochs x training cells)"
     text += f" in batches of {fmt_int(train.get('batch_size'))}"

@@ -4,7 +4,7 @@ Batches are a pure function of (seed, step) (see ``data.loader``); the optimiser
 torch RNG state are checkpointed, so a run killed at any moment and started again with the same
 call ends with the same numbers. The rooms:
 
-- ``settings``: learning rate and schedule, device, precision, optimiser, threads, gc;
+- ``settings``: device, precision, optimiser, threads, gc (the rate: ``cellscale.schedule``);
 - ``rundir``: the run's identity hash and claiming its directory;
 - ``setup``: the model, optimiser, loss and batches (``Run``), the loop state, resuming;
 - ``loop``: the training loop and what it does when due (log, validate, checkpoint);
@@ -13,9 +13,10 @@ call ends with the same numbers. The rooms:
 - ``run``: ``train_run``, which chains them.
 """
 
+from cellscale.schedule import lr_at, resolve_lr
 from cellscale.train.evaluate import EvalResult, evaluate, per_gene_summary
 from cellscale.train.run import train_run
-from cellscale.train.settings import frozen_gc, lr_at, resolve_lr, run_threads, torch_threads
+from cellscale.train.settings import frozen_gc, run_threads, torch_threads
 
 __all__ = ["train_run", "evaluate", "EvalResult", "per_gene_summary", "resolve_lr", "lr_at",
            "run_threads", "torch_threads", "frozen_gc"]

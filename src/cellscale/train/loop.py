@@ -21,9 +21,9 @@ import torch
 from cellscale import objectives
 from cellscale.checkpoint import rng_key, save_checkpoint, save_weights
 from cellscale.io import atomic_write_with, to_json
+from cellscale.schedule import lr_at
 from cellscale.train import budget
 from cellscale.train.evaluate import evaluate
-from cellscale.train.settings import lr_at
 from cellscale.train.setup import LoopState, Run
 
 

@@ -1,10 +1,9 @@
-"""A run's numeric settings and process knobs: learning rate and schedule, device, precision,
-optimiser, torch's thread count, the garbage collector."""
+"""A run's process knobs: device, precision, optimiser, torch's thread count, the garbage
+collector (the learning rate and its schedule are ``cellscale.schedule``'s)."""
 
 from __future__ import annotations
 
 import gc
-import math
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -21,47 +20,6 @@ SMALL_STEP_FLOPS = 1e8
 
 def _flops_per_step(model_cfg: ModelConfig, train_cfg: TrainConfig) -> float:
     return flops_per_cell(model_cfg, mask_prob=train_cfg.mask_prob)["train"] * train_cfg.batch_size
-
-
-def resolve_lr(model_cfg: ModelConfig, train_cfg: TrainConfig) -> float:
-    """Peak learning rate. "auto" shrinks with width (wider models need smaller steps, the
-    reason one rate for all sizes under-trained the study's large models) and grows with batch."""
-    if train_cfg.lr == "auto":
-        lr = train_cfg.lr_base * 64.0 / model_cfg.d_model
-        lr = min(max(lr, train_cfg.lr_min), train_cfg.lr_max)
-    else:
-        lr = float(train_cfg.lr)
-    ratio = train_cfg.batch_size / train_cfg.lr_batch_ref
-    scale = {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[train_cfg.lr_batch_scaling]
-    return lr * scale
-
-
-def lr_at(step: int, *, total_steps: int, peak: float, cfg: TrainConfig, decay_start: int | None = None,
-          end: int | None = None) -> float:
-    """The rate of ``step``. Budget "fixed": linear warmup then ``cfg.schedule`` over
-    ``total_steps``. Budget "plateau" (warmup-stable-decay): linear warmup over warmup_frac of
-    the maximum ``total_steps``, the peak until ``decay_start`` (None: not decided yet), then a
-    linear decay to final_lr_frac x peak at ``end`` (the run's planned end; default the maximum)."""
-    warmup = int(cfg.warmup_frac * total_steps)
-    if cfg.budget == "plateau":
-        return _wsd(step, warmup=warmup, decay_start=decay_start, end=end or total_steps, peak=peak, cfg=cfg)
-    if cfg.schedule == "constant":
-        return peak
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    floor = cfg.final_lr_frac * peak
-    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _wsd(step: int, *, warmup: int, decay_start: int | None, end: int, peak: float, cfg: TrainConfig) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    if decay_start is None or step < decay_start:
-        return peak
-    floor = cfg.final_lr_frac * peak
-    progress = (step - decay_start + 1) / max(1, end - decay_start)
-    return peak + (floor - peak) * min(1.0, progress)
 
 
 def pick_device(name: str) -> torch.device:

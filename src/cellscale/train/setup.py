@@ -19,8 +19,9 @@ from cellscale.data.loader import RankBatches
 from cellscale.data.store import Dataset
 from cellscale.distributed import DistContext
 from cellscale.model import CellTransformer
+from cellscale.schedule import resolve_lr
 from cellscale.train.rundir import truncate_lines
-from cellscale.train.settings import autocast_for, make_optimizer, resolve_lr
+from cellscale.train.settings import autocast_for, make_optimizer
 
 
 @dataclass

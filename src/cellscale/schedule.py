@@ -1,0 +1,89 @@
+"""The learning rate of a run: its peak (``resolve_lr``), its schedule (``lr_at``), and the words
+that describe both (``lr_rule_text``, ``schedule_text``).
+
+Torch-free, so that the trainer and the report's methods paragraph use the same functions: the
+text is written next to the formula it describes, and its worked numbers come from the formula.
+"""
+
+from __future__ import annotations
+
+import math
+
+from cellscale.config import ModelConfig, TrainConfig
+
+
+def resolve_lr(model_cfg: ModelConfig, train_cfg: TrainConfig) -> float:
+    """Peak learning rate. "auto" shrinks with width (wider models need smaller steps, the
+    reason one rate for all sizes under-trained the study's large models) and grows with batch."""
+    if train_cfg.lr == "auto":
+        lr = train_cfg.lr_base * 64.0 / model_cfg.d_model
+        lr = min(max(lr, train_cfg.lr_min), train_cfg.lr_max)
+    else:
+        lr = float(train_cfg.lr)
+    return lr * _batch_factor(train_cfg)
+
+
+def _batch_factor(cfg: TrainConfig) -> float:
+    ratio = cfg.batch_size / cfg.lr_batch_ref
+    return {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[cfg.lr_batch_scaling]
+
+
+def lr_at(step: int, *, total_steps: int, peak: float, cfg: TrainConfig, decay_start: int | None = None,
+          end: int | None = None) -> float:
+    """The rate of ``step``. Budget "fixed": linear warmup then ``cfg.schedule`` over
+    ``total_steps``. Budget "plateau" (warmup-stable-decay): linear warmup over warmup_frac of
+    the maximum ``total_steps``, the peak until ``decay_start`` (None: not decided yet), then a
+    linear decay to final_lr_frac x peak at ``end`` (the run's planned end; default the maximum)."""
+    warmup = int(cfg.warmup_frac * total_steps)
+    if cfg.budget == "plateau":
+        return _wsd(step, warmup=warmup, decay_start=decay_start, end=end or total_steps, peak=peak, cfg=cfg)
+    if cfg.schedule == "constant":
+        return peak
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    floor = cfg.final_lr_frac * peak
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _wsd(step: int, *, warmup: int, decay_start: int | None, end: int, peak: float, cfg: TrainConfig) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if decay_start is None or step < decay_start:
+        return peak
+    floor = cfg.final_lr_frac * peak
+    progress = (step - decay_start + 1) / max(1, end - decay_start)
+    return peak + (floor - peak) * min(1.0, progress)
+
+
+def _num(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def lr_rule_text(cfg: TrainConfig) -> str:
+    """How ``resolve_lr`` sets the peak rate under ``cfg``, in words."""
+    if cfg.lr == "auto":
+        text = (f"peak learning rate per size {_num(cfg.lr_base)} x 64 / d_model, clipped to "
+                f"[{_num(cfg.lr_min)}, {_num(cfg.lr_max)}]")
+    else:
+        text = f"peak learning rate {_num(float(cfg.lr))} for every size"
+    if cfg.lr_batch_scaling == "sqrt":
+        text += f", times sqrt(batch / {cfg.lr_batch_ref})"
+    elif cfg.lr_batch_scaling == "linear":
+        text += f", times batch / {cfg.lr_batch_ref}"
+    factor = _batch_factor(cfg)
+    if factor != 1.0:
+        text += f" (x{_num(factor)} at batch {cfg.batch_size})"
+    return text
+
+
+def schedule_text(cfg: TrainConfig) -> str:
+    """The shape ``lr_at`` gives the rate under ``cfg``, in words."""
+    warm = f"linear warm-up over the first {_num(100 * cfg.warmup_frac)}% of steps"
+    floor = f"{_num(100 * cfg.final_lr_frac)}% of the peak"
+    if cfg.budget == "plateau":
+        return (f"{warm} of the maximum, then the peak rate until the plateau, then a linear cooldown to "
+                f"{floor} over {_num(100 * cfg.cooldown_frac)}% of the steps so far")
+    if cfg.schedule == "constant":
+        return "a constant learning rate (the seed study's schedule)"
+    return f"{warm}, then cosine decay to {floor}"
