@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 
 from cellscale.config import ModelConfig, TrainConfig
-from cellscale.report.methods import methods_paragraph
+from cellscale.fit.entropy import entropy_summary, reaches_zero
+from cellscale.report.methods import meaning_paragraph, methods_paragraph
 from cellscale.schedule import resolve_lr
 
 
@@ -64,3 +65,57 @@ def test_dropout_text_follows_the_model_and_the_runs():
     runs = pd.DataFrame({"run_id": ["a"], "size": ["XS"], "status": "ok", "params": [1], "dropout": [0.2],
                          "attention_dropout": [0.0]})
     assert "dropout 0.2 on the residual branches and FFN and 0 on the attention probabilities" in _text({}, runs)
+
+
+# ---------------------------------------------------------------- "What this means"
+
+REAL_10X = {"gene_mean": 2.1, "knn": 1.30, "bayes_linear": 1.235}  # V = 64 PBMC, demo settings (issue 15)
+
+
+def _ladder(best: float, converged=(True, True, True)) -> pd.DataFrame:
+    return pd.DataFrame({"run_id": ["a", "b", "c"], "size": ["XXS", "TINY", "XS"], "status": "ok",
+                         "params": [100, 1_000, 10_000], "best_val_mse": [best + 0.2, best + 0.1, best],
+                         "test_mse": [best + 0.2, best + 0.1, best], "converged": list(converged)})
+
+
+def _fit(c: float, lo: float, hi: float) -> dict:
+    return {"params": {"a": 2.0, "alpha": 0.3, "c": c}, "ci95": {"alpha": [0.2, 0.4], "c": [lo, hi]},
+            "floor_param": "c", "floor_at_boundary": False, "entropy_bits": entropy_summary(c, (lo, hi))}
+
+
+def test_best_model_is_placed_against_every_baseline():
+    text = meaning_paragraph(_ladder(1.25), None, baselines=REAL_10X)
+    assert "The lowest validation MSE, 1.25, is that of size XS (10,000 parameters)." in text
+    assert ("On the same validation cells and masks it is 40.5% below the gene-mean baseline (2.1); 3.8% below kNN "
+            "regression on the visible genes (1.3); 1.2% above Bayes-linear regression on the visible genes") in text
+    assert "A simpler model (bayes-linear) is at least as good as the best transformer" in text
+    good = meaning_paragraph(_ladder(1.1), None, baselines=REAL_10X)
+    assert "10.9% below Bayes-linear" in good and "A simpler model" not in good
+
+
+def test_plateau_status_is_stated():
+    assert "All 3 finished runs were trained to their plateau" in meaning_paragraph(_ladder(1.1), None)
+    text = meaning_paragraph(_ladder(1.1, converged=(True, False, False)), None)
+    assert "Only 1 of 3 finished runs were trained to their plateau; the others were still improving when their " \
+           "budget ended, the best size among them." in text
+
+
+def test_a_floor_above_a_baseline_is_not_called_irreducible():
+    text = meaning_paragraph(_ladder(1.245), _fit(1.25, 1.2, 1.3), baselines=REAL_10X)
+    assert "The fitted floor of the law (c) is 1.25 (95% CI 1.2 to 1.3); the best model is 0.4% below it." in text
+    assert ("It is NOT an irreducible loss: Bayes-linear regression on the visible genes (a linear model of the same "
+            "cells) reaches 1.235 on the same cells, below it") in text
+    assert "-0." not in text and "irreducible loss (floor" not in text
+    below = meaning_paragraph(_ladder(1.1), _fit(1.0, 0.9, 1.05), baselines=REAL_10X)
+    assert "NOT an irreducible loss" not in below and "the best model is 10.0% above it" in below
+
+
+def test_an_entropy_interval_whose_floor_reaches_zero_is_unbounded_below():
+    assert reaches_zero((5e-12, 0.68)) and reaches_zero((0.0, 0.68)) and not reaches_zero((0.05, 0.68))
+    eb = entropy_summary(0.34, (5e-12, 0.68))
+    assert eb["ci95"][0] is None and eb["ci95_unbounded_below"] is True
+    text = meaning_paragraph(_ladder(1.1), _fit(0.34, 5e-12, 0.68))
+    assert "(95% CI unbounded below, to 1.77: the floor's interval reaches 0" in text
+    assert "-16" not in text and "-15" not in text
+    bounded = meaning_paragraph(_ladder(1.1), _fit(0.34, 0.2, 0.68))
+    assert "95% CI 0.886 to 1.77)" in bounded and "unbounded" not in bounded

@@ -8,6 +8,8 @@ larger than the figure computed from the mean variance.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from cellscale.bits import gaussian_bits
@@ -40,6 +42,13 @@ LIKELIHOOD_LABEL = (
 )
 
 
+def reaches_zero(interval) -> bool:
+    """Whether a floor's interval runs down to 0: its lower end at or below zero, or more than six
+    decades under its upper end (a fit that pinned the floor to its bound of 0)."""
+    lo, hi = (float("nan") if v is None else float(v) for v in interval)
+    return math.isfinite(lo) and math.isfinite(hi) and hi > 0 and lo <= 1e-6 * hi
+
+
 def entropy_summary(floor: float | None, floor_ci: tuple[float, float] | None, per_gene_mse=None, *,
                     loss_unit: str = "mse") -> dict:
     """The fit's ``entropy_bits`` block. For a loss in bits (``loss_unit="bits"``) the floor is
@@ -55,9 +64,13 @@ def entropy_summary(floor: float | None, floor_ci: tuple[float, float] | None, p
         out.update(gaussian=None, ci95=[None, None],
                    note="this law has no floor; fit a law with one (power-floor, chinchilla) for the entropy")
     else:
-        # entropy is monotone in c, so the percentile interval of c maps straight across.
+        # entropy is monotone in c, so the percentile interval of c maps straight across; a floor
+        # interval that reaches 0 has no lower entropy bound (log of ~0 is a number of no meaning)
         out["gaussian"] = entropy_bits(floor)
         out["ci95"] = [entropy_bits(v) for v in floor_ci] if floor_ci is not None else [None, None]
+        if floor_ci is not None and reaches_zero(floor_ci):
+            out["ci95"][0] = None
+            out["ci95_unbounded_below"] = True
     if per_gene_mse is not None:
         mse = np.asarray(per_gene_mse, dtype=float).ravel()
         per_gene = entropy_bits_per_gene(mse)

@@ -367,24 +367,61 @@ def best_model(runs: pd.DataFrame) -> dict[str, Any] | None:
     return {k: row[k] for k in g.columns}
 
 
-def _best_sentences(best: dict[str, Any] | None, baseline_val: float | None, bayes_floor: float | None) -> list[str]:
+BASELINE_NAMES = {"gene_mean": "the gene-mean baseline", "knn": "kNN regression on the visible genes",
+                  "bayes_linear": "Bayes-linear regression on the visible genes (a linear model of the same cells)"}
+
+
+def _vs(best: float, name: str, value: float) -> str:
+    rel = 100 * (best / value - 1)
+    who = f"{BASELINE_NAMES.get(name, name)} ({fmt_num(value)})"
+    if rel < 0:
+        return f"{-rel:.1f}% below {who}"
+    return f"NOT better than {who}" if name == "gene_mean" else f"{rel:.1f}% above {who}"
+
+
+def _baseline_sentences(best: dict[str, Any], baselines: Mapping[str, float]) -> list[str]:
+    known = {k: float(v) for k, v in baselines.items() if v is not None and math.isfinite(float(v)) and float(v) > 0}
+    if not known:
+        return ["No baseline was recorded to compare it with."]
+    out = ["On the same validation cells and masks it is "
+           + "; ".join(_vs(best["mean"], k, v) for k, v in known.items()) + "."]
+    gm = known.get("gene_mean")
+    if gm is not None and best["mean"] >= gm:
+        out.append("The models have NOT learned anything beyond each gene's average: train longer or check the data.")
+    beaten_by = [k for k, v in known.items() if k != "gene_mean" and v <= best["mean"]]
+    if beaten_by:
+        out.append("A simpler model (" + ", ".join(k.replace("_", "-") for k in beaten_by) + ") is at least as good "
+                   "as the best transformer, so the ladder's points describe their training, not what the "
+                   "architecture can learn: train to a plateau (budget: plateau) and search the learning rate.")
+    return out
+
+
+def _plateau_sentence(runs: pd.DataFrame, best: dict[str, Any]) -> list[str]:
+    if "converged" not in runs:
+        return []
+    ok = runs[runs["status"] == "ok"]
+    flag = pd.to_numeric(ok["converged"], errors="coerce")
+    if flag.isna().all():
+        return ["Whether the runs were trained to a plateau is not recorded (a results table from before the check)."]
+    n_ok, n_conv = len(ok), int((flag == 1).sum())
+    if n_conv == n_ok:
+        return [f"All {n_ok} finished runs were trained to their plateau (plateau criterion in the methods)."]
+    mine = ok[ok["size"] == best["size"]]
+    best_conv = bool((pd.to_numeric(mine["converged"], errors="coerce") == 1).all())
+    return [f"Only {n_conv} of {n_ok} finished runs were trained to their plateau; the others were still "
+            f"improving when their budget ended" + ("" if best_conv else ", the best size among them") + "."]
+
+
+def _best_sentences(best: dict[str, Any] | None, baselines: Mapping[str, float], bayes_floor: float | None,
+                    runs: pd.DataFrame | None = None) -> list[str]:
     if best is None:
         return ["No run finished with a finite validation loss, so there is nothing to compare yet."]
     n = int(best["n"])
-    s = (f"The best model size is {best['size']} ({fmt_int(best['params'])} parameters): validation MSE "
-         f"{fmt_num(best['mean'])}" + (f" (mean of {n} seeds)" if n > 1 else ""))
-    rel = None
-    if baseline_val is not None and math.isfinite(baseline_val) and baseline_val > 0:
-        rel = 100 * (1 - best["mean"] / baseline_val)
-    if rel is None:
-        s += " (no gene-mean baseline recorded to compare with)"
-    elif rel > 0:
-        s += (f", {rel:.1f}% below the gene-mean baseline ({fmt_num(baseline_val)}), i.e. the "
-              "transformer uses information from the visible genes of the cell")
-    else:
-        s += (f", which is NOT better than the gene-mean baseline ({fmt_num(baseline_val)}): the "
-              "models have not learned anything beyond each gene's average - train longer or check the data")
-    out = [s + "."]
+    out = [f"The lowest validation MSE, {fmt_num(best['mean'])}" + (f" (mean of {n} seeds)" if n > 1 else "")
+           + f", is that of size {best['size']} ({fmt_int(best['params'])} parameters)."]
+    out += _baseline_sentences(best, baselines)
+    if runs is not None:
+        out += _plateau_sentence(runs, best)
     if bayes_floor is not None and math.isfinite(bayes_floor):
         if best["mean"] < bayes_floor:
             out.append(f"The best model is BELOW the known Bayes-optimal error ({fmt_num(bayes_floor)}): "
@@ -407,16 +444,23 @@ def _alpha_sentence(params: Mapping[str, Any], ci: Mapping[str, Any], has_floor:
     return [s + "."]
 
 
-def _floor_sentences(fit: Mapping[str, Any], fname: str, best: dict[str, Any] | None) -> list[str]:
+def _floor_sentences(fit: Mapping[str, Any], fname: str, best: dict[str, Any] | None,
+                     baselines: Mapping[str, float] | None = None) -> list[str]:
     params, ci = fit.get("params") or {}, fit.get("ci95") or {}
     at_boundary = bool(fit.get("floor_at_boundary"))
     c = float(params[fname])
-    s = f"The fitted irreducible loss (floor {fname}) is {fmt_num(c)}"
+    below = {k: float(v) for k, v in (baselines or {}).items() if v is not None and float(v) < c}
+    s = f"The fitted floor of the law ({fname}) is {fmt_num(c)}"
     if fname in ci and ci[fname] and ci[fname][0] is not None:
         s += f" (95% CI {fmt_num(ci[fname][0])} to {fmt_num(ci[fname][1])})"
     if best is not None and c > 0 and not at_boundary:
-        s += f"; the best model is {100 * (best['mean'] / c - 1):.1f}% above it"
+        rel = 100 * (best["mean"] / c - 1)
+        s += f"; the best model is {rel:.1f}% above it" if rel >= 0 else f"; the best model is {-rel:.1f}% below it"
     out = [s + "."]
+    if below:
+        out.append("It is NOT an irreducible loss: " + ", ".join(
+            f"{BASELINE_NAMES.get(k, k)} reaches {fmt_num(v)}" for k, v in below.items())
+            + " on the same cells, below it; the floor describes these models as trained, not the data.")
     if at_boundary:
         out.append("WARNING: the floor estimate sits on the edge of its search range, so it is an artefact "
                    "of the fitting bounds rather than a measurement; do not quote it as the irreducible "
@@ -432,7 +476,10 @@ def _entropy_sentence(fit: Mapping[str, Any]) -> list[str]:
         return [f"The entropy computed from that floor ({fmt_num(eb['gaussian'], 3)} bits per masked gene) is "
                 "therefore not a measurement either."]
     s = f"Read as a Gaussian noise level, the floor corresponds to {fmt_num(eb['gaussian'], 3)} bits per masked gene"
-    if eb.get("ci95"):
+    if eb.get("ci95_unbounded_below"):
+        s += (f" (95% CI unbounded below, to {fmt_num(eb['ci95'][1], 3)}: the floor's interval reaches 0, "
+              "where the entropy has no finite bound)")
+    elif eb.get("ci95"):
         s += f" (95% CI {fmt_num(eb['ci95'][0], 3)} to {fmt_num(eb['ci95'][1], 3)})"
     s += (": the differential entropy of log1p expression left unexplained by the cell's other genes, under "
           "a homoscedastic-Gaussian assumption (an upper bound on the per-gene heteroscedastic figure, and unit-"
@@ -447,10 +494,16 @@ def meaning_paragraph(
     baseline_val: float | None = None,
     bayes_floor: float | None = None,
     fit_error: str | None = None,
+    baselines: Mapping[str, float] | None = None,
 ) -> str:
-    """Plain-language reading: best model against the baseline, the floor, the bits."""
+    """Plain-language reading: the best model against every baseline (``baselines``: name ->
+    validation MSE; ``baseline_val`` alone stands for the gene mean), whether the runs were
+    trained to a plateau, the floor (and whether a baseline beats it), the bits."""
     best = best_model(runs) if runs is not None else None
-    out = _best_sentences(best, baseline_val, bayes_floor)
+    baselines = dict(baselines or {})
+    if baseline_val is not None:
+        baselines.setdefault("gene_mean", baseline_val)
+    out = _best_sentences(best, baselines, bayes_floor, runs)
     if fit is None:
         out.append("No scaling law was fitted" + (f": {fit_error}" if fit_error else "") + ".")
         return " ".join(out)
@@ -459,6 +512,6 @@ def meaning_paragraph(
     fname = fname if fname in params else None
     out += _alpha_sentence(params, fit.get("ci95") or {}, fname is not None)
     if fname:
-        out += _floor_sentences(fit, fname, best)
+        out += _floor_sentences(fit, fname, best, {k: v for k, v in baselines.items() if k != "gene_mean"})
     out += _entropy_sentence(fit)
     return " ".join(out)

@@ -55,8 +55,10 @@ def _warnings(f: Findings) -> list[str]:
 def _meaning(f: Findings) -> str:
     runs = f.sd.runs
     head = headline_depth(runs)  # the baseline and the fit are the headline depth's: so are the runs
+    vals = {k: v.get("val") for k, v in f.sd.baselines.items()} if head in (None, 1.0) else {}
     return meaning_paragraph(runs if head is None else runs[runs["depth"] == head], f.fit.data,
-                             baseline_val=f.sd.gene_mean_val, bayes_floor=f.sd.bayes_floor, fit_error=f.fit.error)
+                             baseline_val=f.sd.gene_mean_val, bayes_floor=f.sd.bayes_floor, fit_error=f.fit.error,
+                             baselines={k: v for k, v in vals.items() if v is not None})
 
 
 def _methods(f: Findings) -> str:

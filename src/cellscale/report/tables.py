@@ -204,14 +204,17 @@ def _per_gene_fit_rows(pg: Any, best: GeneBest | None) -> list[Row]:
 
 def _gaussian_rows(d: dict[str, Any], eb: dict[str, Any], best: GeneBest | None) -> list[Row]:
     ci = eb.get("ci95")
-    rows = [["fitted floor, homoscedastic Gaussian", f"{fmt_num(eb['gaussian'], 4)} bits",
-             (f"95% CI [{fmt_num(ci[0], 4)}, {fmt_num(ci[1], 4)}]" if ci else "no interval")
+    if eb.get("ci95_unbounded_below"):
+        interval = f"95% CI (unbounded below, {fmt_num(ci[1], 4)}]: the floor's interval reaches 0"
+    else:
+        interval = f"95% CI [{fmt_num(ci[0], 4)}, {fmt_num(ci[1], 4)}]" if ci else "no interval"
+    rows = [["fitted floor, homoscedastic Gaussian", f"{fmt_num(eb['gaussian'], 4)} bits", interval
              + (NOT_A_MEASUREMENT if d.get("floor_at_boundary") else "")]]
     if eb.get("label"):
         rows.append(["label", str(eb["label"]), ""])
     rows += _per_gene_fit_rows(eb.get("per_gene"), best)
     rows += [[k.replace("_", " "), compact(v), ""] for k, v in eb.items()
-             if k not in ("gaussian", "ci95", "label", "per_gene")]
+             if k not in ("gaussian", "ci95", "ci95_unbounded_below", "label", "per_gene")]
     return rows
 
 
