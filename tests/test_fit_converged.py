@@ -43,3 +43,14 @@ def test_no_converged_run_is_an_error_that_says_what_to_do():
                          "to a plateau: raise their budget, or set fit.keep_unconverged: true")
     kept = run_fit(_runs([False] * 5), {"bootstrap": 0, "keep_unconverged": True})
     assert kept.error is None and kept.data["n_points"] == 5
+
+
+def test_the_fit_uses_each_sizes_best_learning_rate_and_flags_the_edge():
+    runs = pd.concat([_runs([True] * 5).assign(lr_scale=m, run_id=lambda d, m=m: d["run_id"] + f"-lr{m}",
+                                                best_val_mse=lambda d, k=k: d["best_val_mse"] * k)
+                      for m, k in ((0.5, 1.1), (1.0, 1.0), (2.0, 1.05))], ignore_index=True)
+    runs.loc[runs["run_id"] == "r4-lr2.0", "best_val_mse"] *= 0.5  # E's best rate is 2.0, the grid's edge
+    used, note = fit_subset(runs, "power-floor")
+    assert sorted(used["run_id"]) == ["r0-lr1.0", "r1-lr1.0", "r2-lr1.0", "r3-lr1.0", "r4-lr2.0"]
+    assert note == ("fitted to each size's best learning rate on validation loss (10 runs at other rates left out); "
+                    "best rate at the edge of its grid for E: a better rate may lie beyond it")

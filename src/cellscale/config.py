@@ -152,6 +152,8 @@ class TrainConfig(_Frozen):
     lr_max: float = Field(3e-2, gt=0)
     lr_batch_scaling: Literal["none", "sqrt", "linear"] = "sqrt"
     lr_batch_ref: int = Field(64, ge=1)
+    # a multiple of the peak rate above (set per run by sweep.lr_multipliers, the learning-rate axis)
+    lr_scale: float = Field(1.0, gt=0)
     # budget "fixed": exactly cells_seen (the study's way), on the schedule below. "plateau":
     # warmup, then a constant rate until the validation curve's gain over its last doubling of
     # cells seen (cellscale.plateau) stays at most plateau_tol for plateau_patience evaluations,
@@ -199,6 +201,9 @@ class SweepConfig(_Frozen):
     # sequencing depths: each run also trains on its dataset's counts binomially thinned to
     # this fraction of the reads (1.0 = the dataset as built; see cellscale.data.thin)
     depths: list[float] = Field(default_factory=lambda: [1.0])
+    # the learning-rate axis: each run also trains at these multiples of its peak rate, and the
+    # law is fitted to each size's best multiple on validation loss (cellscale.lrgrid)
+    lr_multipliers: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
     # when set, every run sees each of its training cells this many times:
     # cells_seen = round(epochs * its training cells), whatever train.cells_seen says
     epochs: float | None = Field(None, gt=0)

@@ -20,7 +20,7 @@ def resolve_lr(model_cfg: ModelConfig, train_cfg: TrainConfig) -> float:
         lr = min(max(lr, train_cfg.lr_min), train_cfg.lr_max)
     else:
         lr = float(train_cfg.lr)
-    return lr * _batch_factor(train_cfg)
+    return lr * _batch_factor(train_cfg) * train_cfg.lr_scale
 
 
 def _batch_factor(cfg: TrainConfig) -> float:
@@ -74,7 +74,19 @@ def lr_rule_text(cfg: TrainConfig) -> str:
     factor = _batch_factor(cfg)
     if factor != 1.0:
         text += f" (x{_num(factor)} at batch {cfg.batch_size})"
+    if cfg.lr_scale != 1.0:
+        text += f", times {_num(cfg.lr_scale)}"
     return text
+
+
+def lr_grid_text(multipliers: list[float]) -> str:
+    """The learning-rate axis in words ("" without one)."""
+    if len(multipliers) < 2:
+        return ""
+    grid = ", ".join(f"{_num(m)}x" for m in sorted(multipliers))
+    return (f"; each size was trained at {grid} that rate and the law fitted to the multiple with the lowest mean "
+            "validation loss per size (test loss never used for the choice; a choice on the first or last "
+            "multiple of three or more is flagged as at the edge of the grid)")
 
 
 def schedule_text(cfg: TrainConfig) -> str:

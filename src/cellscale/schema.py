@@ -11,7 +11,7 @@ from typing import Any
 RESULT_FIELDS = (
     "run_id", "size", "params", "non_embedding_params", "d_model", "n_layers", "n_heads",
     "n_genes", "objective", "train_cells", "depth", "seed", "steps", "cells_seen", "tokens_seen",
-    "flops", "lr", "best_step", "best_val_mse", "test_mse", "best_val_loss", "test_loss",
+    "flops", "lr", "lr_scale", "best_step", "best_val_mse", "test_mse", "best_val_loss", "test_loss",
     "gene_mean_val_mse", "gene_mean_test_mse", "wall_seconds", "status", "error",
     # was the run trained to its plateau (cellscale.plateau), and the figure behind the verdict
     "budget", "converged", "plateau_gain", "dropout", "attention_dropout", "attention_impl",

@@ -10,6 +10,7 @@ import pandas as pd
 
 from cellscale.data.manifest import finite_or_none
 from cellscale.errors import FitError
+from cellscale.lrgrid import select_lr
 from cellscale.report import plots
 from cellscale.report.doc import Figure
 from cellscale.report.fitting import ONE_D_LAWS, FitOutcome, eval_curve, headline_depth
@@ -231,8 +232,24 @@ def per_gene(sd: SweepData, best: GeneBest | None) -> Figure | None:
                    "coloured by size.", plots.per_gene_errors(best_errors, per_run))
 
 
+def loss_vs_lr(sd: SweepData) -> Figure | None:
+    ok = _headline_ok(sd.runs)
+    sel = select_lr(ok, loss_col=sd.loss_col)
+    if not sel.choices:
+        return None
+    chosen = {c.size: float(sel.kept.loc[sel.kept["size"] == c.size, "lr"].iloc[0]) for c in sel.choices}
+    edge = [c.size for c in sel.at_edge]
+    cap = ("One point per run; lines: the mean over seeds per size; ringed: each size's rate chosen on validation "
+           "loss (the law is fitted to those runs only; test loss is never used for the choice).")
+    if edge:
+        cap += (f" For {', '.join(edge)} the best rate is the first or last of its grid: a better one may lie "
+                "beyond it, so widen sweep.lr_multipliers.")
+    return _figure("loss_vs_lr", "Learning-rate search", cap, plots.loss_vs_lr(ok, chosen=chosen, edge=edge,
+                                                                                   y=sd.loss_col))
+
+
 def make_figures(sd: SweepData, fit: FitOutcome, best: GeneBest | None = None) -> list[Figure]:
     """Every figure the sweep has, in the order the report shows them."""
-    figures = [loss_vs_params(sd, fit), learning_curves(sd), loss_vs_data(sd, fit), loss_vs_depth(sd),
-               compute_frontier(fit), entropy(sd, fit, best), per_gene(sd, best)]
+    figures = [loss_vs_params(sd, fit), loss_vs_lr(sd), learning_curves(sd), loss_vs_data(sd, fit),
+               loss_vs_depth(sd), compute_frontier(fit), entropy(sd, fit, best), per_gene(sd, best)]
     return [f for f in figures if f is not None]

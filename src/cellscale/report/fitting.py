@@ -15,6 +15,7 @@ import cellscale.fit  # called as cellscale.fit.fit_table, so that a test may st
 from cellscale.config import FitConfig, depth_label
 from cellscale.errors import FitError
 from cellscale.fit.result import FitResult
+from cellscale.lrgrid import select_lr
 from cellscale.report import plots
 from cellscale.report.fmt import fmt_int
 from cellscale.report.records import SweepData
@@ -115,10 +116,23 @@ def _converged_only(ok: pd.DataFrame, note: str | None, keep: bool) -> tuple[pd.
                  + ", ".join(left)))
 
 
+def _best_lr_only(ok: pd.DataFrame, note: str | None) -> tuple[pd.DataFrame, str | None]:
+    sel = select_lr(ok, loss_col=fitted_loss_column(ok))
+    if not sel.choices:
+        return ok, note
+    note = _and(note, f"fitted to each size's best learning rate on validation loss ({len(sel.dropped)} runs at "
+                      "other rates left out)")
+    if sel.at_edge:
+        note = _and(note, "best rate at the edge of its grid for " + ", ".join(c.size for c in sel.at_edge)
+                    + ": a better rate may lie beyond it")
+    return sel.kept, note
+
+
 def fit_subset(runs: pd.DataFrame, law: str, full_train: float | None = None, *,
                keep_unconverged: bool = False) -> tuple[pd.DataFrame, str | None]:
     """The runs the law is fitted to, and a note saying which were left out and why."""
     ok, note = _usable(runs[runs["status"] == "ok"])
+    ok, note = _best_lr_only(ok, note)  # before the plateau check: a worse rate never stands in
     ok, note = _converged_only(ok, note, keep_unconverged)
     ok, note = _headline_only(ok, note)
     if law in ONE_D_LAWS and ok["train_cells"].nunique(dropna=False) > 1:
@@ -177,7 +191,8 @@ def run_fit(runs: pd.DataFrame, fit_config: dict[str, Any], *, full_train: float
                      + (f"; {len(left)} finished run(s) were not trained to a plateau: raise their budget, "
                         "or set fit.keep_unconverged: true" if left else ""))
         return out
-    kw = dict(law=out.law, method=out.method, bootstrap=int(settings["bootstrap"]), seed=int(settings["seed"]))
+    kw = dict(law=out.law, method=out.method, bootstrap=int(settings["bootstrap"]), seed=int(settings["seed"]),
+              interval=settings.get("interval"))  # None: the fit's default (FitConfig has no such key yet)
     if per_gene_mse is not None and len(per_gene_mse):
         kw["per_gene_mse"] = np.asarray(per_gene_mse, dtype=float)
     try:

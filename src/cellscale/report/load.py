@@ -27,7 +27,7 @@ from cellscale.schema import NUMERIC_FIELDS, RESULT_FIELDS
 _OPTIONAL_DEFAULTS = {"depth": 1.0, "objective": "mse", "best_val_loss": np.nan, "test_loss": np.nan,
                       # before the plateau criterion every run had a fixed budget, its verdict unknown
                       "budget": "fixed", "converged": np.nan, "plateau_gain": np.nan, "dropout": np.nan,
-                      "attention_dropout": np.nan, "attention_impl": np.nan}
+                      "attention_dropout": np.nan, "attention_impl": np.nan, "lr_scale": 1.0}
 _METRIC_NUMBERS = ("step", "cells_seen", "lr", "loss", "val_mse", "val_bits", "wall")
 
 

@@ -16,9 +16,11 @@ import pandas as pd
 
 from cellscale.config import FitConfig, ModelConfig, TrainConfig
 from cellscale.data.manifest import Manifest
+from cellscale.fit.intervals import DESCRIPTIONS, default_interval
+from cellscale.fit.laws import LAWS
 from cellscale.plateau import budget_text
 from cellscale.report.fmt import floor_name, fmt_int, fmt_num
-from cellscale.schedule import lr_rule_text, schedule_text
+from cellscale.schedule import lr_grid_text, lr_rule_text, schedule_text
 
 __all__ = ["methods_paragraph", "meaning_paragraph", "fmt_num", "fmt_int", "best_model", "floor_name"]
 
@@ -172,6 +174,33 @@ def _dropout_text(runs: pd.DataFrame | None, model_defaults: Mapping[str, Any]) 
     return f"dropout {res_t} on the residual branches and FFN and {att_t} on the attention probabilities"
 
 
+# what the head predicts and what it is scored by, per training objective (cellscale.objectives)
+_OBJECTIVE_TEXT = {
+    "mse": "a linear head predicting one value per gene; the loss is the MSE on masked positions",
+    "gaussian-nll": ("a linear head predicting a mean and a log-variance of each gene's log1p value; the loss "
+                     "is the Gaussian negative log-likelihood on masked positions, reported in bits per masked gene"),
+    "nb": ("a linear head predicting the log mean count (relative to the cell's library size) and the "
+           "inverse dispersion of a negative binomial over each masked gene's raw count; the loss is its "
+           "negative log-likelihood, reported in bits per masked gene"),
+}
+
+
+def _objectives(runs: pd.DataFrame | None, model_defaults: Mapping[str, Any]) -> list[str]:
+    """The objectives the runs trained with (results.csv), else the config's."""
+    if runs is not None and "objective" in runs:
+        seen = sorted({str(o) for o in runs["objective"].dropna()})
+        if seen:
+            return seen
+    return [str(model_defaults.get("objective") or ModelConfig.model_fields["objective"].default)]
+
+
+def _objective_text(objectives: list[str]) -> str:
+    parts = [_OBJECTIVE_TEXT.get(o, f"the '{o}' objective") for o in objectives]
+    if len(parts) == 1:
+        return parts[0]
+    return "by objective: " + "; ".join(f"{o}: {t}" for o, t in zip(objectives, parts))
+
+
 def _ladder_text(runs: pd.DataFrame | None, model_defaults: Mapping[str, Any]) -> str:
     arch = (
         "Models are masked-reconstruction transformers as in the seed study: a learned gene-identity "
@@ -182,7 +211,7 @@ def _ladder_text(runs: pd.DataFrame | None, model_defaults: Mapping[str, Any]) -
     arch += f" and {_dropout_text(runs, model_defaults)}"
     if ffn:
         arch += f", FFN ratio {ffn}"
-    arch += ", and a linear head predicting one value per gene; the loss is the MSE on masked positions."
+    arch += f", and {_objective_text(_objectives(runs, model_defaults))}."
     if runs is None or runs.empty or "size" not in runs:
         return arch + " The ladder of sizes is not known (no results)."
     cols = [c for c in ("params", "non_embedding_params", "d_model", "n_layers", "n_heads") if c in runs]
@@ -244,13 +273,15 @@ def _budget_text(train: Mapping[str, Any], sweep: Mapping[str, Any], runs: pd.Da
     seeds = sweep.get("seeds") or []
     if seeds:
         text += f", with seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
-    mask = _given(man.mask_prob, train.get("mask_prob", 0.15))
-    text += (f". Each gene was masked with probability {fmt_num(mask)}, resampled every time a cell was "
-             "drawn; validation and test MSE use one fixed seeded evaluation mask")
+    # training masks come from the train config; the evaluation mask is the dataset's own (manifest)
+    mask = train.get("mask_prob", TrainConfig.model_fields["mask_prob"].default)
+    text += (f". During training each gene was masked with probability {fmt_num(mask)}, resampled every time "
+             "a cell was drawn; validation and test scores use one fixed seeded evaluation mask")
+    ev = [f"probability {fmt_num(man.mask_prob)}"] if man.mask_prob is not None else []
     if man.eval_mask_seed is not None:
-        text += f" (seed {man.eval_mask_seed})"
-    text += (", so runs are comparable; the checkpoint with the best validation MSE is kept and its "
-             "test MSE reported.")
+        ev.append(f"seed {man.eval_mask_seed}")
+    text += f" ({', '.join(ev)})" if ev else " (its probability is not recorded in the manifest)"
+    text += ", so runs are comparable; the checkpoint with the best validation loss is kept and its test score reported."
     return text
 
 
@@ -259,7 +290,7 @@ def _optim_text(train: Mapping[str, Any], sweep: Mapping[str, Any], runs: pd.Dat
     text = (
         f"Optimiser: AdamW (betas {tuple(betas)}, weight decay {fmt_num(train.get('weight_decay'))}), "
         f"gradient clipping at norm {fmt_num(train.get('grad_clip'))}, {_schedule_text(train)}; "
-        f"{_lr_text(train, runs)}"
+        f"{_lr_text(train, runs)}{lr_grid_text(list(sweep.get('lr_multipliers') or [1.0]))}"
     )
     if sweep.get("overrides"):
         text += "; per-size overrides: " + "; ".join(
@@ -269,6 +300,47 @@ def _optim_text(train: Mapping[str, Any], sweep: Mapping[str, Any], runs: pd.Dat
     if prec:
         text += f"; precision {prec}"
     return text + "."
+
+
+# how the fit's columns read in a sentence
+_X_TEXT = {"params": "total parameters P", "non_embedding_params": "non-embedding parameters",
+           "train_cells": "training cells D", "cells_seen": "cells seen", "tokens": "tokens D",
+           "tokens_seen": "tokens seen", "flops": "training FLOPs"}
+_Y_TEXT = {"best_val_mse": "the best validation MSE", "test_mse": "the test MSE",
+           "best_val_loss": "the best validation loss", "test_loss": "the test loss"}
+
+
+def _fit_axes(law: str, fit: Mapping[str, Any] | None) -> str:
+    """'the best validation MSE against total parameters P' for what this fit used."""
+    x = list((fit or {}).get("x") or (LAWS[law].default_x if law in LAWS else ["params"]))
+    y = str((fit or {}).get("y") or "best_val_mse")
+    ytext = _Y_TEXT.get(y, f"'{y}'")
+    if (fit or {}).get("loss_unit") == "bits":
+        ytext += " (bits per masked gene)"
+    xs = [_X_TEXT.get(c, f"'{c}'") for c in x]
+    return f"{ytext} against {' and '.join(xs)}"
+
+
+def _interval_text(fitcfg: Mapping[str, Any], fit: Mapping[str, Any] | None) -> str:
+    """Which interval method, how many resamples, how many failed, and the > 5% flag."""
+    fit = fit or {}
+    name = str(fit.get("interval") or fitcfg.get("interval") or default_interval(str(fitcfg.get("method"))))
+    how = str(fit.get("ci_method") or DESCRIPTIONS.get(name, name))
+    text = f"95% intervals by {how} (interval method '{name}')"
+    n_boot = int(fit.get("bootstrap", fitcfg.get("bootstrap") or 0) or 0)
+    if n_boot:
+        kind = fit.get("bootstrap_kind") or ("run groups" if name == "bca-groups" else "residuals")
+        text += (f"; {fmt_int(n_boot)} bootstrap resamples of the {kind} (seed {fitcfg.get('seed', 0)}) "
+                 "give the prediction bands")
+        failed = fit.get("bootstrap_failed")
+        if failed:
+            text += f"; {fmt_int(failed)} of {fmt_int(n_boot)} resamples failed to fit"
+            reasons = fit.get("bootstrap_failures") or {}
+            if reasons:
+                text += " (" + "; ".join(f"{r}: {fmt_int(c)}" for r, c in reasons.items()) + ")"
+        if fit.get("bootstrap_unreliable"):
+            text += ", MORE THAN 5%: the intervals that rest on them are unreliable"
+    return text
 
 
 def _fit_text(fitcfg: Mapping[str, Any], fit: Mapping[str, Any] | None, fit_note: str | None) -> str:
@@ -287,11 +359,8 @@ def _fit_text(fitcfg: Mapping[str, Any], fit: Mapping[str, Any] | None, fit_note
     if fit:
         lawdesc = str(fit.get("formula") or lawdesc).split("  (")[0]
         methdesc = str(fit.get("method_description") or methdesc)
-    text = (
-        f"The law {lawdesc} ('{law}') was fitted to the best validation MSE against total parameters P "
-        f"of the finished runs by {methdesc}, with {fmt_int(fitcfg['bootstrap'])} bootstrap "
-        f"resamples over runs (seed {fitcfg['seed']}) for 95% intervals"
-    )
+    text = (f"The law {lawdesc} ('{law}') was fitted to {_fit_axes(law, fit)} of the finished runs by "
+            f"{methdesc}, with {_interval_text(fitcfg, fit)}")
     if fit_note:
         text += f" ({fit_note})"
     text += (". Entropy per masked gene is 0.5 log2(2 pi e c) bits, the differential entropy of a "

@@ -692,3 +692,31 @@ def per_gene_errors(best: GeneErrors | None, runs: Sequence[GeneErrors] = (), *,
     if _spread_panel(ax_runs, runs):
         fig.suptitle(title)
     return fig
+
+
+def loss_vs_lr(runs: pd.DataFrame, *, chosen: Mapping[str, float], edge: Sequence[str] = (), y: str = "best_val_mse",
+               title: str = "Validation loss against peak learning rate, per model size") -> Figure:
+    """Loss against the peak learning rate (log axis), a line per size through the mean over seeds;
+    ``chosen`` (size -> the chosen rate) is ringed, and sizes in ``edge`` (chosen rate on the edge of
+    the grid) are named in the title."""
+    fig, ax = _new_figure()
+    df, colors = _size_lines(ax, runs, "lr", y, positive_y=True,
+                             dots={"s": 16, "edgecolor": "black", "linewidths": 0.3, "alpha": 0.8})
+    if df.empty:
+        _message(ax, "no finished runs with a learning rate")
+        ax.set_title(title)
+        return fig
+    for size, lr in chosen.items():
+        at = df[(df["size"] == size) & np.isclose(df["lr"], lr)]
+        if len(at):
+            ax.scatter([lr], [at[y].mean()], s=160, facecolors="none", edgecolors=colors.get(size, "black"),
+                       linewidths=1.8, zorder=4)
+    ax.set_xscale("log")
+    ys = _finite_pos(df[y])
+    _plain_log_y(ax, ys.min() / 1.03, ys.max() * 1.03)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("best validation MSE" if y == "best_val_mse" else y)
+    ax.set_title(title + (f"\nbest rate at the edge of its grid: {', '.join(edge)}" if edge else ""))
+    _legend_outside(ax)
+    return fig

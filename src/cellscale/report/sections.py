@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from cellscale.config import depth_label
+from cellscale.lrgrid import select_lr
 from cellscale.report import tables
 from cellscale.report.doc import Bullets, Callout, Code, Document, Fig, Figure, Para, Section
 from cellscale.report.fitting import FitOutcome, headline_depth
@@ -49,6 +50,10 @@ def _warnings(f: Findings) -> list[str]:
                    + "); they are listed in the run table and excluded from the fit.")
     if f.fit.error:
         out.append(f"No scaling law was fitted: {f.fit.error}.")
+    edge = select_lr(f.sd.runs[f.sd.runs["status"] == "ok"], loss_col=f.sd.loss_col).at_edge
+    if edge:
+        out.append("The best learning rate sits on the edge of its grid for " + ", ".join(c.size for c in edge)
+                   + ": those points may not be at their optimum; widen sweep.lr_multipliers.")
     return out
 
 
@@ -147,6 +152,8 @@ def sections(f: Findings) -> list[Section]:
     if f.sd.notes:
         out.append(Section("Missing or incomplete inputs", [Bullets(list(f.sd.notes))], level=3, joined=True))
     out.append(Section("Scaling with model size", [Fig("loss_vs_params")]))
+    if "loss_vs_lr" in f.figures:
+        out.append(Section("Learning-rate search", [Fig("loss_vs_lr")]))
     out += _fit_sections(f)
     out.append(_entropy_section(f))
     out.append(Section("Learning curves", [Fig("learning_curves")]))

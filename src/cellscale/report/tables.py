@@ -85,20 +85,28 @@ def _param_rows(d: dict[str, Any]) -> list[Row]:
     for name, val in (d.get("params") or {}).items():
         lohi = ci.get(name)
         ci_txt = (f"[{fmt_num(lohi[0])}, {fmt_num(lohi[1])}]" if lohi and len(lohi) == 2 and lohi[0] is not None
-                  else "n/a (no bootstrap)")
+                  else "n/a")
         rows.append([f"parameter {name}", fmt_num(val), f"95% CI {ci_txt}"])
     return rows
 
 
 def _bootstrap_rows(d: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    if d.get("interval") or d.get("ci_method"):
+        rows.append(["interval method", str(d.get("interval") or "n/a"), str(d.get("ci_method") or "")])
     if d.get("bootstrap") is None:
-        return []
-    note = str(d.get("ci_method") or "percentile bootstrap")
+        return rows
+    note = f"resamples of the {d['bootstrap_kind']}" if d.get("bootstrap_kind") else "bootstrap resamples"
     if d.get("bootstrap_units"):
         note += f"; units: runs grouped by {', '.join(map(str, d['bootstrap_units']))}"
     if d.get("bootstrap_failed"):
         note += f"; {d['bootstrap_failed']} resample(s) failed to fit"
-    return [["bootstrap resamples", fmt_int(d["bootstrap"]), note]]
+        reasons = d.get("bootstrap_failures") or {}
+        if reasons:
+            note += " (" + "; ".join(f"{r}: {c}" for r, c in reasons.items()) + ")"
+    if d.get("bootstrap_unreliable"):
+        note += "; WARNING: more than 5% of the resamples failed, so the intervals that rest on them are unreliable"
+    return rows + [["bootstrap resamples", fmt_int(d["bootstrap"]), note]]
 
 
 def _boundary_row(d: dict[str, Any]) -> Row:

@@ -89,6 +89,7 @@ def result_record(run: Run, state: LoopState, scores: FinalScores, *, clock: Clo
         "masked_tokens_seen": state.masked_tokens,
         "flops": flops_per_cell(mcfg, mask_prob=cfg.mask_prob)["train"] * cells,
         "lr": run.peak_lr,
+        "lr_scale": cfg.lr_scale,
         "best_step": state.best_step if scores.best_val is not None else None,
         "best_val_mse": scores.best_val_mse,
         "test_mse": scores.test_mse,

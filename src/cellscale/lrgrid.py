@@ -1,0 +1,72 @@
+"""The learning-rate axis of a sweep: each size is trained at several multiples of its rule's
+peak rate (``sweep.lr_multipliers``), and the law is fitted to the best rate's runs only.
+
+The choice is made on validation loss alone (the mean over seeds of each run's best validation
+loss), per size, training subset and depth; test loss is never looked at. A choice on the first
+or last multiple of a grid of three or more is flagged: the best rate may lie beyond the grid,
+as a floor on the edge of its bounds may (``floor_at_boundary``).
+
+pandas only, so the report and the fit's callers use the same rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+GROUP = ("size", "train_cells", "depth")
+
+
+@dataclass(frozen=True)
+class LRChoice:
+    """One group's learning-rate grid: the mean validation loss per multiple, and the choice."""
+
+    size: str
+    train_cells: float | None
+    depth: float
+    losses: dict[float, float]  # multiple -> mean best validation loss over seeds
+    best: float
+    at_edge: bool
+
+
+@dataclass
+class LRSelection:
+    kept: pd.DataFrame  # the rows at each group's chosen multiple (every row without a grid)
+    dropped: list[str] = field(default_factory=list)  # run ids at other multiples
+    choices: list[LRChoice] = field(default_factory=list)  # groups with two or more multiples
+
+    @property
+    def at_edge(self) -> list[LRChoice]:
+        return [c for c in self.choices if c.at_edge]
+
+
+def _keys(runs: pd.DataFrame) -> list[str]:
+    return [c for c in GROUP if c in runs]
+
+
+def select_lr(runs: pd.DataFrame, *, loss_col: str = "best_val_mse") -> LRSelection:
+    """The best multiple of each group's grid, chosen on ``loss_col`` (a validation column)."""
+    if not loss_col.startswith("best_val"):
+        raise ValueError(f"the learning rate is chosen on validation loss, not on '{loss_col}'")
+    if "lr_scale" not in runs or runs.empty:
+        return LRSelection(kept=runs)
+    frame = runs.assign(lr_scale=pd.to_numeric(runs["lr_scale"], errors="coerce").fillna(1.0))
+    keys = _keys(frame)
+    keep = pd.Series(True, index=frame.index)
+    out = LRSelection(kept=frame)
+    for key, group in frame.groupby(keys, dropna=False, sort=False):
+        means = group.groupby("lr_scale")[loss_col].mean().dropna()
+        if len(means) < 2:
+            continue
+        best = float(means.idxmin())
+        grid = sorted(means.index)
+        values = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
+        out.choices.append(LRChoice(
+            size=str(values.get("size")), train_cells=values.get("train_cells"), depth=float(values.get("depth", 1.0)),
+            losses={float(m): float(v) for m, v in means.items()}, best=best,
+            at_edge=len(grid) >= 3 and best in (grid[0], grid[-1])))
+        keep[group.index] = group["lr_scale"] == best
+    out.kept = frame[keep]
+    out.dropped = frame.loc[~keep, "run_id"].astype(str).tolist()
+    return out
