@@ -7,8 +7,15 @@ import pytest
 import yaml
 
 from cellscale.config import (
-    ConfigError, RunConfig, TrainConfig, config_hash, dump_yaml, list_presets, load_run_config,
-    parse_config, preset_path,
+    ConfigError,
+    RunConfig,
+    TrainConfig,
+    config_hash,
+    dump_yaml,
+    list_presets,
+    load_run_config,
+    parse_config,
+    preset_path,
 )
 from cellscale.ladder import get_size
 from cellscale.sweep.plan import plan_runs

@@ -15,7 +15,6 @@ from cellscale.config import ModelConfig
 from cellscale.model import CellTransformer
 
 
-
 def test_kernel_builds_here():
     assert kernels.available(), kernels.unavailable_reason()
 

@@ -159,7 +159,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="what the head predicts: mse (the study's), gaussian-nll (mean and variance), "
                         "nb (negative binomial on raw counts); default: the config's model.objective, else mse")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--config", help="study YAML: its train/model sections and custom sizes apply")
+    t.add_argument("--config", help="study YAML: the run trains as in its sweep (train/model sections, "
+                                    "custom sizes, sweep.overrides, sweep.epochs); the flags go on top")
     t.add_argument("--batch-size", type=int)
     t.add_argument("--lr", type=float, help="peak learning rate (default: auto by width)")
     t.add_argument("--schedule", choices=["cosine", "constant"])
@@ -170,35 +171,22 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="replace a --out that holds something else or a run with other settings")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="cellscale", description="Scaling laws for masked-reconstruction transformers "
-        "on single-cell expression: data -> sweep -> fitted law -> report.",
-        epilog=EPILOG, formatter_class=RAW,
-    )
-    p.add_argument("--version", action="version", version=f"cellscale {__version__}")
-    p.add_argument("-q", "--quiet", action="store_true",
-                   help="no progress bars or per-run lines; results are still printed "
-                        "(also accepted after the subcommand)")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    _add_data(sub)
-    quiet = _quiet_parent()
-
-    lad = sub.add_parser("ladder", help="table of model sizes and parameter counts", parents=[quiet],
+def _add_ladder(sub: argparse._SubParsersAction) -> None:
+    lad = sub.add_parser("ladder", help="table of model sizes and parameter counts", parents=[_quiet_parent()],
                          formatter_class=RAW,
                          epilog=_examples("cellscale ladder", "cellscale ladder --genes 1024 --json"))
     lad.add_argument("--genes", type=int, default=512, help="V (default 512)")
     lad.add_argument("--json", action="store_true", help="print the rows as JSON")
 
-    _add_train(sub)
 
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
     sw = sub.add_parser(
         "sweep", help="train a grid of runs from a study YAML; resumable",
         description="Train every run of a study YAML into SWEEP_DIR/runs/<run_id> and collect "
                     "SWEEP_DIR/results.csv (rewritten atomically after each run). Rerunning the "
                     "same command skips finished runs and resumes an interrupted one. A failed "
                     "run is recorded with status 'failed' and its error; the sweep goes on.",
-        parents=[quiet], formatter_class=RAW,
+        parents=[_quiet_parent()], formatter_class=RAW,
         epilog=_examples(
             "cellscale sweep configs/demo.yaml --out sweep",
             "cellscale sweep my-study.yaml --out sweep --backend ray --ray-address auto",
@@ -213,33 +201,43 @@ def build_parser() -> argparse.ArgumentParser:
                                           "(default: start a private local Ray, removed afterwards)")
     sw.add_argument("--overwrite", action="store_true", help="replace a sweep dir that holds another study")
 
+
+def _add_fit(sub: argparse._SubParsersAction) -> None:
+    from cellscale.config import FitConfig
+
+    default = FitConfig()  # a study's fit section and this command share these defaults
     f = sub.add_parser("fit", help="fit a scaling law to a results table",
                        description="Fit a scaling law to any CSV of runs (cellscale's results.csv by default).",
-                       parents=[quiet], formatter_class=RAW,
+                       parents=[_quiet_parent()], formatter_class=RAW,
                        epilog=_examples(
                            "cellscale fit sweep/results.csv --law power-floor --json",
                            "cellscale fit sweep/results.csv --law chinchilla --x params,train_cells --bootstrap 200",
                        ))
     f.add_argument("table", help="CSV with one row per run")
-    f.add_argument("--law", default="power-floor", help="power, power-floor, chinchilla, data-constrained")
-    f.add_argument("--method", default="huber-log", help="huber-log, nls, paper")
+    f.add_argument("--law", default=default.law, help="power, power-floor, chinchilla, data-constrained")
+    f.add_argument("--method", default=default.method, help="huber-log, nls, paper")
     f.add_argument("--x", help="comma-separated x column(s) (default params, or params,train_cells)")
     f.add_argument("--y", help="loss column (default best_val_mse)")
-    f.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--bootstrap", type=int, default=default.bootstrap,
+                   help=f"bootstrap resamples (default {default.bootstrap})")
+    f.add_argument("--seed", type=int, default=default.seed)
     f.add_argument("--jobs", type=int, default=None,
                    help="processes for the bootstrap (default: one per CPU; results do not depend on it)")
     f.add_argument("--json", action="store_true", help="print one JSON object")
 
-    r = sub.add_parser("report", help="write SWEEP_DIR/report.html and report.md", parents=[quiet],
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    r = sub.add_parser("report", help="write SWEEP_DIR/report.html and report.md", parents=[_quiet_parent()],
                        formatter_class=RAW,
                        description="Write SWEEP_DIR/report.html (self-contained), report.md, figures/ and "
                                    "fit.json from a sweep directory; rerun it any time, it never trains.",
                        epilog=_examples("cellscale report sweep"))
     r.add_argument("sweep_dir")
 
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
     run = sub.add_parser(
-        "run", help="the whole flow (default preset 'demo' runs offline)", parents=[quiet],
+        "run", help="the whole flow (default preset 'demo' runs offline)", parents=[_quiet_parent()],
         formatter_class=RAW,
         description="Dataset -> sweep -> fit -> report in one command, from a preset or a study YAML. "
                     "Rerunning the same command resumes.",
@@ -257,65 +255,39 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ray-address")
     run.add_argument("--overwrite", action="store_true")
     run.add_argument("--list-presets", action="store_true", help="print the presets and exit")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cellscale", description="Scaling laws for masked-reconstruction transformers "
+        "on single-cell expression: data -> sweep -> fitted law -> report.",
+        epilog=EPILOG, formatter_class=RAW,
+    )
+    p.add_argument("--version", action="version", version=f"cellscale {__version__}")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bars or per-run lines; results are still printed "
+                        "(also accepted after the subcommand)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    # in the order `cellscale --help` lists them
+    for add in (_add_data, _add_ladder, _add_train, _add_sweep, _add_fit, _add_report, _add_run):
+        add(sub)
     return p
 
 
 # ----------------------------------------------------------------------------- commands
-
-
-def cmd_data_build(a: argparse.Namespace) -> int:
-    from cellscale.config import DataConfig, load_run_config, parse_config
-    from cellscale.data.build import build_dataset
-
-    base = load_run_config(a.config).data.model_dump() if a.config else {}
-    base.update({"source": a.source, "genes": a.genes, "cells": a.cells, "seed": a.seed,
-                 "dtype": a.dtype, "normalized": a.normalized or base.get("normalized", False)})
-    for key, value in (("input", a.input), ("layer", a.layer), ("split_by", a.split_by),
-                       ("hvg_batch_key", a.hvg_batch_key)):
-        if value is not None:
-            base[key] = value
-    census = dict(base.get("census", {}))
-    for key, value in (("uri", a.census_uri), ("version", a.census_version),
-                       ("organism", a.organism), ("obs_filter", a.obs_filter),
-                       ("per_tissue_cap", a.per_tissue_cap)):
-        if value is not None:
-            census[key] = value
-    if a.tissues is not None:
-        census["tissues"] = [t.strip() for t in a.tissues.split(",") if t.strip()]
-    base["census"] = census
-    cfg = parse_config(DataConfig, base, origin="data build")
-    if cfg.source == "h5ad" and not cfg.input:
-        raise CellscaleError("--source h5ad needs --input PATH to a .h5ad file")
-    path = build_dataset(cfg, out=Path(a.out), overwrite=a.overwrite, progress=not _quiet(a))
-    from cellscale.data.store import Dataset
-
-    m = Dataset.open(path).manifest
-    gm = m.get("baselines", {}).get("gene_mean", {})
-    print(f"dataset: {path}  ({m.get('D')} cells x {m.get('V')} genes; splits {m.get('split_sizes')})")
-    if gm:
-        print(f"gene-mean baseline MSE: validation {gm['val']:.4f}, test {gm['test']:.4f}")
-    return 0
-
-
-def cmd_data_thin(a: argparse.Namespace) -> int:
-    from cellscale.data.store import Dataset
-    from cellscale.data.thin import thin_dataset
-
-    parent = Dataset.open(a.dataset_dir)  # verified in full before a byte is thinned
-    path = thin_dataset(parent, fraction=a.fraction, seed=a.seed, out=Path(a.out), overwrite=a.overwrite,
-                        progress=not _quiet(a))
-    thinned = Dataset.open(path, verify="none")  # just written (or verified when reused)
-    m = thinned.manifest
-    print(f"dataset: {path}  ({m.get('D')} cells x {m.get('V')} genes; depth fraction {m['depth_fraction']:g}, "
-          f"mean library size {parent.library_size.mean():.1f} -> {thinned.library_size.mean():.1f})")
-    gm = (m.get("baselines") or {}).get("gene_mean") or {}
-    if gm:
-        print(f"gene-mean baseline MSE: validation {gm['val']:.4f}, test {gm['test']:.4f}")
-    return 0
+#
+# Each command: parse its flags -> resolve the settings -> one call -> print. The logic lives in
+# the package (cellscale.config, cellscale.data, cellscale.sweep, ...); imports are made inside
+# the commands so `cellscale --help` and a bad config never import torch.
 
 
 def _quiet(a: argparse.Namespace) -> bool:
     return bool(getattr(a, "quiet", False))
+
+
+def _given(**flags: Any) -> dict[str, Any]:
+    """The flags that were given (argparse leaves the others None)."""
+    return {key: value for key, value in flags.items() if value is not None}
 
 
 @contextlib.contextmanager
@@ -339,96 +311,62 @@ def _silenced(quiet: bool) -> Iterator[None]:
         glob.quiet = before
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    if isinstance(value, (list, tuple)):
-        return ", ".join(_fmt(v) for v in value)
-    if value is None:
-        return "-"
-    return str(value)
+def _print_gene_mean(manifest: dict[str, Any]) -> None:
+    gm = (manifest.get("baselines") or {}).get("gene_mean") or {}
+    if gm:
+        print(f"gene-mean baseline MSE: validation {gm['val']:.4f}, test {gm['test']:.4f}")
 
 
-def dataset_info(path: str | Path) -> dict[str, Any]:
-    """What ``cellscale data info`` shows, as a dict (the dataset is verified in full first)."""
+def _data_build_flags(a: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(data settings, census settings) of the `data build` flags; seed and dtype always apply."""
+    settings = {"source": a.source, "genes": a.genes, "cells": a.cells, "seed": a.seed, "dtype": a.dtype,
+                "normalized": a.normalized,
+                **_given(input=a.input, layer=a.layer, split_by=a.split_by, hvg_batch_key=a.hvg_batch_key)}
+    tissues = None if a.tissues is None else [t.strip() for t in a.tissues.split(",") if t.strip()]
+    census = _given(uri=a.census_uri, version=a.census_version, organism=a.organism,
+                    obs_filter=a.obs_filter, per_tissue_cap=a.per_tissue_cap, tissues=tissues)
+    return settings, census
+
+
+def cmd_data_build(a: argparse.Namespace) -> int:
+    from cellscale.config import DataConfig, data_config_with, load_run_config
+    from cellscale.data.build import build_dataset
     from cellscale.data.store import Dataset
 
-    ds = Dataset.open(path, verify="full")  # sizes, shapes and sha256 of every file
-    m = ds.manifest
-    info: dict[str, Any] = {
-        "path": str(ds.path.resolve()),
-        "source": m.get("source") or {},
-        "V": ds.n_genes, "D": ds.n_cells,
-        "split_sizes": m.get("split_sizes") or {},
-        "split": m.get("split") or {},
-        "dtype": m.get("dtype"), "counts_dtype": m.get("counts_dtype"),
-        "preprocessing": m.get("preprocessing") or {},
-        "mask_prob": m.get("mask_prob"), "eval_mask_seed": m.get("eval_mask_seed"),
-        "depth_fraction": float(m.get("depth_fraction", 1.0)), "thinning": m.get("thinning"),
-        "baselines": {"gene_mean": (m.get("baselines") or {}).get("gene_mean") or {}},
-        "checksums_verified": sorted(m.get("checksums") or {}),
-        "config_hash": m.get("config_hash"),
-        "cellscale_version": m.get("cellscale_version"), "created": m.get("created"),
-        "genes_first": ds.genes[:10],
-    }
-    cache = ds.path / "baselines.json"
-    if cache.is_file():
-        try:
-            entries = json.loads(cache.read_text()).get("entries") or {}
-        except (OSError, ValueError, AttributeError):
-            entries = {}
-        info["cached_baselines"] = {
-            key: {name: e[name] for name in ("gene_mean", "bayes_linear", "knn", "bayes_floor") if name in e}
-            for key, e in entries.items() if isinstance(e, dict)
-        }
-    return info
+    base = load_run_config(a.config).data if a.config else DataConfig()
+    cfg = data_config_with(base, *_data_build_flags(a))
+    path = build_dataset(cfg, out=Path(a.out), overwrite=a.overwrite, progress=not _quiet(a))
+    m = Dataset.open(path).manifest
+    print(f"dataset: {path}  ({m.get('D')} cells x {m.get('V')} genes; splits {m.get('split_sizes')})")
+    _print_gene_mean(m)
+    return 0
+
+
+def cmd_data_thin(a: argparse.Namespace) -> int:
+    from cellscale.data.store import Dataset
+    from cellscale.data.thin import thin_dataset
+
+    parent = Dataset.open(a.dataset_dir)  # verified in full before a byte is thinned
+    path = thin_dataset(parent, fraction=a.fraction, seed=a.seed, out=Path(a.out), overwrite=a.overwrite,
+                        progress=not _quiet(a))
+    thinned = Dataset.open(path, verify="none")  # just written (or verified when reused)
+    m = thinned.manifest
+    print(f"dataset: {path}  ({m.get('D')} cells x {m.get('V')} genes; depth fraction {m['depth_fraction']:g}, "
+          f"mean library size {parent.library_size.mean():.1f} -> {thinned.library_size.mean():.1f})")
+    _print_gene_mean(m)
+    return 0
 
 
 def cmd_data_info(a: argparse.Namespace) -> int:
+    from cellscale.data.info import dataset_info, info_table
+
     info = dataset_info(a.dataset_dir)
     if a.json:
         from cellscale.io import to_json
 
         print(to_json(info, indent=None))
         return 0
-    src = info["source"]
-    src_txt = src.get("kind", "?")
-    for key in ("mode", "path", "layer", "census_version", "uri", "organism", "obs_filter"):
-        if src.get(key) not in (None, ""):
-            src_txt += f"  {key}={src[key]}"
-    pre = info["preprocessing"]
-    rows = [
-        ("path", info["path"]),
-        ("source", src_txt),
-        *([("cells per tissue", "  ".join(f"{t} {n}" for t, n in src["n_cells_per_tissue_kept"].items()))]
-          if isinstance(src.get("n_cells_per_tissue_kept"), dict) else []),
-        ("genes (V)", info["V"]),
-        ("cells (D)", info["D"]),
-        ("splits", "  ".join(f"{k} {v}" for k, v in info["split_sizes"].items())
-         + (f"  (held out by {info['split'].get('split_by')})" if info["split"].get("split_by") else "")),
-        ("dtype", f"{info['dtype']} values" + (f", {info['counts_dtype']} counts" if info["counts_dtype"] else "")),
-    ]
-    thin = info["thinning"] if isinstance(info["thinning"], dict) else None
-    if thin:
-        rows.append(("depth", f"{info['depth_fraction']:g} of the reads (binomially thinned by "
-                              f"{thin.get('fraction', 0):g}, seed {thin.get('seed')}, from {thin.get('parent_path')})"))
-    rows += [("preprocessing", "")] + [(f"  {k}", _fmt(v)) for k, v in pre.items()]
-    gm = info["baselines"]["gene_mean"]
-    if gm:
-        rows.append(("gene-mean MSE", "  ".join(f"{k} {v:.4f}" for k, v in gm.items())))
-    for key, entry in (info.get("cached_baselines") or {}).items():
-        parts = [f"{name} " + "/".join(f"{v:.4f}" for v in splits.values())
-                 for name, splits in entry.items() if isinstance(splits, dict)]
-        rows.append((f"baselines {key[:8]}", "  ".join(parts) + "  (val/test, baselines.json)"))
-    rows += [
-        ("mask", f"p={info['mask_prob']}, eval seed {info['eval_mask_seed']}"),
-        ("checksums", f"verified ok ({len(info['checksums_verified'])} files, sha256)"),
-        ("first genes", ", ".join(info["genes_first"]) + (", ..." if info["V"] > len(info["genes_first"]) else "")),
-        ("built", f"{info['created']} by cellscale {info['cellscale_version']} (config {info['config_hash']})"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"{key:<{width}}  {_fmt(value)}".rstrip())
+    print("\n".join(info_table(info)))
     return 0
 
 
@@ -447,45 +385,53 @@ def cmd_ladder(a: argparse.Namespace) -> int:
     return 0
 
 
+def _train_flags(a: argparse.Namespace) -> dict[str, Any]:
+    """The `train` flags that set training settings; one not given leaves the config's value."""
+    return {**_given(cells_seen=a.cells_seen, batch_size=a.batch_size, lr=a.lr, schedule=a.schedule,
+                     device=a.device, precision=a.precision),
+            **({"compile": True} if a.compile else {})}
+
+
+def _is_main_rank() -> bool:
+    """False on the other ranks under torchrun: only rank 0 reports."""
+    from cellscale.distributed import dist_env
+
+    env = dist_env()
+    return env is None or env[1] == 0
+
+
+def _train_with_progress(ds: Any, spec: Any, *, out: str, overwrite: bool, progress: bool) -> dict[str, Any]:
+    """``train_run`` of one resolved run, with the sweep's progress bar for one run."""
+    from cellscale.progress import SweepProgress
+    from cellscale.train import train_run
+
+    with SweepProgress(1, enabled=progress) as bar:
+        hook = bar.run_started(spec)
+        result = train_run(ds, spec.model, spec.train, out=out, train_cells=spec.train_cells, seed=spec.seed,
+                           on_step=hook, overwrite=overwrite)
+        bar.run_finished(spec, result)
+    return result
+
+
 def cmd_train(a: argparse.Namespace) -> int:
-    from cellscale.config import RunConfig, TrainConfig, load_run_config, parse_config
+    from cellscale.config import RunConfig, load_run_config
 
     # a bad config is refused before torch and the data layer are even imported
     study = load_run_config(a.config) if a.config else RunConfig()
     from cellscale.data.store import Dataset
-    from cellscale.ladder import get_size
-    from cellscale.progress import console
-    from cellscale.train import train_run
+    from cellscale.progress import console, score_line
+    from cellscale.sweep.plan import resolve_run
 
     ds = Dataset.open(a.data)
-    model_kw = {**study.model, **({"objective": a.objective} if a.objective else {})}
-    model = get_size(a.size, n_genes=ds.n_genes, custom=study.sweep.custom_sizes, **model_kw)
-    train = study.train.model_dump()
-    train.update(study.sweep.overrides.get(a.size, {}))
-    for key, value in (("cells_seen", a.cells_seen), ("batch_size", a.batch_size), ("lr", a.lr),
-                       ("schedule", a.schedule), ("device", a.device), ("precision", a.precision)):
-        if value is not None:
-            train[key] = value
-    if a.compile:
-        train["compile"] = True
-    tcfg = parse_config(TrainConfig, train, origin="train")
-    from cellscale.progress import SweepProgress
-    from cellscale.sweep.plan import RunSpec
-
-    from cellscale.distributed import dist_env
-
-    env = dist_env()  # under torchrun only rank 0 reports progress
-    main_rank = env is None or env[1] == 0
-    spec = RunSpec(Path(a.out).name, a.size, model, tcfg, a.train_cells, a.seed)
-    with SweepProgress(1, enabled=main_rank and not _quiet(a)) as bar:
-        hook = bar.run_started(spec)
-        result = train_run(ds, model, tcfg, out=a.out, train_cells=a.train_cells, seed=a.seed,
-                           on_step=hook, overwrite=a.overwrite)
-        bar.run_finished(spec, result)
+    # the settings the sweep of --config gives this run, then the flags on top
+    spec = resolve_run(study, size=a.size, n_genes=ds.n_genes, n_train=int(ds.splits["train"].size),
+                       train_cells=a.train_cells, seed=a.seed, run_name=Path(a.out).name,
+                       model_flags=_given(objective=a.objective), train_flags=_train_flags(a))
+    main_rank = _is_main_rank()
+    result = _train_with_progress(ds, spec, out=a.out, overwrite=a.overwrite,
+                                  progress=main_rank and not _quiet(a))
     if main_rank:
         if _quiet(a) and result.get("status") == "ok":
-            from cellscale.progress import score_line
-
             print(f"{a.size}: {score_line(result)}")
         console.print(f"result: {Path(a.out) / 'result.json'}")
     return 0 if result.get("status") == "ok" else 1
@@ -515,7 +461,7 @@ def cmd_fit(a: argparse.Namespace) -> int:
     if a.json:
         print(to_json(d, indent=None))
         return 0
-    from cellscale.pipeline import format_fit
+    from cellscale.fit.text import format_fit
 
     print("\n".join(format_fit(d)))
     return 0
@@ -543,6 +489,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     if a.preset and a.config:
         raise CellscaleError("give --preset or --config, not both")
     cfg = resolve_config(preset=a.preset, config=a.config)
+    # a study YAML's output is named after its study, a preset's after the preset
     out = Path(a.out or Path("cellscale-out") / (a.preset or (cfg.name if a.config else "demo")))
     with _silenced(_quiet(a)):
         summary = run_study(cfg, out=out, backend=a.backend, ray_address=a.ray_address,

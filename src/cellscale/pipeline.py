@@ -1,4 +1,6 @@
-"""The whole flow: dataset -> sweep of trainings -> results.csv -> fit -> report."""
+"""The whole flow: dataset -> sweep of trainings -> results.csv -> fit -> report.
+
+``format_fit`` (from ``cellscale.fit.text``) stays importable from here."""
 
 from __future__ import annotations
 
@@ -8,10 +10,13 @@ from typing import Any
 import pandas as pd
 
 from cellscale.config import RunConfig, load_run_config, preset_path
+from cellscale.fit.text import format_fit
 from cellscale.io import read_json
 from cellscale.progress import console
 from cellscale.report.writer import fitted_loss_column, write_report
 from cellscale.sweep import run_sweep
+
+__all__ = ["format_fit", "print_summary", "resolve_config", "run_study", "summarize"]
 
 
 def resolve_config(*, preset: str | None = None, config: str | Path | None = None) -> RunConfig:
@@ -77,30 +82,3 @@ def print_summary(summary: dict[str, Any]) -> None:
     for line in format_fit(summary.get("fit") or {}):
         console.print(line, highlight=False)
     console.print(f"report: {summary['report_html']}")
-
-
-def format_fit(fit: dict[str, Any]) -> list[str]:
-    """Human-readable lines for a ``FitResult.to_dict()`` (or a fit.json with an error)."""
-    if fit.get("error"):
-        return [f"fit: not possible ({fit['error']})"]
-    if not fit.get("params"):
-        return []
-    parts = []
-    for name, value in fit["params"].items():
-        lo, hi = (fit.get("ci95") or {}).get(name) or (None, None)
-        ci = f" [{lo:.4g}, {hi:.4g}]" if lo is not None and hi is not None else ""
-        parts.append(f"{name}={value:.4g}{ci}")
-    lines = [f"fit ({fit.get('law')}, {fit.get('method')}, n={fit.get('n_points')}, "
-             f"R^2={fit.get('r2', float('nan')):.3f}): " + ", ".join(parts)]
-    if fit.get("floor_at_boundary"):
-        lines.append("warning: the floor estimate sits on its bound: the data do not pin it down")
-    ent = fit.get("entropy_bits") or {}
-    if ent.get("likelihood") is not None and not fit.get("floor_at_boundary"):
-        ci = ent.get("ci95") or [None, None]
-        ci_txt = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if None not in ci else ""
-        lines.append(f"entropy per masked gene (likelihood floor, measured): {ent['likelihood']:.3f} bits{ci_txt}")
-    elif ent.get("gaussian") is not None and not fit.get("floor_at_boundary"):
-        ci = ent.get("ci95") or [None, None]
-        ci_txt = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if None not in ci else ""
-        lines.append(f"entropy per masked gene (homoscedastic Gaussian): {ent['gaussian']:.3f} bits{ci_txt}")
-    return lines

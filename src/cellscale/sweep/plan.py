@@ -1,8 +1,16 @@
-"""Turn a study config into a list of run specifications with stable ids."""
+"""Turn a study config into run specifications with stable ids.
+
+``resolve_run`` is the one place that says which model and training settings a run of a study
+gets; ``plan_runs`` calls it for every run of the grid and ``cellscale train --config`` for
+its one run, so the same run trains the same budget whichever command starts it.
+"""
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from cellscale.config import ConfigError, ModelConfig, RunConfig, TrainConfig, depth_label, parse_config
 from cellscale.ladder import get_size
@@ -34,6 +42,22 @@ def _n_train_of_config(cfg: RunConfig) -> int:
     return split_sizes(cfg.data.cells, cfg.data.split)[0]
 
 
+def _check_override_sizes(cfg: RunConfig) -> None:
+    """An override for a size the sweep never trains is a typo, not a setting."""
+    stray = set(cfg.sweep.overrides) - set(cfg.sweep.sizes)
+    if stray:
+        raise ConfigError(f"sweep.overrides names size '{sorted(stray)[0]}' which is not in sweep.sizes")
+
+
+def _size_train_config(cfg: RunConfig, size: str) -> TrainConfig:
+    """``cfg.train`` with ``sweep.overrides[size]`` on top."""
+    over = dict(cfg.sweep.overrides.get(size, {}))
+    unknown = set(over) - set(TrainConfig.model_fields)
+    if unknown:
+        raise ConfigError(f"sweep.overrides.{size}: unknown key '{sorted(unknown)[0]}'")
+    return parse_config(TrainConfig, {**cfg.train.model_dump(), **over}, origin=f"sweep.overrides.{size}")
+
+
 def _with_epochs(train: TrainConfig, cfg: RunConfig, size: str, n_train_cells: int) -> TrainConfig:
     if cfg.sweep.epochs is None:
         return train
@@ -43,37 +67,49 @@ def _with_epochs(train: TrainConfig, cfg: RunConfig, size: str, n_train_cells: i
     return train.model_copy(update={"cells_seen": max(1, round(cfg.sweep.epochs * n_train_cells))})
 
 
+def resolve_run(
+    cfg: RunConfig, *, size: str, n_genes: int, n_train: int | None = None, train_cells: int | None = None,
+    seed: int = 0, depth: float = 1.0, run_name: str | None = None,
+    model_flags: Mapping[str, Any] | None = None, train_flags: Mapping[str, Any] | None = None,
+) -> RunSpec:
+    """The run ``size`` x ``train_cells`` x ``depth`` x ``seed`` of the study ``cfg``, as its sweep trains it.
+
+    The model is the size at ``n_genes`` genes with ``cfg.model`` applied; training is
+    ``cfg.train`` under ``sweep.overrides[size]``, with ``sweep.epochs`` setting the cells seen
+    from the run's training cells (``train_cells``, or all ``n_train`` of the train split: by
+    default the split the config's data section builds). ``model_flags`` and ``train_flags``
+    (a command line's settings; leave out what was not given) go on top of all that, validated
+    as ``train``. ``run_name`` names the run (default: the sweep's run id)."""
+    _check_override_sizes(cfg)
+    model = get_size(size, n_genes=n_genes, custom=cfg.sweep.custom_sizes, **{**cfg.model, **(model_flags or {})})
+    train = _size_train_config(cfg, size)
+    if cfg.sweep.epochs is not None:
+        if train_cells is None and n_train is None:
+            n_train = _n_train_of_config(cfg)
+        train = _with_epochs(train, cfg, size, train_cells if train_cells is not None else n_train)
+    if train_flags:
+        train = parse_config(TrainConfig, {**train.model_dump(), **train_flags}, origin="train")
+    name = run_name if run_name is not None else run_id(size, train_cells, seed, depth)
+    return RunSpec(name, size, model, train, train_cells, seed, float(depth))
+
+
 def plan_runs(cfg: RunConfig, *, n_genes: int, n_train: int | None = None) -> list[RunSpec]:
     """Sizes x train_cells x depths x seeds, largest data first within a size so nested
     subsets share nothing but the dataset; ids do not depend on the order of the grid.
 
     ``n_train`` (the dataset's train split) is what ``train_cells: null`` means when
     ``sweep.epochs`` sets the budget; by default the size the config's data section builds."""
+    _check_override_sizes(cfg)  # also when sweep.sizes is empty and no run is resolved
+    if cfg.sweep.epochs is not None and n_train is None:
+        n_train = _n_train_of_config(cfg)  # once, not once per run
     specs: list[RunSpec] = []
     seen: set[str] = set()
-    if cfg.sweep.epochs is not None and n_train is None:
-        n_train = _n_train_of_config(cfg)
-    for size in cfg.sweep.sizes:
-        model = get_size(size, n_genes=n_genes, custom=cfg.sweep.custom_sizes, **cfg.model)
-        over = dict(cfg.sweep.overrides.get(size, {}))
-        unknown = set(over) - set(TrainConfig.model_fields)
-        if unknown:
-            raise ConfigError(f"sweep.overrides.{size}: unknown key '{sorted(unknown)[0]}'")
-        train = parse_config(
-            TrainConfig, {**cfg.train.model_dump(), **over}, origin=f"sweep.overrides.{size}"
-        )
-        for n in cfg.sweep.train_cells:
-            run_train = _with_epochs(train, cfg, size, n if n is not None else n_train or 0)
-            for depth in cfg.sweep.depths:
-                for seed in cfg.sweep.seeds:
-                    rid = run_id(size, n, seed, depth)
-                    if rid in seen:
-                        raise ConfigError(f"sweep lists run '{rid}' twice; remove the duplicate")
-                    seen.add(rid)
-                    specs.append(RunSpec(rid, size, model, run_train, n, seed, float(depth)))
-    unknown_overrides = set(cfg.sweep.overrides) - set(cfg.sweep.sizes)
-    if unknown_overrides:
-        raise ConfigError(
-            f"sweep.overrides names size '{sorted(unknown_overrides)[0]}' which is not in sweep.sizes"
-        )
+    grid = itertools.product(cfg.sweep.sizes, cfg.sweep.train_cells, cfg.sweep.depths, cfg.sweep.seeds)
+    for size, cells, depth, seed in grid:
+        spec = resolve_run(cfg, size=size, n_genes=n_genes, n_train=n_train, train_cells=cells,
+                           seed=seed, depth=depth)
+        if spec.run_id in seen:
+            raise ConfigError(f"sweep lists run '{spec.run_id}' twice; remove the duplicate")
+        seen.add(spec.run_id)
+        specs.append(spec)
     return specs

@@ -17,7 +17,6 @@ from cellscale.sweep.plan import plan_runs
 from cellscale.sweep.results import write_results
 from cellscale.sweep.runner import run_local, run_ray
 
-
 # sweep axes added after sweeps were first written, at the value that means "no such axis"
 _NEW_AXES_OFF = {"depths": [1.0], "epochs": None}
 
