@@ -48,3 +48,18 @@ def test_runs_without_a_grid_are_kept_as_they_are():
     assert sel.choices == [] and sel.dropped == [] and len(sel.kept) == 2
     plain = runs.drop(columns="lr_scale")
     assert select_lr(plain).kept is plain
+
+
+def test_the_sweep_plans_each_size_at_each_multiple():
+    from cellscale.config import RunConfig
+    from cellscale.schedule import resolve_lr
+    from cellscale.sweep.plan import plan_runs
+
+    cfg = RunConfig.model_validate({"sweep": {"sizes": ["TINY", "XS"], "seeds": [0], "lr_multipliers": [0.5, 1.0, 2.0],
+                                              "overrides": {"XS": {"lr_scale": 0.8}}}})
+    specs = plan_runs(cfg, n_genes=64)
+    assert [s.run_id for s in specs] == ["TINY-dall-s0-lr0.5", "TINY-dall-s0", "TINY-dall-s0-lr2",
+                                         "XS-dall-s0-lr0.5", "XS-dall-s0", "XS-dall-s0-lr2"]
+    assert [s.train.lr_scale for s in specs] == [0.5, 1.0, 2.0, 0.4, 0.8, 1.6]
+    base = resolve_lr(specs[1].model, specs[1].train)
+    assert resolve_lr(specs[0].model, specs[0].train) == pytest.approx(0.5 * base)

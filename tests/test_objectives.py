@@ -243,7 +243,7 @@ def test_likelihood_sweep_report_is_in_bits_and_sets_the_true_floor_beside_the_f
         "model": {"objective": "gaussian-nll"},
         "train": {"cells_seen": 1600, "batch_size": 32, "eval_every": 10},
         "sweep": {"sizes": ["XXS", "TINY", "XS"], "seeds": [0, 1]},
-        "fit": {"law": "power-floor", "bootstrap": 50}})
+        "fit": {"law": "power-floor", "bootstrap": 50, "keep_unconverged": True}})  # 50 steps: no plateau
     out = tmp_path / "lik"
     run_study(cfg, out=out, progress=False)
     fit = json.loads((out / "fit.json").read_text())

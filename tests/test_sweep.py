@@ -117,7 +117,7 @@ def test_depth_axis_sweep_trains_each_depth_on_its_thinned_dataset(tiny_dataset_
         "name": "depth", "dataset": str(tiny_dataset_dir),
         "train": {"cells_seen": 256, "batch_size": 32, "eval_every": 4, "num_threads": 1},
         "sweep": {"sizes": ["XXS", "TINY"], "depths": [1.0, 0.5]},
-        "fit": {"law": "power", "bootstrap": 10},
+        "fit": {"law": "power", "bootstrap": 10, "keep_unconverged": True},  # 8 steps: wiring, not plateaus
     })
     out = tmp_path / "sw"
     table = pd.read_csv(run_sweep(cfg, out=out, progress=False))

@@ -290,6 +290,27 @@ def dump_yaml(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
+# settings added after runs and sweeps were first written, at the value that means "as before":
+# left out of identity hashes there, so a run or sweep from before them still resumes
+ADDED_SETTINGS_OFF: dict[str, dict[str, Any]] = {
+    "train": {"budget": "fixed", "plateau_tol": 0.01, "plateau_patience": 2, "cooldown_frac": 0.2,
+              "lr_scale": 1.0},
+    "model": {"attention_dropout": None},
+    "sweep": {"depths": [1.0], "epochs": None, "lr_multipliers": [1.0]},
+    "fit": {"keep_unconverged": False},
+}
+
+
+def identity_dump(section: str, cfg: BaseModel) -> dict[str, Any]:
+    """``cfg.model_dump(mode="json")`` without the settings of ``ADDED_SETTINGS_OFF[section]``
+    that are at their "as before" value: the payload of an identity hash."""
+    payload = cfg.model_dump(mode="json")
+    for key, off in ADDED_SETTINGS_OFF.get(section, {}).items():
+        if key in payload and payload[key] == off:
+            del payload[key]
+    return payload
+
+
 def config_hash(cfg: BaseModel | dict[str, Any]) -> str:
     """A short stable hash of a config, used to refuse resuming a run under other settings."""
     payload = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg

@@ -28,11 +28,13 @@ class RunSpec:
     depth: float = 1.0
 
 
-def run_id(size: str, train_cells: int | None, seed: int, depth: float = 1.0) -> str:
-    """``{size}-d{cells|all}-s{seed}``, plus ``-f{depth}`` below full depth (so the ids of
-    sweeps without a depth axis never change)."""
+def run_id(size: str, train_cells: int | None, seed: int, depth: float = 1.0, lr_scale: float = 1.0) -> str:
+    """``{size}-d{cells|all}-s{seed}``, plus ``-f{depth}`` below full depth and ``-lr{multiple}``
+    off the rule's rate (so the ids of sweeps without those axes never change)."""
     rid = f"{size}-d{'all' if train_cells is None else train_cells}-s{seed}"
-    return rid if float(depth) == 1.0 else f"{rid}-f{depth_label(depth)}"
+    if float(depth) != 1.0:
+        rid += f"-f{depth_label(depth)}"
+    return rid if float(lr_scale) == 1.0 else f"{rid}-lr{float(lr_scale):g}"
 
 
 def _n_train_of_config(cfg: RunConfig) -> int:
@@ -69,7 +71,7 @@ def _with_epochs(train: TrainConfig, cfg: RunConfig, size: str, n_train_cells: i
 
 def resolve_run(
     cfg: RunConfig, *, size: str, n_genes: int, n_train: int | None = None, train_cells: int | None = None,
-    seed: int = 0, depth: float = 1.0, run_name: str | None = None,
+    seed: int = 0, depth: float = 1.0, lr_multiple: float = 1.0, run_name: str | None = None,
     model_flags: Mapping[str, Any] | None = None, train_flags: Mapping[str, Any] | None = None,
 ) -> RunSpec:
     """The run ``size`` x ``train_cells`` x ``depth`` x ``seed`` of the study ``cfg``, as its sweep trains it.
@@ -79,7 +81,8 @@ def resolve_run(
     from the run's training cells (``train_cells``, or all ``n_train`` of the train split: by
     default the split the config's data section builds). ``model_flags`` and ``train_flags``
     (a command line's settings; leave out what was not given) go on top of all that, validated
-    as ``train``. ``run_name`` names the run (default: the sweep's run id)."""
+    as ``train``. ``lr_multiple`` (one of ``sweep.lr_multipliers``) multiplies the run's
+    ``lr_scale``. ``run_name`` names the run (default: the sweep's run id)."""
     _check_override_sizes(cfg)
     model = get_size(size, n_genes=n_genes, custom=cfg.sweep.custom_sizes, **{**cfg.model, **(model_flags or {})})
     train = _size_train_config(cfg, size)
@@ -89,12 +92,14 @@ def resolve_run(
         train = _with_epochs(train, cfg, size, train_cells if train_cells is not None else n_train)
     if train_flags:
         train = parse_config(TrainConfig, {**train.model_dump(), **train_flags}, origin="train")
-    name = run_name if run_name is not None else run_id(size, train_cells, seed, depth)
+    if lr_multiple != 1.0:
+        train = train.model_copy(update={"lr_scale": train.lr_scale * float(lr_multiple)})
+    name = run_name if run_name is not None else run_id(size, train_cells, seed, depth, lr_multiple)
     return RunSpec(name, size, model, train, train_cells, seed, float(depth))
 
 
 def plan_runs(cfg: RunConfig, *, n_genes: int, n_train: int | None = None) -> list[RunSpec]:
-    """Sizes x train_cells x depths x seeds, largest data first within a size so nested
+    """Sizes x train_cells x depths x learning-rate multiples x seeds, largest data first within a size so nested
     subsets share nothing but the dataset; ids do not depend on the order of the grid.
 
     ``n_train`` (the dataset's train split) is what ``train_cells: null`` means when
@@ -104,10 +109,11 @@ def plan_runs(cfg: RunConfig, *, n_genes: int, n_train: int | None = None) -> li
         n_train = _n_train_of_config(cfg)  # once, not once per run
     specs: list[RunSpec] = []
     seen: set[str] = set()
-    grid = itertools.product(cfg.sweep.sizes, cfg.sweep.train_cells, cfg.sweep.depths, cfg.sweep.seeds)
-    for size, cells, depth, seed in grid:
+    grid = itertools.product(cfg.sweep.sizes, cfg.sweep.train_cells, cfg.sweep.depths, cfg.sweep.lr_multipliers,
+                             cfg.sweep.seeds)
+    for size, cells, depth, lr_multiple, seed in grid:
         spec = resolve_run(cfg, size=size, n_genes=n_genes, n_train=n_train, train_cells=cells,
-                           seed=seed, depth=depth)
+                           seed=seed, depth=depth, lr_multiple=lr_multiple)
         if spec.run_id in seen:
             raise ConfigError(f"sweep lists run '{spec.run_id}' twice; remove the duplicate")
         seen.add(spec.run_id)

@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from cellscale.baselines import load_or_compute_baselines
-from cellscale.config import ConfigError, RunConfig, config_hash, depth_label, dump_yaml, load_run_config
+from cellscale.config import ConfigError, RunConfig, config_hash, depth_label, dump_yaml, identity_dump, load_run_config
 from cellscale.data.build import build_dataset
 from cellscale.data.store import Dataset
 from cellscale.data.thin import check_thinnable, is_thinned_from, thin_dataset
@@ -17,17 +17,14 @@ from cellscale.sweep.plan import plan_runs
 from cellscale.sweep.results import write_results
 from cellscale.sweep.runner import run_local, run_ray
 
-# sweep axes added after sweeps were first written, at the value that means "no such axis"
-_NEW_AXES_OFF = {"depths": [1.0], "epochs": None}
-
 
 def sweep_hash(cfg: RunConfig) -> str:
-    """The config hash a sweep dir is claimed with. An axis left at its "off" value is not
-    hashed, so a sweep written before that axis existed still resumes."""
+    """The config hash a sweep dir is claimed with. A setting added since sweeps were first
+    written and left at its "as before" value is not hashed (``config.ADDED_SETTINGS_OFF``), so
+    a sweep written before it existed still resumes."""
     payload = cfg.model_dump(mode="json")
-    for key, off in _NEW_AXES_OFF.items():
-        if payload["sweep"].get(key) == off:
-            del payload["sweep"][key]
+    for section in ("train", "sweep", "fit"):
+        payload[section] = identity_dump(section, getattr(cfg, section))
     return config_hash(payload)
 
 

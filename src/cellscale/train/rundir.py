@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from cellscale import __version__
-from cellscale.config import ModelConfig, TrainConfig
+from cellscale.config import ModelConfig, TrainConfig, identity_dump
 from cellscale.data.store import Dataset
 from cellscale.distributed import DistContext
 from cellscale.errors import RunError
@@ -20,8 +20,8 @@ def run_identity(
     model_cfg: ModelConfig, train_cfg: TrainConfig, *, dataset: Dataset, train_cells: int | None, seed: int
 ) -> dict[str, Any]:
     return {
-        "model": model_cfg.model_dump(mode="json"),
-        "train": train_cfg.model_dump(mode="json"),
+        "model": identity_dump("model", model_cfg),
+        "train": identity_dump("train", train_cfg),
         "dataset_checksum": dataset.manifest.get("checksums", {}).get("values.npy"),
         "train_cells": train_cells,
         "seed": seed,
