@@ -35,7 +35,7 @@ def test_preset_validates_and_plans(name):
     # every size resolves and the grid has no duplicate ids
     specs = plan_runs(cfg, n_genes=cfg.data.genes)
     assert len(specs) == (len(cfg.sweep.sizes) * len(cfg.sweep.train_cells) * len(cfg.sweep.depths)
-                          * len(cfg.sweep.seeds))
+                          * len(cfg.sweep.lr_multipliers) * len(cfg.sweep.seeds))
     assert len({s.run_id for s in specs}) == len(specs)
     # each preset states its compute need in its header comment
     header = path.read_text().splitlines()[:6]
