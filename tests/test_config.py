@@ -148,3 +148,17 @@ def test_noise_and_compute_optimal_presets_plan_their_grids():
     co = plan_runs(co_cfg, n_genes=64)
     assert len(co) == 16 and {s.depth for s in co} == {1.0}
     assert all(s.train.cells_seen == round(co_cfg.sweep.epochs * s.train_cells) for s in co)
+
+
+def test_fit_config_defaults_are_the_fit_functions_defaults():
+    # cellscale.fit stands alone (it may not import config), so its signature keeps defaults of its
+    # own; FitConfig must say the same, or a study and a direct fit_table call would differ
+    import inspect
+
+    from cellscale.config import FitConfig
+    from cellscale.fit import fit_table
+
+    sig = inspect.signature(fit_table).parameters
+    shared = [k for k in FitConfig.model_fields if k in sig and sig[k].default is not inspect.Parameter.empty]
+    assert {"method", "bootstrap", "seed"} <= set(shared)
+    assert {k: getattr(FitConfig(), k) for k in shared} == {k: sig[k].default for k in shared}
