@@ -104,11 +104,16 @@ def test_gelu_dropout_is_gelu_then_the_same_dropout(shape, p):
     ref = kernels.fused_dropout(F.gelu(x_ref), p, seed=11)  # same seed -> same mask
     keep = kernels.fused_dropout(torch.ones(shape), p, seed=11) > 0  # the mask of this seed
     assert not y.detach()[~keep].any()
-    assert (y - ref).abs().max().item() < 2e-6
+    # torch's own float32 GELU is off by up to ~1e-6 relative (its AVX-512 path more than its AVX2
+    # one), so the comparison with it is relative; against float64 the kernel is held to 1e-6
+    assert ((y - ref).abs() <= 2e-6 + 1e-6 * ref.abs()).all()
+    xd = x.detach().double()
+    exact = xd * 0.5 * (1 + torch.erf(xd / 2**0.5)) * keep / (1 - p)
+    assert ((y.detach().double() - exact).abs() <= 1e-6 * exact.abs().clamp(min=1)).all()
     g = torch.randn(shape)
     y.backward(g)
     ref.backward(g)
-    assert (x.grad - x_ref.grad).abs().max().item() < 2e-6
+    assert ((x.grad - x_ref.grad).abs() <= 2e-6 + 1e-6 * x_ref.grad.abs()).all()
 
 
 def test_gelu_of_the_kernel_is_exact_gelu_to_float_precision():

@@ -179,14 +179,17 @@ def test_dataset_for_picks_each_depths_dataset():
 
 
 def test_sweep_hash_ignores_new_axes_left_off():
-    """A sweep dir claimed before `depths` and `epochs` existed still resumes."""
-    from cellscale.config import config_hash
+    """A sweep dir claimed before `depths`, `epochs` and the later settings existed still resumes."""
+    from cellscale.config import ADDED_SETTINGS_OFF, config_hash
     from cellscale.sweep.study import sweep_hash
 
     cfg = parse_config(RunConfig, {"sweep": {"sizes": ["XXS"]}})
     old_style = cfg.model_dump(mode="json")
     del old_style["sweep"]["depths"], old_style["sweep"]["epochs"]
+    for section in ("train", "sweep", "fit"):  # the settings added after depths and epochs
+        for key in ADDED_SETTINGS_OFF[section]:
+            old_style[section].pop(key, None)
     assert sweep_hash(cfg) == config_hash(old_style)
-    for axis in ({"depths": [1.0, 0.5]}, {"epochs": 2}):
+    for axis in ({"depths": [1.0, 0.5]}, {"epochs": 2}, {"lr_multipliers": [0.5, 1.0]}):
         other = parse_config(RunConfig, {"sweep": {"sizes": ["XXS"], **axis}})
         assert sweep_hash(other) != sweep_hash(cfg)
