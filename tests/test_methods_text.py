@@ -119,3 +119,13 @@ def test_an_entropy_interval_whose_floor_reaches_zero_is_unbounded_below():
     assert "-16" not in text and "-15" not in text
     bounded = meaning_paragraph(_ladder(1.1), _fit(0.34, 0.2, 0.68))
     assert "95% CI 0.886 to 1.77)" in bounded and "unbounded" not in bounded
+
+
+def test_the_entropy_figure_draws_an_interval_unbounded_below():
+    from cellscale.report import plots
+
+    fig = plots.entropy_summary(1.244, [None, 1.85], refs={"true Bayes floor": 1.34})
+    ax = fig.axes[0]
+    assert any(t.get_text() == "95% CI unbounded below" for t in ax.texts)
+    bar = [line for line in ax.lines if len(line.get_xdata()) == 2][0]
+    assert bar.get_xdata()[1] == 1.85 and bar.get_xdata()[0] < 1.244

@@ -588,8 +588,7 @@ def entropy_summary(
     cmap = colormaps["tab10"]
     for i, (name, val, ci) in enumerate(rows):
         color = cmap(i)
-        if ci is not None and len(ci) == 2 and all(np.isfinite(ci)):
-            ax.plot([ci[0], ci[1]], [i, i], color=color, lw=4, alpha=0.5, solid_capstyle="butt")
+        _interval_bar(ax, val, ci, i, color)
         ax.plot([val], [i], "o", color=color, ms=8)
         ax.annotate(f"{val:.3f} bits", (val, i), textcoords="offset points", xytext=(8, 6), fontsize=8)
     ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
@@ -598,6 +597,21 @@ def entropy_summary(
     ax.set_title(title, fontsize=10)
     ax.grid(True, axis="x", alpha=0.25)
     return fig
+
+
+def _interval_bar(ax, val: float, ci: Sequence[float | None] | None, row: int, color) -> None:
+    """The interval as a bar; one with no lower end (a floor interval reaching 0) runs off to the
+    left with an arrow, labelled unbounded."""
+    if ci is None or len(ci) != 2:
+        return
+    lo, hi = (np.nan if v is None else float(v) for v in ci)
+    if np.isfinite(lo) and np.isfinite(hi):
+        ax.plot([lo, hi], [row, row], color=color, lw=4, alpha=0.5, solid_capstyle="butt")
+    elif np.isfinite(hi):
+        left = val - 2.0 * max(hi - val, 0.25)
+        ax.plot([left, hi], [row, row], color=color, lw=4, alpha=0.5, solid_capstyle="butt")
+        ax.plot([left], [row], "<", color=color, ms=9)
+        ax.annotate("95% CI unbounded below", (left, row), textcoords="offset points", xytext=(4, -12), fontsize=7)
 
 
 @dataclass(frozen=True)
