@@ -59,7 +59,8 @@ def test_verdicts_are_counted_from_the_runs():
 
 
 def test_dropout_text_follows_the_model_and_the_runs():
-    assert "dropout 0.1 (residual branches, FFN and attention probabilities)" in _text({})
+    assert "dropout 0 (residual branches, FFN and attention probabilities)" in _text({})
+    assert "dropout 0.1 (residual branches, FFN and attention probabilities)" in _text({}, model={"dropout": 0.1})
     assert "dropout 0 on the residual branches and FFN and 0.1 on the attention probabilities" in \
         _text({}, model={"dropout": 0.0, "attention_dropout": 0.1})
     runs = pd.DataFrame({"run_id": ["a"], "size": ["XS"], "status": "ok", "params": [1], "dropout": [0.2],

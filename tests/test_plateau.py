@@ -110,7 +110,7 @@ def test_fixed_budget_records_the_verdict_on_its_curve(tiny_dataset_dir: Path, t
     assert res["budget"] == "fixed" and res["plateau_gain"] == pytest.approx(gain)
     assert res["converged"] is is_converged(gain)
     assert res["attention_impl"] == "fused-cpu-kernel" or res["attention_impl"].startswith("sdpa")
-    assert res["dropout"] == 0.1 and res["attention_dropout"] == 0.1
+    assert res["dropout"] == 0.0 and res["attention_dropout"] == 0.0
 
 
 def test_plateau_run_killed_midway_resumes_to_the_same_numbers(tiny_dataset_dir: Path, tmp_path: Path):
