@@ -55,3 +55,18 @@ def test_gpu_benchmark_refuses_cuda_without_a_device():
     # CUDA hidden from the child, so this runs (and can fail) on a GPU machine too
     err = _run("gpu_throughput.py", "--device", "cuda", rc=2, env={"CUDA_VISIBLE_DEVICES": ""})
     assert err.strip() == "error: --device cuda but torch sees no CUDA device"
+
+
+def test_interval_coverage_prints_a_row_per_method_and_parameter(tmp_path: Path):
+    from cellscale.fit.intervals import INTERVALS
+
+    out = _run("interval_coverage.py", "--design", "demo", "--replicates", "2", "--bootstrap", "20",
+               "--noise", "0.01", "--json", str(tmp_path / "cov.json"))
+    assert "# design demo: 5 runs" in out and "2 replicates, 20 resamples" in out
+    rows = [line for line in out.splitlines() if line.startswith("| 0.01 |")]
+    assert [(r.split("|")[2].strip(), r.split("|")[3].strip()) for r in rows] == [
+        (m, p) for m in INTERVALS for p in ("a", "alpha", "c")]
+    again = _run("interval_coverage.py", "--design", "demo", "--replicates", "2", "--bootstrap", "20",
+                 "--noise", "0.01")
+    assert [line for line in again.splitlines() if line.startswith("|")] == [
+        line for line in out.splitlines() if line.startswith("|")]  # seeded: the same table twice

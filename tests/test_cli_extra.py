@@ -51,8 +51,16 @@ def test_help_shows_examples_that_parse(path, parser):
 
 def test_top_level_help_examples_parse():
     text = build_parser().format_help()
-    for line in text.split("examples:", 1)[1].strip().splitlines():
-        build_parser().parse_args(shlex.split(line, comments=True)[1:])
+    assert "examples:" in text, text
+    lines = [line for line in text.split("examples:", 1)[1].strip().splitlines() if line.strip()]
+    assert len(lines) >= 5, text  # the top-level help lists the main subcommands' examples
+    assert all(line.strip().startswith("cellscale ") for line in lines), lines
+    commands = set()
+    for line in lines:
+        argv = shlex.split(line, comments=True)[1:]
+        build_parser().parse_args(argv)  # an example that does not parse exits here
+        commands.add(next(a for a in argv if not a.startswith("-")))
+    assert {"run", "data", "train", "sweep", "fit", "report"} <= commands, commands
 
 
 @pytest.mark.parametrize("argv", [

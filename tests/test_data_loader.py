@@ -134,5 +134,5 @@ def test_eval_batches_fixed_mask_in_split_order(ds):
     assert torch.equal(again, m)
     capped = list(eval_batches(ds, "test", batch_size=4, max_cells=6))
     assert sum(c[0].shape[0] for c in capped) == 6
-    with pytest.raises(DataError):
+    with pytest.raises(DataError, match="eval_batches is for held-out splits: use 'val' or 'test'"):
         next(eval_batches(ds, "train", batch_size=4))

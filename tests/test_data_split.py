@@ -11,13 +11,14 @@ def _check_partition(s, n):
     assert np.array_equal(np.sort(allidx), np.arange(n))  # disjoint and complete
 
 
-@pytest.mark.parametrize("n", [3, 20, 101, 1000, 12345])
-def test_disjoint_and_exact_sizes(n):
+# (val, test, train) worked out by hand: 5% rounded half-to-even, at least one cell each
+@pytest.mark.parametrize("n, sizes", [(3, (1, 1, 1)), (20, (1, 1, 18)), (101, (5, 5, 91)),
+                                      (1000, (50, 50, 900)), (12345, (617, 617, 11111))])
+def test_disjoint_and_exact_sizes(n, sizes):
     s = make_splits(n, fractions=(0.9, 0.05, 0.05), seed=0)
     _check_partition(s, n)
-    n_val, n_test = max(1, round(n * 0.05)), max(1, round(n * 0.05))
-    assert (s["val"].size, s["test"].size, s["train"].size) == (n_val, n_test, n - n_val - n_test)
-    assert split_sizes(n, (0.9, 0.05, 0.05)) == (s["train"].size, n_val, n_test)
+    assert (s["val"].size, s["test"].size, s["train"].size) == sizes
+    assert split_sizes(n, (0.9, 0.05, 0.05)) == (sizes[2], sizes[0], sizes[1])
 
 
 def test_exact_sizes_1000():
@@ -92,3 +93,15 @@ def test_group_split_three_groups_each_split_gets_one():
     s = make_splits(100, seed=0, groups=groups)
     assert {tuple(np.unique(groups[s[k]])) for k in s} == {("a",), ("b",), ("c",)}
     assert s["train"].size == 90
+
+
+def test_group_split_moves_a_group_into_an_empty_split():
+    # Greedy: a (50) -> train, b (50) -> train (still furthest below 90.9), c (1) -> val; test
+    # is left empty, so the smallest group of the split with most groups (train) moves there.
+    groups = np.array(["a"] * 50 + ["b"] * 50 + ["c"] * 1)
+    s = make_splits(101, seed=0, groups=groups)
+    _check_partition(s, 101)
+    assert [s[k].size for k in ("train", "val", "test")] == [50, 1, 50]
+    assert set(groups[s["val"]]) == {"c"}
+    assert len(set(groups[s["train"]])) == 1 and len(set(groups[s["test"]])) == 1
+    assert set(groups[s["train"]]) | set(groups[s["test"]]) == {"a", "b"}

@@ -112,6 +112,10 @@ def test_ddp_resumes_a_checkpoint(tiny_dataset_dir: Path, study: Path, tmp_path:
                      "--config", str(study), "--out", str(tmp_path / "two"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same_run(tmp_path / "one", tmp_path / "two")
+    # resumed from the step-4 checkpoint, not restarted from step 0 (which would match too)
+    resumed = json.loads((tmp_path / "two" / "result.json").read_text())
+    assert resumed["resumed_at"] == [4] and resumed["world_size"] == 2
+    assert json.loads((tmp_path / "one" / "result.json").read_text())["resumed_at"] == []
 
 
 def test_batch_not_divisible_by_world_is_refused(tiny_dataset_dir: Path, tmp_path: Path):

@@ -1,9 +1,9 @@
 """The seed study's per-size means (reference README, V = 512, D = 200k)."""
 
 import numpy as np
+import pandas as pd
 import pytest
 
-import pandas as pd
 from cellscale.fit import fit_table
 
 STUDY = pd.DataFrame({
@@ -22,6 +22,15 @@ def test_paper_method_lands_on_grid_edge():
     # The study's own fit on its 18 runs: alpha 0.266, R^2 0.858; the means land close.
     assert out["params"]["alpha"] == pytest.approx(0.27, abs=0.02)
     assert out["r2"] == pytest.approx(0.86, abs=0.02)
+    # Its intervals: a group bootstrap (a grid search has no standard error to studentize or
+    # profile), 3 of 100 resamples without 3 sizes counted as failed. The floor's interval runs
+    # from the grid's lower edge (c = 0: the six means do not pin the floor down) to just under
+    # the worst best-run loss; alpha's is finite and holds the estimate.
+    assert out["interval"] == "bca-groups" and out["bootstrap_failed"] == 3
+    lo, hi = out["ci95"]["c"]
+    assert lo == pytest.approx(0.0, abs=1e-12) and out["params"]["c"] < hi < 1.477
+    lo, hi = out["ci95"]["alpha"]
+    assert 0.0 < lo < out["params"]["alpha"] < hi < 0.6
 
 
 @pytest.mark.parametrize("method", ["huber-log", "nls"])

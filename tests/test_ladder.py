@@ -58,7 +58,7 @@ def test_non_embedding_params_value():
 def test_unknown_size_is_config_error():
     with pytest.raises(ConfigError, match=r"unknown model size 'XXL' \(known: XXS, TINY, XS, S, M, L, XL\)"):
         get_size("XXL", n_genes=512)
-    with pytest.raises(CellscaleError):
+    with pytest.raises(CellscaleError, match=r"unknown model size 'nope' \(known: XXS, "):
         get_size("nope", n_genes=512)
 
 
@@ -71,7 +71,7 @@ def test_custom_sizes_and_overrides():
     assert get_size("XS", n_genes=10, custom=custom).d_model == 32  # custom entry replaces
     with pytest.raises(ConfigError, match="S2"):
         get_size("S3", n_genes=10, custom=custom)
-    with pytest.raises(ConfigError):  # heads must divide d_model
+    with pytest.raises(ConfigError, match="d_model=10 is not divisible by n_heads=3"):
         get_size("bad", n_genes=10, custom={"bad": {"d_model": 10, "n_layers": 1, "n_heads": 3}})
     with pytest.raises(ConfigError, match="unknown key"):
         get_size("bad", n_genes=10, custom={"bad": {"d_model": 8, "n_layers": 1, "n_heads": 2, "width": 3}})

@@ -21,6 +21,7 @@ from PIL import Image
 from threadpoolctl import threadpool_limits
 
 import cellscale.fit
+import cellscale.fit.intervals
 from cellscale.report import plots
 from cellscale.report.methods import meaning_paragraph, methods_paragraph
 from cellscale.report.writer import load_sweep, write_report
@@ -393,6 +394,66 @@ def test_methods_paragraph_reads_a_nested_manifest_as_data_build_writes_it():
                    "1,200 training, 150 validation and 150 test", "fixed by seed 7", "with seed 0"):
         assert needle in text, needle
     assert "Census" not in text
+
+
+def _methods(train=None, manifest=None, runs=None, model=None, fit=None, fitcfg=None):
+    cfg = {"train": train or {}, "sweep": {"seeds": [0]}, "fit": fitcfg or {}, "model": model or {}}
+    return methods_paragraph(cfg, manifest or {"source": "simulate", "V": 32}, runs, fit=fit)
+
+
+def test_methods_paragraph_tells_the_training_mask_from_the_evaluation_mask():
+    text = _methods(train={"mask_prob": 0.3}, manifest={"source": "simulate", "V": 32, "mask_prob": 0.15,
+                                                         "eval_mask_seed": 4})
+    assert "During training each gene was masked with probability 0.3," in text
+    assert "fixed seeded evaluation mask (probability 0.15, seed 4)" in text
+    assert "probability 0.15, resampled" not in text
+    silent = _methods(train={"mask_prob": 0.2}, manifest={"source": "simulate", "V": 32})
+    assert "masked with probability 0.2," in silent and "not recorded in the manifest" in silent
+
+
+@pytest.mark.parametrize("objective, needle", [
+    ("mse", "the loss is the MSE on masked positions"),
+    ("gaussian-nll", "the loss is the Gaussian negative log-likelihood on masked positions"),
+    ("nb", "negative binomial over each masked gene's raw count"),
+])
+def test_methods_paragraph_names_the_runs_objective(objective, needle):
+    runs = pd.DataFrame({"size": ["XXS"], "params": [533], "objective": [objective], "status": ["ok"]})
+    for text in (_methods(runs=runs), _methods(model={"objective": objective})):
+        assert needle in text
+        assert ("the loss is the MSE" in text) == (objective == "mse")
+
+
+def test_methods_paragraph_states_the_fits_axes_and_interval_method():
+    nd = {"law": "chinchilla", "x": ["params", "train_cells"], "y": "best_val_mse", "interval": "profile",
+          "ci_method": "profile likelihood XYZ", "bootstrap": 200, "bootstrap_kind": "residuals",
+          "bootstrap_failed": 0}
+    text = _methods(fit=nd, fitcfg={"law": "chinchilla", "bootstrap": 200})
+    assert "fitted to the best validation MSE against total parameters P and training cells D" in text
+    assert "against total parameters P of" not in text
+    assert "95% intervals by profile likelihood XYZ (interval method 'profile')" in text
+    assert "200 bootstrap resamples of the residuals" in text and "failed" not in text
+    bits = _methods(fit={**nd, "law": "power-floor", "x": ["params"], "y": "best_val_loss", "loss_unit": "bits"})
+    assert "the best validation loss (bits per masked gene) against total parameters P of" in bits
+    # no fit yet: the axes of the configured law and the default interval method
+    default = _methods(fitcfg={"law": "chinchilla"})
+    assert "against total parameters P and training cells D" in default
+    assert f"(interval method '{cellscale.fit.intervals.DEFAULT_INTERVAL}')" in default
+    assert "(interval method 'bca-groups')" in _methods(fitcfg={"method": "paper"})
+
+
+def test_methods_paragraph_and_fit_table_flag_failed_resamples():
+    from cellscale.report.tables import _bootstrap_rows
+
+    few = {"interval": "residual-t", "ci_method": "studentized", "bootstrap": 100, "bootstrap_kind": "residuals",
+           "bootstrap_failed": 3, "bootstrap_failures": {"RuntimeError: boom": 3}, "bootstrap_unreliable": False}
+    text = _methods(fit=few, fitcfg={"bootstrap": 100})
+    assert "3 of 100 resamples failed to fit (RuntimeError: boom: 3)" in text and "MORE THAN 5%" not in text
+    many = {**few, "bootstrap_failed": 9, "bootstrap_failures": {"RuntimeError: boom": 9}, "bootstrap_unreliable": True}
+    assert "9 of 100 resamples failed to fit" in _methods(fit=many) and "MORE THAN 5%" in _methods(fit=many)
+    rows = _bootstrap_rows(many)
+    assert rows[0][:2] == ["interval method", "residual-t"]
+    assert "9 resample(s) failed to fit" in rows[1][2] and "WARNING: more than 5%" in rows[1][2]
+    assert "WARNING" not in _bootstrap_rows(few)[1][2]
 
 
 # ---------------------------------------------------------------------------------------------

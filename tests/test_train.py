@@ -102,6 +102,40 @@ def test_auto_lr_shrinks_with_width_and_scales_with_batch():
     assert resolve_lr(ModelConfig(d_model=64, n_layers=1, n_heads=1), small) == pytest.approx(cfg.lr_base / 2)
 
 
+def test_auto_lr_is_clamped_and_batch_scaling_none_and_linear():
+    narrow, wide = ModelConfig(d_model=1, n_layers=1, n_heads=1), ModelConfig(d_model=4096, n_layers=1, n_heads=1)
+    base = dict(lr_base=5e-3, lr_min=1e-4, lr_max=3e-2, batch_size=64, lr_batch_ref=64, lr_batch_scaling="none")
+    cfg = TrainConfig(**base)
+    assert 5e-3 * 64 / 1 > 3e-2 and 5e-3 * 64 / 4096 < 1e-4  # both ends clamp
+    assert resolve_lr(narrow, cfg) == pytest.approx(3e-2) and resolve_lr(wide, cfg) == pytest.approx(1e-4)
+    mid = ModelConfig(d_model=128, n_layers=1, n_heads=1)
+    assert resolve_lr(mid, cfg) == pytest.approx(2.5e-3)
+    for batch, scaling, factor in [(256, "none", 1.0), (256, "linear", 4.0), (16, "linear", 0.25),
+                                   (256, "sqrt", 2.0)]:
+        c = TrainConfig(**{**base, "batch_size": batch, "lr_batch_scaling": scaling})
+        assert resolve_lr(mid, c) == pytest.approx(2.5e-3 * factor), (batch, scaling)
+        # the clamp applies before the batch scaling: a clamped rate is scaled too
+        assert resolve_lr(narrow, c) == pytest.approx(3e-2 * factor), (batch, scaling)
+    fixed = TrainConfig(**{**base, "lr": 1e-3, "batch_size": 128, "lr_batch_scaling": "linear"})
+    assert resolve_lr(wide, fixed) == pytest.approx(2e-3)  # a given rate is not clamped, only scaled
+
+
+def test_logged_rate_is_resolve_lr_through_lr_at(tiny_dataset_dir: Path, tmp_path: Path):
+    ds = Dataset.open(tiny_dataset_dir)
+    model = get_size("TINY", n_genes=ds.n_genes)
+    cfg = TRAIN.model_copy(update={"lr_batch_scaling": "linear", "lr_batch_ref": 16, "schedule": "cosine"})
+    res = train_run(ds, model, cfg, out=tmp_path / "run", train_cells=100, seed=0)
+    peak = resolve_lr(model, cfg)
+    assert peak == pytest.approx(cfg.lr_base * 64 / model.d_model * 2)  # 32 / 16 cells per batch
+    assert res["lr"] == pytest.approx(peak)
+    train_lines = [m for m in _metrics(tmp_path / "run") if m["kind"] == "train"]
+    assert len(train_lines) >= 4
+    # a train line at step s logs the rate its last update (step s - 1) used
+    for rec in train_lines:
+        assert rec["lr"] == pytest.approx(lr_at(rec["step"] - 1, total_steps=24, peak=peak, cfg=cfg), rel=1e-12)
+    assert len({rec["lr"] for rec in train_lines}) > 2  # warmup and decay: the rate moves
+
+
 def test_resume_gives_identical_metrics(tiny_dataset_dir: Path, tmp_path: Path):
     ds = Dataset.open(tiny_dataset_dir)
     model = get_size("XS", n_genes=ds.n_genes)
@@ -111,6 +145,9 @@ def test_resume_gives_identical_metrics(tiny_dataset_dir: Path, tmp_path: Path):
     assert partial["status"] == "incomplete"
     assert not (tmp_path / "b" / "result.json").exists()
     resumed = train_run(ds, model, TRAIN, out=tmp_path / "b", seed=3)
+    # resumed from the step-6 checkpoint, not restarted (the runs are deterministic, so a
+    # restart from step 0 would give the same metrics)
+    assert straight["resumed_at"] == [] and resumed["resumed_at"] == [6]
     assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
     for key in ("best_val_mse", "test_mse", "best_step", "steps", "cells_seen", "masked_tokens_seen"):
         assert resumed[key] == pytest.approx(straight[key], rel=1e-6, abs=0), key

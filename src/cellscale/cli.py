@@ -216,6 +216,9 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     f.add_argument("table", help="CSV with one row per run")
     f.add_argument("--law", default=default.law, help="power, power-floor, chinchilla, data-constrained")
     f.add_argument("--method", default=default.method, help="huber-log, nls, paper")
+    f.add_argument("--interval", default=default.interval,
+                   help="interval method: profile (the default; bca-groups for --method paper), wald-t, "
+                        "residual-t, residual, bca-groups (coverage measured in docs/intervals.md)")
     f.add_argument("--x", help="comma-separated x column(s) (default params, or params,train_cells)")
     f.add_argument("--y", help="loss column (default best_val_mse)")
     f.add_argument("--bootstrap", type=int, default=default.bootstrap,
@@ -456,7 +459,7 @@ def cmd_fit(a: argparse.Namespace) -> int:
 
     x = [c.strip() for c in a.x.split(",")] if a.x else None
     res = fit_csv(a.table, law=a.law, method=a.method, x=x, y=a.y, bootstrap=a.bootstrap,
-                  seed=a.seed, n_jobs=a.jobs)
+                  seed=a.seed, n_jobs=a.jobs, interval=a.interval)
     d = res.to_dict()
     if a.json:
         print(to_json(d, indent=None))

@@ -188,6 +188,9 @@ class FitConfig(_Frozen):
     method: str = "huber-log"
     bootstrap: int = Field(1000, ge=0)
     seed: int = 0
+    # the interval method (cellscale.fit.intervals; None: profile, or bca-groups for method paper;
+    # coverage measured in docs/intervals.md)
+    interval: Literal["profile", "wald-t", "residual-t", "residual", "bca-groups"] | None = None
     # a law is fitted to runs trained to their plateau (result "converged"); True fits the
     # unconverged ones too (the report still names them)
     keep_unconverged: bool = False
@@ -300,7 +303,7 @@ ADDED_SETTINGS_OFF: dict[str, dict[str, Any]] = {
               "lr_scale": 1.0},
     "model": {"attention_dropout": None},
     "sweep": {"depths": [1.0], "epochs": None, "lr_multipliers": [1.0]},
-    "fit": {"keep_unconverged": False},
+    "fit": {"keep_unconverged": False, "interval": None},
 }
 
 

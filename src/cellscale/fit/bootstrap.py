@@ -1,11 +1,17 @@
-"""Grouped, seeded bootstrap over runs.
+"""Seeded bootstrap resamples, fitted in worker processes, with their failures counted.
 
-A resample draws resampling units (by default: rows sharing the same x values, i.e. the
-seeds of one configuration) with replacement, and becomes a vector of row weights. All
-weight vectors are drawn up front from one seed, so the numbers do not depend on how
-many processes fit them. Each resample is fitted from warm starts chosen by the caller
-(``fit_table`` passes the full-data optimum), not from the whole start grid: a resample
-is a small perturbation of the data, and its optimum sits next to the full-data one.
+Two kinds of resample share one machinery: a **group** resample draws resampling units (by
+default: rows sharing the same x values, i.e. the seeds of one configuration) with
+replacement and becomes a vector of row weights; a **residual** resample keeps the rows and
+their weights and replaces the losses (``cellscale.fit.intervals``). All resamples are drawn
+up front from one seed, so the numbers do not depend on how many processes fit them. Each
+resample is fitted from warm starts chosen by the caller (``fit_table`` passes the
+full-data optimum), not from the whole start grid: a resample is a small perturbation of the
+data, and its optimum sits next to the full-data one.
+
+A resample that cannot be fitted leaves a NaN row and a one-line reason (``Resamples``):
+too few distinct configurations to identify the law, a non-positive simulated loss, or the
+exception the fit raised. Callers count them; nothing is dropped unseen.
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.stats import norm
@@ -21,6 +29,27 @@ from scipy.stats import norm
 from cellscale.fit.laws.base import Law
 from cellscale.fit.methods import METHODS
 from cellscale.fit.threads import blas_single_thread, single_thread_env
+
+TOO_FEW_CONFIGS = "fewer distinct configurations than parameters"
+NON_POSITIVE = "a simulated loss is not positive"
+NON_FINITE = "the fit returned a non-finite estimate"
+
+
+@dataclass
+class Resamples:
+    """Fitted resamples: natural parameters (NaN rows where a fit failed) and why each failed."""
+
+    samples: np.ndarray  # (B, k)
+    errors: list[str | None]  # one per resample: None, or why it failed
+    extra: np.ndarray | None = None  # (B, k) per-resample standard errors, when asked for
+
+    @property
+    def n_failed(self) -> int:
+        return sum(e is not None for e in self.errors)
+
+    def failures(self) -> dict[str, int]:
+        """{reason: count} of the failed resamples, most frequent first."""
+        return dict(Counter(e for e in self.errors if e is not None).most_common())
 
 
 def resample_weights(groups: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
@@ -33,30 +62,50 @@ def resample_weights(groups: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
     return counts[:, groups]
 
 
-def _fit_chunk(method_name: str, law: Law, X: np.ndarray, y: np.ndarray, base_w: np.ndarray,
-               W: np.ndarray, starts: np.ndarray) -> np.ndarray:
+def _reason(err: BaseException) -> str:
+    text = str(err).splitlines()[0] if str(err) else ""
+    return f"{type(err).__name__}: {text[:160]}" if text else type(err).__name__
+
+
+def _fit_one(method, law, X, logX, y, w, starts, se_fn):
+    """(theta, se or None, None) for one resample, or (None, None, reason)."""
+    used = w > 0
+    # A resample with fewer distinct configurations than parameters cannot identify them;
+    # it is counted as failed rather than returning an arbitrary point.
+    if np.unique(X[used], axis=0).shape[0] < law.n_params:
+        return None, None, TOO_FEW_CONFIGS
+    if not np.all(y[used] > 0):
+        return None, None, NON_POSITIVE
+    idx = np.flatnonzero(used)
+    yi = y[idx]
+    try:
+        outcome = method.fit(law, logX[idx], yi, np.log(yi), w[idx], starts=starts)
+        theta = law.to_natural(outcome.u)
+        se = se_fn(law, logX[idx], yi, w[idx], outcome.u) if se_fn is not None else None
+    except Exception as err:  # noqa: BLE001 - counted with its reason, not swallowed
+        return None, None, _reason(err)
+    if not np.all(np.isfinite(theta)):
+        return None, None, NON_FINITE
+    return theta, se, None
+
+
+def _fit_chunk(method_name: str, law: Law, X: np.ndarray, Y: np.ndarray, W: np.ndarray,
+               starts: np.ndarray, se_fn=None) -> Resamples:
     with blas_single_thread():
-        return _fit_rows(method_name, law, X, y, base_w, W, starts)
-
-
-def _fit_rows(method_name, law, X, y, base_w, W, starts):
-    method = METHODS[method_name]
-    logX, logy = np.log(X), np.log(y)
-    out = np.full((W.shape[0], law.n_params), np.nan)
-    for i, counts in enumerate(W):
-        used = counts > 0
-        # A resample with fewer distinct configurations than parameters cannot identify
-        # them; it is counted as failed rather than returning an arbitrary point.
-        if np.unique(X[used], axis=0).shape[0] < law.n_params:
-            continue
-        idx = np.flatnonzero(used)
-        w = counts[idx] * base_w[idx]
-        try:
-            outcome = method.fit(law, logX[idx], y[idx], logy[idx], w, starts=starts)
-        except Exception:  # noqa: BLE001 - one failed resample must not sink the others
-            continue
-        out[i] = law.to_natural(outcome.u)
-    return out
+        method = METHODS[method_name]
+        logX = np.log(X)
+        out = np.full((W.shape[0], law.n_params), np.nan)
+        ses = np.full((W.shape[0], law.n_params), np.nan) if se_fn is not None else None
+        errors: list[str | None] = []
+        for i in range(W.shape[0]):
+            y = Y[i] if Y.ndim == 2 else Y
+            theta, se, err = _fit_one(method, law, X, logX, y, W[i], starts, se_fn)
+            errors.append(err)
+            if err is None:
+                out[i] = theta
+                if ses is not None:
+                    ses[i] = se
+        return Resamples(out, errors, ses)
 
 
 def _pool_context():
@@ -66,18 +115,29 @@ def _pool_context():
     return multiprocessing.get_context("spawn")
 
 
-def run_bootstrap(method_name: str, law: Law, X: np.ndarray, y: np.ndarray, base_w: np.ndarray,
-                  W: np.ndarray, starts: np.ndarray, n_jobs: int | None = 1) -> np.ndarray:
-    """Natural-parameter samples, shape (n_boot, k); NaN rows for failed resamples."""
+def fit_resamples(method_name: str, law: Law, X: np.ndarray, Y: np.ndarray, W: np.ndarray,
+                  starts: np.ndarray, n_jobs: int | None = 1, se_fn=None) -> Resamples:
+    """Fit each resample: row weights ``W`` (B, n) and losses ``Y`` ((B, n), or (n,) for all).
+
+    ``se_fn(law, logX, y, w, u)``, when given, is evaluated at each resample's optimum (a
+    module-level function, so that worker processes can run it)."""
     if n_jobs is None or n_jobs <= 0:
         n_jobs = os.cpu_count() or 1
     n_jobs = max(1, min(n_jobs, W.shape[0]))
     if n_jobs == 1 or W.shape[0] < 2:
-        return _fit_chunk(method_name, law, X, y, base_w, W, starts)
-    chunks = np.array_split(W, n_jobs * 4)
+        return _fit_chunk(method_name, law, X, Y, W, starts, se_fn)
+    splits = np.array_split(np.arange(W.shape[0]), n_jobs * 4)
+    jobs = [(method_name, law, X, Y[s] if Y.ndim == 2 else Y, W[s], starts, se_fn) for s in splits if s.size]
     with single_thread_env(), ProcessPoolExecutor(max_workers=n_jobs, mp_context=_pool_context()) as pool:
-        parts = pool.map(_fit_chunk, *zip(*[(method_name, law, X, y, base_w, c, starts) for c in chunks]))
-        return np.vstack(list(parts))
+        parts = list(pool.map(_fit_chunk, *zip(*jobs)))
+    extra = np.vstack([p.extra for p in parts]) if se_fn is not None else None
+    return Resamples(np.vstack([p.samples for p in parts]), [e for p in parts for e in p.errors], extra)
+
+
+def run_bootstrap(method_name: str, law: Law, X: np.ndarray, y: np.ndarray, base_w: np.ndarray,
+                  W: np.ndarray, starts: np.ndarray, n_jobs: int | None = 1) -> Resamples:
+    """Group resamples: row weights ``W * base_w`` on the observed losses."""
+    return fit_resamples(method_name, law, X, y, W * base_w[None, :], starts, n_jobs=n_jobs)
 
 
 def jackknife_weights(groups: np.ndarray, base: np.ndarray | None = None) -> np.ndarray:
@@ -86,6 +146,16 @@ def jackknife_weights(groups: np.ndarray, base: np.ndarray | None = None) -> np.
     W = np.ones((n_groups, groups.size))
     W[groups[None, :] == np.arange(n_groups)[:, None]] = 0.0
     return W
+
+
+def jackknife_acceleration(jack: np.ndarray) -> float:
+    """Efron's acceleration from leave-one-unit-out estimates of one parameter (finite ones)."""
+    jack = jack[np.isfinite(jack)]
+    if jack.size < 3:
+        return 0.0
+    d = jack.mean() - jack
+    denom = np.sum(d * d) ** 1.5
+    return float(np.sum(d**3) / (6 * denom)) if denom > 0 else 0.0
 
 
 def bca_ci(samples: np.ndarray, theta: np.ndarray, jack: np.ndarray,
@@ -108,11 +178,7 @@ def bca_ci(samples: np.ndarray, theta: np.ndarray, jack: np.ndarray,
     for j in range(k):
         below = (np.sum(ok[:, j] < theta[j]) + 0.5 * np.sum(ok[:, j] == theta[j])) / n_boot
         z0 = norm.ppf(np.clip(below, 0.5 / n_boot, 1 - 0.5 / n_boot))
-        accel = 0.0
-        if jack_ok.shape[0] >= 3:
-            d = jack_ok[:, j].mean() - jack_ok[:, j]
-            denom = np.sum(d * d) ** 1.5
-            accel = float(np.sum(d**3) / (6 * denom)) if denom > 0 else 0.0
+        accel = jackknife_acceleration(jack_ok[:, j]) if jack_ok.shape[0] >= 3 else 0.0
         zz = z0 + z_tail
         with np.errstate(divide="ignore", invalid="ignore"):
             probs = norm.cdf(z0 + zz / (1 - accel * zz))

@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 
 from cellscale.errors import FitError
-from cellscale.fit.bootstrap import bca_ci, jackknife_weights, resample_weights, run_bootstrap
 from cellscale.fit.compare import information_criteria, r_squared, residuals
 from cellscale.fit.compute_optimal import compute_optimal
 from cellscale.fit.data import Y_DEFAULT, FitData, n_distinct_rows, prepare
 from cellscale.fit.entropy import entropy_summary
+from cellscale.fit.intervals import check_interval, compute_intervals, default_interval
 from cellscale.fit.laws import LAWS
 from cellscale.fit.laws.base import Law
 from cellscale.fit.methods import METHODS, Method, paper_fit, paper_on_edge
@@ -122,6 +122,7 @@ def fit_table(
     weights: str | None = None,
     gain_tolerance: float = 0.01,
     n_jobs: int | None = 1,
+    interval: str | None = None,
 ) -> FitResult:
     """Fit ``law`` to the finished runs of ``df`` with ``method`` and a grouped bootstrap.
 
@@ -131,16 +132,20 @@ def fit_table(
     ``per_gene_mse`` (per-gene errors, e.g. of the best model) adds the heteroscedastic
     entropy. ``gain_tolerance`` is the relative gain per doubling of N below which the
     compute-optimal block calls a model size sufficient. ``n_jobs`` processes fit the
-    resamples (None: one per CPU); the numbers do not depend on it.
+    resamples (None: one per CPU); the numbers do not depend on it. ``interval`` names the
+    interval method (``cellscale.fit.intervals.INTERVALS``; default ``default_interval(method)``,
+    chosen by coverage in docs/intervals.md); ``bootstrap`` resamples feed it and the
+    prediction bands, and each one that fails is counted in the result.
     """
     with blas_single_thread():
         return _fit_table(df, law=law, method=method, x=x, y=y, bootstrap=bootstrap, seed=seed,
                           groups=groups, per_gene_mse=per_gene_mse, weights=weights,
-                          gain_tolerance=gain_tolerance, n_jobs=n_jobs)
+                          gain_tolerance=gain_tolerance, n_jobs=n_jobs,
+                          interval=check_interval(interval or default_interval(method)))
 
 
 def _fit_table(df, *, law, method, x, y, bootstrap, seed, groups, per_gene_mse, weights,
-               gain_tolerance, n_jobs) -> FitResult:
+               gain_tolerance, n_jobs, interval) -> FitResult:
     law_obj, method_obj = _lookup(law, method)
     if bootstrap < 0:
         raise FitError(f"bootstrap must be >= 0, got {bootstrap}")
@@ -165,17 +170,9 @@ def _fit_table(df, *, law, method, x, y, bootstrap, seed, groups, per_gene_mse, 
         at_boundary = law_obj.floor_on_bound(theta, data.y)
         floor_bounds = list(law_obj.floor_bounds(data.y))
 
-    if bootstrap > 0:
-        W = resample_weights(data.groups, bootstrap, seed)
-        samples = run_bootstrap(method_obj.name, law_obj, data.X, data.y, data.weights, W,
-                                outcome.candidates[:1], n_jobs=n_jobs)
-        jack = run_bootstrap(method_obj.name, law_obj, data.X, data.y, data.weights,
-                             jackknife_weights(data.groups), outcome.candidates[:1], n_jobs=n_jobs)
-        ci_lo, ci_hi = bca_ci(samples, theta, jack)
-    else:
-        samples = np.empty((0, law_obj.n_params))
-        ci_lo, ci_hi = np.full(law_obj.n_params, np.nan), np.full(law_obj.n_params, np.nan)
-    n_failed = int(np.sum(~np.all(np.isfinite(samples), axis=1)))
+    ivals = compute_intervals(interval, method_obj, law_obj, data, outcome.u, outcome.candidates[:1],
+                              n_boot=bootstrap, seed=seed, n_jobs=n_jobs)
+    samples, ci_lo, ci_hi = ivals.samples, ivals.lo, ivals.hi
 
     aic, bic = _criteria(law_obj, method_obj, data, theta)
     no_floor = _no_floor(law_obj, method_obj, data)
@@ -186,7 +183,7 @@ def _fit_table(df, *, law, method, x, y, bootstrap, seed, groups, per_gene_mse, 
 
     fidx = law_obj.floor_index()
     floor = float(theta[fidx]) if fidx is not None else None
-    floor_ci = (float(ci_lo[fidx]), float(ci_hi[fidx])) if fidx is not None and samples.shape[0] else None
+    floor_ci = (float(ci_lo[fidx]), float(ci_hi[fidx])) if fidx is not None and np.isfinite(ci_lo[fidx]) else None
     extra = {
         "r2_definition": r2_definition,
         "floor_bounds": floor_bounds if fidx is not None else None,
@@ -201,12 +198,10 @@ def _fit_table(df, *, law, method, x, y, bootstrap, seed, groups, per_gene_mse, 
         "loss_unit": loss_unit,
         "entropy_bits": entropy_summary(floor, floor_ci, None if loss_unit == "bits" else per_gene_mse,
                                         loss_unit=loss_unit),
-        "bootstrap": int(bootstrap),
-        "bootstrap_failed": n_failed,
-        "bootstrap_units": groups if groups is not None else x,
+        **ivals.summary(interval, bootstrap, law_obj, theta),
+        "bootstrap_units": (groups if groups is not None else x) if interval == "bca-groups" else None,
         "n_units": int(data.groups.max()) + 1,
         "seed": int(seed),
-        "ci_method": "BCa bootstrap over resampling units (bias-corrected, jackknife acceleration)",
     }
     if law_obj.name == "chinchilla":
         extra["compute_optimal"] = compute_optimal(theta, samples, X=data.X, frame=data.frame,

@@ -136,19 +136,22 @@ class NLS(Method):
         r = np.exp(law.log_predict_many(U, logX)) - y
         return (r * r * w).sum(axis=1)
 
+    @staticmethod
+    def residuals(law, logX, y, w, u):
+        """sqrt(w) (L(u) - y): the residuals whose squares are summed."""
+        return np.sqrt(w) * (np.exp(law.log_predict(u, logX)) - y)
+
+    @staticmethod
+    def jacobian(law, logX, y, w, u):
+        """d residuals / d u, shape (n, k)."""
+        logp, dlog = law.log_predict_jac(u, logX)
+        return (np.sqrt(w) * np.exp(logp))[:, None] * dlog
+
     def local(self, law, logX, y, logy, w, u0, bounds):
-        sw = np.sqrt(w)
-
-        def resid(u):
-            return sw * (np.exp(law.log_predict(u, logX)) - y)
-
-        def jac(u):
-            logp, dlog = law.log_predict_jac(u, logX)
-            return (sw * np.exp(logp))[:, None] * dlog
-
         lo = [b[0] for b in bounds]
         hi = [b[1] for b in bounds]
-        res = least_squares(resid, u0, jac=jac, bounds=(lo, hi), method="trf",
+        res = least_squares(lambda u: self.residuals(law, logX, y, w, u), u0,
+                            jac=lambda u: self.jacobian(law, logX, y, w, u), bounds=(lo, hi), method="trf",
                             ftol=1e-12, xtol=1e-12, gtol=1e-12, max_nfev=2000)
         return res.x, float(2 * res.cost)
 

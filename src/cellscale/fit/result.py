@@ -31,6 +31,16 @@ class FitResult:
         return {n: float(v) for n, v in zip(self.law.param_names, self.theta)}
 
     @property
+    def interval(self) -> str | None:
+        """The interval method behind ``ci95`` (``cellscale.fit.intervals``)."""
+        return self.extra.get("interval")
+
+    @property
+    def bootstrap_failed(self) -> int:
+        """Resamples that could not be fitted (their reasons: ``extra["bootstrap_failures"]``)."""
+        return int(self.extra.get("bootstrap_failed") or 0)
+
+    @property
     def ci95(self) -> dict[str, list[float]]:
         return {n: [float(lo), float(hi)] for n, lo, hi in zip(self.law.param_names, self.ci_lo, self.ci_hi)}
 

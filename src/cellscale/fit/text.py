@@ -24,6 +24,7 @@ def format_fit(fit: dict[str, Any]) -> list[str]:
         parts.append(f"{name}={value:.4g}{ci}")
     lines = [f"fit ({fit.get('law')}, {fit.get('method')}, n={fit.get('n_points')}, "
              f"R^2={fit.get('r2', float('nan')):.3f}): " + ", ".join(parts)]
+    lines += _interval_lines(fit)
     if fit.get("floor_at_boundary"):
         lines.append("warning: the floor estimate sits on its bound: the data do not pin it down")
     else:
@@ -42,3 +43,23 @@ def _entropy_lines(ent: dict[str, Any]) -> list[str]:
             ci_txt = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if None not in ci else ""
             return [f"entropy per masked gene ({what}): {ent[key]:.3f} bits{ci_txt}"]
     return []
+
+
+def _interval_lines(fit: dict[str, Any]) -> list[str]:
+    """Which interval method gave the brackets, and the resamples that failed (flagged past 5%)."""
+    if not fit.get("interval"):
+        return []
+    line = f"intervals: {fit['interval']} ({fit.get('ci_method', '')})"
+    failed, n = fit.get("bootstrap_failed") or 0, fit.get("bootstrap") or 0
+    if failed:
+        line += f"; {failed} of {n} resamples failed to fit"
+    out = [line]
+    off = fit.get("estimate_outside_interval") or []
+    if off:
+        out.append(f"warning: the estimate of {', '.join(off)} lies outside its interval: the interval is the "
+                   "Gaussian fit's (centred on least squares), and outliers pull that fit away from this one; "
+                   "refit with interval='residual-t' (cellscale.fit.fit_table)")
+    if fit.get("bootstrap_unreliable"):
+        out.append(f"warning: more than 5% of the bootstrap resamples failed ({failed} of {n}): "
+                   "the intervals that rest on them are unreliable")
+    return out

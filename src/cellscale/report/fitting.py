@@ -192,7 +192,7 @@ def run_fit(runs: pd.DataFrame, fit_config: dict[str, Any], *, full_train: float
                         "or set fit.keep_unconverged: true" if left else ""))
         return out
     kw = dict(law=out.law, method=out.method, bootstrap=int(settings["bootstrap"]), seed=int(settings["seed"]),
-              interval=settings.get("interval"))  # None: the fit's default (FitConfig has no such key yet)
+              interval=settings["interval"])  # None: the fit's default
     if per_gene_mse is not None and len(per_gene_mse):
         kw["per_gene_mse"] = np.asarray(per_gene_mse, dtype=float)
     try:

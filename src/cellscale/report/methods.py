@@ -340,6 +340,10 @@ def _interval_text(fitcfg: Mapping[str, Any], fit: Mapping[str, Any] | None) -> 
                 text += " (" + "; ".join(f"{r}: {fmt_int(c)}" for r, c in reasons.items()) + ")"
         if fit.get("bootstrap_unreliable"):
             text += ", MORE THAN 5%: the intervals that rest on them are unreliable"
+    off = fit.get("estimate_outside_interval") or []
+    if off:
+        text += (f"; WARNING: the estimate of {', '.join(off)} lies outside its interval (the interval is "
+                 "centred on the least-squares fit, which outliers pull away from this fit)")
     return text
 
 

@@ -1,0 +1,383 @@
+"""Confidence intervals for a fitted law, by name (``fit_table(..., interval=NAME)``).
+
+Measured against each other in ``docs/intervals.md`` (``benchmarks/interval_coverage.py``):
+
+- ``profile``: profile likelihood of a Gaussian in the method's space (log L for huber-log
+  and paper, L for nls), calibrated by t on n - k degrees of freedom (Bates & Watts 1988,
+  ch. 6: the profile-t interval; exact for a linear model). No resampling; follows the
+  curvature of the law, so a floor or exponent that the data pin down only on one side gets
+  a one-sided long interval, running to the bound where the data never exclude it.
+- ``wald-t``: the same Gaussian fit, estimate +- t_{n-k} standard errors from
+  s^2 (J'J)^-1 in the fitting parameterisation (log amplitudes), mapped to natural scale.
+- ``residual-t``: studentized (percentile-t) residual bootstrap of the method's own
+  estimator: leverage-adjusted residuals resampled onto the fitted curve (Davison &
+  Hinkley 1997, alg. 6.3), each resample's estimate divided by its own standard error.
+- ``residual``: percentile intervals of the same residual bootstrap.
+- ``bca-groups``: the earlier default; BCa percentiles of a bootstrap over run groups
+  (rows sharing x values resample together) with jackknife acceleration. With one seed
+  per size it resamples the sizes themselves, and with a handful of sizes it over-covers.
+
+Every method but the two Gaussian ones spends ``bootstrap`` resamples; those two still draw
+a residual bootstrap of that size when ``bootstrap > 0``, for the prediction bands and the
+compute-optimal intervals that need samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import brentq, least_squares
+from scipy.stats import t as student_t
+
+from cellscale.errors import FitError
+from cellscale.fit.bootstrap import (
+    Resamples,
+    bca_ci,
+    fit_resamples,
+    jackknife_weights,
+    resample_weights,
+    run_bootstrap,
+)
+from cellscale.fit.laws.base import Law
+
+DEFAULT_INTERVAL = "profile"
+LEVEL = 0.95
+# More failed resamples than this share marks a fit's intervals as unreliable.
+FAILED_FRACTION_FLAG = 0.05
+
+DESCRIPTIONS = {
+    "profile": "profile likelihood of a Gaussian in the method's space, t_{n-k} calibrated (Bates & Watts 1988)",
+    "wald-t": "estimate +- t_{n-k} asymptotic standard errors (log amplitudes), Gaussian in the method's space",
+    "residual-t": "studentized (percentile-t) residual bootstrap of the method's estimator (Davison & Hinkley 1997)",
+    "residual": "percentile residual bootstrap of the method's estimator (leverage-adjusted residuals)",
+    "bca-groups": "BCa bootstrap over resampling units (bias-corrected, jackknife acceleration)",
+}
+INTERVALS = tuple(DESCRIPTIONS)
+
+
+def default_interval(method_name: str) -> str:
+    """The interval used when none is named: ``DEFAULT_INTERVAL``, except for the seed study's
+    ``paper`` method. Its estimate is a grid search that lands on the grid's edge, not a smooth
+    optimum: no standard error or likelihood profile describes it, so its intervals are the
+    group bootstrap's (BCa), as before."""
+    return "bca-groups" if method_name == "paper" else DEFAULT_INTERVAL
+
+
+def check_interval(name: str) -> str:
+    if name not in DESCRIPTIONS:
+        raise FitError(f"unknown interval method '{name}' (available: {', '.join(INTERVALS)})")
+    return name
+
+
+# ---- the Gaussian fit in the method's space -------------------------------------------------
+
+def _resid_jac(law: Law, space: str, logX, y, w, u):
+    """Weighted residuals and their Jacobian in u: sqrt(w) (f(u) - y) in ``space``."""
+    lp, J = law.log_predict_jac(u, logX)
+    sw = np.sqrt(w)
+    if space == "log":
+        return sw * (lp - np.log(y)), sw[:, None] * J
+    p = np.exp(lp)
+    return sw * (p - y), (sw * p)[:, None] * J
+
+
+def _n_dof(law: Law, w) -> tuple[float, int]:
+    """(effective n, residual degrees of freedom): the sum of the resampling counts/weights
+    where they are counts, the number of used rows otherwise."""
+    n = float(np.sum(w > 0))
+    return n, int(n) - law.n_params
+
+
+def standard_errors(law: Law, space: str, logX, y, w, u) -> np.ndarray:
+    """s sqrt(diag (J'J)^-1) in u, with s^2 = RSS / (n - k); NaN where not identified."""
+    r, J = _resid_jac(law, space, logX, y, w, u)
+    _, dof = _n_dof(law, w)
+    if dof <= 0:
+        return np.full(law.n_params, np.nan)
+    s2 = float(r @ r) / dof
+    cov = np.linalg.pinv(J.T @ J) * s2
+    return np.sqrt(np.clip(np.diag(cov), 0, None))
+
+
+def se_log(law, logX, y, w, u):
+    return standard_errors(law, "log", logX, y, w, u)
+
+
+def se_linear(law, logX, y, w, u):
+    return standard_errors(law, "linear", logX, y, w, u)
+
+
+def _bounds_arrays(law: Law, y) -> tuple[np.ndarray, np.ndarray]:
+    b = law.bounds(np.log(y))
+    return np.array([x[0] for x in b], float), np.array([x[1] for x in b], float)
+
+
+def gaussian_fit(law: Law, space: str, logX, y, w, starts) -> tuple[np.ndarray, float]:
+    """Least squares in ``space`` from each start: (u, residual sum of squares)."""
+    lo, hi = _bounds_arrays(law, y)
+    best_u, best_s = None, np.inf
+    for s in starts:
+        u0 = np.clip(np.asarray(s, float), lo + 1e-9 * (hi - lo), hi - 1e-9 * (hi - lo))
+        with np.errstate(all="ignore"):
+            res = least_squares(lambda u: _resid_jac(law, space, logX, y, w, u)[0], u0,
+                                jac=lambda u: _resid_jac(law, space, logX, y, w, u)[1],
+                                bounds=(lo, hi), method="trf", ftol=1e-12, xtol=1e-12, gtol=1e-12,
+                                max_nfev=2000)
+        if np.isfinite(res.cost) and 2 * res.cost < best_s:
+            best_u, best_s = res.x, 2 * float(res.cost)
+    if best_u is None:
+        raise FitError("the least-squares fit behind the intervals found no finite solution")
+    return best_u, best_s
+
+
+# ---- profile-t --------------------------------------------------------------------------------
+
+@dataclass
+class _Profile:
+    law: Law
+    space: str
+    logX: np.ndarray
+    y: np.ndarray
+    w: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    warm: np.ndarray = field(default_factory=lambda: np.empty(0))
+
+    def rss(self, j: int, value: float) -> float:
+        """The smallest RSS with u_j held at ``value`` (warm-started from the last one)."""
+        free = np.arange(self.lo.size) != j
+        law, space, logX, y, w = self.law, self.space, self.logX, self.y, self.w
+
+        def full(v):
+            u = np.empty(self.lo.size)
+            u[free], u[j] = v, value
+            return u
+
+        v0 = np.clip(self.warm[free], self.lo[free] + 1e-12, self.hi[free] - 1e-12)
+        with np.errstate(all="ignore"):
+            res = least_squares(lambda v: _resid_jac(law, space, logX, y, w, full(v))[0], v0,
+                                jac=lambda v: _resid_jac(law, space, logX, y, w, full(v))[1][:, free],
+                                bounds=(self.lo[free], self.hi[free]), method="trf",
+                                ftol=1e-10, xtol=1e-10, gtol=1e-10, max_nfev=500)
+        if np.isfinite(res.cost):
+            self.warm = full(res.x)
+        return 2 * float(res.cost) if np.isfinite(res.cost) else np.inf
+
+    def side(self, j: int, u_hat: np.ndarray, rss_min: float, excess: float, step: float, sign: int) -> float:
+        """Where the profile RSS first exceeds rss_min + excess on one side of u_hat[j]
+        (the bound, where it never does)."""
+        bound = self.hi[j] if sign > 0 else self.lo[j]
+        self.warm = u_hat.copy()
+        x_prev = float(u_hat[j])
+        for _ in range(60):
+            x = x_prev + sign * step
+            if (x - bound) * sign >= 0:
+                x = bound
+            warm_prev = self.warm.copy()
+            d = self.rss(j, x) - rss_min - excess
+            if d >= 0:
+                return self._root(j, x_prev, x, warm_prev, rss_min + excess, step)
+            if x == bound:
+                return bound
+            x_prev, step = x, step * 1.6
+        return bound
+
+    def _root(self, j: int, inside: float, outside: float, warm: np.ndarray, level: float, step: float) -> float:
+        """Where the profile RSS crosses ``level`` between ``inside`` and ``outside``, each
+        evaluation warm-started from the solution at ``inside``. The nuisance fit is not convex,
+        so a start can land elsewhere: where the ends do not bracket a crossing, the interval
+        ends at the outer point (the wider, conservative choice)."""
+        def g(z):
+            self.warm = warm.copy()
+            return self.rss(j, z) - level
+
+        if inside == outside:
+            return outside
+        try:
+            return brentq(g, inside, outside, xtol=1e-6 * max(step, 1e-12), maxiter=60)
+        except ValueError:
+            return outside
+
+
+def profile_ci(law: Law, space: str, logX, y, w, starts, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray]:
+    """Profile-t intervals in natural parameters (NaN when n <= k)."""
+    k = law.n_params
+    _, dof = _n_dof(law, w)
+    if dof <= 0:
+        return np.full(k, np.nan), np.full(k, np.nan)
+    u_hat, rss_min = gaussian_fit(law, space, logX, y, w, starts)
+    s2 = rss_min / dof
+    tq = float(student_t.ppf(0.5 + level / 2, dof))
+    se = standard_errors(law, space, logX, y, w, u_hat)
+    lo_b, hi_b = _bounds_arrays(law, y)
+    prof = _Profile(law, space, logX, y, w, lo_b, hi_b)
+    u_lo, u_hi = np.empty(k), np.empty(k)
+    for j in range(k):
+        step = float(se[j]) if np.isfinite(se[j]) and se[j] > 0 else 0.1 * (1 + abs(u_hat[j]))
+        step = min(step, 0.5 * (hi_b[j] - lo_b[j]))
+        u_lo[j] = prof.side(j, u_hat, rss_min, tq * tq * s2, step, -1)
+        u_hi[j] = prof.side(j, u_hat, rss_min, tq * tq * s2, step, +1)
+    return law.to_natural(u_lo), law.to_natural(u_hi)
+
+
+def wald_t_ci(law: Law, space: str, logX, y, w, starts, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray]:
+    k = law.n_params
+    _, dof = _n_dof(law, w)
+    if dof <= 0:
+        return np.full(k, np.nan), np.full(k, np.nan)
+    u_hat, _ = gaussian_fit(law, space, logX, y, w, starts)
+    se = standard_errors(law, space, logX, y, w, u_hat)
+    tq = float(student_t.ppf(0.5 + level / 2, dof))
+    lo_b, hi_b = _bounds_arrays(law, y)
+    with np.errstate(invalid="ignore"):
+        return (law.to_natural(np.clip(u_hat - tq * se, lo_b, hi_b)),
+                law.to_natural(np.clip(u_hat + tq * se, lo_b, hi_b)))
+
+
+# ---- the residual bootstrap -------------------------------------------------------------------
+
+def residual_draws(law: Law, space: str, logX, y, w, u_hat, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, n) simulated losses: the fitted curve plus resampled residuals.
+
+    Residuals are weighted (sqrt w), divided by sqrt(1 - leverage) so that they have the
+    spread of the errors rather than of the fit's residuals, and centred."""
+    r, J = _resid_jac(law, space, logX, y, w, u_hat)
+    used = w > 0
+    with np.errstate(all="ignore"):
+        hat = np.einsum("ij,jk,ik->i", J, np.linalg.pinv(J.T @ J), J)
+    e = -r[used] / np.sqrt(np.clip(1.0 - hat[used], 1e-3, None))
+    e = e - e.mean()
+    rng = np.random.default_rng(seed)
+    draws = e[rng.integers(0, e.size, size=(n_boot, int(used.sum())))]
+    lp = law.log_predict(u_hat, logX)
+    noise = np.zeros((n_boot, y.size))
+    noise[:, used] = draws / np.sqrt(w[used])
+    if space == "log":
+        return np.exp(lp[None, :] + noise)
+    return np.exp(lp)[None, :] + noise
+
+
+def studentized_ci(samples_u: np.ndarray, se_star: np.ndarray, u_hat: np.ndarray, se_hat: np.ndarray,
+                   law: Law, y, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile-t: u_hat - q(1 - tail) se .. u_hat - q(tail) se, q of (u* - u_hat) / se*."""
+    k = law.n_params
+    lo_b, hi_b = _bounds_arrays(law, y)
+    u_lo, u_hi = np.full(k, np.nan), np.full(k, np.nan)
+    tail = (1 - level) / 2
+    for j in range(k):
+        with np.errstate(all="ignore"):
+            tj = (samples_u[:, j] - u_hat[j]) / se_star[:, j]
+        tj = tj[np.isfinite(tj)]
+        if tj.size < 10 or not np.isfinite(se_hat[j]):
+            continue
+        q_lo, q_hi = np.quantile(tj, [tail, 1 - tail])
+        u_lo[j] = np.clip(u_hat[j] - q_hi * se_hat[j], lo_b[j], hi_b[j])
+        u_hi[j] = np.clip(u_hat[j] - q_lo * se_hat[j], lo_b[j], hi_b[j])
+    with np.errstate(invalid="ignore"):
+        return law.to_natural(u_lo), law.to_natural(u_hi)
+
+
+def percentile_ci(samples: np.ndarray, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray]:
+    ok = samples[np.all(np.isfinite(samples), axis=1)]
+    k = samples.shape[1]
+    if ok.shape[0] == 0:
+        return np.full(k, np.nan), np.full(k, np.nan)
+    tail = 100 * (1 - level) / 2
+    return np.percentile(ok, tail, axis=0), np.percentile(ok, 100 - tail, axis=0)
+
+
+# ---- one entry point --------------------------------------------------------------------------
+
+@dataclass
+class Intervals:
+    lo: np.ndarray
+    hi: np.ndarray
+    boot: Resamples | None  # the resamples behind bands (None without a bootstrap)
+    kind: str | None  # "run groups" or "residuals"
+    jackknife_failed: int = 0
+    centre: np.ndarray | None = None  # the Gaussian fit the profile / wald-t intervals are built on
+
+    @property
+    def samples(self) -> np.ndarray:
+        return self.boot.samples if self.boot is not None else np.empty((0, self.lo.size))
+
+    def outside(self, theta: np.ndarray, names) -> list[str]:
+        """Parameters whose fitted value lies outside their own interval (a Gaussian interval is
+        centred on the least-squares estimate, which outliers can pull away from a robust fit's)."""
+        with np.errstate(invalid="ignore"):
+            bad = (theta < self.lo) | (theta > self.hi)
+        return [n for n, b in zip(names, bad) if b]
+
+    def summary(self, name: str, n_boot: int, law: Law | None = None, theta: np.ndarray | None = None) -> dict:
+        """The fit.json fields: method, resamples, failures and the > 5 % flag."""
+        failed = self.boot.n_failed if self.boot is not None else 0
+        frac = failed / n_boot if n_boot else 0.0
+        extra = {}
+        if law is not None and theta is not None:
+            extra["estimate_outside_interval"] = self.outside(theta, law.param_names)
+            if self.centre is not None:
+                extra["interval_centre"] = {n: float(v) for n, v in zip(law.param_names, self.centre)}
+        return {**extra,
+            "interval": name,
+            "ci_method": DESCRIPTIONS[name],
+            "ci_level": LEVEL,
+            "bootstrap": int(n_boot),
+            "bootstrap_kind": self.kind,
+            "bootstrap_failed": int(failed),
+            "bootstrap_failed_fraction": frac,
+            "bootstrap_failures": self.boot.failures() if self.boot is not None else {},
+            "bootstrap_unreliable": bool(frac > FAILED_FRACTION_FLAG),
+            "jackknife_failed": int(self.jackknife_failed),
+        }
+
+
+def _group_intervals(method, law, data, theta, starts, n_boot, seed, n_jobs) -> Intervals:
+    k = law.n_params
+    if n_boot == 0:
+        return Intervals(np.full(k, np.nan), np.full(k, np.nan), None, None)
+    W = resample_weights(data.groups, n_boot, seed)
+    boot = run_bootstrap(method.name, law, data.X, data.y, data.weights, W, starts, n_jobs=n_jobs)
+    jack = run_bootstrap(method.name, law, data.X, data.y, data.weights, jackknife_weights(data.groups),
+                         starts, n_jobs=n_jobs)
+    lo, hi = bca_ci(boot.samples, theta, jack.samples)
+    return Intervals(lo, hi, boot, "run groups", jack.n_failed)
+
+
+def _residual_boot(method, law, data, u_hat, starts, n_boot, seed, n_jobs, studentize) -> Resamples:
+    space = "linear" if method.space == "linear" else "log"
+    Y = residual_draws(law, space, data.logX, data.y, data.weights, u_hat, n_boot, seed)
+    se_fn = (se_linear if space == "linear" else se_log) if studentize else None
+    return fit_resamples(method.name, law, data.X, Y, np.broadcast_to(data.weights, Y.shape), starts,
+                         n_jobs=n_jobs, se_fn=se_fn)
+
+
+def compute_intervals(name: str, method, law: Law, data, u_hat: np.ndarray, starts: np.ndarray, *,
+                      n_boot: int, seed: int, n_jobs: int | None) -> Intervals:
+    """Intervals of ``name`` for the fit ``u_hat`` of ``method`` on ``data`` (a FitData)."""
+    theta = law.to_natural(u_hat)
+    if name == "bca-groups":
+        return _group_intervals(method, law, data, theta, starts, n_boot, seed, n_jobs)
+    space = "linear" if method.space == "linear" else "log"
+    k = law.n_params
+    boot = None
+    if n_boot > 0:
+        boot = _residual_boot(method, law, data, u_hat, starts, n_boot, seed, n_jobs, name == "residual-t")
+    nan = np.full(k, np.nan)
+    g_starts = np.vstack([u_hat[None, :], starts])
+    centre = None
+    if name in ("profile", "wald-t"):
+        ci = profile_ci if name == "profile" else wald_t_ci
+        lo, hi = ci(law, space, data.logX, data.y, data.weights, g_starts)
+        if data.n > k:
+            centre = law.to_natural(gaussian_fit(law, space, data.logX, data.y, data.weights, g_starts)[0])
+    elif boot is None:
+        lo, hi = nan, nan.copy()
+    elif name == "residual":
+        lo, hi = percentile_ci(boot.samples)
+    else:
+        se_hat = standard_errors(law, space, data.logX, data.y, data.weights, u_hat)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            samples_u = np.array([law.from_natural(t) for t in boot.samples])
+        lo, hi = studentized_ci(samples_u, boot.extra, u_hat, se_hat, law, data.y)
+    return Intervals(lo, hi, boot, "residuals" if boot is not None else None, centre=centre)
