@@ -104,8 +104,8 @@ def test_plateau_status_is_stated():
 def test_a_floor_above_a_baseline_is_not_called_irreducible():
     text = meaning_paragraph(_ladder(1.245), _fit(1.25, 1.2, 1.3), baselines=REAL_10X)
     assert "The fitted floor of the law (c) is 1.25 (95% CI 1.2 to 1.3); the best model is 0.4% below it." in text
-    assert ("It is NOT an irreducible loss: Bayes-linear regression on the visible genes (a linear model of the same "
-            "cells) reaches 1.235 on the same cells, below it") in text
+    assert ("It is NOT an irreducible loss: Bayes-linear regression on the visible genes reaches 1.235 on the same "
+            "cells, below it") in text
     assert "-0." not in text and "irreducible loss (floor" not in text
     below = meaning_paragraph(_ladder(1.1), _fit(1.0, 0.9, 1.05), baselines=REAL_10X)
     assert "NOT an irreducible loss" not in below and "the best model is 10.0% above it" in below

@@ -441,7 +441,7 @@ def best_model(runs: pd.DataFrame) -> dict[str, Any] | None:
 
 
 BASELINE_NAMES = {"gene_mean": "the gene-mean baseline", "knn": "kNN regression on the visible genes",
-                  "bayes_linear": "Bayes-linear regression on the visible genes (a linear model of the same cells)"}
+                  "bayes_linear": "Bayes-linear regression on the visible genes"}
 
 
 def _vs(best: float, name: str, value: float) -> str:
