@@ -452,7 +452,7 @@ def test_methods_paragraph_and_fit_table_flag_failed_resamples():
     assert "9 of 100 resamples failed to fit" in _methods(fit=many) and "MORE THAN 5%" in _methods(fit=many)
     rows = _bootstrap_rows(many)
     assert rows[0][:2] == ["interval method", "residual-t"]
-    assert "9 resample(s) failed to fit" in rows[1][2] and "WARNING: more than 5%" in rows[1][2]
+    assert "9 of 100 resamples failed to fit" in rows[1][2] and "WARNING: more than 5%" in rows[1][2]
     assert "WARNING" not in _bootstrap_rows(few)[1][2]
 
 

@@ -36,3 +36,15 @@ def floor_name(params: Mapping[str, Any]) -> str | None:
         if k in params:
             return k
     return None
+
+
+def resample_failures(d: dict, n_boot: int) -> str:
+    """How many of ``n_boot`` resamples failed to fit, and why, from a fit.json; "" when none failed."""
+    failed = d.get("bootstrap_failed")
+    if not failed:
+        return ""
+    text = f"{fmt_int(failed)} of {fmt_int(n_boot)} resamples failed to fit"
+    reasons = d.get("bootstrap_failures") or {}
+    if reasons:
+        text += " (" + "; ".join(f"{r}: {fmt_int(c)}" for r, c in reasons.items()) + ")"
+    return text

@@ -19,7 +19,7 @@ from cellscale.data.manifest import Manifest
 from cellscale.fit.intervals import DESCRIPTIONS, default_interval
 from cellscale.fit.laws import LAWS
 from cellscale.plateau import budget_text
-from cellscale.report.fmt import floor_name, fmt_int, fmt_num
+from cellscale.report.fmt import floor_name, fmt_int, fmt_num, resample_failures
 from cellscale.schedule import lr_grid_text, lr_rule_text, schedule_text
 
 __all__ = ["methods_paragraph", "meaning_paragraph", "fmt_num", "fmt_int", "best_model", "floor_name"]
@@ -332,12 +332,9 @@ def _interval_text(fitcfg: Mapping[str, Any], fit: Mapping[str, Any] | None) -> 
         kind = fit.get("bootstrap_kind") or ("run groups" if name == "bca-groups" else "residuals")
         text += (f"; {fmt_int(n_boot)} bootstrap resamples of the {kind} (seed {fitcfg.get('seed', 0)}) "
                  "give the prediction bands")
-        failed = fit.get("bootstrap_failed")
-        if failed:
-            text += f"; {fmt_int(failed)} of {fmt_int(n_boot)} resamples failed to fit"
-            reasons = fit.get("bootstrap_failures") or {}
-            if reasons:
-                text += " (" + "; ".join(f"{r}: {fmt_int(c)}" for r, c in reasons.items()) + ")"
+        failures = resample_failures(fit, n_boot)
+        if failures:
+            text += f"; {failures}"
         if fit.get("bootstrap_unreliable"):
             text += ", MORE THAN 5%: the intervals that rest on them are unreliable"
     off = fit.get("estimate_outside_interval") or []

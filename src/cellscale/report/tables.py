@@ -12,7 +12,7 @@ from cellscale.config import depth_label
 from cellscale.data.manifest import finite_or_none
 from cellscale.report.doc import Table
 from cellscale.report.fitting import FitOutcome, fitted_loss_column
-from cellscale.report.fmt import floor_name, fmt_int, fmt_num
+from cellscale.report.fmt import floor_name, fmt_int, fmt_num, resample_failures
 from cellscale.report.records import GeneBest, SweepData, gaussian_bits, weighted_bits
 
 Row = list[str]
@@ -99,11 +99,9 @@ def _bootstrap_rows(d: dict[str, Any]) -> list[Row]:
     note = f"resamples of the {d['bootstrap_kind']}" if d.get("bootstrap_kind") else "bootstrap resamples"
     if d.get("bootstrap_units"):
         note += f"; units: runs grouped by {', '.join(map(str, d['bootstrap_units']))}"
-    if d.get("bootstrap_failed"):
-        note += f"; {d['bootstrap_failed']} resample(s) failed to fit"
-        reasons = d.get("bootstrap_failures") or {}
-        if reasons:
-            note += " (" + "; ".join(f"{r}: {c}" for r, c in reasons.items()) + ")"
+    failures = resample_failures(d, int(d.get("bootstrap") or 0))
+    if failures:
+        note += f"; {failures}"
     if d.get("bootstrap_unreliable"):
         note += "; WARNING: more than 5% of the resamples failed, so the intervals that rest on them are unreliable"
     return rows + [["bootstrap resamples", fmt_int(d["bootstrap"]), note]]
