@@ -63,6 +63,12 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         ),
     )
     dsub = data.add_subparsers(dest="data_cmd", required=True)
+    _add_data_info(dsub, quiet)
+    _add_data_thin(dsub, quiet)
+    _add_data_build(dsub, quiet)
+
+
+def _add_data_info(dsub: argparse._SubParsersAction, quiet: argparse.ArgumentParser) -> None:
     info = dsub.add_parser(
         "info", help="print a table of a dataset's manifest (checksums verified)", parents=[quiet],
         formatter_class=RAW,
@@ -73,6 +79,9 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     )
     info.add_argument("dataset_dir", help="dataset directory from `cellscale data build`")
     info.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def _add_data_thin(dsub: argparse._SubParsersAction, quiet: argparse.ArgumentParser) -> None:
     th = dsub.add_parser(
         "thin", help="binomially thin a dataset's counts to a fraction of its sequencing depth",
         parents=[quiet], formatter_class=RAW,
@@ -93,6 +102,9 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     th.add_argument("--seed", type=int, default=0, help="seed of the binomial draws (default 0)")
     th.add_argument("--out", required=True, help="the new dataset directory")
     th.add_argument("--overwrite", action="store_true", help="replace an existing directory at --out")
+
+
+def _add_data_build(dsub: argparse._SubParsersAction, quiet: argparse.ArgumentParser) -> None:
     b = dsub.add_parser(
         "build", help="QC -> library size over all genes -> normalise+log1p -> HVG -> splits",
         parents=[quiet], formatter_class=RAW,
@@ -133,7 +145,6 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--config", help="a study YAML whose data section gives the other settings")
     b.add_argument("--out", required=True)
     b.add_argument("--overwrite", action="store_true", help="replace an existing directory at --out")
-
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser(
