@@ -123,9 +123,9 @@ def test_an_entropy_interval_whose_floor_reaches_zero_is_unbounded_below():
 
 
 def test_the_entropy_figure_draws_an_interval_unbounded_below():
-    from cellscale.report import plots
+    from cellscale.report import plots_genes
 
-    fig = plots.entropy_summary(1.244, [None, 1.85], refs={"true Bayes floor": 1.34})
+    fig = plots_genes.entropy_summary(1.244, [None, 1.85], refs={"true Bayes floor": 1.34})
     ax = fig.axes[0]
     assert any(t.get_text() == "95% CI unbounded below" for t in ax.texts)
     bar = [line for line in ax.lines if len(line.get_xdata()) == 2][0]

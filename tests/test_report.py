@@ -22,7 +22,7 @@ from threadpoolctl import threadpool_limits
 
 import cellscale.fit
 import cellscale.fit.intervals
-from cellscale.report import plots
+from cellscale.report import plots, plots_genes
 from cellscale.report.methods import meaning_paragraph, methods_paragraph
 from cellscale.report.writer import load_sweep, write_report
 
@@ -250,8 +250,8 @@ def test_plots_are_pure_functions_returning_figures(tmp_path, monkeypatch):
         plots.learning_curves({"a": pd.DataFrame({"kind": ["train", "eval"], "cells_seen": [10, 20],
                                                   "loss": [2.0, math.nan], "val_mse": [math.nan, 1.9]})}, runs),
         plots.loss_vs_data(runs),
-        plots.entropy_summary(2.29, [2.28, 2.30], refs={"gene mean": 2.5}),
-        plots.entropy_summary(None),
+        plots_genes.entropy_summary(2.29, [2.28, 2.30], refs={"gene mean": 2.5}),
+        plots_genes.entropy_summary(None),
     ]
     for fig in figs:
         assert isinstance(fig, Figure)
@@ -527,13 +527,13 @@ def test_per_gene_plot_is_pure_and_tolerates_nothing_to_draw(tmp_path, monkeypat
     genes = [f"gene{i}" for i in range(40)]
     mse = rng.lognormal(0, 0.5, 40)
     mse[3] = np.nan
-    runs = [plots.GeneErrors(f"r{i}", s, p, genes, mse * (1 + i)) for i, (s, p) in
+    runs = [plots_genes.GeneErrors(f"r{i}", s, p, genes, mse * (1 + i)) for i, (s, p) in
             enumerate([("XS", 1e5), ("S", 1e6), ("XXS", 500)])]
-    for fig in (plots.per_gene_errors(runs[0], runs), plots.per_gene_errors(None, []),
+    for fig in (plots_genes.per_gene_errors(runs[0], runs), plots_genes.per_gene_errors(None, []),
                 plots.isoflop_profiles(plots.IsoFlop(1.0, 1.0, 0.5, 0.3, 0.3, 6.0, [])),
                 plots.compute_frontier([], isoflop=plots.IsoFlop(1.0, 1.0, 0.5, 0.3, 0.3, 6.0, [1e9, 1e12]))):
         assert isinstance(fig, Figure) and plots.figure_png(fig)[:8] == b"\x89PNG\r\n\x1a\n"
-    texts = " ".join(t.get_text() for t in plots.per_gene_errors(runs[0], runs).axes[0].texts)
+    texts = " ".join(t.get_text() for t in plots_genes.per_gene_errors(runs[0], runs).axes[0].texts)
     order = np.argsort(np.where(np.isfinite(mse), mse, -np.inf))[::-1][:10]
     names = texts.split()
     assert all(genes[i] in names for i in order) and "gene3" not in names  # never masked: not ranked

@@ -11,7 +11,7 @@ import pandas as pd
 from cellscale.data.manifest import finite_or_none
 from cellscale.errors import FitError
 from cellscale.lrgrid import select_lr
-from cellscale.report import plots
+from cellscale.report import plots, plots_genes
 from cellscale.report.doc import Figure
 from cellscale.report.fitting import ONE_D_LAWS, FitOutcome, eval_curve, headline_depth
 from cellscale.report.fmt import floor_name, fmt_num
@@ -211,7 +211,7 @@ def entropy(sd: SweepData, fit: FitOutcome, best: GeneBest | None) -> Figure:
     return _figure("entropy", "Entropy per masked gene", "Homoscedastic-Gaussian entropy 0.5 log2(2 pi e MSE) in bits "
                    "per masked gene: the fitted floor with its 95% interval, and for scale the same figure for "
                    "reference MSEs.",
-                   plots.entropy_summary(finite_or_none(eb.get("gaussian")), eb.get("ci95"),
+                   plots_genes.entropy_summary(finite_or_none(eb.get("gaussian")), eb.get("ci95"),
                                          refs=_entropy_refs(sd, best)))
 
 
@@ -223,13 +223,13 @@ def per_gene(sd: SweepData, best: GeneBest | None) -> Figure | None:
     for rid, pg in sd.per_gene.items():
         size = str(info.loc[rid, "size"]) if rid in info.index else "?"
         par = finite_or_none(info.loc[rid, "params"]) if rid in info.index else None
-        per_run.append(plots.GeneErrors(rid, size, par if par is not None else np.inf, pg.genes, pg.mse))
-    best_errors = None if best is None else plots.GeneErrors(best.run_id, best.size, np.nan, best.genes, best.mse)
+        per_run.append(plots_genes.GeneErrors(rid, size, par if par is not None else np.inf, pg.genes, pg.mse))
+    best_errors = None if best is None else plots_genes.GeneErrors(best.run_id, best.size, np.nan, best.genes, best.mse)
     return _figure("per_gene", "Per-gene test error", "Left: the per-gene test MSE of the best run by validation MSE"
                    + (f" ({best.run_id})" if best else "") + ", sorted from the easiest to the hardest gene to "
                    "reconstruct, the 10 hardest (red) and 10 easiest (green) named. Right: the spread of per-gene "
                    "test MSE of every run with per-gene errors (box: quartiles, whiskers 1.5 IQR), ordered and "
-                   "coloured by size.", plots.per_gene_errors(best_errors, per_run))
+                   "coloured by size.", plots_genes.per_gene_errors(best_errors, per_run))
 
 
 def loss_vs_lr(sd: SweepData) -> Figure | None:
