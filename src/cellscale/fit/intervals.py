@@ -200,39 +200,59 @@ class _Profile:
             return outside
 
 
-def profile_ci(law: Law, space: str, logX, y, w, starts, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray]:
-    """Profile-t intervals in natural parameters (NaN when n <= k)."""
-    k = law.n_params
+@dataclass(frozen=True)
+class _GaussianFit:
+    """What both Gaussian intervals start from: the least-squares fit in the fitting
+    parameterisation, its residual sum of squares and degrees of freedom, standard errors, the
+    t quantile of the level, and the parameters' bounds."""
+
+    u_hat: np.ndarray
+    rss_min: float
+    dof: int
+    se: np.ndarray
+    tq: float
+    lo_b: np.ndarray
+    hi_b: np.ndarray
+
+
+def _gaussian_fit_for(law: Law, space: str, logX, y, w, starts, level: float) -> _GaussianFit | None:
+    """None when there are no degrees of freedom left (n <= k): no interval then."""
     _, dof = _n_dof(law, w)
     if dof <= 0:
-        return np.full(k, np.nan), np.full(k, np.nan)
+        return None
     u_hat, rss_min = gaussian_fit(law, space, logX, y, w, starts)
-    s2 = rss_min / dof
-    tq = float(student_t.ppf(0.5 + level / 2, dof))
-    se = standard_errors(law, space, logX, y, w, u_hat)
     lo_b, hi_b = _bounds_arrays(law, y)
-    prof = _Profile(law, space, logX, y, w, lo_b, hi_b)
-    u_lo, u_hi = np.empty(k), np.empty(k)
-    for j in range(k):
-        step = float(se[j]) if np.isfinite(se[j]) and se[j] > 0 else 0.1 * (1 + abs(u_hat[j]))
-        step = min(step, 0.5 * (hi_b[j] - lo_b[j]))
-        u_lo[j] = prof.side(j, u_hat, rss_min, tq * tq * s2, step, -1)
-        u_hi[j] = prof.side(j, u_hat, rss_min, tq * tq * s2, step, +1)
+    return _GaussianFit(u_hat=u_hat, rss_min=rss_min, dof=dof, se=standard_errors(law, space, logX, y, w, u_hat),
+                        tq=float(student_t.ppf(0.5 + level / 2, dof)), lo_b=lo_b, hi_b=hi_b)
+
+
+def _no_interval(law: Law) -> tuple[np.ndarray, np.ndarray]:
+    return np.full(law.n_params, np.nan), np.full(law.n_params, np.nan)
+
+
+def profile_ci(law: Law, space: str, logX, y, w, starts, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray]:
+    """Profile-t intervals in natural parameters (NaN when n <= k)."""
+    g = _gaussian_fit_for(law, space, logX, y, w, starts, level)
+    if g is None:
+        return _no_interval(law)
+    rise = g.tq * g.tq * (g.rss_min / g.dof)  # t^2 s^2
+    prof = _Profile(law, space, logX, y, w, g.lo_b, g.hi_b)
+    u_lo, u_hi = np.empty(law.n_params), np.empty(law.n_params)
+    for j in range(law.n_params):
+        step = float(g.se[j]) if np.isfinite(g.se[j]) and g.se[j] > 0 else 0.1 * (1 + abs(g.u_hat[j]))
+        step = min(step, 0.5 * (g.hi_b[j] - g.lo_b[j]))
+        u_lo[j] = prof.side(j, g.u_hat, g.rss_min, rise, step, -1)
+        u_hi[j] = prof.side(j, g.u_hat, g.rss_min, rise, step, +1)
     return law.to_natural(u_lo), law.to_natural(u_hi)
 
 
 def wald_t_ci(law: Law, space: str, logX, y, w, starts, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray]:
-    k = law.n_params
-    _, dof = _n_dof(law, w)
-    if dof <= 0:
-        return np.full(k, np.nan), np.full(k, np.nan)
-    u_hat, _ = gaussian_fit(law, space, logX, y, w, starts)
-    se = standard_errors(law, space, logX, y, w, u_hat)
-    tq = float(student_t.ppf(0.5 + level / 2, dof))
-    lo_b, hi_b = _bounds_arrays(law, y)
+    g = _gaussian_fit_for(law, space, logX, y, w, starts, level)
+    if g is None:
+        return _no_interval(law)
     with np.errstate(invalid="ignore"):
-        return (law.to_natural(np.clip(u_hat - tq * se, lo_b, hi_b)),
-                law.to_natural(np.clip(u_hat + tq * se, lo_b, hi_b)))
+        return (law.to_natural(np.clip(g.u_hat - g.tq * g.se, g.lo_b, g.hi_b)),
+                law.to_natural(np.clip(g.u_hat + g.tq * g.se, g.lo_b, g.hi_b)))
 
 
 # ---- the residual bootstrap -------------------------------------------------------------------
