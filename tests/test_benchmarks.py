@@ -70,3 +70,10 @@ def test_interval_coverage_prints_a_row_per_method_and_parameter(tmp_path: Path)
                  "--noise", "0.01")
     assert [line for line in again.splitlines() if line.startswith("|")] == [
         line for line in out.splitlines() if line.startswith("|")]  # seeded: the same table twice
+
+
+def test_contention_benchmark_prints_both_slowdowns(tmp_path: Path):
+    out = _run("contention.py", "--cells", "256", "--modes", "cellscale", "--workdir", str(tmp_path))
+    row = next(l.split() for l in out.splitlines() if l.startswith("cellscale "))
+    assert len(row) == 6 and row[3].endswith("x") and row[5].endswith("x")
+    assert re.fullmatch(r"slowdown_job_cellscale=[\d.]+ slowdown_cpu_cellscale=[\d.]+", out.strip().splitlines()[-1])

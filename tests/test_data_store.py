@@ -18,7 +18,8 @@ def ds_copy(tiny_dataset_dir, tmp_path):
 
 
 def test_layout_and_manifest(tiny_dataset_dir, tiny_data_cfg):
-    files = {p.name for p in tiny_dataset_dir.iterdir()}
+    # baselines.json is the cache a sweep over the shared fixture may have written since
+    files = {p.name for p in tiny_dataset_dir.iterdir()} - {"baselines.json"}
     assert files == {"manifest.json", "values.npy", "counts.npy", "library_size.npy", "splits.npz", "obs.parquet"}
     m = json.loads((tiny_dataset_dir / "manifest.json").read_text())
     for key in ("source", "V", "D", "seed", "preprocessing", "genes", "split_sizes", "eval_mask_seed",

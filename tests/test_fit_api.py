@@ -171,9 +171,10 @@ def test_fit_imports_no_torch_and_no_other_cellscale_module():
     import subprocess
     import sys
 
-    # the torch-free bottom of the package: errors, JSON writing (stdlib), the entropy formula (numpy)
+    # the torch-free bottom of the package: errors, JSON writing (stdlib), the entropy formula (numpy),
+    # the usable-CPU count (stdlib)
     code = (
-        "import sys, cellscale.fit; LOW = {'cellscale.errors', 'cellscale.io', 'cellscale.bits'}; "
+        "import sys, cellscale.fit; LOW = {'cellscale.errors', 'cellscale.io', 'cellscale.bits', 'cellscale.cpus'}; "
         "bad = [m for m in sys.modules if m == 'torch' or (m.startswith('cellscale.') and "
         "not m.startswith('cellscale.fit') and m not in LOW)]; print(bad)"
     )

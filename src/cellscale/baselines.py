@@ -61,7 +61,7 @@ from cellscale.data.build import gene_mean_baseline
 from cellscale.data.mask import seed_sequence
 from cellscale.data.store import Dataset
 from cellscale.errors import DataError
-from cellscale.io import atomic_write_json
+from cellscale.io import DamagedFile, atomic_write_json, read_json_checked, warn
 
 __all__ = [
     "compute_baselines",
@@ -417,6 +417,21 @@ def _cache_key(ds: Dataset, settings: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _read_cache(path) -> dict[str, Any]:
+    """The baselines cache of a dataset dir; {} when there is none, or it is damaged (then
+    recomputed and rewritten: one line says so)."""
+    try:
+        cache = read_json_checked(path, keys=("format",))
+        if cache.get("format") != "cellscale-baselines":
+            raise DamagedFile(path, f"format {cache.get('format')!r}, not 'cellscale-baselines'")
+    except OSError:  # none yet, or an unreadable dir: computed, not cached
+        return {}
+    except DamagedFile as err:
+        warn(f"{err}: computing the baselines again")
+        return {}
+    return cache
+
+
 def load_or_compute_baselines(
     ds: Dataset, *, splits: Sequence[str] = ("val", "test"), knn_k: int = DEFAULTS["knn_k"],
     max_train_cells: int | None = DEFAULTS["max_train_cells"], ridge: float = DEFAULTS["ridge"],
@@ -427,13 +442,7 @@ def load_or_compute_baselines(
     settings = _settings(splits, knn_k, max_train_cells, ridge, seed)
     key = _cache_key(ds, settings)
     path = ds.path / BASELINES_FILE
-    cache: dict[str, Any] = {}
-    try:
-        cache = json.loads(path.read_text())
-        if not isinstance(cache, dict) or cache.get("format") != "cellscale-baselines":
-            cache = {}
-    except (OSError, ValueError):
-        cache = {}
+    cache = _read_cache(path)
     entries = cache.get("entries") if isinstance(cache.get("entries"), dict) else {}
     if key in entries:
         return entries[key]

@@ -177,10 +177,18 @@ class TrainConfig(_Frozen):
     eval_batch_size: int = Field(256, ge=1)
     max_eval_cells: int | None = Field(None, ge=1, description="cap on validation cells per eval")
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = at evals")
+    # a long GPU run loses at most this much to a kill -9; 0 is stored as None, so both are one hash
+    checkpoint_minutes: float | None = Field(
+        None, ge=0, description="also checkpoint every N minutes of wall time; None or 0 = off")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
     num_threads: int | None = Field(None, ge=1)
+
+    @field_validator("checkpoint_minutes")
+    @classmethod
+    def _zero_minutes_is_off(cls, v: float | None) -> float | None:
+        return v or None
 
 
 class FitConfig(_Frozen):
@@ -300,7 +308,7 @@ def dump_yaml(cfg: BaseModel) -> str:
 # left out of identity hashes there, so a run or sweep from before them still resumes
 ADDED_SETTINGS_OFF: dict[str, dict[str, Any]] = {
     "train": {"budget": "fixed", "plateau_tol": 0.01, "plateau_patience": 2, "cooldown_frac": 0.2,
-              "lr_scale": 1.0},
+              "lr_scale": 1.0, "checkpoint_minutes": None},
     "model": {"attention_dropout": None},
     "sweep": {"depths": [1.0], "epochs": None, "lr_multipliers": [1.0]},
     "fit": {"keep_unconverged": False, "interval": None},

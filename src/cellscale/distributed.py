@@ -14,6 +14,8 @@ DistributedDataParallel (see ``docs/DISTRIBUTED.md``):
 * only rank 0 writes ``metrics.jsonl``, checkpoints, ``best.safetensors`` and ``result.json``;
   every rank reads the checkpoint on resume (the run directory must be on a filesystem all
   nodes share);
+* a stop signal (``cellscale.preempt``) is agreed at every step: the ranks all-reduce their
+  stop flags on the CPU (gloo), so all of them save at the same step and exit together;
 * gloo on CPU, nccl on CUDA (``cuda:LOCAL_RANK``).
 
 With one process (no ``WORLD_SIZE`` or ``WORLD_SIZE=1``) nothing here is used.
@@ -56,6 +58,9 @@ class DistContext:
     local_rank: int = 0
     backend: str | None = None
     owns_group: bool = False
+    # a gloo group for the small host-side collectives of every step (the stop flag): under
+    # nccl they would need a device tensor and a device sync each step; None means the world group
+    host_group: Any = None
 
     @property
     def active(self) -> bool:
@@ -82,6 +87,14 @@ class DistContext:
         t = torch.tensor(values, dtype=torch.float64, device=self._tensor_device())
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
         return [float(v) for v in t.cpu()]
+
+    def host_max(self, values: list[int]) -> list[int]:
+        """The maximum over ranks of a few small integers, on the CPU: cheap enough for every step."""
+        if not self.active:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.int64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.host_group)
+        return [int(v) for v in t]
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         if not self.active:
@@ -128,7 +141,10 @@ def from_env(device: torch.device) -> DistContext:
         timeout = timedelta(seconds=float(os.environ.get("CELLSCALE_DIST_TIMEOUT", "1800")))
         torch.distributed.init_process_group(backend=backend, timeout=timeout)
         owns = True
-    return DistContext(world_size=world, rank=rank, local_rank=local_rank, backend=backend, owns_group=owns)
+    # every rank creates the group here, at the same point (new_group is itself a collective)
+    host = torch.distributed.new_group(backend="gloo") if backend == "nccl" else None
+    return DistContext(world_size=world, rank=rank, local_rank=local_rank, backend=backend, owns_group=owns,
+                       host_group=host)
 
 
 def shard_device(device: torch.device, ctx: DistContext) -> torch.device:

@@ -17,7 +17,6 @@ exception the fit raised. Callers count them; nothing is dropped unseen.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import sys
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import norm
 
+from cellscale.cpus import usable_cpus
 from cellscale.fit.laws.base import Law
 from cellscale.fit.methods import METHODS
 from cellscale.fit.threads import blas_single_thread, single_thread_env
@@ -122,7 +122,7 @@ def fit_resamples(method_name: str, law: Law, X: np.ndarray, Y: np.ndarray, W: n
     ``se_fn(law, logX, y, w, u)``, when given, is evaluated at each resample's optimum (a
     module-level function, so that worker processes can run it)."""
     if n_jobs is None or n_jobs <= 0:
-        n_jobs = os.cpu_count() or 1
+        n_jobs = usable_cpus()
     n_jobs = max(1, min(n_jobs, W.shape[0]))
     if n_jobs == 1 or W.shape[0] < 2:
         return _fit_chunk(method_name, law, X, Y, W, starts, se_fn)

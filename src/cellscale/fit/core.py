@@ -18,6 +18,7 @@ from cellscale.fit.laws.base import Law
 from cellscale.fit.methods import METHODS, Method, paper_fit, paper_on_edge
 from cellscale.fit.result import FitResult
 from cellscale.fit.threads import blas_single_thread
+from cellscale.io import verify_checksum
 
 
 def _lookup(law: str, method: str) -> tuple[Law, Method]:
@@ -216,6 +217,8 @@ def fit_csv(path, **kwargs) -> FitResult:
     path = Path(path)
     if not path.is_file():
         raise FitError(f"results table not found: {path}; pass the path of a CSV such as SWEEP_DIR/results.csv")
+    # a sweep's results.csv carries a checksum: lost rows still parse, so only it can tell
+    verify_checksum(path, fix="rerun `cellscale sweep` with the same config and --out to write it again")
     try:
         df = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:

@@ -8,12 +8,16 @@ attention dropout on CPU); see ``dropout_attention.cpp`` and ``benchmarks/README
 ``fused_dropout`` is the same hash mask for elementwise dropout, and ``fused_gelu_dropout``
 the FFN's GELU with its dropout in one pass.
 
-The build (~1 min, once per machine and torch version) needs a C++ compiler and ninja
-(a Python dependency); it is cached under ``$CELLSCALE_KERNEL_CACHE`` (default
-``~/.cache/cellscale/kernels``); ``python -m cellscale.kernels`` (run by
-``scripts/install.sh``) builds it ahead of time. Where it cannot be built, :func:`available`
-is False with the reason in :func:`unavailable_reason` and the model falls back to SDPA's
-math path (same function, slower); ``CELLSCALE_KERNELS=0`` forces that fallback.
+The build (~1 min, once per machine, torch version and Python environment) needs a C++
+compiler and ninja (a Python dependency); it is cached under ``$CELLSCALE_KERNEL_CACHE``
+(default ``~/.cache/cellscale/kernels``), one directory per CPU, torch version and
+interpreter, so that virtual environments sharing the cache do not rebuild each other's;
+``python -m cellscale.kernels`` (run by ``scripts/install.sh``) builds it ahead of time. A
+build killed midway leaves no lock that later runs wait on forever (``cellscale.kernels.lock``:
+a stale lock is removed, a live build is waited for at most ``$CELLSCALE_KERNEL_WAIT`` seconds,
+600 by default, then SDPA is used, with one line saying why). Where it cannot be built,
+:func:`available` is False with the reason in :func:`unavailable_reason` and the model falls
+back to SDPA's math path (same function, slower); ``CELLSCALE_KERNELS=0`` forces that fallback.
 
 Imports only torch.
 """
@@ -61,10 +65,64 @@ def _cpu_tag() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:8]
 
 
+def _env_tag() -> str:
+    """Short hash of the interpreter and torch install: the build flags name their include
+    paths, so two virtual environments sharing the cache each keep their own build instead of
+    rebuilding (about a minute) every time the user switches between them."""
+    import sysconfig
+
+    parts = (sys.version, os.path.realpath(sys.prefix), os.path.realpath(os.path.dirname(torch.__file__)),
+             sysconfig.get_paths().get("include", ""))
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:8]
+
+
 def cache_dir() -> Path:
     root = os.environ.get("CELLSCALE_KERNEL_CACHE") or Path.home() / ".cache" / "cellscale" / "kernels"
     tv = torch.__version__.replace("+", "_").replace(".", "_")
-    return Path(root) / f"torch{tv}-{_cpu_tag()}"
+    return Path(root) / f"torch{tv}-{_cpu_tag()}-py{_env_tag()}"
+
+
+def _lock_wait_s() -> float:
+    """How long a run waits for another process's build of the kernel before it falls back to
+    SDPA (``CELLSCALE_KERNEL_WAIT`` seconds; a build takes about a minute)."""
+    try:
+        return float(os.environ.get("CELLSCALE_KERNEL_WAIT", "600"))
+    except ValueError:
+        return 600.0
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _compile(build: Path, *, verbose: bool) -> Any:
+    """``cpp_extension.load`` into ``build``, under cellscale's build lock (a stale lock of a
+    killed build is removed; a live one is waited for, at most ``_lock_wait_s()``)."""
+    from torch.utils import cpp_extension
+
+    from cellscale.kernels.lock import build_lock
+
+    # ninja from the Python package when the system has none
+    try:
+        import ninja  # type: ignore[import-not-found]
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
+    flags = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
+             "-ffp-contract=fast"]
+    with build_lock(build, timeout=_lock_wait_s(), say=_say):
+        if not (build / "cellscale_dropout_attention.so").exists():
+            _say("cellscale: compiling the fused CPU attention kernel (once per machine and torch "
+                 "version, about a minute)")
+        return cpp_extension.load(
+            name="cellscale_dropout_attention",
+            sources=[str(_SOURCE)],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build),
+            verbose=verbose,
+        )
 
 
 def load(*, verbose: bool = False) -> Any:
@@ -75,31 +133,16 @@ def load(*, verbose: bool = False) -> Any:
     if os.environ.get("CELLSCALE_KERNELS", "1") == "0":
         _ERROR = "disabled by CELLSCALE_KERNELS=0"
         return None
-    try:
-        from torch.utils import cpp_extension
+    from cellscale.kernels.lock import LockTimeout
 
+    try:
         build = cache_dir()
         build.mkdir(parents=True, exist_ok=True)
-        # ninja from the Python package when the system has none
-        try:
-            import ninja  # type: ignore[import-not-found]
-
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        except ImportError:
-            pass
-        if not (build / "cellscale_dropout_attention.so").exists():
-            print("cellscale: compiling the fused CPU attention kernel (once per machine and torch "
-                  "version, about a minute)", file=sys.stderr, flush=True)
-        flags = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
-                 "-ffp-contract=fast"]
-        _EXT = cpp_extension.load(
-            name="cellscale_dropout_attention",
-            sources=[str(_SOURCE)],
-            extra_cflags=flags,
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(build),
-            verbose=verbose,
-        )
+        _EXT = _compile(build, verbose=verbose)
+    except LockTimeout as e:  # a live build held the directory too long: SDPA, and why
+        _ERROR = str(e)
+        _EXT = None
+        _say(f"cellscale: {e}; this run uses SDPA's slower math path")
     except Exception as e:  # no compiler, no ninja, a read-only cache, ...
         msg = str(e).strip().splitlines()
         _ERROR = f"{type(e).__name__}: {msg[-1] if msg else ''}"[:300]

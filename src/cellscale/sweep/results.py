@@ -1,26 +1,30 @@
-"""Collect finished runs into results.csv (one row per run, written atomically)."""
+"""Collect finished runs into results.csv (one row per run, written atomically, with its
+checksum in ``results.csv.sha256.json``: ``cellscale.io.verify_checksum``)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
-from cellscale.io import atomic_write_text
+from cellscale.io import DamagedFile, atomic_write_text_checked, read_json_checked
 from cellscale.schema import RESULT_FIELDS
 
 
 def collect_results(sweep_dir: Path, run_ids: list[str] | None = None) -> pd.DataFrame:
     """Every run with a result.json, in plan order when ``run_ids`` is given. A result.json of a
-    cellscale before the depth axis has no ``depth``: it ran at full depth (1.0)."""
+    cellscale before the depth axis has no ``depth``: it ran at full depth (1.0). A damaged one
+    is left out: its run is unfinished (the sweep redoes it, and says so)."""
     runs_dir = Path(sweep_dir) / "runs"
     ids = run_ids if run_ids is not None else sorted(p.name for p in runs_dir.glob("*") if p.is_dir())
     rows = []
     for rid in ids:
         path = runs_dir / rid / "result.json"
         if path.is_file():
-            row = json.loads(path.read_text())
+            try:
+                row = read_json_checked(path, keys=("status",))
+            except DamagedFile:
+                continue
             if row.get("depth") is None:
                 row["depth"] = 1.0
             rows.append(row)
@@ -34,5 +38,5 @@ def collect_results(sweep_dir: Path, run_ids: list[str] | None = None) -> pd.Dat
 def write_results(sweep_dir: Path, run_ids: list[str] | None = None) -> Path:
     frame = collect_results(sweep_dir, run_ids)
     path = Path(sweep_dir) / "results.csv"
-    atomic_write_text(path, frame.to_csv(index=False))
+    atomic_write_text_checked(path, frame.to_csv(index=False))
     return path

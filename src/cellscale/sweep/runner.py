@@ -1,7 +1,9 @@
 """Run a planned sweep, locally one run after another or fanned out on Ray.
 
 A run that raises is recorded with status ``failed`` and its error, and the sweep goes on;
-finished runs (``ok`` or ``diverged``) are never redone; an interrupted run resumes.
+finished runs (``ok`` or ``diverged``) are never redone; an interrupted run resumes. SIGTERM or
+SIGINT (``cellscale.preempt``) stops the sweep once its current run is checkpointed, and no run
+starts after one: ``Preempted`` is raised, and nothing is recorded for the stopped run.
 """
 
 from __future__ import annotations
@@ -9,26 +11,27 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import traceback
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from cellscale.errors import CellscaleError, RunError
-from cellscale.io import atomic_write_json, read_json
-from cellscale.schema import FINISHED, failed_record
+from cellscale.io import atomic_write_json
+from cellscale.preempt import Preempted, StopFlag, stop_on_signals
+from cellscale.schema import failed_record
 from cellscale.sweep.plan import RunSpec
 from cellscale.train import train_run
+from cellscale.train.rundir import finished_result as rundir_finished_result
 
 
 def finished_result(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "result.json"
-    if path.is_file():
-        result = read_json(path)
-        if result.get("status") in FINISHED:
-            return result
-    return None
+    """The run's result when it finished; None to (re)do it: no result, a failure, or a damaged
+    result.json (one line says so; ``execute_run`` removes it, the run resumes or is re-scored)."""
+    return rundir_finished_result(run_dir / "result.json")
 
 
 def dataset_for(spec: RunSpec, dataset: str | Mapping[float, str]) -> str:
@@ -76,6 +79,15 @@ def run_local(
 ) -> list[dict[str, Any]]:
     """One run after another in this process; ``on_result`` is called after each new result.
     ``dataset``: one dataset dir, or {depth: dir} for a sweep with a depth axis."""
+    with stop_on_signals() as stop:
+        return _run_local(specs, dataset=dataset, sweep_dir=sweep_dir, progress=progress, on_result=on_result,
+                          stop=stop)
+
+
+def _run_local(
+    specs: list[RunSpec], *, dataset: str | Mapping[float, str], sweep_dir: str, progress: Any | None,
+    on_result: Callable[[dict[str, Any]], None] | None, stop: StopFlag,
+) -> list[dict[str, Any]]:
     results = []
     for spec in specs:
         done = finished_result(Path(sweep_dir) / "runs" / spec.run_id)
@@ -84,6 +96,8 @@ def run_local(
             if progress is not None:
                 progress.run_skipped(spec)
             continue
+        if stop.signum:  # it came while the last run was scored: that run is finished
+            raise Preempted(stop.signum, f"the sweep stopped before run {spec.run_id}")
         hook = progress.run_started(spec) if progress is not None else None
         result = execute_run(spec, dataset_for(spec, dataset), sweep_dir, on_step=hook)
         if progress is not None:
@@ -100,7 +114,23 @@ def _ray_task(spec: RunSpec, dataset: str, sweep_dir: str, num_threads: int) -> 
     import torch
 
     torch.set_num_threads(num_threads)
-    return execute_run(spec, dataset, sweep_dir)
+    with _cancellable():
+        return execute_run(spec, dataset, sweep_dir)
+
+
+@contextlib.contextmanager
+def _cancellable() -> Iterator[None]:
+    """SIGINT handled for the task's block, so that ``ray.cancel`` works (it raises SIGINT in the
+    task, and the run's own stop flag catches that). A worker started from a background job of a
+    batch script inherits an ignored SIGINT, and there ``ray.cancel`` would do nothing."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def run_ray(
@@ -121,13 +151,14 @@ def run_ray(
 
     results, todo = _finished_and_todo(specs, sweep_dir, progress)
     if todo:
-        with _ray_session(ray, address=address, num_cpus=num_cpus):
+        # the handlers go in after ray.init, which sets a SIGTERM handler of its own
+        with _ray_session(ray, address=address, num_cpus=num_cpus), stop_on_signals() as stop:
             remote = ray.remote(_ray_task).options(
                 num_cpus=num_cpus_per_run, num_gpus=num_gpus_per_run, max_retries=0
             )
             threads = max(1, int(num_cpus_per_run))
             pending = {remote.remote(spec, dataset_for(spec, dataset), sweep_dir, threads): spec for spec in todo}
-            for spec, result in _as_completed(ray, pending, sweep_dir):
+            for spec, result in _as_completed(ray, pending, sweep_dir, stop):
                 results[spec.run_id] = result
                 if progress is not None:
                     progress.run_finished(spec, result)
@@ -153,19 +184,44 @@ def _finished_and_todo(
     return results, todo
 
 
-def _as_completed(ray: Any, pending: dict[Any, RunSpec], sweep_dir: str) -> Iterator[tuple[RunSpec, dict[str, Any]]]:
+def _as_completed(ray: Any, pending: dict[Any, RunSpec], sweep_dir: str,
+                  stop: StopFlag | None = None) -> Iterator[tuple[RunSpec, dict[str, Any]]]:
     """(spec, result) of each task as it ends; a task whose worker died yields a failure
-    record, written to its run dir as the worker would have."""
+    record, written to its run dir as the worker would have.
+
+    Once ``stop`` is set, every task is cancelled. Ray raises KeyboardInterrupt in a running
+    task, which reaches the run's own stop flag, so a run in training checkpoints and stops.
+    The tasks' ends are awaited, and a cancelled task records nothing. Preempted is raised
+    unless every task finished all the same."""
+    cancelled, stopped = 0, []
     while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
+        if stop is not None and stop.signum and not cancelled:
+            cancelled = stop.signum
+            for ref in pending:
+                ray.cancel(ref)
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)  # a timeout, to see the flag
+        if not ready:
+            continue
         spec = pending.pop(ready[0])
-        try:
-            result = ray.get(ready[0])
-        except Exception as err:  # noqa: BLE001 - the worker died (OOM, segfault, node lost)
-            result = _failed_record(spec, f"ray worker failed: {type(err).__name__}: "
-                                    f"{_first_line(err)}"[:500])
-            atomic_write_json(Path(sweep_dir) / "runs" / spec.run_id / "result.json", result)
-        yield spec, result
+        result = _task_result(ray, ready[0], spec, sweep_dir, cancelled=bool(cancelled))
+        if result is None:
+            stopped.append(spec.run_id)
+        else:
+            yield spec, result
+    if stopped:
+        raise Preempted(cancelled, f"the sweep stopped runs {', '.join(stopped)} (checkpointed if they were training)")
+
+
+def _task_result(ray: Any, ref: Any, spec: RunSpec, sweep_dir: str, *, cancelled: bool) -> dict[str, Any] | None:
+    """The task's result; a failure record (written) for a dead worker; None for a task the sweep cancelled."""
+    try:
+        return ray.get(ref)
+    except Exception as err:  # noqa: BLE001 - the worker died (OOM, segfault, node lost), or was cancelled
+        if cancelled:
+            return None  # stopped by the sweep's signal: it resumes on the rerun, it did not fail
+        result = _failed_record(spec, f"ray worker failed: {type(err).__name__}: {_first_line(err)}"[:500])
+        atomic_write_json(Path(sweep_dir) / "runs" / spec.run_id / "result.json", result)
+        return result
 
 
 def _first_line(err: BaseException) -> str:

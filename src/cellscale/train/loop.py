@@ -2,7 +2,10 @@
 decides where the run ends).
 
 Train losses stay on the device between the loop's due points (log, eval, checkpoint): they are
-read there, all at once, and a non-finite one ends the run as diverged at its own step. One
+read there, all at once, and a non-finite one ends the run as diverged at its own step. At
+every step boundary the loop also polls a stop flag (``cellscale.preempt``) and the wall clock
+(``train.checkpoint_minutes``); either one writes a checkpoint there, after the pending losses
+have been read into the loop state, and a stop raises ``Preempted`` after it. One
 step path serves one process and W ranks: each rank's mean loss over its masked positions is
 weighted by W x its share of the global batch's masked positions (exactly 1 on one process),
 and DDP's gradient average then gives the gradient of the global batch's mean loss.
@@ -21,6 +24,7 @@ import torch
 from cellscale import objectives
 from cellscale.checkpoint import rng_key, save_checkpoint, save_weights
 from cellscale.io import atomic_write_with, to_json
+from cellscale.preempt import Preempted, StopFlag
 from cellscale.schedule import lr_at
 from cellscale.train import budget
 from cellscale.train.evaluate import evaluate
@@ -32,10 +36,42 @@ class Clock:
     """Training seconds: those of earlier processes of the run plus this one's."""
 
     before: float
-    t0: float = field(default_factory=time.perf_counter)
+    now: Callable[[], float] = time.perf_counter  # seconds; injectable, so tests can fake the clock
+    t0: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.t0 = self.now()
 
     def elapsed(self) -> float:
-        return self.before + (time.perf_counter() - self.t0)
+        return self.before + (self.now() - self.t0)
+
+
+@dataclass
+class StopWatch:
+    """Asked at each step boundary: did a stop signal come, and is a wall-clock checkpoint due
+    (``train.checkpoint_minutes`` since this process's last checkpoint)? Under DDP, one
+    host-side all-reduce per step gives every rank the same answer, so that all ranks save at
+    the same step and stop there."""
+
+    run: Run
+    clock: Clock
+    flag: StopFlag
+    last_save: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.last_save = self.clock.elapsed()
+
+    def poll(self) -> tuple[int, bool]:
+        """(the stop signal or 0, whether a wall-clock checkpoint is due)"""
+        minutes = self.run.cfg.checkpoint_minutes
+        wall_due = bool(minutes) and self.clock.elapsed() - self.last_save >= 60.0 * minutes
+        signum = self.flag.signum
+        if self.run.dist.active:
+            signum, wall_due = self.run.dist.host_max([signum, int(wall_due)])
+        return signum, bool(wall_due)
+
+    def saved(self) -> None:
+        self.last_save = self.clock.elapsed()
 
 
 @dataclass
@@ -139,7 +175,9 @@ def validate(run: Run, state: LoopState, log: MetricsLog) -> bool:
     return True
 
 
-def checkpoint(run: Run, state: LoopState, clock: Clock) -> None:
+def checkpoint(run: Run, state: LoopState, clock: Clock, *, interrupted: bool = False) -> None:
+    """Save the run at ``state.step``. When ``interrupted``, the saved loop state says
+    ``status: interrupted``, and ``resume`` sets it back to running."""
     state.wall = clock.elapsed()
     extra: dict[str, torch.Tensor] = {}
     if run.dist.active:  # every rank's RNG state, so that a resumed run draws the same dropout
@@ -149,17 +187,63 @@ def checkpoint(run: Run, state: LoopState, clock: Clock) -> None:
                 extra[rng_key(r)] = cpu_rng
                 if cuda_rng is not None:
                     extra[rng_key(r, "cuda")] = cuda_rng
+    saved = state.to_json()
+    if interrupted:
+        saved["status"] = "interrupted"
     if run.dist.is_main:
-        save_checkpoint(run.ckpt_dir, model=run.model, optimizer=run.optimizer,
-                        loop_state=state.to_json(), extra_tensors=extra)
+        save_checkpoint(run.ckpt_dir, model=run.model, optimizer=run.optimizer, loop_state=saved,
+                        extra_tensors=extra)
+
+
+def _read_losses(run: Run, state: LoopState, pending: PendingLosses, log: MetricsLog) -> bool:
+    """Move the pending losses into the state. Returns False, with a 'diverged' line written,
+    when one of them is not finite."""
+    if absorb(state, pending.read(run)):
+        return True
+    log.write({"kind": "diverged", "step": state.step, "loss": None})
+    return False
+
+
+def _due_work(run: Run, state: LoopState, log: MetricsLog, pending: PendingLosses, lr: float, end: int) -> bool:
+    """Read the losses, log and validate, each when due. Returns False when the run diverged."""
+    c = run.cadence
+    if c.any_due(state.step, end) and not _read_losses(run, state, pending, log):
+        return False
+    if c.due(c.log_every, state.step, end):
+        log.train(lr)
+    return not c.due(c.eval_every, state.step, end) or validate(run, state, log)
+
+
+def _save_when_due(run: Run, state: LoopState, log: MetricsLog, pending: PendingLosses, watch: StopWatch,
+                   end: int) -> bool:
+    """Checkpoint when it is due by steps or by the wall clock, or when a stop signal came. A
+    stop raises Preempted once the checkpoint is in place. Returns False when the losses read
+    for the checkpoint show that the run diverged."""
+    signum, wall_due = watch.poll()
+    if not (signum or wall_due or run.cadence.due(run.cadence.ckpt_every, state.step, end)):
+        return True
+    # a checkpoint holds the losses of every step before it. Off a due point they must be read
+    # now, or a resume would lose them; at a due point they have just been read
+    if pending.losses and not _read_losses(run, state, pending, log):
+        return False
+    checkpoint(run, state, log.clock, interrupted=bool(signum))
+    watch.saved()
+    if signum:
+        raise Preempted(signum, f"run {run.run_id} checkpointed at step {state.step}")
+    return True
 
 
 def train_loop(run: Run, state: LoopState, *, on_step: Callable[[dict[str, Any]], None] | None = None,
-               stop_after_steps: int | None = None) -> Clock:
-    """Train from ``state.step`` to the end of the budget (or ``stop_after_steps`` steps, or
-    divergence), updating ``state``; returns the run's clock."""
-    c, clock, pending = run.cadence, Clock(state.wall), PendingLosses()
+               stop_after_steps: int | None = None, now: Callable[[], float] = time.perf_counter,
+               stop: StopFlag | None = None) -> Clock:
+    """Train from ``state.step`` to the end of the budget, updating ``state``, and return the
+    run's clock. Training ends early after ``stop_after_steps`` steps or at divergence. When
+    ``stop`` is set, training ends at the next step boundary with a checkpoint there, and
+    Preempted is raised. ``now`` is the clock that the wall times and
+    ``train.checkpoint_minutes`` are read from."""
+    c, clock, pending = run.cadence, Clock(state.wall, now=now), PendingLosses()
     log = MetricsLog(run, state, clock)
+    watch = StopWatch(run, clock, stop if stop is not None else StopFlag())
     run.model.train()
     start = state.step
     for item in run.batches.iterate(start, c.total_steps - start, pin_memory=run.device.type == "cuda"):
@@ -171,15 +255,9 @@ def train_loop(run: Run, state: LoopState, *, on_step: Callable[[dict[str, Any]]
                    decay_start=state.decay_start, end=end)
         pending.add(*train_step(run, item, lr))
         state.step += 1
-        if c.any_due(state.step, end) and not absorb(state, pending.read(run)):
-            log.write({"kind": "diverged", "step": state.step, "loss": None})
+        if not (_due_work(run, state, log, pending, lr, end)
+                and _save_when_due(run, state, log, pending, watch, end)):
             break
-        if c.due(c.log_every, state.step, end):
-            log.train(lr)
-        if c.due(c.eval_every, state.step, end) and not validate(run, state, log):
-            break
-        if c.due(c.ckpt_every, state.step, end):
-            checkpoint(run, state, clock)
         if on_step is not None:
             on_step({"step": state.step, "total": budget.end_step(run, state), "loss": state.last_loss,
                      "lr": lr, "batch_size": run.cfg.batch_size})

@@ -14,6 +14,7 @@ from cellscale import objectives
 from cellscale.checkpoint import crashpoint, load_weights
 from cellscale.io import atomic_write_json
 from cellscale.model import attention_impl, count_params, flops_per_cell, non_embedding_params
+from cellscale.tblog import write_events
 from cellscale.train.budget import end_step, verdict
 from cellscale.train.evaluate import EvalResult, evaluate, per_gene_summary
 from cellscale.train.loop import Clock
@@ -130,6 +131,7 @@ def finalise(run: Run, state: LoopState, *, clock: Clock, t_start: float) -> dic
     scores = final_scores(run, state)
     result = result_record(run, state, scores, clock=clock, t_start=t_start)
     if run.dist.is_main:
+        write_events(run.out)  # the TensorBoard view of metrics.jsonl; one line and no files without the extra
         crashpoint("before-result")
         atomic_write_json(run.out / "result.json", result)
     run.dist.barrier()

@@ -171,6 +171,7 @@ def resume(run: Run) -> LoopState:
         return LoopState()
     saved = load_checkpoint(found, model=run.model, optimizer=run.optimizer, rank=run.dist.rank)
     state = LoopState.from_json(saved)
+    state.status = "running"  # a checkpoint saved on a stop signal says "interrupted"
     state.resumes.append(state.step)
     if main:
         truncate_lines(run.metrics_path, state.metric_lines)
