@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[dev,census,ray]"
+.venv/bin/python -m pip install -q -e ".[dev,census,ray,tensorboard]"
 # compile the fused CPU attention kernel now (about a minute, once) rather than at the first run;
 # without a C++ compiler training still works, on a slower attention path
 .venv/bin/python -m cellscale.kernels || true

@@ -64,3 +64,32 @@ def counts_matrix(n_cells: int, n_genes: int, seed: int = 0, sparse: bool = True
     rates = rng.gamma(0.5, 2.0, size=n_genes)
     X = rng.poisson(rates * rng.gamma(2.0, 0.5, size=(n_cells, 1))).astype(np.float32)
     return sp.csr_matrix(X) if sparse else X
+
+
+# -- the downstream tests (test_downstream.py, test_embed.py): a dataset with enough labelled
+# cells to score a probe, and one small model trained on it (a few seconds, once per session)
+PROBE_DATA = DataConfig(source="simulate", cells=800, genes=64, seed=0, simulate=TINY_SIM)
+PROBE_MODEL = {"name": "P16", "d_model": 16, "n_layers": 1, "n_heads": 2, "ffn_ratio": 2}
+
+
+def train_probe_run(dataset_dir: Path, out: Path, cells_seen: int) -> Path:
+    from cellscale.config import ModelConfig, TrainConfig
+    from cellscale.train import train_run
+
+    train_run(dataset_dir, ModelConfig(**PROBE_MODEL),
+              TrainConfig(cells_seen=cells_seen, batch_size=32, num_threads=1, device="cpu"), out=out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def probe_dataset_dir(tmp_path_factory) -> Path:
+    """800 simulated cells x V=64, 4 cell types, 3 batches (train 720, val 40, test 40). Read-only: shared."""
+    from cellscale.data.build import build_dataset
+
+    return build_dataset(PROBE_DATA, out=tmp_path_factory.mktemp("probe") / "ds", progress=False)
+
+
+@pytest.fixture(scope="session")
+def trained_run_dir(tmp_path_factory, probe_dataset_dir) -> Path:
+    """A model of d=16 trained on ``probe_dataset_dir`` for 8,000 cells. Read-only: shared."""
+    return train_probe_run(probe_dataset_dir, tmp_path_factory.mktemp("probe-run") / "run", 8000)

@@ -31,7 +31,7 @@ SUBCOMMANDS = _subcommands(build_parser())
 def test_every_subcommand_is_listed():
     names = {" ".join(p) for p, _ in SUBCOMMANDS}
     assert names == {"data", "data build", "data info", "data thin", "ladder", "train", "sweep", "fit", "report",
-                     "run"}
+                     "embed", "downstream", "run"}
 
 
 @pytest.mark.parametrize("path, parser", SUBCOMMANDS, ids=[" ".join(p) for p, _ in SUBCOMMANDS])

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from cellscale import __version__
+from cellscale.cpus import prepare_threads
 from cellscale.errors import CellscaleError
+from cellscale.preempt import Preempted, ignore_stop_signals
 
 EPILOG = """examples:
   cellscale run                                   # the demo study, offline, a few minutes on a laptop
@@ -47,7 +49,17 @@ def _quiet_parent() -> argparse.ArgumentParser:
     q = argparse.ArgumentParser(add_help=False)
     q.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                    help="no progress bars or per-run lines; results are still printed")
+    q.add_argument("--threads", type=_positive_int, default=argparse.SUPPRESS, metavar="N",
+                   help="threads per pool for torch and BLAS (default: the CPUs this process may use, "
+                        "from its affinity and cgroup quota)")
     return q
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
@@ -178,6 +190,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
     t.add_argument("--precision", choices=["auto", "fp32", "bf16"])
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.add_argument("--checkpoint-minutes", type=float, metavar="N",
+                   help="also checkpoint every N minutes of wall time, as well as at evaluations "
+                        "(a kill -9 loses at most N minutes); default off")
     t.add_argument("--overwrite", action="store_true",
                    help="replace a --out that holds something else or a run with other settings")
 
@@ -249,6 +264,53 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     r.add_argument("sweep_dir")
 
 
+def _add_embed(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser(
+        "embed", help="write a run's cell embedding into an .h5ad (obsm['X_cellscale'])", parents=[_quiet_parent()],
+        formatter_class=RAW,
+        description="Embed cells with a run's best checkpoint: the mean over the V genes of the final hidden state, "
+                    "nothing masked. New cells are preprocessed as the run's dataset was (library size over all "
+                    "their genes, the same target sum, log1p, the dataset's genes matched by name or feature_id). "
+                    "The output is the input with obsm['X_cellscale'] and uns['cellscale'] (provenance), ready for "
+                    "sc.pp.neighbors(adata, use_rep='X_cellscale').",
+        epilog=_examples(
+            "cellscale embed sweep/runs/XS-dall-s0 --input cells.h5ad --out embedded.h5ad",
+            "cellscale embed sweep/runs/XS-dall-s0 --data sweep/dataset --out dataset-embedded.h5ad",
+            "cellscale embed runs/xs --dataset ds --input cells.h5ad --out embedded.h5ad --allow-missing-genes",
+        ),
+    )
+    e.add_argument("run_dir", help="a run directory with best.safetensors (e.g. SWEEP_DIR/runs/<id>)")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", help="an .h5ad of raw counts (X, or --layer)")
+    src.add_argument("--data", help="a cellscale dataset directory (all its cells; obs gains 'split')")
+    e.add_argument("--out", required=True, help="the .h5ad to write")
+    e.add_argument("--layer", help="read the counts from this layer of --input instead of X")
+    e.add_argument("--dataset", help="the dataset the run was trained on (default: found from the sweep.json "
+                                     "above the run dir)")
+    e.add_argument("--allow-missing-genes", action="store_true",
+                   help="embed with zeros for model genes the file lacks (their count is printed)")
+    e.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
+
+
+def _add_downstream(sub: argparse._SubParsersAction) -> None:
+    d = sub.add_parser(
+        "downstream", help="score a sweep's embeddings downstream (probe, kNN, batch mixing)",
+        parents=[_quiet_parent()], formatter_class=RAW,
+        description="Score every finished run of a sweep (a sweep does this itself after each run, on "
+                    "'cell_type'): a logistic-regression probe and kNN label transfer fitted on the training "
+                    "cells' embeddings and scored on validation and test, and kNN batch mixing; the same for "
+                    "PCA-50 and the HVG values (SWEEP_DIR/downstream.json). Rewrites result.json and results.csv; "
+                    "then run `cellscale report`.",
+        epilog=_examples("cellscale downstream sweep --label cell_type --batch-key dataset_id",
+                         "cellscale downstream sweep --label tissue --force"),
+    )
+    d.add_argument("sweep_dir")
+    d.add_argument("--label", default="cell_type", help="obs column of the labels (default cell_type)")
+    d.add_argument("--batch-key", help="obs column of the batches (default: the first of batch, dataset_id, "
+                                       "batch_id, sample_id, donor_id with two values or more)")
+    d.add_argument("--force", action="store_true", help="rescore runs already scored")
+
+
 def _add_run(sub: argparse._SubParsersAction) -> None:
     run = sub.add_parser(
         "run", help="the whole flow (default preset 'demo' runs offline)", parents=[_quiet_parent()],
@@ -281,9 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bars or per-run lines; results are still printed "
                         "(also accepted after the subcommand)")
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="threads per pool for torch and BLAS (default: the CPUs this process may use; "
+                        "also accepted after the subcommand)")
     sub = p.add_subparsers(dest="cmd", required=True)
     # in the order `cellscale --help` lists them
-    for add in (_add_data, _add_ladder, _add_train, _add_sweep, _add_fit, _add_report, _add_run):
+    for add in (_add_data, _add_ladder, _add_train, _add_sweep, _add_fit, _add_report, _add_embed, _add_downstream,
+                _add_run):
         add(sub)
     return p
 
@@ -402,7 +468,7 @@ def cmd_ladder(a: argparse.Namespace) -> int:
 def _train_flags(a: argparse.Namespace) -> dict[str, Any]:
     """The `train` flags that set training settings; one not given leaves the config's value."""
     return {**_given(cells_seen=a.cells_seen, batch_size=a.batch_size, lr=a.lr, schedule=a.schedule,
-                     device=a.device, precision=a.precision),
+                     device=a.device, precision=a.precision, checkpoint_minutes=a.checkpoint_minutes),
             **({"compile": True} if a.compile else {})}
 
 
@@ -492,6 +558,29 @@ def cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(a: argparse.Namespace) -> int:
+    from cellscale.embed import embed_run
+
+    with _silenced(_quiet(a)):
+        prov = embed_run(a.run_dir, out=a.out, input=a.input, data=a.data, dataset=a.dataset, layer=a.layer,
+                         allow_missing=a.allow_missing_genes, device=a.device)
+    if prov["n_missing_genes"]:
+        print(f"{prov['n_missing_genes']} of the model's {prov['n_genes']} genes are missing from the input: "
+              "embedded with zeros for them")
+    print(f"embedded {prov['n_cells']} cells ({prov['d_model']} dimensions, obsm['{prov['key']}']): {a.out}")
+    return 0
+
+
+def cmd_downstream(a: argparse.Namespace) -> int:
+    from cellscale.sweep.scoring import rewrite_results, score_sweep
+
+    with _silenced(_quiet(a)):
+        done = score_sweep(a.sweep_dir, label=a.label, batch_key=a.batch_key, force=a.force)
+    path = rewrite_results(a.sweep_dir)
+    print(f"scored {len(done)} run(s) on '{a.label}'; results: {path}")
+    return 0
+
+
 def cmd_run(a: argparse.Namespace) -> int:
     from cellscale.config import list_presets
     from cellscale.pipeline import print_summary, resolve_config, run_study
@@ -515,12 +604,13 @@ def cmd_run(a: argparse.Namespace) -> int:
 DATA_COMMANDS = {"build": cmd_data_build, "info": cmd_data_info, "thin": cmd_data_thin}
 COMMANDS = {
     "ladder": cmd_ladder, "train": cmd_train, "sweep": cmd_sweep, "fit": cmd_fit,
-    "report": cmd_report, "run": cmd_run,
+    "report": cmd_report, "run": cmd_run, "embed": cmd_embed, "downstream": cmd_downstream,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    prepare_threads(getattr(args, "threads", None))  # before anything loads torch
     try:
         if args.cmd == "data":
             return DATA_COMMANDS[args.data_cmd](args)
@@ -531,6 +621,11 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, PermissionError, IsADirectoryError) as err:
         print(f"error: {err.strerror}: {err.filename}", file=sys.stderr)
         return 2
+    except Preempted as err:  # SIGTERM or SIGINT: the work is checkpointed (cellscale.preempt)
+        ignore_stop_signals()
+        if _is_main_rank():
+            print(err, file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         return 130

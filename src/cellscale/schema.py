@@ -8,6 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
+# the downstream scores of a run (cellscale.downstream): probe and kNN macro-F1, batch mixing,
+# on the validation and test cells; the label and batch key they used, or why they are missing
+DOWNSTREAM_FIELDS = (
+    "probe_val_f1", "probe_val_accuracy", "knn_val_f1", "batch_mixing_val",
+    "probe_test_f1", "probe_test_accuracy", "knn_test_f1", "batch_mixing_test",
+    "downstream_label", "downstream_batch_key", "downstream_note",
+)
 RESULT_FIELDS = (
     "run_id", "size", "params", "non_embedding_params", "d_model", "n_layers", "n_heads",
     "n_genes", "objective", "train_cells", "depth", "seed", "steps", "cells_seen", "tokens_seen",
@@ -15,9 +22,12 @@ RESULT_FIELDS = (
     "gene_mean_val_mse", "gene_mean_test_mse", "wall_seconds", "status", "error",
     # was the run trained to its plateau (cellscale.plateau), and the figure behind the verdict
     "budget", "converged", "plateau_gain", "dropout", "attention_dropout", "attention_impl",
+    # the best checkpoint's cell embedding scored downstream (cellscale.downstream; a sweep step)
+    *DOWNSTREAM_FIELDS,
 )
 # the text columns; every other field is a number (or missing)
-TEXT_FIELDS = ("run_id", "size", "objective", "status", "error", "budget", "attention_impl")
+TEXT_FIELDS = ("run_id", "size", "objective", "status", "error", "budget", "attention_impl",
+               "downstream_label", "downstream_batch_key", "downstream_note")
 NUMERIC_FIELDS = tuple(c for c in RESULT_FIELDS if c not in TEXT_FIELDS)
 # a run with one of these statuses is never trained again
 FINISHED = ("ok", "diverged")

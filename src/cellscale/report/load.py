@@ -1,7 +1,11 @@
 """Read a sweep directory (docs/INTERNALS.md) into a ``SweepData``.
 
-Each reader fills one part and says in ``notes`` what is missing or unreadable; only a path
-that is no sweep directory at all raises.
+Each reader fills one part and says in ``notes`` what is missing or unreadable; a path that
+is no sweep directory at all raises. So does a damaged file that a rerun of ``cellscale sweep``
+writes again (results.csv, against its checksum; sweep.json; the baselines.json files): one
+line names it (``cellscale.io.DamagedFile``). A run's own logs (metrics.jsonl, per_gene.json),
+which only training again would remake, are used as far as they read, with a note and a
+warning line.
 """
 
 from __future__ import annotations
@@ -19,16 +23,20 @@ import yaml
 from cellscale.config import ConfigError, FitConfig, RunConfig, parse_config
 from cellscale.data.manifest import Manifest
 from cellscale.errors import DataError, RunError
+from cellscale.io import DamagedFile, read_json_checked, verify_checksum, warn
 from cellscale.report.records import SWEEP_BASELINES, PerGene, SweepData, scores
-from cellscale.schema import NUMERIC_FIELDS, RESULT_FIELDS
+from cellscale.schema import DOWNSTREAM_FIELDS, NUMERIC_FIELDS, RESULT_FIELDS
 
 # columns an older results.csv may lack without anything being missing: their value then
 # (a sweep without a depth axis ran at full depth; one before the objectives trained on the MSE)
 _OPTIONAL_DEFAULTS = {"depth": 1.0, "objective": "mse", "best_val_loss": np.nan, "test_loss": np.nan,
                       # before the plateau criterion every run had a fixed budget, its verdict unknown
                       "budget": "fixed", "converged": np.nan, "plateau_gain": np.nan, "dropout": np.nan,
-                      "attention_dropout": np.nan, "attention_impl": np.nan, "lr_scale": 1.0}
+                      "attention_dropout": np.nan, "attention_impl": np.nan, "lr_scale": 1.0,
+                      # a sweep before the downstream step scored no embedding
+                      **dict.fromkeys(DOWNSTREAM_FIELDS, np.nan)}
 _METRIC_NUMBERS = ("step", "cells_seen", "lr", "loss", "val_mse", "val_bits", "wall")
+REWRITE = "rerun `cellscale sweep` with the same config and --out to write it again"
 
 
 def load_sweep(sweep_dir: str | os.PathLike) -> SweepData:
@@ -41,6 +49,7 @@ def load_sweep(sweep_dir: str | os.PathLike) -> SweepData:
     runs_dir = data.sweep_dir / "runs"
     _read_all_metrics(data, runs_dir)
     _read_per_gene(data, runs_dir)
+    _check_baselines(data.sweep_dir / "baselines.json")
     _read_depth_baselines(data)
     _name_orphans(data, runs_dir)
     return data
@@ -83,10 +92,7 @@ def _read_sweep_meta(data: SweepData) -> None:
     if not path.is_file():
         data.notes.append("sweep.json is missing.")
         return
-    try:
-        data.sweep_meta = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        data.notes.append(f"sweep.json is not valid JSON ({err}).")
+    data.sweep_meta = read_json_checked(path, fix=REWRITE)
 
 
 def _read_manifest(data: SweepData) -> None:
@@ -112,10 +118,11 @@ def _read_results(data: SweepData) -> None:
     if not path.is_file():
         data.notes.append("results.csv is missing: no finished run to report yet.")
     else:
+        verify_checksum(path, fix=REWRITE)
         try:
             runs = pd.read_csv(path)
-        except (pd.errors.EmptyDataError, pd.errors.ParserError) as err:
-            data.notes.append(f"results.csv could not be parsed ({str(err).splitlines()[0]}).")
+        except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
+            raise DamagedFile(path, f"not a readable CSV: {str(err).splitlines()[0]}", REWRITE) from None
     missing = [c for c in RESULT_FIELDS if c not in runs.columns]
     lacking = [c for c in missing if c not in _OPTIONAL_DEFAULTS]
     if lacking and len(runs.columns):
@@ -141,7 +148,8 @@ def _typed_results(runs: pd.DataFrame, missing: list[str]) -> pd.DataFrame:
 
 
 def read_metrics(path: Path) -> tuple[pd.DataFrame | None, int]:
-    """Parse metrics.jsonl, skipping unparseable lines (a run killed mid-write); returns (frame, bad)."""
+    """Parse metrics.jsonl, skipping unparseable lines (a run killed mid-write) and those a resume
+    found damaged (``{"kind": "lost"}``); returns (frame, bad)."""
     rows, bad = [], 0
     with path.open() as fh:
         for line in filter(None, (raw.strip() for raw in fh)):
@@ -150,7 +158,9 @@ def read_metrics(path: Path) -> tuple[pd.DataFrame | None, int]:
             except json.JSONDecodeError:
                 bad += 1
                 continue
-            if isinstance(obj, dict):
+            if isinstance(obj, dict) and obj.get("kind") == "lost":  # damaged, found so on a resume
+                bad += 1
+            elif isinstance(obj, dict):
                 rows.append(obj)
     if not rows:
         return None, bad
@@ -174,6 +184,7 @@ def _read_all_metrics(data: SweepData, runs_dir: Path) -> None:
             no_metrics.append(rid)
         if bad:
             data.notes.append(f"runs/{rid}/metrics.jsonl: {bad} unreadable line(s) skipped.")
+            warn(f"{path} is damaged ({bad} unreadable line(s)): its learning curve is drawn without them")
     if no_metrics:
         status = dict(zip(data.runs["run_id"], data.runs["status"]))
         data.notes.append("No learning curve (metrics.jsonl missing or empty) for: "
@@ -209,6 +220,7 @@ def _read_per_gene(data: SweepData, runs_dir: Path) -> None:
                           "or one without a best checkpoint) for: " + ", ".join(missing) + ".")
     if bad:
         data.notes.append("Unreadable per_gene.json (skipped) for: " + ", ".join(bad) + ".")
+        warn("damaged per_gene.json, left out of the per-gene figures: " + ", ".join(bad))
 
 
 def _cached_baselines(obj: Any) -> dict[str, dict[str, float | None]]:
@@ -222,11 +234,14 @@ def _cached_baselines(obj: Any) -> dict[str, dict[str, float | None]]:
     return {name: scores(obj[name]) for name in ("gene_mean", *SWEEP_BASELINES) if isinstance(obj.get(name), dict)}
 
 
+def _check_baselines(path: Path) -> None:
+    """A baselines.json the sweep wrote (its own, or a thinned dataset's cache) must read."""
+    if path.is_file():
+        read_json_checked(path, fix=REWRITE)
+
+
 def _read_json_or_none(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    return read_json_checked(path, fix=REWRITE) if path.is_file() else None
 
 
 def _read_manifest_or_none(path: Path) -> Manifest | None:

@@ -11,8 +11,9 @@ import numpy as np
 
 from cellscale.config import depth_label
 from cellscale.lrgrid import select_lr
-from cellscale.report import tables
+from cellscale.report import downstream, tables
 from cellscale.report.doc import Bullets, Callout, Code, Document, Fig, Figure, Para, Section
+from cellscale.report.downstream import Downstream
 from cellscale.report.fitting import FitOutcome, headline_depth
 from cellscale.report.methods import meaning_paragraph, methods_paragraph
 from cellscale.report.records import GeneBest, SweepData
@@ -31,6 +32,7 @@ class Findings:
     depth_fits: dict[float, FitOutcome]
     best: GeneBest | None
     figures: dict[str, Figure]
+    downstream: Downstream | None = None  # the embeddings' scores (report/downstream.py)
 
     @property
     def status_counts(self) -> dict[str, int]:
@@ -61,9 +63,11 @@ def _meaning(f: Findings) -> str:
     runs = f.sd.runs
     head = headline_depth(runs)  # the baseline and the fit are the headline depth's: so are the runs
     vals = {k: v.get("val") for k, v in f.sd.baselines.items()} if head in (None, 1.0) else {}
-    return meaning_paragraph(runs if head is None else runs[runs["depth"] == head], f.fit.data,
+    text = meaning_paragraph(runs if head is None else runs[runs["depth"] == head], f.fit.data,
                              baseline_val=f.sd.gene_mean_val, bayes_floor=f.sd.bayes_floor, fit_error=f.fit.error,
                              baselines={k: v for k, v in vals.items() if v is not None})
+    extra = downstream.meaning_text(f.downstream, f.sd.loss_col) if f.downstream is not None else ""
+    return f"{text} {extra}" if extra else text
 
 
 def _methods(f: Findings) -> str:
@@ -154,6 +158,8 @@ def sections(f: Findings) -> list[Section]:
     out.append(Section("Scaling with model size", [Fig("loss_vs_params")]))
     if "loss_vs_lr" in f.figures:
         out.append(Section("Learning-rate search", [Fig("loss_vs_lr")]))
+    if f.downstream is not None:
+        out += downstream.sections(f.downstream, f.sd.loss_col)
     out += _fit_sections(f)
     out.append(_entropy_section(f))
     out.append(Section("Learning curves", [Fig("learning_curves")]))

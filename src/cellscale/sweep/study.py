@@ -11,11 +11,12 @@ from cellscale.data.build import build_dataset
 from cellscale.data.store import Dataset
 from cellscale.data.thin import check_thinnable, is_thinned_from, thin_dataset
 from cellscale.errors import RunError
-from cellscale.io import atomic_write_json, atomic_write_text, read_json
+from cellscale.io import DamagedFile, atomic_write_json, atomic_write_text, read_json_checked, warn
 from cellscale.progress import SweepProgress, console
 from cellscale.sweep.plan import plan_runs
 from cellscale.sweep.results import write_results
 from cellscale.sweep.runner import run_local, run_ray
+from cellscale.sweep.scoring import score_result, score_sweep
 
 
 def sweep_hash(cfg: RunConfig) -> str:
@@ -28,6 +29,22 @@ def sweep_hash(cfg: RunConfig) -> str:
     return config_hash(payload)
 
 
+def _marker_hash(out: Path, cfg: RunConfig, *, overwrite: bool) -> str | None:
+    """The config hash ``out/sweep.json`` records. A damaged sweep.json stands for this config
+    when ``config.yaml`` is this config's (one line says so); otherwise it is refused
+    (DamagedFile), or, with ``overwrite``, taken as another config's (None)."""
+    try:
+        return read_json_checked(out / "sweep.json").get("config_hash")
+    except DamagedFile as err:
+        saved = out / "config.yaml"
+        if saved.is_file() and saved.read_text(encoding="utf-8", errors="replace") == dump_yaml(cfg):
+            warn(f"{err}; config.yaml is this config's, so the sweep goes on and rewrites it")
+            return sweep_hash(cfg)
+        if overwrite:
+            return None
+        raise err.with_fix("use another --out, or --overwrite to start the sweep over") from None
+
+
 def prepare_sweep_dir(cfg: RunConfig, out: Path, *, overwrite: bool = False) -> None:
     """Claim ``out`` for this config: refuse a directory that holds something else."""
     marker = out / "sweep.json"
@@ -36,19 +53,31 @@ def prepare_sweep_dir(cfg: RunConfig, out: Path, *, overwrite: bool = False) -> 
             raise RunError(f"{out} is a file, not a sweep directory; use another --out, or --overwrite")
         out.unlink()
     if out.exists() and any(out.iterdir()):
+        stored = _marker_hash(out, cfg, overwrite=overwrite) if marker.is_file() else None
         if marker.is_file():
-            old = read_json(marker)
-            if old.get("config_hash") != sweep_hash(cfg) and not overwrite:
+            if stored != sweep_hash(cfg) and not overwrite:
                 raise RunError(
                     f"{out} holds a sweep with another config; use another --out, or --overwrite"
                 )
         elif not overwrite:
             raise RunError(f"{out} is not empty and is not a cellscale sweep; use another --out, or --overwrite")
-        if overwrite and (not marker.is_file() or read_json(marker).get("config_hash") != sweep_hash(cfg)):
+        if overwrite and stored != sweep_hash(cfg):
             shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(marker, {"config_hash": sweep_hash(cfg), "dataset": None})
     atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+
+
+def _baselines_readable(path: Path) -> bool:
+    """SWEEP_DIR/baselines.json is there and reads; a damaged one is recomputed (one line)."""
+    if not path.is_file():
+        return False
+    try:
+        read_json_checked(path, keys=("gene_mean",))
+    except DamagedFile as err:
+        warn(f"{err}: computing the baselines again")
+        return False
+    return True
 
 
 def ensure_dataset(cfg: RunConfig, out: Path) -> Path:
@@ -131,7 +160,7 @@ def run_sweep(
             shutil.rmtree(out, ignore_errors=True)
         raise
     ds = given if given is not None else Dataset.open(dataset)
-    if not (out / "baselines.json").is_file():
+    if not _baselines_readable(out / "baselines.json"):
         # reference predictors drawn on every figure: gene mean, Bayes-linear, kNN
         base = load_or_compute_baselines(ds)
         atomic_write_json(out / "baselines.json",
@@ -145,7 +174,11 @@ def run_sweep(
     ids = [s.run_id for s in specs]
     backend = backend or cfg.sweep.backend
 
-    def on_result(_: dict) -> None:
+    ds_cache: dict = {}
+
+    def on_result(result: dict) -> None:
+        # the downstream step: the run's embedding scored into its result.json (train stays model-only)
+        score_result(out / "runs" / str(result.get("run_id")), datasets, cache=ds_cache)
         write_results(out, ids)
 
     with SweepProgress(len(specs), enabled=progress) as bar:
@@ -157,4 +190,5 @@ def run_sweep(
         else:
             run_local(specs, dataset=datasets, sweep_dir=str(out), progress=bar,
                       on_result=on_result)
+    score_sweep(out, datasets, run_ids=ids)  # runs finished before this step existed; the references
     return write_results(out, ids)
