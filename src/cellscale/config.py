@@ -315,10 +315,18 @@ ADDED_SETTINGS_OFF: dict[str, dict[str, Any]] = {
 }
 
 
+# settings that never change a run's numbers, only when extra checkpoints are written: left out
+# of the identity, so a preempted run can be resumed with them added or changed
+NOT_IDENTITY: dict[str, tuple[str, ...]] = {"train": ("checkpoint_minutes",)}
+
+
 def identity_dump(section: str, cfg: BaseModel) -> dict[str, Any]:
-    """``cfg.model_dump(mode="json")`` without the settings of ``ADDED_SETTINGS_OFF[section]``
-    that are at their "as before" value: the payload of an identity hash."""
+    """``cfg.model_dump(mode="json")`` without the settings of ``NOT_IDENTITY[section]`` and those of
+    ``ADDED_SETTINGS_OFF[section]`` that are at their "as before" value: the payload of an
+    identity hash."""
     payload = cfg.model_dump(mode="json")
+    for key in NOT_IDENTITY.get(section, ()):
+        payload.pop(key, None)
     for key, off in ADDED_SETTINGS_OFF.get(section, {}).items():
         if key in payload and payload[key] == off:
             del payload[key]
