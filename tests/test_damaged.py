@@ -270,6 +270,7 @@ def test_a_damaged_sweep_json_is_rewritten_by_the_sweep_and_refused_by_report(ca
     sw, cfg = sweep_copy
     (sw / "sweep.json").write_text('{"dataset": "/da')
     _one_error(*_cli(capsys, "report", sw), str(sw / "sweep.json"), "is damaged", "cellscale sweep")
+    _one_error(*_cli(capsys, "downstream", sw), str(sw / "sweep.json"), "is damaged", "rerun the sweep")
     rc, err = _cli(capsys, "sweep", cfg, "--out", sw, "-q")
     assert rc == 0, err
     _warning(err, "sweep.json is damaged", "config.yaml is this config's")

@@ -22,7 +22,7 @@ from cellscale import downstream as dn
 from cellscale.config import depth_label
 from cellscale.data.store import Dataset
 from cellscale.errors import CellscaleError, RunError
-from cellscale.io import atomic_write_json, read_json
+from cellscale.io import atomic_write_json, read_json, read_json_checked
 from cellscale.schema import DOWNSTREAM_FIELDS
 
 __all__ = ["REFS_FILE", "score_run", "score_result", "score_sweep", "sweep_datasets", "read_references",
@@ -79,7 +79,7 @@ def sweep_datasets(sweep_dir: str | os.PathLike) -> dict[float, str]:
     path = Path(sweep_dir) / "sweep.json"
     if not path.is_file():
         raise RunError(f"{sweep_dir} is not a sweep directory (no sweep.json): pass a sweep or a run directory")
-    meta = read_json(path)
+    meta = read_json_checked(path, fix="rerun the sweep's command to rewrite it")
     out = {1.0: str(meta["dataset"])} if meta.get("dataset") else {}
     out.update({float(k): str(v) for k, v in (meta.get("depth_datasets") or {}).items()})
     return out
