@@ -111,6 +111,24 @@ def test_a_floor_above_a_baseline_is_not_called_irreducible():
     assert "NOT an irreducible loss" not in below and "the best model is 10.0% above it" in below
 
 
+def test_a_floor_above_the_best_model_is_not_called_a_floor():
+    """The real-10x demo settings: the fit's floor 0.837 above the best model's own 0.812, with
+    every baseline above both."""
+    ladder = _ladder(0.812)
+    fit = {**_fit(0.837, 0.58, 0.969), "entropy_bits": {"gaussian": 1.92, "ci95": [1.65, 2.02]}}
+    text = meaning_paragraph(ladder, fit, baselines={"gene_mean": 2.0, "bayes_linear": 0.989, "knn": 0.865})
+    assert "the best model is 3.0% below it." in text
+    assert ("It is NOT a floor of these models: the best model's own loss is already below it, so the law bends "
+            "towards a level the ladder has passed") in text
+    assert "NOT an irreducible loss" not in text  # no baseline is below the floor
+    assert ("The entropy computed from that floor (1.92 bits per masked gene) is therefore not the entropy left "
+            "in the data either") in text and "Read as a Gaussian noise level" not in text
+    both = meaning_paragraph(_ladder(1.245), _fit(1.25, 1.2, 1.3), baselines=REAL_10X)
+    assert "NOT an irreducible loss" in both and "Nor is it a floor of these models" in both
+    fine = meaning_paragraph(_ladder(1.1), _fit(1.0, 0.9, 1.05), baselines=REAL_10X)
+    assert "a floor of these models" not in fine
+
+
 def test_an_entropy_interval_whose_floor_reaches_zero_is_unbounded_below():
     assert reaches_zero((5e-12, 0.68)) and reaches_zero((0.0, 0.68)) and not reaches_zero((0.05, 0.68))
     eb = entropy_summary(0.34, (5e-12, 0.68))

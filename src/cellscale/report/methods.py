@@ -514,12 +514,25 @@ def _alpha_sentence(params: Mapping[str, Any], ci: Mapping[str, Any], has_floor:
     return [s + "."]
 
 
+def floor_beaten_by(fit: Mapping[str, Any], fname: str, best: dict[str, Any] | None,
+                    baselines: Mapping[str, float] | None = None) -> dict[str, float]:
+    """The losses on the same cells that lie below the fitted floor: {baseline name: loss}, and
+    "best_model" when the ladder's own best model is below it. Any of them means the floor is not
+    an irreducible loss."""
+    c = float((fit.get("params") or {})[fname])
+    below = {k: float(v) for k, v in (baselines or {}).items() if v is not None and float(v) < c}
+    if best is not None and float(best["mean"]) < c:
+        below["best_model"] = float(best["mean"])
+    return below
+
+
 def _floor_sentences(fit: Mapping[str, Any], fname: str, best: dict[str, Any] | None,
                      baselines: Mapping[str, float] | None = None) -> list[str]:
     params, ci = fit.get("params") or {}, fit.get("ci95") or {}
     at_boundary = bool(fit.get("floor_at_boundary"))
     c = float(params[fname])
-    below = {k: float(v) for k, v in (baselines or {}).items() if v is not None and float(v) < c}
+    below = floor_beaten_by(fit, fname, best, baselines)
+    beaten_by_best = below.pop("best_model", None) is not None
     s = f"The fitted floor of the law ({fname}) is {fmt_num(c)}"
     if fname in ci and ci[fname] and ci[fname][0] is not None:
         s += f" (95% CI {fmt_num(ci[fname][0])} to {fmt_num(ci[fname][1])})"
@@ -531,6 +544,10 @@ def _floor_sentences(fit: Mapping[str, Any], fname: str, best: dict[str, Any] | 
         out.append("It is NOT an irreducible loss: " + ", ".join(
             f"{BASELINE_NAMES.get(k, k)} reaches {fmt_num(v)}" for k, v in below.items())
             + " on the same cells, below it; the floor describes these models as trained, not the data.")
+    if beaten_by_best and not at_boundary:
+        out.append(("Nor is it" if below else "It is NOT") + " a floor of these models: the best model's own "
+                   "loss is already below it, so the law bends towards a level the ladder has passed, and the "
+                   "floor is a property of this fit rather than a bound.")
     if at_boundary:
         out.append("WARNING: the floor estimate sits on the edge of its search range, so it is an artefact "
                    "of the fitting bounds rather than a measurement; do not quote it as the irreducible "
@@ -538,13 +555,16 @@ def _floor_sentences(fit: Mapping[str, Any], fname: str, best: dict[str, Any] | 
     return out
 
 
-def _entropy_sentence(fit: Mapping[str, Any]) -> list[str]:
+def _entropy_sentence(fit: Mapping[str, Any], *, floor_beaten: bool = False) -> list[str]:
     eb = fit.get("entropy_bits") or {}
     if not isinstance(eb, Mapping) or eb.get("gaussian") is None:
         return []
     if fit.get("floor_at_boundary"):
         return [f"The entropy computed from that floor ({fmt_num(eb['gaussian'], 3)} bits per masked gene) is "
                 "therefore not a measurement either."]
+    if floor_beaten:
+        return [f"The entropy computed from that floor ({fmt_num(eb['gaussian'], 3)} bits per masked gene) is "
+                "therefore not the entropy left in the data either; it inherits the floor's meaning."]
     s = f"Read as a Gaussian noise level, the floor corresponds to {fmt_num(eb['gaussian'], 3)} bits per masked gene"
     if eb.get("ci95_unbounded_below"):
         s += (f" (95% CI unbounded below, to {fmt_num(eb['ci95'][1], 3)}: the floor's interval reaches 0, "
@@ -581,7 +601,8 @@ def meaning_paragraph(
     fname = fit.get("floor_param") or floor_name(params)
     fname = fname if fname in params else None
     out += _alpha_sentence(params, fit.get("ci95") or {}, fname is not None)
+    others = {k: v for k, v in baselines.items() if k != "gene_mean"}
     if fname:
-        out += _floor_sentences(fit, fname, best, {k: v for k, v in baselines.items() if k != "gene_mean"})
-    out += _entropy_sentence(fit)
+        out += _floor_sentences(fit, fname, best, others)
+    out += _entropy_sentence(fit, floor_beaten=bool(fname and floor_beaten_by(fit, fname, best, others)))
     return " ".join(out)
