@@ -6,8 +6,6 @@ file is an error that names the key, never a silently ignored setting.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cellscale.errors import CellscaleError
+from cellscale.io import json_digest
 
 __all__ = [
     "ConfigError",
@@ -336,8 +335,7 @@ def identity_dump(section: str, cfg: BaseModel) -> dict[str, Any]:
 def config_hash(cfg: BaseModel | dict[str, Any]) -> str:
     """A short stable hash of a config, used to refuse resuming a run under other settings."""
     payload = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg
-    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return json_digest(payload)[:12]
 
 
 def list_presets() -> list[str]:

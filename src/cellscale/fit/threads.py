@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-THREAD_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+from cellscale.cpus import THREAD_VARS
 
 
 @contextlib.contextmanager
@@ -30,8 +30,8 @@ def blas_single_thread():
 @contextlib.contextmanager
 def single_thread_env():
     """Environment for worker processes started inside: BLAS reads it when it loads."""
-    saved = {k: os.environ.get(k) for k in THREAD_ENV}
-    os.environ.update({k: "1" for k in THREAD_ENV})
+    saved = {k: os.environ.get(k) for k in THREAD_VARS}
+    os.environ.update({k: "1" for k in THREAD_VARS})
     try:
         yield
     finally:
