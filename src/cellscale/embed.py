@@ -40,6 +40,7 @@ from cellscale.data.preprocess import library_size, normalize_log1p
 from cellscale.data.store import Dataset
 from cellscale.errors import DataError, RunError
 from cellscale.model import CellTransformer
+from cellscale.schema import sweep_datasets
 
 __all__ = ["EMBED_KEY", "RunModel", "load_run_model", "embed_values", "embed_dataset", "find_dataset",
            "match_genes", "preprocess_cells", "embed_run"]
@@ -129,8 +130,7 @@ def _sweep_datasets(run_dir: Path) -> list[Path]:
         obj = json.loads(meta.read_text()) if meta.is_file() else {}
     except (OSError, ValueError):
         obj = {}
-    paths = [obj.get("dataset"), *((obj.get("depth_datasets") or {}).values())]
-    return [Path(p) for p in paths if p]
+    return [Path(p) for p in sweep_datasets(obj).values()]
 
 
 def _checksum(ds: Dataset) -> str | None:

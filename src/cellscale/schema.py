@@ -38,3 +38,11 @@ def failed_record(*, run_id: str, size: str, seed: int, train_cells: int | None,
     """The result.json of a run that raised: enough to name it in results.csv, and its error."""
     return {"run_id": run_id, "size": size, "seed": seed, "train_cells": train_cells,
             "depth": depth, "status": "failed", "error": error, **extra}
+
+
+def sweep_datasets(meta: dict[str, Any]) -> dict[float, str]:
+    """{depth: dataset dir} that a sweep's ``sweep.json`` names: ``dataset`` at full depth (1.0)
+    and ``depth_datasets`` ({depth label: dir}) for the thinned ones."""
+    out = {1.0: str(meta["dataset"])} if meta.get("dataset") else {}
+    out.update({float(k): str(v) for k, v in (meta.get("depth_datasets") or {}).items()})
+    return out

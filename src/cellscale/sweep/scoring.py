@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from cellscale import downstream as dn
+from cellscale import schema
 from cellscale.config import depth_label
 from cellscale.data.store import Dataset
 from cellscale.errors import CellscaleError, RunError
@@ -79,10 +80,7 @@ def sweep_datasets(sweep_dir: str | os.PathLike) -> dict[float, str]:
     path = Path(sweep_dir) / "sweep.json"
     if not path.is_file():
         raise RunError(f"{sweep_dir} is not a sweep directory (no sweep.json): pass a sweep or a run directory")
-    meta = read_json_checked(path, fix="rerun the sweep's command to rewrite it")
-    out = {1.0: str(meta["dataset"])} if meta.get("dataset") else {}
-    out.update({float(k): str(v) for k, v in (meta.get("depth_datasets") or {}).items()})
-    return out
+    return schema.sweep_datasets(read_json_checked(path, fix="rerun the sweep's command to rewrite it"))
 
 
 def read_references(sweep_dir: str | os.PathLike) -> dict[str, Any]:
