@@ -26,12 +26,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-import cellscale.fit
 from cellscale.config import FitConfig, depth_label
-from cellscale.errors import FitError
 from cellscale.report import plots, plots_downstream
 from cellscale.report.doc import Fig, Figure, Para, Section, Table
-from cellscale.report.fitting import FitOutcome, eval_curve, fit_subset, headline_depth
+from cellscale.report.fitting import FitOutcome, fit_into, fit_subset, headline_depth
 from cellscale.report.fmt import fmt_int, fmt_num
 from cellscale.report.records import SweepData
 
@@ -77,27 +75,9 @@ def _skip_reason(ok: pd.DataFrame) -> str:
 
 def _fit_error_law(used: pd.DataFrame, fc: dict[str, Any]) -> FitOutcome:
     method = str(fc["method"])
-    out = FitOutcome(law="power-floor", method=method, used=used)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out.result = cellscale.fit.fit_table(used, law="power-floor", method=method, x=["params"],
-                                                 y="downstream_error", bootstrap=int(fc["bootstrap"]),
-                                                 seed=int(fc["seed"]), interval=fc.get("interval"))
-        out.data = out.result.to_dict()
-    except FitError as err:
-        out.error = str(err)
-        return out
-    except Exception as err:  # a bug in the fit must not cost the user the report
-        out.error = f"the fit raised {type(err).__name__}: {err}"
-        return out
-    p = used["params"].to_numpy(float)
-    xs = np.logspace(np.log10(p.min()) - 0.3, np.log10(p.max()) + 0.5, 200)
-    try:
-        out.curve = plots.Curve(xs, *eval_curve(out.result, xs), label=f"fit: power-floor ({method})")
-    except FitError as err:
-        out.curve_error = str(err)
-    return out
+    return fit_into(FitOutcome(law="power-floor", method=method, used=used), law="power-floor", method=method,
+                    x=["params"], y="downstream_error", bootstrap=int(fc["bootstrap"]), seed=int(fc["seed"]),
+                    interval=fc.get("interval"))
 
 
 def analyse(sd: SweepData) -> Downstream:

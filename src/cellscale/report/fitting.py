@@ -195,6 +195,12 @@ def run_fit(runs: pd.DataFrame, fit_config: dict[str, Any], *, full_train: float
               interval=settings["interval"])  # None: the fit's default
     if per_gene_mse is not None and len(per_gene_mse):
         kw["per_gene_mse"] = np.asarray(per_gene_mse, dtype=float)
+    return fit_into(out, **kw)
+
+
+def fit_into(out: FitOutcome, **kw: Any) -> FitOutcome:
+    """``cellscale.fit.fit_table(out.used, **kw)`` into ``out``: its result, its record and its
+    curve against parameters, or why there is none; never raises for a fit problem."""
     try:
         out.result = _fit_table(out.used, **kw)
         out.data = out.result.to_dict()
