@@ -101,6 +101,25 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def read_jsonl(path: str | Path) -> tuple[list[dict], int]:
+    """The JSON-object lines of a ``.jsonl`` log (metrics.jsonl), and how many lines are damaged:
+    unparseable (a process killed mid-write) or marked ``{"kind": "lost"}`` by a resume that found
+    them so. Blank lines and lines that are not objects are skipped."""
+    rows, bad = [], 0
+    with Path(path).open(encoding="utf-8") as fh:
+        for line in filter(None, (raw.strip() for raw in fh)):
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                bad += 1
+                continue
+            if isinstance(obj, dict) and obj.get("kind") == "lost":
+                bad += 1
+            elif isinstance(obj, dict):
+                rows.append(obj)
+    return rows, bad
+
+
 def read_json_checked(path: str | Path, *, fix: str | None = None, expect: type = dict,
                       keys: tuple[str, ...] = ()) -> Any:
     """``read_json`` of a file cellscale wrote: DamagedFile (naming it, with ``fix``) when it is

@@ -13,11 +13,12 @@ The writer is ``torch.utils.tensorboard`` (the ``tensorboard`` package: ``pip in
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
 from pathlib import Path
+
+from cellscale.io import read_jsonl
 
 __all__ = ["EVENTS_DIR", "SCALARS", "write_events"]
 
@@ -34,18 +35,6 @@ def _note_once(text: str) -> None:
         from cellscale.progress import console
 
         console.print(text, highlight=False, markup=False, soft_wrap=True)
-
-
-def _read_lines(path: Path) -> list[dict]:
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            obj = json.loads(line)
-        except ValueError:  # a line cut by a kill: metrics.jsonl is trimmed on resume anyway
-            continue
-        if isinstance(obj, dict):
-            rows.append(obj)
-    return rows
 
 
 def _number(v) -> float | None:
@@ -85,7 +74,7 @@ def write_events(run_dir: str | os.PathLike) -> Path | None:
     tmp = run_dir / f".{EVENTS_DIR}.tmp-{os.getpid()}"
     target = run_dir / EVENTS_DIR
     try:
-        rows = _read_lines(metrics)
+        rows, _ = read_jsonl(metrics)
         shutil.rmtree(tmp, ignore_errors=True)
         writer = SummaryWriter(log_dir=str(tmp))
         try:

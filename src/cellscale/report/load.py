@@ -23,7 +23,7 @@ import yaml
 from cellscale.config import ConfigError, FitConfig, RunConfig, parse_config
 from cellscale.data.manifest import Manifest
 from cellscale.errors import DataError, RunError
-from cellscale.io import DamagedFile, read_json_checked, verify_checksum, warn
+from cellscale.io import DamagedFile, read_json_checked, read_jsonl, verify_checksum, warn
 from cellscale.report.records import SWEEP_BASELINES, PerGene, SweepData, scores
 from cellscale.schema import DOWNSTREAM_FIELDS, NUMERIC_FIELDS, RESULT_FIELDS
 
@@ -150,18 +150,7 @@ def _typed_results(runs: pd.DataFrame, missing: list[str]) -> pd.DataFrame:
 def read_metrics(path: Path) -> tuple[pd.DataFrame | None, int]:
     """Parse metrics.jsonl, skipping unparseable lines (a run killed mid-write) and those a resume
     found damaged (``{"kind": "lost"}``); returns (frame, bad)."""
-    rows, bad = [], 0
-    with path.open() as fh:
-        for line in filter(None, (raw.strip() for raw in fh)):
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                bad += 1
-                continue
-            if isinstance(obj, dict) and obj.get("kind") == "lost":  # damaged, found so on a resume
-                bad += 1
-            elif isinstance(obj, dict):
-                rows.append(obj)
+    rows, bad = read_jsonl(path)
     if not rows:
         return None, bad
     df = pd.DataFrame(rows)
