@@ -50,6 +50,9 @@ def test_schedule_and_budget_text_follow_the_budget_mode():
             "by at most 0.5% over the last doubling of cells seen at 3 evaluation(s) in a row, the rate was "
             "cooled down over 25% of the steps so far and the run ended; at most 500,000 cells seen") in plateau
     assert "then the peak rate until the plateau, then a linear cooldown to 10% of the peak over 25%" in plateau
+    assert "no plateau was called" not in plateau
+    held = _text({"budget": "plateau", "plateau_patience": 3, "plateau_min_cells": 40000, "cells_seen": 500000})
+    assert "at 3 evaluation(s) in a row, and no plateau was called before 40,000 cells seen, the rate was" in held
 
 
 def test_verdicts_are_counted_from_the_runs():

@@ -93,6 +93,21 @@ def test_plateau_budget_stops_after_patience_plus_cooldown(tiny_dataset_dir: Pat
     assert res["plateau_gain"] == pytest.approx(gains[i])
 
 
+def test_no_plateau_is_called_before_plateau_min_cells(tiny_dataset_dir: Path, tmp_path: Path):
+    ds = Dataset.open(tiny_dataset_dir)
+    model = get_size("XXS", n_genes=ds.n_genes)
+    free = train_run(ds, model, PLATEAU, out=tmp_path / "free")
+    least = free["decay_start"] * 32 + 32 * 50  # the same run may not stop where it did, nor just after
+    held = train_run(ds, model, PLATEAU.model_copy(update={"plateau_min_cells": least}), out=tmp_path / "held")
+    evals = _evals(tmp_path / "held")
+    gains = [last_doubling_gain([e["cells_seen"] for e in evals[: i + 1]], [e["val_mse"] for e in evals[: i + 1]])
+             for i in range(len(evals))]
+    i = [e["step"] for e in evals].index(held["decay_start"])
+    assert held["decay_start"] * 32 >= least > free["decay_start"] * 32
+    assert held["converged"] is True and is_converged(gains[i], 0.1) and is_converged(gains[i - 1], 0.1)
+    assert evals[i - 1]["cells_seen"] >= least  # both evaluations that counted are at or past the minimum
+
+
 def test_plateau_budget_without_a_plateau_ends_at_its_maximum_unconverged(tiny_dataset_dir: Path, tmp_path: Path):
     ds = Dataset.open(tiny_dataset_dir)
     cfg = PLATEAU.model_copy(update={"plateau_tol": 1e-6, "cells_seen": 32 * 60})

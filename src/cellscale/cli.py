@@ -221,11 +221,31 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     sw.add_argument("config", help="study YAML (see configs/)")
     sw.add_argument("--out", required=True, help="sweep directory")
     sw.add_argument("--backend", choices=["local", "ray"],
-                    help="local: one run after another in this process; ray: each run a Ray task "
+                    help="local: on this machine, --workers runs at once; ray: each run a Ray task "
                          "with sweep.num_cpus_per_run / num_gpus_per_run (default: sweep.backend)")
+    _add_workers(sw)
     sw.add_argument("--ray-address", help="join this Ray cluster, e.g. ray://head:10001 or auto "
                                           "(default: start a private local Ray, removed afterwards)")
     sw.add_argument("--overwrite", action="store_true", help="replace a sweep dir that holds another study")
+
+
+def _workers(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a count of processes (1 or more) or auto")
+    return n
+
+
+def _add_workers(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", type=_workers, metavar="N|auto",
+                        help="local backend: runs at once, each in its own process of sweep.num_cpus_per_run "
+                             "threads; auto = usable CPUs / num_cpus_per_run; 1 = one after another in this "
+                             "process (default: sweep.workers)")
 
 
 def _add_fit(sub: argparse._SubParsersAction) -> None:
@@ -328,6 +348,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--config", help="a study YAML instead of a preset")
     run.add_argument("--out", help="output directory (default cellscale-out/<preset>)")
     run.add_argument("--backend", choices=["local", "ray"])
+    _add_workers(run)
     run.add_argument("--ray-address")
     run.add_argument("--overwrite", action="store_true")
     run.add_argument("--list-presets", action="store_true", help="print the presets and exit")
@@ -525,7 +546,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 
     with _silenced(_quiet(a)):
         path = run_sweep(cfg, out=a.out, backend=a.backend, ray_address=a.ray_address,
-                         overwrite=a.overwrite, progress=not _quiet(a))
+                         overwrite=a.overwrite, progress=not _quiet(a), workers=a.workers)
     print(f"results: {path}")
     return 0
 
@@ -596,7 +617,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     out = Path(a.out or Path("cellscale-out") / (a.preset or (cfg.name if a.config else "demo")))
     with _silenced(_quiet(a)):
         summary = run_study(cfg, out=out, backend=a.backend, ray_address=a.ray_address,
-                            overwrite=a.overwrite, progress=not _quiet(a))
+                            overwrite=a.overwrite, progress=not _quiet(a), workers=a.workers)
     print_summary(summary)
     return 0
 

@@ -164,6 +164,10 @@ class TrainConfig(_Frozen):
     budget: Literal["fixed", "plateau"] = "fixed"
     plateau_tol: float = Field(0.01, gt=0, lt=1)
     plateau_patience: int = Field(2, ge=1)
+    # no plateau is called before this many cells seen: a run at a low rate can sit flat at the
+    # gene-mean loss for its first tens of thousands of cells and would read as trained there
+    # (measured on SMALL, docs/ablations.md)
+    plateau_min_cells: int = Field(0, ge=0)
     cooldown_frac: float = Field(0.2, gt=0, le=1)
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup_frac: float = Field(0.05, ge=0, lt=1)
@@ -221,8 +225,19 @@ class SweepConfig(_Frozen):
     # cells_seen = round(epochs * its training cells), whatever train.cells_seen says
     epochs: float | None = Field(None, gt=0)
     backend: Literal["local", "ray"] = "local"
+    # local backend: runs at once, each in its own process of num_cpus_per_run threads ("auto":
+    # as many as the usable CPUs hold; 1: one after another in this process). Small models use
+    # one core each far better than two (cellscale.sweep.pool)
+    workers: int | Literal["auto"] = Field(1, description="local runs at once; auto = usable CPUs / num_cpus_per_run")
     num_cpus_per_run: float = Field(1.0, gt=0)
     num_gpus_per_run: float = Field(0.0, ge=0)
+
+    @field_validator("workers")
+    @classmethod
+    def _at_least_one_worker(cls, v: int | str) -> int | str:
+        if v != "auto" and v < 1:
+            raise ValueError("workers is a count of processes (1 or more) or auto")
+        return v
 
     @field_validator("depths")
     @classmethod
@@ -306,7 +321,8 @@ def dump_yaml(cfg: BaseModel) -> str:
 # settings added after runs and sweeps were first written, at the value that means "as before":
 # left out of identity hashes there, so a run or sweep from before them still resumes
 ADDED_SETTINGS_OFF: dict[str, dict[str, Any]] = {
-    "train": {"budget": "fixed", "plateau_tol": 0.01, "plateau_patience": 2, "cooldown_frac": 0.2,
+    "train": {"budget": "fixed", "plateau_tol": 0.01, "plateau_patience": 2, "plateau_min_cells": 0,
+              "cooldown_frac": 0.2,
               "lr_scale": 1.0, "checkpoint_minutes": None},
     "model": {"attention_dropout": None},
     "sweep": {"depths": [1.0], "epochs": None, "lr_multipliers": [1.0]},
@@ -316,7 +332,7 @@ ADDED_SETTINGS_OFF: dict[str, dict[str, Any]] = {
 
 # settings that never change a run's numbers, only when extra checkpoints are written: left out
 # of the identity, so a preempted run can be resumed with them added or changed
-NOT_IDENTITY: dict[str, tuple[str, ...]] = {"train": ("checkpoint_minutes",)}
+NOT_IDENTITY: dict[str, tuple[str, ...]] = {"train": ("checkpoint_minutes",), "sweep": ("workers",)}
 
 
 def identity_dump(section: str, cfg: BaseModel) -> dict[str, Any]:

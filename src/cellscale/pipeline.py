@@ -28,13 +28,13 @@ def resolve_config(*, preset: str | None = None, config: str | Path | None = Non
 
 def run_study(
     cfg: RunConfig, *, out: str | Path, backend: str | None = None, ray_address: str | None = None,
-    overwrite: bool = False, progress: bool = True,
+    overwrite: bool = False, progress: bool = True, workers: int | str | None = None,
 ) -> dict[str, Any]:
     """The whole flow into ``out``: dataset, sweep, ``results.csv``, fit, report; returns a
     summary (best run, baseline, fit) that ``print_summary`` renders. Rerunning resumes."""
     out = Path(out)
     results = run_sweep(cfg, out=out, backend=backend, ray_address=ray_address,
-                        overwrite=overwrite, progress=progress)
+                        overwrite=overwrite, progress=progress, workers=workers)
     html, md = write_report(out)
     summary = summarize(out, results)
     summary.update({"report_html": str(html), "report_md": str(md), "results": str(results)})

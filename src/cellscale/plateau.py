@@ -50,11 +50,13 @@ def criterion_text(tol: float) -> str:
             f"{100 * tol:.3g}% over the last doubling of its cells seen (from half its cells to all of them)")
 
 
-def budget_text(*, budget: str, tol: float, patience: int, cooldown_frac: float, max_cells: int) -> str:
+def budget_text(*, budget: str, tol: float, patience: int, cooldown_frac: float, max_cells: int,
+                min_cells: int = 0) -> str:
     """How long runs trained, in words: the fixed budget or the plateau budget's rule."""
     if budget == "plateau":
+        least = f", and no plateau was called before {min_cells:,} cells seen" if min_cells else ""
         return (f"Runs trained until their validation curve plateaued: once the best validation loss had "
                 f"improved by at most {100 * tol:.3g}% over the last doubling of cells seen at {patience} "
-                f"evaluation(s) in a row, the rate was cooled down over {100 * cooldown_frac:.3g}% of the steps "
-                f"so far and the run ended; at most {max_cells:,} cells seen")
+                f"evaluation(s) in a row{least}, the rate was cooled down over {100 * cooldown_frac:.3g}% of "
+                f"the steps so far and the run ended; at most {max_cells:,} cells seen")
     return f"Runs trained for a fixed budget; {criterion_text(tol)}"

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
 
-__all__ = ["Preempted", "StopFlag", "stop_on_signals", "ignore_stop_signals", "HANDLED"]
+__all__ = ["Preempted", "StopFlag", "stop_on_signals", "hold_stop_flag", "ignore_stop_signals", "HANDLED"]
 
 HANDLED = (signal.SIGTERM, signal.SIGINT)
 
@@ -87,6 +87,20 @@ def stop_on_signals() -> Iterator[StopFlag]:
         for sig, handler in previous.items():
             # None: a handler set from C, which Python cannot put back; the default is the closest
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+def hold_stop_flag() -> StopFlag:
+    """For a process whose whole life is runs (a local sweep's worker): the handlers of
+    :func:`stop_on_signals` from now on, with one flag that every later block shares. A signal
+    between two runs is then kept for the next one instead of ending the process. Main thread only."""
+    global _active
+    if _active is None:
+        flag = StopFlag()
+        for sig in HANDLED:
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                signal.signal(sig, flag.handler)
+        _active = flag
+    return _active
 
 
 def ignore_stop_signals() -> None:

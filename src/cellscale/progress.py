@@ -78,6 +78,10 @@ class SweepProgress:
         if self.enabled:
             console.print(text, highlight=False)
 
+    def say(self, text: str) -> None:
+        """One line of the sweep's own (a plain line in CI logs too)."""
+        self._say(text)
+
     def run_skipped(self, spec: Any) -> None:
         self.done += 1
         if self._bar is not None:

@@ -254,7 +254,8 @@ def _budget_text(train: Mapping[str, Any], sweep: Mapping[str, Any], runs: pd.Da
     text = ""
     if cfg is not None:
         text = budget_text(budget=cfg.budget, tol=cfg.plateau_tol, patience=cfg.plateau_patience,
-                           cooldown_frac=cfg.cooldown_frac, max_cells=cfg.cells_seen) + _verdicts(runs) + ". "
+                           cooldown_frac=cfg.cooldown_frac, max_cells=cfg.cells_seen,
+                           min_cells=cfg.plateau_min_cells) + _verdicts(runs) + ". "
     text += f"Each run trained for a budget of {cells} cells seen (cells drawn with repeats)"
     if sweep.get("epochs"):
         text += f", {fmt_num(sweep['epochs'])} epochs of its own training cells (cells seen = epochs x training cells)"

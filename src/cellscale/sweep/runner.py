@@ -46,7 +46,7 @@ def dataset_for(spec: RunSpec, dataset: str | Mapping[float, str]) -> str:
     return str(dataset)
 
 
-def _failed_record(spec: RunSpec, error: str, **extra: Any) -> dict[str, Any]:
+def failed_run_record(spec: RunSpec, error: str, **extra: Any) -> dict[str, Any]:
     return failed_record(run_id=spec.run_id, size=spec.size, seed=spec.seed,
                          train_cells=spec.train_cells, depth=spec.depth, error=error, **extra)
 
@@ -67,7 +67,7 @@ def execute_run(
         raise
     except Exception as err:  # recorded, not swallowed: the row carries the error
         detail = str(err) if isinstance(err, CellscaleError) else f"{type(err).__name__}: {err}"
-        result = _failed_record(spec, detail, traceback=traceback.format_exc(limit=8))
+        result = failed_run_record(spec, detail, traceback=traceback.format_exc(limit=8))
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / "result.json", result)
         return result
@@ -149,7 +149,7 @@ def run_ray(
     except ImportError:
         raise RunError("the ray backend needs Ray: pip install 'cellscale[ray]'") from None
 
-    results, todo = _finished_and_todo(specs, sweep_dir, progress)
+    results, todo = finished_and_todo(specs, sweep_dir, progress)
     if todo:
         # the handlers go in after ray.init, which sets a SIGTERM handler of its own
         with _ray_session(ray, address=address, num_cpus=num_cpus), stop_on_signals() as stop:
@@ -167,7 +167,7 @@ def run_ray(
     return [results[s.run_id] for s in specs]
 
 
-def _finished_and_todo(
+def finished_and_todo(
     specs: list[RunSpec], sweep_dir: str, progress: Any | None
 ) -> tuple[dict[str, dict[str, Any]], list[RunSpec]]:
     """({run id: result} of the finished runs, reported as skipped; the specs still to run)."""
@@ -219,7 +219,7 @@ def _task_result(ray: Any, ref: Any, spec: RunSpec, sweep_dir: str, *, cancelled
     except Exception as err:  # noqa: BLE001 - the worker died (OOM, segfault, node lost), or was cancelled
         if cancelled:
             return None  # stopped by the sweep's signal: it resumes on the rerun, it did not fail
-        result = _failed_record(spec, f"ray worker failed: {type(err).__name__}: {_first_line(err)}"[:500])
+        result = failed_run_record(spec, f"ray worker failed: {type(err).__name__}: {_first_line(err)}"[:500])
         atomic_write_json(Path(sweep_dir) / "runs" / spec.run_id / "result.json", result)
         return result
 

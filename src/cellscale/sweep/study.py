@@ -15,6 +15,7 @@ from cellscale.io import DamagedFile, atomic_write_json, atomic_write_text, read
 from cellscale.progress import SweepProgress, console
 from cellscale.sweep.plan import plan_runs
 from cellscale.sweep.results import write_results
+from cellscale.sweep.pool import run_pool, threads_per_run, worker_count
 from cellscale.sweep.runner import run_local, run_ray
 from cellscale.sweep.scoring import score_result, score_sweep
 
@@ -135,14 +136,15 @@ def ensure_depth_datasets(cfg: RunConfig, out: Path, base: Dataset, *, progress:
 def run_sweep(
     cfg: RunConfig | str | Path, *, out: str | Path, backend: str | None = None,
     ray_address: str | None = None, overwrite: bool = False, progress: bool = True,
-    ray_num_cpus: int | None = None,
+    ray_num_cpus: int | None = None, workers: int | str | None = None,
 ) -> Path:
     """Build (or reuse) the dataset, train every planned run, write ``results.csv``.
 
     ``results.csv`` is rewritten atomically after every finished run (plan order, one row per
     run with a result), so a killed sweep leaves a complete table of what finished, and a
     rerun skips those runs and resumes the interrupted one from its checkpoint.
-    ``ray_num_cpus`` caps a local Ray cluster (default: every core)."""
+    ``ray_num_cpus`` caps a local Ray cluster (default: every core); ``workers`` replaces
+    ``sweep.workers`` (local runs at once)."""
     if not isinstance(cfg, RunConfig):
         cfg = load_run_config(cfg)
     out = Path(out)
@@ -187,6 +189,9 @@ def run_sweep(
                     num_cpus_per_run=cfg.sweep.num_cpus_per_run,
                     num_gpus_per_run=cfg.sweep.num_gpus_per_run, num_cpus=ray_num_cpus,
                     progress=bar, on_result=on_result)
+        elif (n := worker_count(workers or cfg.sweep.workers, cfg.sweep.num_cpus_per_run)) > 1:
+            run_pool(specs, dataset=datasets, sweep_dir=str(out), workers=n,
+                     threads=threads_per_run(cfg.sweep.num_cpus_per_run), progress=bar, on_result=on_result)
         else:
             run_local(specs, dataset=datasets, sweep_dir=str(out), progress=bar,
                       on_result=on_result)

@@ -2,7 +2,8 @@
 
 Budget "plateau" (warmup-stable-decay): at the peak rate the run is evaluated often; once the
 gain over its last doubling of cells seen (``cellscale.plateau``) has been at most
-``plateau_tol`` for ``plateau_patience`` evaluations in a row, a linear cooldown over
+``plateau_tol`` for ``plateau_patience`` evaluations in a row (none counted before
+``plateau_min_cells``), a linear cooldown over
 ``cooldown_frac`` of the steps so far begins, and the run ends with it. The maximum
 ``cells_seen`` is never passed: the cooldown starts early enough to end there, and a run that
 gets there without a plateau is not converged. A fixed-budget run's verdict is the same
@@ -39,7 +40,7 @@ def on_eval(run: Run, state: LoopState) -> None:
         return
     cells, losses = zip(*state.evals)
     state.plateau_gain = last_doubling_gain(cells, losses)
-    on_plateau = is_converged(state.plateau_gain, run.cfg.plateau_tol)
+    on_plateau = cells[-1] >= run.cfg.plateau_min_cells and is_converged(state.plateau_gain, run.cfg.plateau_tol)
     state.plateau_hits = state.plateau_hits + 1 if on_plateau else 0
     if state.plateau_hits >= run.cfg.plateau_patience:
         _start_cooldown(run, state)
