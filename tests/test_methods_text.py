@@ -97,6 +97,16 @@ def test_best_model_is_placed_against_every_baseline():
     assert "10.9% below Bayes-linear" in good and "A simpler model" not in good
 
 
+def test_the_best_model_is_its_chosen_rate_not_a_mean_over_rates():
+    runs = pd.concat([_ladder(1.1).assign(lr_scale=1.0),
+                      _ladder(1.3).assign(lr_scale=2.0, run_id=["a2", "b2", "c2"])], ignore_index=True)
+    text = meaning_paragraph(runs, None)
+    # XS at its chosen rate (1.1), not "1.2 (mean of 2 seeds)" over both rates
+    assert "The lowest validation MSE, 1.1, is that of size XS (10,000 parameters)." in text
+    seeds = pd.concat([runs, _ladder(1.0).assign(lr_scale=1.0, run_id=["a3", "b3", "c3"])], ignore_index=True)
+    assert "The lowest validation MSE, 1.05 (mean of 2 seeds), is that of size XS" in meaning_paragraph(seeds, None)
+
+
 def test_plateau_status_is_stated():
     assert "All 3 finished runs were trained to their plateau" in meaning_paragraph(_ladder(1.1), None)
     text = meaning_paragraph(_ladder(1.1, converged=(True, False, False)), None)

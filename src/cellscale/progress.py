@@ -64,6 +64,7 @@ class SweepProgress:
             )
             self._sweep = self._bar.add_task("runs", total=n_runs, info="")
             self._run = None
+        self._parallel: dict[str, Any] = {}  # run id -> its bar or its last plain quarter (runs in parallel)
 
     def __enter__(self) -> "SweepProgress":
         if self._bar is not None:
@@ -119,7 +120,26 @@ class SweepProgress:
 
         return hook
 
+    def run_progress(self, spec: Any, step: int, total: int, loss: float | None) -> None:
+        """Where a run in another process stands (a local pool): a bar per run on a terminal,
+        else a line at each quarter of its steps."""
+        if not self.enabled or total <= 0:
+            return
+        info = {"step": step, "total": total, "loss": loss}
+        if self._bar is None:
+            quarter = int(4 * step / total)
+            if self._parallel.get(spec.run_id) != quarter:
+                self._parallel[spec.run_id] = quarter
+                self._say(f"    {spec.run_id}: step {step}/{total}{_loss_text(info)}")
+            return
+        if spec.run_id not in self._parallel:
+            self._parallel[spec.run_id] = self._bar.add_task(f"  {spec.run_id}", total=total, info="")
+        self._bar.update(self._parallel[spec.run_id], completed=step, total=total, info=_loss_text(info).strip())
+
     def run_finished(self, spec: Any, result: dict[str, Any]) -> None:
+        task = self._parallel.pop(spec.run_id, None)
+        if self._bar is not None and task is not None:
+            self._bar.remove_task(task)
         self.done += 1
         if self._bar is not None:
             self._bar.advance(self._sweep)

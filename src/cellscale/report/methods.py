@@ -18,6 +18,7 @@ from cellscale.config import FitConfig, ModelConfig, TrainConfig
 from cellscale.data.manifest import Manifest
 from cellscale.fit.intervals import DESCRIPTIONS, default_interval
 from cellscale.fit.laws import LAWS
+from cellscale.lrgrid import select_lr
 from cellscale.plateau import budget_text
 from cellscale.report.fmt import floor_name, fmt_int, fmt_num, resample_failures
 from cellscale.schedule import lr_grid_text, lr_rule_text, schedule_text
@@ -420,10 +421,13 @@ def methods_paragraph(
 
 
 def best_model(runs: pd.DataFrame) -> dict[str, Any] | None:
-    """The size with the lowest mean best validation MSE over its ok runs (same train_cells)."""
+    """The size with the lowest mean best validation MSE over its ok runs (same train_cells), at
+    each size's learning rate chosen on validation (``cellscale.lrgrid``): other rates' runs are
+    not more seeds of it."""
     if runs is None or runs.empty:
         return None
     ok = runs[runs["status"] == "ok"].copy()
+    ok = select_lr(ok).kept.copy() if not ok.empty else ok
     ok["best_val_mse"] = pd.to_numeric(ok["best_val_mse"], errors="coerce")
     ok = ok[np.isfinite(ok["best_val_mse"])]
     if ok.empty:

@@ -20,16 +20,18 @@ from __future__ import annotations
 import multiprocessing
 import signal
 import threading
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
 from cellscale.cpus import usable_cpus
-from cellscale.io import atomic_write_json
+from cellscale.io import atomic_write_json, read_jsonl
 from cellscale.preempt import Preempted, StopFlag, hold_stop_flag, stop_on_signals
 from cellscale.sweep.plan import RunSpec
 
+PROGRESS_SECONDS = 5.0  # how often the runs' metrics files are read for the progress display
 _flag: StopFlag | None = None  # the worker's stop flag, set up by _init_worker
 
 
@@ -113,7 +115,12 @@ def _collect(pending: dict[Future, RunSpec], sweep_dir: str, stop: StopFlag, sto
              on_result: Callable[[dict[str, Any]], None] | None) -> list[str]:
     """Wait for every run; returns the ids of the runs a stop signal ended or kept from starting."""
     stopped: list[str] = []
+    shown = 0.0
     while pending:
+        if progress is not None and time.monotonic() - shown >= PROGRESS_SECONDS:
+            shown = time.monotonic()
+            for spec in pending.values():
+                _show_progress(progress, spec, sweep_dir)
         if stop.signum and not stop_event.is_set():
             stop_event.set()
             for future, spec in list(pending.items()):
@@ -133,6 +140,18 @@ def _collect(pending: dict[Future, RunSpec], sweep_dir: str, stop: StopFlag, sto
             if on_result is not None:
                 on_result(result)
     return stopped
+
+
+def _show_progress(progress: Any, spec: RunSpec, sweep_dir: str) -> None:
+    """The run's newest train line (its metrics.jsonl, written by the worker) on the progress display."""
+    path = Path(sweep_dir) / "runs" / spec.run_id / "metrics.jsonl"
+    if not path.is_file():
+        return  # queued, or building its model
+    lines, _ = read_jsonl(path)
+    train = [m for m in lines if m.get("kind") == "train"]
+    if train:
+        total = max(1, spec.train.cells_seen // spec.train.batch_size)
+        progress.run_progress(spec, int(train[-1]["step"]), total, train[-1].get("loss"))
 
 
 def _future_result(future: Future, spec: RunSpec, sweep_dir: str) -> dict[str, Any] | None:
