@@ -346,9 +346,11 @@ def rng_key(rank: int, kind: str = "torch") -> str:
 
 
 def load_checkpoint(
-    ckpt_dir: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0
+    ckpt_dir: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0,
+    extras_out: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Restore model, optimiser and this process's RNG; return the loop state. A checkpoint
+    """Restore model, optimiser and this process's RNG; return the loop state (``extras_out``, when
+    given, receives the checkpoint's extra tensors). A checkpoint
     whose files are damaged gives way to the one before it (one line says so); DamagedFile
     when none is good. Under DDP, rank ``r > 0`` restores its own RNG state when the
     checkpoint holds one."""
@@ -358,6 +360,8 @@ def load_checkpoint(
         tensors = dict(read.optim)
         extras = {k: tensors.pop(k) for k in list(tensors) if k.startswith("__")}
         optimizer.load_state_dict(_optim_from_flat(tensors, read.payload["optim"]))
+        if extras_out is not None:
+            extras_out.update(extras)
     except (RuntimeError, ValueError, KeyError, TypeError) as err:  # right checksums, wrong run
         raise DamagedFile(read.path, f"it does not fit this run: {first_line(err)}",
                           start_over(read.path.parent)) from None

@@ -169,6 +169,10 @@ class TrainConfig(_Frozen):
     # (measured on SMALL, docs/ablations.md)
     plateau_min_cells: int = Field(0, ge=0)
     cooldown_frac: float = Field(0.2, gt=0, le=1)
+    # evaluate, keep as best and judge the plateau on an exponential moving average of the weights
+    # with this decay (cellscale.train.ema): at a constant rate the raw weights' validation loss
+    # is noise-bound; None = the weights themselves (the study's way)
+    ema_decay: float | None = Field(None, gt=0, lt=1)
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup_frac: float = Field(0.05, ge=0, lt=1)
     final_lr_frac: float = Field(0.1, ge=0, le=1)
@@ -323,7 +327,7 @@ def dump_yaml(cfg: BaseModel) -> str:
 ADDED_SETTINGS_OFF: dict[str, dict[str, Any]] = {
     "train": {"budget": "fixed", "plateau_tol": 0.01, "plateau_patience": 2, "plateau_min_cells": 0,
               "cooldown_frac": 0.2,
-              "lr_scale": 1.0, "checkpoint_minutes": None},
+              "lr_scale": 1.0, "checkpoint_minutes": None, "ema_decay": None},
     "model": {"attention_dropout": None},
     "sweep": {"depths": [1.0], "epochs": None, "lr_multipliers": [1.0]},
     "fit": {"keep_unconverged": False, "interval": None},

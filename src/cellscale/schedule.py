@@ -99,3 +99,13 @@ def schedule_text(cfg: TrainConfig) -> str:
     if cfg.schedule == "constant":
         return "a constant learning rate (the seed study's schedule)"
     return f"{warm}, then cosine decay to {floor}"
+
+
+def averaging_text(decay: float | None) -> str:
+    """What the runs evaluated (``train.ema_decay``, ``cellscale.train.ema``), in words ("" without it)."""
+    if not decay:
+        return ""
+    horizon = 1.0 / (1.0 - decay)
+    return (f"; every evaluation, the choice of each run's best checkpoint, its test score and the plateau "
+            f"criterion used an exponential moving average of the weights (decay {_num(decay)}, about the last "
+            f"{horizon:,.0f} steps; warmed up as min(decay, (1 + t) / (10 + t)) after t steps), not the raw weights")

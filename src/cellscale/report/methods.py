@@ -21,7 +21,7 @@ from cellscale.fit.laws import LAWS
 from cellscale.lrgrid import select_lr
 from cellscale.plateau import budget_text
 from cellscale.report.fmt import floor_name, fmt_int, fmt_num, resample_failures
-from cellscale.schedule import lr_grid_text, lr_rule_text, schedule_text
+from cellscale.schedule import averaging_text, lr_grid_text, lr_rule_text, schedule_text
 
 __all__ = ["methods_paragraph", "meaning_paragraph", "fmt_num", "fmt_int", "best_model", "floor_name"]
 
@@ -293,6 +293,7 @@ def _optim_text(train: Mapping[str, Any], sweep: Mapping[str, Any], runs: pd.Dat
         f"Optimiser: AdamW (betas {tuple(betas)}, weight decay {fmt_num(train.get('weight_decay'))}), "
         f"gradient clipping at norm {fmt_num(train.get('grad_clip'))}, {_schedule_text(train)}; "
         f"{_lr_text(train, runs)}{lr_grid_text(list(sweep.get('lr_multipliers') or [1.0]))}"
+        f"{averaging_text(train.get('ema_decay'))}"
     )
     if sweep.get("overrides"):
         text += "; per-size overrides: " + "; ".join(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,8 +155,13 @@ class MetricsLog:
 
 
 def validate(run: Run, state: LoopState, log: MetricsLog) -> bool:
-    """Score the validation split (capped at ``max_eval_cells``), keep the best weights;
-    False when the loss is not finite (the run diverged)."""
+    """Score the validation split (capped at ``max_eval_cells``), keep the best weights (both of
+    the weight average with ``train.ema_decay``); False when the loss is not finite (the run diverged)."""
+    with run.ema.applied() if run.ema is not None else nullcontext():
+        return _validate(run, state, log)
+
+
+def _validate(run: Run, state: LoopState, log: MetricsLog) -> bool:
     scores = evaluate(run.model, run.ds, "val", max_cells=run.cfg.max_eval_cells, **run.eval_kw())
     val = scores.loss  # checkpoints are chosen by the objective's own loss
     record = {"kind": "eval", "step": state.step, "cells_seen": state.step * run.cfg.batch_size,
@@ -187,6 +193,8 @@ def checkpoint(run: Run, state: LoopState, clock: Clock, *, interrupted: bool = 
                 extra[rng_key(r)] = cpu_rng
                 if cuda_rng is not None:
                     extra[rng_key(r, "cuda")] = cuda_rng
+    if run.ema is not None:
+        extra.update(run.ema.tensors())
     saved = state.to_json()
     if interrupted:
         saved["status"] = "interrupted"
@@ -255,6 +263,8 @@ def train_loop(run: Run, state: LoopState, *, on_step: Callable[[dict[str, Any]]
                    decay_start=state.decay_start, end=end)
         pending.add(*train_step(run, item, lr))
         state.step += 1
+        if run.ema is not None:
+            run.ema.update(state.step)
         if not (_due_work(run, state, log, pending, lr, end)
                 and _save_when_due(run, state, log, pending, watch, end)):
             break

@@ -109,6 +109,7 @@ def result_record(run: Run, state: LoopState, scores: FinalScores, *, clock: Clo
         "attention_dropout": mcfg.attn_dropout,
         "attention_impl": attention_impl(mcfg, run.device, dtype=compute_dtype(run.device, cfg.precision)),
         "plateau_tol": cfg.plateau_tol,
+        "ema_decay": cfg.ema_decay,
         "decay_start": state.decay_start,
         "diverged_at": state.diverged_at,
         **per_gene,

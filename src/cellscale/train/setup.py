@@ -20,6 +20,7 @@ from cellscale.data.store import Dataset
 from cellscale.distributed import DistContext
 from cellscale.model import CellTransformer
 from cellscale.schedule import resolve_lr
+from cellscale.train.ema import WeightAverage
 from cellscale.train.rundir import truncate_lines
 from cellscale.train.settings import autocast_for, make_optimizer
 
@@ -114,6 +115,7 @@ class Run:
     seed: int
     n_train: int
     run_id: str
+    ema: WeightAverage | None = None  # train.ema_decay: the weights that are evaluated
 
     @property
     def ckpt_dir(self) -> Path:
@@ -155,7 +157,8 @@ def build_run(ds: Dataset, model_cfg: ModelConfig, cfg: TrainConfig, *, out: Pat
     return Run(ds=ds, model_cfg=model_cfg, cfg=cfg, model=model, optimizer=optimizer,
                loss_fn=_loss_fn(model, cfg, dist, device), batches=batches, cadence=Cadence.of(cfg),
                peak_lr=peak_lr, device=device, dist=dist, autocast=autocast_for(device, cfg.precision),
-               out=out, seed=seed, n_train=n_train, run_id=run_id)
+               out=out, seed=seed, n_train=n_train, run_id=run_id,
+               ema=WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None)
 
 
 def resume(run: Run) -> LoopState:
@@ -169,7 +172,10 @@ def resume(run: Run) -> LoopState:
         if main and run.metrics_path.exists():
             run.metrics_path.unlink()
         return LoopState()
-    saved = load_checkpoint(found, model=run.model, optimizer=run.optimizer, rank=run.dist.rank)
+    extras: dict[str, torch.Tensor] = {}
+    saved = load_checkpoint(found, model=run.model, optimizer=run.optimizer, rank=run.dist.rank, extras_out=extras)
+    if run.ema is not None:
+        run.ema.load(extras)  # the identity hash holds ema_decay: a checkpoint of this run has them
     state = LoopState.from_json(saved)
     state.status = "running"  # a checkpoint saved on a stop signal says "interrupted"
     state.resumes.append(state.step)
