@@ -39,8 +39,8 @@ def test_results_without_a_verdict_are_kept():
 def test_no_converged_run_is_an_error_that_says_what_to_do():
     out = run_fit(_runs([False] * 5), {"bootstrap": 0})
     assert out.result is None
-    assert out.error == ("no finished run with a finite validation loss; 5 finished run(s) were not trained "
-                         "to a plateau: raise their budget, or set fit.keep_unconverged: true")
+    assert out.error == ("no run trained to its plateau; 5 finished run(s) were still improving when their "
+                         "budget ended: raise their budget, or set fit.keep_unconverged: true")
     kept = run_fit(_runs([False] * 5), {"bootstrap": 0, "keep_unconverged": True})
     assert kept.error is None and kept.data["n_points"] == 5
 

@@ -186,10 +186,10 @@ def run_fit(runs: pd.DataFrame, fit_config: dict[str, Any], *, full_train: float
     if out.used.empty:
         n_bad = int((runs["status"] != "ok").sum())
         left = unconverged_ids(runs[runs["status"] == "ok"])
-        out.error = ("no finished run with a finite validation loss"
-                     + (f" ({n_bad} run(s) diverged or failed)" if n_bad else "")
-                     + (f"; {len(left)} finished run(s) were not trained to a plateau: raise their budget, "
-                        "or set fit.keep_unconverged: true" if left else ""))
+        what = "no run trained to its plateau" if left else "no finished run with a finite validation loss"
+        out.error = (what + (f" ({n_bad} run(s) diverged or failed)" if n_bad else "")
+                     + (f"; {len(left)} finished run(s) were still improving when their budget ended: raise "
+                        "their budget, or set fit.keep_unconverged: true" if left else ""))
         return out
     kw = dict(law=out.law, method=out.method, bootstrap=int(settings["bootstrap"]), seed=int(settings["seed"]),
               interval=settings["interval"])  # None: the fit's default

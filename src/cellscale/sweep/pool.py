@@ -74,20 +74,28 @@ def _init_worker(threads: int, stop_event: Any) -> None:
     threading.Thread(target=relay, daemon=True).start()
 
 
-def _run_in_worker(spec: RunSpec, dataset: str, sweep_dir: str) -> dict[str, Any]:
+def _run_in_worker(spec: RunSpec, dataset: str, sweep_dir: str,
+                   finish: Callable[[Path], dict[str, Any] | None] | None) -> dict[str, Any]:
     from cellscale.sweep.runner import execute_run
 
     if _flag is not None and _flag.signum:
         raise Preempted(_flag.signum, f"the sweep stopped before run {spec.run_id}")
-    return execute_run(spec, dataset, sweep_dir)
+    result = execute_run(spec, dataset, sweep_dir)
+    if finish is not None and result.get("status") == "ok":
+        result = finish(Path(sweep_dir) / "runs" / spec.run_id) or result
+    return result
 
 
 def run_pool(
     specs: list[RunSpec], *, dataset: str | Mapping[float, str], sweep_dir: str, workers: int, threads: int,
     progress: Any | None = None, on_result: Callable[[dict[str, Any]], None] | None = None,
+    finish: Callable[[Path], dict[str, Any] | None] | None = None,
 ) -> list[dict[str, Any]]:
     """The unfinished runs of ``specs`` on ``workers`` processes of ``threads`` threads each;
-    ``on_result`` is called (in this process) after each new result, in the order they end."""
+    ``on_result`` is called (in this process) after each new result, in the order they end.
+    ``finish`` (picklable: it goes to the workers) is called in the worker on the run dir of each
+    run that ended ok, and returns its new result or None; the sweep scores runs downstream there,
+    so that this process does not compete with the workers for the cores."""
     from cellscale.sweep.runner import dataset_for, finished_and_todo
 
     results, todo = finished_and_todo(specs, sweep_dir, progress)
@@ -101,7 +109,7 @@ def run_pool(
     with stop_on_signals() as stop, ProcessPoolExecutor(
             max_workers=workers, mp_context=ctx, initializer=_init_worker,
             initargs=(threads, stop_event)) as pool:
-        pending = {pool.submit(_run_in_worker, s, dataset_for(s, dataset), sweep_dir): s
+        pending = {pool.submit(_run_in_worker, s, dataset_for(s, dataset), sweep_dir, finish): s
                    for s in longest_first(todo)}
         stopped = _collect(pending, sweep_dir, stop, stop_event, results, progress, on_result)
     if stopped:

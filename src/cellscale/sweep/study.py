@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 
@@ -191,7 +192,8 @@ def run_sweep(
                     progress=bar, on_result=on_result)
         elif (n := worker_count(workers or cfg.sweep.workers, cfg.sweep.num_cpus_per_run)) > 1:
             run_pool(specs, dataset=datasets, sweep_dir=str(out), workers=n,
-                     threads=threads_per_run(cfg.sweep.num_cpus_per_run), progress=bar, on_result=on_result)
+                     threads=threads_per_run(cfg.sweep.num_cpus_per_run), progress=bar, on_result=on_result,
+                     finish=functools.partial(score_result, datasets=datasets))
         else:
             run_local(specs, dataset=datasets, sweep_dir=str(out), progress=bar,
                       on_result=on_result)
