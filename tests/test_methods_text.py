@@ -107,6 +107,16 @@ def test_the_best_model_is_its_chosen_rate_not_a_mean_over_rates():
     assert "The lowest validation MSE, 1.05 (mean of 2 seeds), is that of size XS" in meaning_paragraph(seeds, None)
 
 
+def test_the_advice_for_a_beaten_ladder_follows_how_it_was_trained():
+    beaten = {"gene_mean": 2.1, "knn": 1.0}
+    plain = meaning_paragraph(_ladder(1.1), None, baselines=beaten)
+    assert "can learn: train to a plateau (budget: plateau) and search the learning rate." in plain
+    both = pd.concat([_ladder(1.1).assign(lr_scale=1.0), _ladder(1.3).assign(lr_scale=2.0)], ignore_index=True)
+    trained = meaning_paragraph(both.assign(budget="plateau"), None, baselines=beaten)
+    assert "can learn: raise the plateau budget's maximum (train.cells_seen)." in trained
+    assert "search the learning rate" not in trained
+
+
 def test_plateau_status_is_stated():
     assert "All 3 finished runs were trained to their plateau" in meaning_paragraph(_ladder(1.1), None)
     text = meaning_paragraph(_ladder(1.1, converged=(True, False, False)), None)

@@ -72,8 +72,10 @@ def test_small_steps_run_on_one_thread_and_the_next_run_gets_the_callers_count(t
     auto = TRAIN.model_copy(update={"num_threads": None})
     before = torch.get_num_threads()
     threads: dict[str, set[int]] = {"TINY": set(), "XS": set()}
+    # without dropout XS's step (1.4e9 FLOPs) is under SMALL_STEP_FLOPS too; with it, far over
+    assert run_threads(get_size("XS", n_genes=ds.n_genes), auto, torch.device("cpu")) == 1
     for name in threads:
-        cfg = get_size(name, n_genes=ds.n_genes)
+        cfg = get_size(name, n_genes=ds.n_genes, dropout=0.1)
         expect = run_threads(cfg, auto, torch.device("cpu"))
         assert expect == (1 if name == "TINY" else None)  # TINY's step is far under SMALL_STEP_FLOPS, XS's far over
         train_run(ds, cfg, auto, out=tmp_path / name, train_cells=100, seed=0,

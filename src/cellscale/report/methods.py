@@ -455,7 +455,21 @@ def _vs(best: float, name: str, value: float) -> str:
     return f"NOT better than {who}" if name == "gene_mean" else f"{rel:.1f}% above {who}"
 
 
-def _baseline_sentences(best: dict[str, Any], baselines: Mapping[str, float]) -> list[str]:
+def _training_advice(runs: pd.DataFrame | None) -> str:
+    """What to do about under-trained points, given how these runs were already trained."""
+    plateau = runs is not None and "budget" in runs and (runs["budget"] == "plateau").any()
+    grid = runs is not None and "lr_scale" in runs and pd.to_numeric(runs["lr_scale"], errors="coerce").nunique() > 1
+    if plateau and grid:
+        return "raise the plateau budget's maximum (train.cells_seen)"
+    if plateau:
+        return "raise the plateau budget's maximum (train.cells_seen) and search the learning rate (sweep.lr_multipliers)"
+    if grid:
+        return "train to a plateau (budget: plateau)"
+    return "train to a plateau (budget: plateau) and search the learning rate"
+
+
+def _baseline_sentences(best: dict[str, Any], baselines: Mapping[str, float],
+                        runs: pd.DataFrame | None = None) -> list[str]:
     known = {k: float(v) for k, v in baselines.items() if v is not None and math.isfinite(float(v)) and float(v) > 0}
     if not known:
         return ["No baseline was recorded to compare it with."]
@@ -468,7 +482,7 @@ def _baseline_sentences(best: dict[str, Any], baselines: Mapping[str, float]) ->
     if beaten_by:
         out.append("A simpler model (" + ", ".join(k.replace("_", "-") for k in beaten_by) + ") is at least as good "
                    "as the best transformer, so the ladder's points describe their training, not what the "
-                   "architecture can learn: train to a plateau (budget: plateau) and search the learning rate.")
+                   f"architecture can learn: {_training_advice(runs)}.")
     return out
 
 
@@ -495,7 +509,7 @@ def _best_sentences(best: dict[str, Any] | None, baselines: Mapping[str, float],
     n = int(best["n"])
     out = [f"The lowest validation MSE, {fmt_num(best['mean'])}" + (f" (mean of {n} seeds)" if n > 1 else "")
            + f", is that of size {best['size']} ({fmt_int(best['params'])} parameters)."]
-    out += _baseline_sentences(best, baselines)
+    out += _baseline_sentences(best, baselines, runs)
     if runs is not None:
         out += _plateau_sentence(runs, best)
     if bayes_floor is not None and math.isfinite(bayes_floor):

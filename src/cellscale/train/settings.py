@@ -13,9 +13,12 @@ from cellscale.errors import RunError
 from cellscale.model import flops_per_cell
 
 # below this many FLOPs per step a CPU step runs on one thread (thread start-up and barriers
-# cost more than they save). Measured with the fused kernels, batch 32, V = 64, 1 vs 2 threads:
-# 4.4e7 (TINY) 6.8 vs 6.9 ms, 4.0e8 (SMALL) 21.5 vs 17.9 ms, 1.4e9 (XS) 58.4 vs 38.5 ms
-SMALL_STEP_FLOPS = 1e8
+# cost more than they save), with and without dropout. Measured on 2 cores, batch 32, V = 64,
+# 1 vs 2 threads (passive waits). With dropout 0.1 (the fused kernels, which split well):
+# 4.4e7 (TINY) 6.8 vs 6.9 ms, 4.0e8 (SMALL) 21.5 vs 17.9 ms, 1.4e9 (XS) 58.4 vs 38.5 ms.
+# Without dropout (2026-12-02): TINY 6.2 vs 11.0 ms, SMALL 17.1 vs 25.9, XS 39.5 vs 47.2; XS at
+# batch 64 (2.8e9) trains 1.6x faster on 2 threads (benchmarks/contention.py: 13.0 vs 20.5 s)
+SMALL_STEP_FLOPS = {"dropout": 1e8, "no dropout": 2e9}
 
 
 def _flops_per_step(model_cfg: ModelConfig, train_cfg: TrainConfig) -> float:
@@ -61,7 +64,8 @@ def run_threads(model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.de
     None (the process's count)."""
     if train_cfg.num_threads:
         return int(train_cfg.num_threads)
-    if device.type == "cpu" and _flops_per_step(model_cfg, train_cfg) < SMALL_STEP_FLOPS:
+    small = SMALL_STEP_FLOPS["dropout" if model_cfg.dropout or model_cfg.attn_dropout else "no dropout"]
+    if device.type == "cpu" and _flops_per_step(model_cfg, train_cfg) < small:
         return 1
     return None
 
