@@ -114,7 +114,7 @@ def test_quiet_run_hushes_the_work_but_prints_the_summary(monkeypatch, tmp_path,
 
     calls = []
 
-    def fake_study(cfg, *, out, backend=None, ray_address=None, overwrite=False, progress=True):
+    def fake_study(cfg, *, out, backend=None, ray_address=None, overwrite=False, progress=True, workers=None):
         calls.append(progress)
         console.print("building dataset (a status line)")
         return {"runs": 4, "finished": 4, "failed_or_diverged": 0, "report_html": str(out / "report.html")}

@@ -81,6 +81,7 @@ def test_pool_matches_one_after_another(tiny_dataset_dir: Path, tmp_path: Path):
     assert res["num_threads"] == 1
 
 
+@pytest.mark.slow
 def test_a_dead_worker_is_recorded_and_the_rerun_resumes(tiny_dataset_dir: Path, tmp_path: Path, monkeypatch):
     cfg = parse_config(RunConfig, {**_cfg(tiny_dataset_dir, workers=2),
                                    "sweep": {"sizes": ["XXS"], "seeds": [0, 1], "workers": 2}})
@@ -100,6 +101,7 @@ def test_a_dead_worker_is_recorded_and_the_rerun_resumes(tiny_dataset_dir: Path,
     assert all(len(r["resumed_at"]) == 1 and 0 < r["resumed_at"][0] <= r["steps"] for r in resumed)
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_parent_checkpoints_every_running_run(tiny_dataset_dir: Path, tmp_path: Path):
     """Only the parent gets the signal (``kill PID``): it passes the stop on, both running runs
     checkpoint and stop, the queued run never starts, and the rerun resumes them (that a resumed

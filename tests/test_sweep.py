@@ -180,14 +180,14 @@ def test_dataset_for_picks_each_depths_dataset():
 
 def test_sweep_hash_ignores_new_axes_left_off():
     """A sweep dir claimed before `depths`, `epochs` and the later settings existed still resumes."""
-    from cellscale.config import ADDED_SETTINGS_OFF, config_hash
+    from cellscale.config import ADDED_SETTINGS_OFF, NOT_IDENTITY, config_hash
     from cellscale.sweep.study import sweep_hash
 
     cfg = parse_config(RunConfig, {"sweep": {"sizes": ["XXS"]}})
     old_style = cfg.model_dump(mode="json")
     del old_style["sweep"]["depths"], old_style["sweep"]["epochs"]
     for section in ("train", "sweep", "fit"):  # the settings added after depths and epochs
-        for key in ADDED_SETTINGS_OFF[section]:
+        for key in (*ADDED_SETTINGS_OFF[section], *NOT_IDENTITY.get(section, ())):
             old_style[section].pop(key, None)
     assert sweep_hash(cfg) == config_hash(old_style)
     for axis in ({"depths": [1.0, 0.5]}, {"epochs": 2}, {"lr_multipliers": [0.5, 1.0]}):
