@@ -260,3 +260,29 @@ def test_api_functions_have_docstrings():
     for name in documented:
         assert (getattr(cellscale, name).__doc__ or "").strip(), name
     assert "train_run" in cellscale.__doc__ and "run_sweep" in cellscale.__doc__
+
+
+def test_data_build_takes_source_genes_cells_and_seed_from_config(monkeypatch, tmp_path, capsys):
+    import yaml
+
+    import cellscale.data.build as build
+
+    built = []
+
+    def stop_at_build(cfg, **kw):  # what would be built is all this test needs
+        built.append(cfg)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(build, "build_dataset", stop_at_build)
+    study = tmp_path / "s.yaml"
+    study.write_text(yaml.safe_dump({"data": {"source": "simulate", "genes": 16, "cells": 300, "seed": 7}}))
+    with pytest.raises(SystemExit):
+        main(["data", "build", "--config", str(study), "--out", str(tmp_path / "ds")])
+    assert (built[0].source, built[0].genes, built[0].cells, built[0].seed) == ("simulate", 16, 300, 7)
+    with pytest.raises(SystemExit):
+        main(["data", "build", "--config", str(study), "--genes", "8", "--seed", "1", "--out", str(tmp_path / "ds")])
+    assert (built[1].genes, built[1].seed, built[1].cells) == (8, 1, 300)  # a flag wins over the config
+    assert main(["data", "build", "--source", "simulate", "--out", str(tmp_path / "ds")]) == 2
+    err = capsys.readouterr().err
+    assert "error: data build needs --genes, --cells (or --config with a data section)" in err
+    assert "Traceback" not in err

@@ -130,7 +130,7 @@ def _add_data_build(dsub: argparse._SubParsersAction, quiet: argparse.ArgumentPa
                     "'cellscale[census]'; the manifest records release, filters, tissues, cap, seed and a "
                     "checksum of the soma_joinids); .h5ad files of 256 MiB or more are read in row chunks.",
     )
-    b.add_argument("--source", choices=["simulate", "h5ad", "census"], required=True)
+    b.add_argument("--source", choices=["simulate", "h5ad", "census"], help="required unless --config gives it")
     b.add_argument("--input", help="the .h5ad file (--source h5ad)")
     b.add_argument("--layer", help="read raw counts from this layer instead of X")
     b.add_argument("--normalized", action="store_true",
@@ -150,10 +150,10 @@ def _add_data_build(dsub: argparse._SubParsersAction, quiet: argparse.ArgumentPa
                    help="at most this many cells per tissue (seeded sample), before subsampling to --cells")
     b.add_argument("--hvg-batch-key", help="obs column for batch-aware seurat_v3 HVG selection, e.g. dataset_id")
     b.add_argument("--split-by", help="hold out whole groups of this obs column, e.g. dataset_id")
-    b.add_argument("--genes", type=int, required=True, help="V, the number of genes kept")
-    b.add_argument("--cells", type=int, required=True, help="D, the number of cells kept")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    b.add_argument("--genes", type=int, help="V, the number of genes kept (required unless --config gives it)")
+    b.add_argument("--cells", type=int, help="D, the number of cells kept (required unless --config gives it)")
+    b.add_argument("--seed", type=int, help="default: --config's, else 0")
+    b.add_argument("--dtype", choices=["float32", "float16"], help="default: --config's, else float32")
     b.add_argument("--config", help="a study YAML whose data section gives the other settings")
     b.add_argument("--out", required=True)
     b.add_argument("--overwrite", action="store_true", help="replace an existing directory at --out")
@@ -419,10 +419,10 @@ def _print_gene_mean(manifest: dict[str, Any]) -> None:
 
 
 def _data_build_flags(a: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(data settings, census settings) of the `data build` flags; seed and dtype always apply."""
-    settings = {"source": a.source, "genes": a.genes, "cells": a.cells, "seed": a.seed, "dtype": a.dtype,
-                "normalized": a.normalized,
-                **_given(input=a.input, layer=a.layer, split_by=a.split_by, hvg_batch_key=a.hvg_batch_key)}
+    """(data settings, census settings) of the `data build` flags that were given."""
+    settings = {"normalized": a.normalized,
+                **_given(source=a.source, genes=a.genes, cells=a.cells, seed=a.seed, dtype=a.dtype, input=a.input,
+                         layer=a.layer, split_by=a.split_by, hvg_batch_key=a.hvg_batch_key)}
     tissues = None if a.tissues is None else [t.strip() for t in a.tissues.split(",") if t.strip()]
     census = _given(uri=a.census_uri, version=a.census_version, organism=a.organism,
                     obs_filter=a.obs_filter, per_tissue_cap=a.per_tissue_cap, tissues=tissues)
@@ -434,6 +434,10 @@ def cmd_data_build(a: argparse.Namespace) -> int:
     from cellscale.data.build import build_dataset
     from cellscale.data.store import Dataset
 
+    if not a.config:
+        missing = [f"--{k}" for k in ("source", "genes", "cells") if getattr(a, k) is None]
+        if missing:
+            raise CellscaleError(f"data build needs {', '.join(missing)} (or --config with a data section)")
     base = load_run_config(a.config).data if a.config else DataConfig()
     cfg = data_config_with(base, *_data_build_flags(a))
     path = build_dataset(cfg, out=Path(a.out), overwrite=a.overwrite, progress=not _quiet(a))
