@@ -12,9 +12,9 @@ import torch
 from cellscale.config import TrainConfig
 from cellscale.data.store import Dataset
 from cellscale.ladder import get_size
-from cellscale.schedule import averaging_text
+from cellscale.schedule import averaging_text, warm_decay
 from cellscale.train import train_run
-from cellscale.train.ema import WeightAverage, warm_decay
+from cellscale.train.ema import WeightAverage
 
 
 def test_warm_decay_starts_low_and_reaches_the_decay():

@@ -20,7 +20,8 @@ from cellscale.config import ConfigError, RunConfig, load_run_config, parse_conf
 from cellscale.schema import RESULT_FIELDS
 from cellscale.sweep import run_sweep
 from cellscale.sweep.plan import plan_runs
-from cellscale.sweep.pool import longest_first, threads_per_run, worker_count
+from cellscale.sweep.pool import longest_first, worker_count
+from cellscale.sweep.runner import threads_per_run
 
 NUMERIC = ["best_val_mse", "test_mse"]
 

@@ -101,6 +101,12 @@ def schedule_text(cfg: TrainConfig) -> str:
     return f"{warm}, then cosine decay to {floor}"
 
 
+def warm_decay(decay: float, updates: int) -> float:
+    """The weight average's decay at update number ``updates`` (1-based; ``cellscale.train.ema``):
+    short early, so that the random initial weights fade fast."""
+    return min(decay, (1.0 + updates) / (10.0 + updates))
+
+
 def averaging_text(decay: float | None) -> str:
     """What the runs evaluated (``train.ema_decay``, ``cellscale.train.ema``), in words ("" without it)."""
     if not decay:

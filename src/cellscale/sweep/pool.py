@@ -27,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from cellscale.cpus import usable_cpus
-from cellscale.io import atomic_write_json, read_jsonl
+from cellscale.io import read_jsonl
+from cellscale.model import flops_per_cell
 from cellscale.preempt import Preempted, StopFlag, hold_stop_flag, stop_on_signals
 from cellscale.sweep.plan import RunSpec
+from cellscale.sweep.runner import dataset_for, execute_run, finished_and_todo, record_failure, threads_per_run
 
 PROGRESS_SECONDS = 5.0  # how often the runs' metrics files are read for the progress display
 _flag: StopFlag | None = None  # the worker's stop flag, set up by _init_worker
@@ -43,16 +45,10 @@ def worker_count(workers: int | str, num_cpus_per_run: float) -> int:
     return int(workers)
 
 
-def threads_per_run(num_cpus_per_run: float) -> int:
-    return max(1, int(num_cpus_per_run))
-
-
 def longest_first(specs: list[RunSpec]) -> list[RunSpec]:
     """The runs by their training FLOPs at the most cells they may see, largest first: the longest
     run starts at once instead of last, so it does not run on alone at the end (the
     longest-processing-time order of list scheduling)."""
-    from cellscale.model import flops_per_cell
-
     def cost(spec: RunSpec) -> float:
         return flops_per_cell(spec.model, mask_prob=spec.train.mask_prob)["train"] * spec.train.cells_seen
 
@@ -76,8 +72,6 @@ def _init_worker(threads: int, stop_event: Any) -> None:
 
 def _run_in_worker(spec: RunSpec, dataset: str, sweep_dir: str,
                    finish: Callable[[Path], dict[str, Any] | None] | None) -> dict[str, Any]:
-    from cellscale.sweep.runner import execute_run
-
     if _flag is not None and _flag.signum:
         raise Preempted(_flag.signum, f"the sweep stopped before run {spec.run_id}")
     result = execute_run(spec, dataset, sweep_dir)
@@ -96,8 +90,6 @@ def run_pool(
     ``finish`` (picklable: it goes to the workers) is called in the worker on the run dir of each
     run that ended ok, and returns its new result or None; the sweep scores runs downstream there,
     so that this process does not compete with the workers for the cores."""
-    from cellscale.sweep.runner import dataset_for, finished_and_todo
-
     results, todo = finished_and_todo(specs, sweep_dir, progress)
     if not todo:
         return [results[s.run_id] for s in specs]
@@ -165,16 +157,10 @@ def _show_progress(progress: Any, spec: RunSpec, sweep_dir: str) -> None:
 def _future_result(future: Future, spec: RunSpec, sweep_dir: str) -> dict[str, Any] | None:
     """The run's result; None for a run a stop signal ended; a failure record (written) for a
     worker that died."""
-    from cellscale.sweep.runner import failed_run_record
-
     try:
         return future.result()
     except Preempted:
         return None
     except Exception as err:  # noqa: BLE001 - the worker process died (BrokenProcessPool) or could not start
-        result = failed_run_record(spec, f"worker process failed: {type(err).__name__}: {err}"[:400]
-                                   + "; a rerun resumes it from its last checkpoint")
-        run_dir = Path(sweep_dir) / "runs" / spec.run_id
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "result.json", result)
-        return result
+        return record_failure(spec, sweep_dir, f"worker process failed: {type(err).__name__}: {err}"[:400]
+                              + "; a rerun resumes it from its last checkpoint")

@@ -46,9 +46,20 @@ def dataset_for(spec: RunSpec, dataset: str | Mapping[float, str]) -> str:
     return str(dataset)
 
 
-def failed_run_record(spec: RunSpec, error: str, **extra: Any) -> dict[str, Any]:
-    return failed_record(run_id=spec.run_id, size=spec.size, seed=spec.seed,
-                         train_cells=spec.train_cells, depth=spec.depth, error=error, **extra)
+def record_failure(spec: RunSpec, sweep_dir: str, error: str, **extra: Any) -> dict[str, Any]:
+    """Write and return the failure record of ``spec`` (its run dir's result.json), which the
+    next sweep redoes: a run that raised, or one whose worker died."""
+    result = failed_record(run_id=spec.run_id, size=spec.size, seed=spec.seed,
+                           train_cells=spec.train_cells, depth=spec.depth, error=error, **extra)
+    run_dir = Path(sweep_dir) / "runs" / spec.run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "result.json", result)
+    return result
+
+
+def threads_per_run(num_cpus_per_run: float) -> int:
+    """torch's threads in a run given ``num_cpus_per_run`` CPUs (a Ray task, a pool worker)."""
+    return max(1, int(num_cpus_per_run))
 
 
 def execute_run(
@@ -67,10 +78,7 @@ def execute_run(
         raise
     except Exception as err:  # recorded, not swallowed: the row carries the error
         detail = str(err) if isinstance(err, CellscaleError) else f"{type(err).__name__}: {err}"
-        result = failed_run_record(spec, detail, traceback=traceback.format_exc(limit=8))
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "result.json", result)
-        return result
+        return record_failure(spec, sweep_dir, detail, traceback=traceback.format_exc(limit=8))
 
 
 def run_local(
@@ -156,7 +164,7 @@ def run_ray(
             remote = ray.remote(_ray_task).options(
                 num_cpus=num_cpus_per_run, num_gpus=num_gpus_per_run, max_retries=0
             )
-            threads = max(1, int(num_cpus_per_run))
+            threads = threads_per_run(num_cpus_per_run)
             pending = {remote.remote(spec, dataset_for(spec, dataset), sweep_dir, threads): spec for spec in todo}
             for spec, result in _as_completed(ray, pending, sweep_dir, stop):
                 results[spec.run_id] = result
@@ -219,9 +227,7 @@ def _task_result(ray: Any, ref: Any, spec: RunSpec, sweep_dir: str, *, cancelled
     except Exception as err:  # noqa: BLE001 - the worker died (OOM, segfault, node lost), or was cancelled
         if cancelled:
             return None  # stopped by the sweep's signal: it resumes on the rerun, it did not fail
-        result = failed_run_record(spec, f"ray worker failed: {type(err).__name__}: {_first_line(err)}"[:500])
-        atomic_write_json(Path(sweep_dir) / "runs" / spec.run_id / "result.json", result)
-        return result
+        return record_failure(spec, sweep_dir, f"ray worker failed: {type(err).__name__}: {_first_line(err)}"[:500])
 
 
 def _first_line(err: BaseException) -> str:

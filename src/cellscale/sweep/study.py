@@ -15,9 +15,9 @@ from cellscale.errors import RunError
 from cellscale.io import DamagedFile, atomic_write_json, atomic_write_text, read_json_checked, warn
 from cellscale.progress import SweepProgress, console
 from cellscale.sweep.plan import plan_runs
-from cellscale.sweep.pool import run_pool, threads_per_run, worker_count
+from cellscale.sweep.pool import run_pool, worker_count
 from cellscale.sweep.results import write_results
-from cellscale.sweep.runner import run_local, run_ray
+from cellscale.sweep.runner import run_local, run_ray, threads_per_run
 from cellscale.sweep.scoring import score_result, score_sweep
 
 

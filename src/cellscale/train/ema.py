@@ -9,8 +9,8 @@ stopping the run. Its curve is smooth, so it falls as long as training still hel
 flat once training no longer helps (Polyak averaging; on averaging against cooldowns, see
 Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations").
 
-The decay warms up as min(decay, (1 + t) / (10 + t)) after t updates, so that the first steps
-are not held back by the random initial weights. Torch only.
+The decay warms up (``cellscale.schedule.warm_decay``, beside the words the methods paragraph uses
+for it), so that the first steps are not held back by the random initial weights.
 """
 
 from __future__ import annotations
@@ -20,12 +20,9 @@ from contextlib import contextmanager
 
 import torch
 
+from cellscale.schedule import warm_decay
+
 PREFIX = "__ema."  # the checkpoint's extra tensors (names start with "__")
-
-
-def warm_decay(decay: float, updates: int) -> float:
-    """The decay of update number ``updates`` (1-based)."""
-    return min(decay, (1.0 + updates) / (10.0 + updates))
 
 
 class WeightAverage:

@@ -155,8 +155,9 @@ class MetricsLog:
 
 
 def validate(run: Run, state: LoopState, log: MetricsLog) -> bool:
-    """Score the validation split (capped at ``max_eval_cells``), keep the best weights (both of
-    the weight average with ``train.ema_decay``); False when the loss is not finite (the run diverged)."""
+    """Score the validation split (capped at ``max_eval_cells``) and keep the best weights, both on
+    the weight average when ``train.ema_decay`` is set; False when the loss is not finite (the run
+    diverged)."""
     with run.ema.applied() if run.ema is not None else nullcontext():
         return _validate(run, state, log)
 
