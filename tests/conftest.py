@@ -15,6 +15,14 @@ from cellscale.config import DataConfig, SimulateConfig
 TINY_SIM = SimulateConfig(n_genes=200, n_types=4, n_programs=2)
 
 
+def pytest_sessionstart(session) -> None:
+    """Build the fused CPU kernel (about a minute on a fresh machine, cached after) before any test,
+    so that no test with a time limit, e.g. a CLI subprocess, pays for the build."""
+    from cellscale import kernels
+
+    kernels.available()
+
+
 @pytest.fixture(scope="session")
 def tiny_sim_cfg() -> SimulateConfig:
     return TINY_SIM

@@ -6,7 +6,8 @@ import pytest
 
 from cellscale.config import ModelConfig, TrainConfig
 from cellscale.fit.entropy import entropy_summary, reaches_zero
-from cellscale.report.methods import meaning_paragraph, methods_paragraph
+from cellscale.report.meaning import meaning_paragraph
+from cellscale.report.methods import methods_paragraph
 from cellscale.schedule import resolve_lr
 
 
@@ -122,6 +123,42 @@ def test_plateau_status_is_stated():
     text = meaning_paragraph(_ladder(1.1, converged=(True, False, False)), None)
     assert "Only 1 of 3 finished runs were trained to their plateau; the others were still improving when their " \
            "budget ended, the best size among them." in text
+
+
+def _rates(*scales_and_best: tuple[float, float]) -> pd.DataFrame:
+    """The ladder at each (multiple, best loss) pair; XS is best at its lowest-loss multiple."""
+    return pd.concat([_ladder(b).assign(lr_scale=m, run_id=[f"a{m}", f"b{m}", f"c{m}"]) for m, b in scales_and_best],
+                     ignore_index=True)
+
+
+def test_the_learning_rate_status_is_stated():
+    one = meaning_paragraph(_ladder(1.1), None)
+    assert ("Each size was trained at one learning rate, so whether its point is at its best rate was not tested "
+            "(sweep.lr_multipliers).") in one
+    inside = meaning_paragraph(_rates((0.5, 1.3), (1.0, 1.1), (2.0, 1.2)), None)
+    assert "Every size's best learning rate lies inside its grid of rates." in inside
+    edge = meaning_paragraph(_rates((0.5, 1.3), (1.0, 1.2), (2.0, 1.1)), None)
+    assert ("The best learning rate sits on the edge of its grid for XXS (2x), TINY (2x), XS (2x): those points "
+            "may not be at their optimum (widen sweep.lr_multipliers).") in edge
+    assert "inside its grid" not in edge
+    pair = meaning_paragraph(_rates((1.0, 1.2), (2.0, 1.1)), None)
+    assert ("With two learning rates per size no choice lies inside its grid, so no point is shown to be at its "
+            "best rate; chosen: XXS (2x), TINY (2x), XS (2x).") in pair
+
+
+def test_a_loss_below_the_known_floor_is_judged_against_the_validation_noise():
+    # known-floor (issue 15): 0.3729 on 2,000 validation cells against the exact 0.3752 is sampling noise
+    at = meaning_paragraph(_ladder(0.3729), None, bayes_floor=0.3752, n_masked=4_900)
+    assert ("The best model is 0.6% below the known Bayes-optimal error of the simulator (0.3752), within the "
+            "sampling error of the 4,900 masked validation positions (z = -0.2): it is at the floor.") in at
+    assert "impossible" not in at
+    leak = meaning_paragraph(_ladder(0.30), None, bayes_floor=0.3752, n_masked=4_900)
+    assert "BELOW the known Bayes-optimal error (0.3752) by 20.0%, beyond the sampling error" in leak
+    assert "impossible without leakage" in leak
+    unknown = meaning_paragraph(_ladder(0.3729), None, bayes_floor=0.3752)
+    assert "the number of masked validation positions is not recorded" in unknown
+    above = meaning_paragraph(_ladder(0.39), None, bayes_floor=0.3752, n_masked=4_900)
+    assert "The known Bayes-optimal error of the simulator is 0.3752; the best model is 3.9% above it." in above
 
 
 def test_a_floor_above_a_baseline_is_not_called_irreducible():

@@ -23,7 +23,8 @@ from threadpoolctl import threadpool_limits
 import cellscale.fit
 import cellscale.fit.intervals
 from cellscale.report import plots, plots_genes
-from cellscale.report.methods import meaning_paragraph, methods_paragraph
+from cellscale.report.meaning import meaning_paragraph
+from cellscale.report.methods import methods_paragraph
 from cellscale.report.writer import load_sweep, write_report
 
 BOOT = 50  # bootstrap resamples in the fabricated configs: enough for a band, quick to fit
@@ -229,8 +230,10 @@ def test_methods_paragraph_is_enough_to_reproduce_a_census_study():
 def test_meaning_paragraph_flags_a_model_worse_than_the_baseline_and_below_the_bayes_floor():
     runs = pd.DataFrame({"size": ["XXS", "S"], "params": [533, 859137], "best_val_mse": [2.1, 1.3],
                          "test_mse": [2.1, 1.3], "status": ["ok", "ok"]})
-    text = meaning_paragraph(runs, None, baseline_val=1.875, bayes_floor=1.35, fit_error="too few points")
-    assert "BELOW the known Bayes-optimal error" in text and "too few points" in text
+    text = meaning_paragraph(runs, None, baseline_val=1.875, bayes_floor=1.35, fit_error="too few points",
+                             n_masked=100_000)
+    assert "BELOW the known Bayes-optimal error (1.35) by 3.7%, beyond the sampling error" in text
+    assert "too few points" in text
     worse = meaning_paragraph(runs.iloc[:1], None, baseline_val=1.875)
     assert "NOT better than the gene-mean baseline" in worse
 

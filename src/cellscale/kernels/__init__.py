@@ -12,7 +12,7 @@ The build (~1 min, once per machine, torch version and Python environment) needs
 compiler and ninja (a Python dependency); it is cached under ``$CELLSCALE_KERNEL_CACHE``
 (default ``~/.cache/cellscale/kernels``), one directory per CPU, torch version and
 interpreter, so that virtual environments sharing the cache do not rebuild each other's;
-``python -m cellscale.kernels`` (run by ``scripts/install.sh``) builds it ahead of time. A
+``python -m cellscale.kernels`` builds it ahead of time (the test suite does, at its start). A
 build killed midway leaves no lock that later runs wait on forever (``cellscale.kernels.lock``:
 a stale lock is removed, a live build is waited for at most ``$CELLSCALE_KERNEL_WAIT`` seconds,
 600 by default, then SDPA is used, with one line saying why). Where it cannot be built,

@@ -136,6 +136,13 @@ class SweepData:
         return None if self.manifest is None else self.manifest.bayes_floor_mse
 
     @property
+    def n_masked_val(self) -> int | None:
+        """Masked positions the validation scores average over (their sampling error); None for a
+        sweep written before baselines.json recorded them."""
+        n = (self.baselines_json.get("n_masked") or {}).get("val")
+        return int(n) if isinstance(n, (int, float)) and n >= 1 else None
+
+    @property
     def full_train(self) -> float | None:
         """The train split's size: what "all training cells" means in laws of data."""
         return finite_or_none(None if self.manifest is None else self.manifest.train_cells)

@@ -15,7 +15,8 @@ from cellscale.report import downstream, tables
 from cellscale.report.doc import Bullets, Callout, Code, Document, Fig, Figure, Para, Section
 from cellscale.report.downstream import Downstream
 from cellscale.report.fitting import FitOutcome, headline_depth
-from cellscale.report.methods import meaning_paragraph, methods_paragraph
+from cellscale.report.meaning import meaning_paragraph
+from cellscale.report.methods import methods_paragraph
 from cellscale.report.records import GeneBest, SweepData
 
 BITS_NOTE = ("Bits are the differential entropy of a Gaussian with variance equal to the MSE (0.5 log2(2 pi e MSE)): "
@@ -65,6 +66,7 @@ def _meaning(f: Findings) -> str:
     vals = {k: v.get("val") for k, v in f.sd.baselines.items()} if head in (None, 1.0) else {}
     text = meaning_paragraph(runs if head is None else runs[runs["depth"] == head], f.fit.data,
                              baseline_val=f.sd.gene_mean_val, bayes_floor=f.sd.bayes_floor, fit_error=f.fit.error,
+                             n_masked=f.sd.n_masked_val,
                              baselines={k: v for k, v in vals.items() if v is not None})
     extra = downstream.meaning_text(f.downstream, f.sd.loss_col) if f.downstream is not None else ""
     return f"{text} {extra}" if extra else text

@@ -167,7 +167,8 @@ def run_sweep(
         # reference predictors drawn on every figure: gene mean, Bayes-linear, kNN
         base = load_or_compute_baselines(ds)
         atomic_write_json(out / "baselines.json",
-                          {k: v for k, v in base.items() if k in ("gene_mean", "bayes_linear", "knn", "bayes_floor", "likelihood")})
+                          {k: v for k, v in base.items()
+                           if k in ("gene_mean", "bayes_linear", "knn", "bayes_floor", "likelihood", "n_masked")})
     datasets = ensure_depth_datasets(cfg, out, ds, progress=progress)
     meta: dict = {"dataset": str(dataset), "config_hash": sweep_hash(cfg)}
     if set(datasets) != {1.0}:  # the report finds each depth's manifest and baselines here

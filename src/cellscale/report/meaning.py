@@ -1,0 +1,270 @@
+"""The report's first paragraph, "What this means": the best model against every baseline, whether
+its points were trained to a plateau and at their best learning rate, the exponent, the floor (and
+whether anything on the same cells beats it) and the bits. Every sentence is computed from the
+run table and the fit it describes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cellscale.baselines import check_not_below_floor
+from cellscale.lrgrid import LRChoice, select_lr
+from cellscale.report.fmt import floor_name, fmt_int, fmt_num
+
+__all__ = ["meaning_paragraph", "best_model", "floor_beaten_by"]
+
+
+def best_model(runs: pd.DataFrame) -> dict[str, Any] | None:
+    """The size with the lowest mean best validation MSE over its ok runs (same train_cells), at
+    each size's learning rate chosen on validation (``cellscale.lrgrid``): other rates' runs are
+    not more seeds of it."""
+    if runs is None or runs.empty:
+        return None
+    ok = runs[runs["status"] == "ok"].copy()
+    ok = select_lr(ok).kept.copy() if not ok.empty else ok
+    ok["best_val_mse"] = pd.to_numeric(ok["best_val_mse"], errors="coerce")
+    ok = ok[np.isfinite(ok["best_val_mse"])]
+    if ok.empty:
+        return None
+    keys = ["size"] + (["train_cells"] if "train_cells" in ok else [])
+    g = ok.groupby(keys, dropna=False).agg(
+        params=("params", "median"), mean=("best_val_mse", "mean"), sd=("best_val_mse", "std"),
+        n=("best_val_mse", "size"),
+        test=("test_mse", "mean") if "test_mse" in ok else ("best_val_mse", "mean"),
+    ).reset_index()
+    row = g.loc[g["mean"].idxmin()]
+    return {k: row[k] for k in g.columns}
+
+
+BASELINE_NAMES = {"gene_mean": "the gene-mean baseline", "knn": "kNN regression on the visible genes",
+                  "bayes_linear": "Bayes-linear regression on the visible genes"}
+
+
+def _vs(best: float, name: str, value: float) -> str:
+    rel = 100 * (best / value - 1)
+    who = f"{BASELINE_NAMES.get(name, name)} ({fmt_num(value)})"
+    if rel < 0:
+        return f"{-rel:.1f}% below {who}"
+    return f"NOT better than {who}" if name == "gene_mean" else f"{rel:.1f}% above {who}"
+
+
+def _training_advice(runs: pd.DataFrame | None) -> str:
+    """What to do about under-trained points, given how these runs were already trained."""
+    plateau = runs is not None and "budget" in runs and (runs["budget"] == "plateau").any()
+    grid = runs is not None and "lr_scale" in runs and pd.to_numeric(runs["lr_scale"], errors="coerce").nunique() > 1
+    if plateau and grid:
+        return "raise the plateau budget's maximum (train.cells_seen)"
+    if plateau:
+        return "raise the plateau budget's maximum (train.cells_seen) and search the learning rate (sweep.lr_multipliers)"
+    if grid:
+        return "train to a plateau (budget: plateau)"
+    return "train to a plateau (budget: plateau) and search the learning rate"
+
+
+def _baseline_sentences(best: dict[str, Any], baselines: Mapping[str, float],
+                        runs: pd.DataFrame | None = None) -> list[str]:
+    known = {k: float(v) for k, v in baselines.items() if v is not None and math.isfinite(float(v)) and float(v) > 0}
+    if not known:
+        return ["No baseline was recorded to compare it with."]
+    out = ["On the same validation cells and masks it is "
+           + "; ".join(_vs(best["mean"], k, v) for k, v in known.items()) + "."]
+    gm = known.get("gene_mean")
+    if gm is not None and best["mean"] >= gm:
+        out.append("The models have NOT learned anything beyond each gene's average: train longer or check the data.")
+    beaten_by = [k for k, v in known.items() if k != "gene_mean" and v <= best["mean"]]
+    if beaten_by:
+        out.append("A simpler model (" + ", ".join(k.replace("_", "-") for k in beaten_by) + ") is at least as good "
+                   "as the best transformer, so the ladder's points describe their training, not what the "
+                   f"architecture can learn: {_training_advice(runs)}.")
+    return out
+
+
+def _plateau_sentence(runs: pd.DataFrame, best: dict[str, Any]) -> list[str]:
+    if "converged" not in runs:
+        return []
+    ok = runs[runs["status"] == "ok"]
+    flag = pd.to_numeric(ok["converged"], errors="coerce")
+    if flag.isna().all():
+        return ["Whether the runs were trained to a plateau is not recorded (a results table from before the check)."]
+    n_ok, n_conv = len(ok), int((flag == 1).sum())
+    if n_conv == n_ok:
+        return [f"All {n_ok} finished runs were trained to their plateau (plateau criterion in the methods)."]
+    mine = ok[ok["size"] == best["size"]]
+    best_conv = bool((pd.to_numeric(mine["converged"], errors="coerce") == 1).all())
+    return [f"Only {n_conv} of {n_ok} finished runs were trained to their plateau; the others were still "
+            f"improving when their budget ended" + ("" if best_conv else ", the best size among them") + "."]
+
+
+def _sizes(choices: list[LRChoice]) -> str:
+    return ", ".join(dict.fromkeys(f"{c.size} ({fmt_num(c.best)}x)" for c in choices))
+
+
+def _lr_sentence(runs: pd.DataFrame) -> list[str]:
+    """Whether each point is at its best learning rate, as far as the grid can tell."""
+    ok = runs[runs["status"] == "ok"] if "status" in runs else runs
+    choices = select_lr(ok).choices if not ok.empty else []
+    if not choices:
+        return ["Each size was trained at one learning rate, so whether its point is at its best rate was not "
+                "tested (sweep.lr_multipliers)."]
+    out = []
+    edge = [c for c in choices if c.at_edge]
+    pairs = [c for c in choices if len(c.losses) == 2]
+    if edge:
+        out.append(f"The best learning rate sits on the edge of its grid for {_sizes(edge)}: those points may not "
+                   "be at their optimum (widen sweep.lr_multipliers).")
+    if pairs:
+        out.append(f"With two learning rates per size no choice lies inside its grid, so no point is shown to be "
+                   f"at its best rate; chosen: {_sizes(pairs)}.")
+    if not out:
+        out.append("Every size's best learning rate lies inside its grid of rates.")
+    return out
+
+
+def _best_sentences(best: dict[str, Any] | None, baselines: Mapping[str, float], bayes_floor: float | None,
+                    runs: pd.DataFrame | None = None, n_masked: int | None = None) -> list[str]:
+    if best is None:
+        return ["No run finished with a finite validation loss, so there is nothing to compare yet."]
+    n = int(best["n"])
+    out = [f"The lowest validation MSE, {fmt_num(best['mean'])}" + (f" (mean of {n} seeds)" if n > 1 else "")
+           + f", is that of size {best['size']} ({fmt_int(best['params'])} parameters)."]
+    out += _baseline_sentences(best, baselines, runs)
+    if runs is not None:
+        out += _plateau_sentence(runs, best) + _lr_sentence(runs)
+    if bayes_floor is not None and math.isfinite(bayes_floor):
+        out.append(_bayes_sentence(float(best["mean"]), bayes_floor, n_masked))
+    return out
+
+
+def _bayes_sentence(best: float, floor: float, n_masked: int | None) -> str:
+    """The best model against the simulator's exact floor. Validation cells are a sample, so their
+    loss scatters around the floor's expectation: below it is leakage only beyond that scatter
+    (``baselines.check_not_below_floor``, the test suite's own check)."""
+    rel = 100 * (best / floor - 1)
+    if rel >= 0:
+        return f"The known Bayes-optimal error of the simulator is {fmt_num(floor)}; the best model is {rel:.1f}% above it."
+    if n_masked is None:
+        return (f"The best model is {-rel:.1f}% below the known Bayes-optimal error of the simulator ({fmt_num(floor)}); "
+                "the number of masked validation positions is not recorded, so whether that is more than the "
+                "validation cells' sampling error cannot be said.")
+    check = check_not_below_floor(best, floor, n_masked)
+    if check.ok:
+        return (f"The best model is {-rel:.1f}% below the known Bayes-optimal error of the simulator "
+                f"({fmt_num(floor)}), within the sampling error of the {n_masked:,} masked validation positions "
+                f"(z = {check.z:.1f}): it is at the floor.")
+    return (f"The best model is BELOW the known Bayes-optimal error ({fmt_num(floor)}) by {-rel:.1f}%, beyond the "
+            f"sampling error of the {n_masked:,} masked validation positions (z = {check.z:.1f}): that is impossible "
+            "without leakage between training and evaluation cells.")
+
+
+def _alpha_sentence(params: Mapping[str, Any], ci: Mapping[str, Any], has_floor: bool) -> list[str]:
+    if "alpha" not in params:
+        return []
+    a = params["alpha"]
+    s = f"Loss falls with model size with exponent alpha = {fmt_num(a, 3)}"
+    if "alpha" in ci:
+        s += f" (95% CI {fmt_num(ci['alpha'][0], 3)} to {fmt_num(ci['alpha'][1], 3)})"
+    if has_floor and a and math.isfinite(float(a)) and float(a) > 0:
+        s += f"; each 10x more parameters shrinks the reducible part of the loss by a factor {10 ** float(a):.2f}"
+    return [s + "."]
+
+
+def floor_beaten_by(fit: Mapping[str, Any], fname: str, best: dict[str, Any] | None,
+                    baselines: Mapping[str, float] | None = None) -> dict[str, float]:
+    """The losses on the same cells that lie below the fitted floor: {baseline name: loss}, and
+    "best_model" when the ladder's own best model is below it. Any of them means the floor is not
+    an irreducible loss."""
+    c = float((fit.get("params") or {})[fname])
+    below = {k: float(v) for k, v in (baselines or {}).items() if v is not None and float(v) < c}
+    if best is not None and float(best["mean"]) < c:
+        below["best_model"] = float(best["mean"])
+    return below
+
+
+def _floor_sentences(fit: Mapping[str, Any], fname: str, best: dict[str, Any] | None,
+                     baselines: Mapping[str, float] | None = None) -> list[str]:
+    params, ci = fit.get("params") or {}, fit.get("ci95") or {}
+    at_boundary = bool(fit.get("floor_at_boundary"))
+    c = float(params[fname])
+    below = floor_beaten_by(fit, fname, best, baselines)
+    beaten_by_best = below.pop("best_model", None) is not None
+    s = f"The fitted floor of the law ({fname}) is {fmt_num(c)}"
+    if fname in ci and ci[fname] and ci[fname][0] is not None:
+        s += f" (95% CI {fmt_num(ci[fname][0])} to {fmt_num(ci[fname][1])})"
+    if best is not None and c > 0 and not at_boundary:
+        rel = 100 * (best["mean"] / c - 1)
+        s += f"; the best model is {rel:.1f}% above it" if rel >= 0 else f"; the best model is {-rel:.1f}% below it"
+    out = [s + "."]
+    if below:
+        out.append("It is NOT an irreducible loss: " + ", ".join(
+            f"{BASELINE_NAMES.get(k, k)} reaches {fmt_num(v)}" for k, v in below.items())
+            + " on the same cells, below it; the floor describes these models as trained, not the data.")
+    if beaten_by_best and not at_boundary:
+        out.append(("Nor is it" if below else "It is NOT") + " a floor of these models: the best model's own "
+                   "loss is already below it, so the law bends towards a level the ladder has passed, and the "
+                   "floor is a property of this fit rather than a bound.")
+    if at_boundary:
+        out.append("WARNING: the floor estimate sits on the edge of its search range, so it is an artefact "
+                   "of the fitting bounds rather than a measurement; do not quote it as the irreducible "
+                   "loss. Larger models or more data are needed to pin it down.")
+    return out
+
+
+def _entropy_sentence(fit: Mapping[str, Any], *, floor_beaten: bool = False) -> list[str]:
+    eb = fit.get("entropy_bits") or {}
+    if not isinstance(eb, Mapping) or eb.get("gaussian") is None:
+        return []
+    if fit.get("floor_at_boundary"):
+        return [f"The entropy computed from that floor ({fmt_num(eb['gaussian'], 3)} bits per masked gene) is "
+                "therefore not a measurement either."]
+    if floor_beaten:
+        return [f"The entropy computed from that floor ({fmt_num(eb['gaussian'], 3)} bits per masked gene) is "
+                "therefore not the entropy left in the data either; it inherits the floor's meaning."]
+    s = f"Read as a Gaussian noise level, the floor corresponds to {fmt_num(eb['gaussian'], 3)} bits per masked gene"
+    if eb.get("ci95_unbounded_below"):
+        s += (f" (95% CI unbounded below, to {fmt_num(eb['ci95'][1], 3)}: the floor's interval reaches 0, "
+              "where the entropy has no finite bound)")
+    elif eb.get("ci95"):
+        s += f" (95% CI {fmt_num(eb['ci95'][0], 3)} to {fmt_num(eb['ci95'][1], 3)})"
+    s += (": the differential entropy of log1p expression left unexplained by the cell's other genes, under "
+          "a homoscedastic-Gaussian assumption (an upper bound on the per-gene heteroscedastic figure, and unit-"
+          "dependent, so compare it only across runs on the same preprocessing).")
+    return [s]
+
+
+def meaning_paragraph(
+    runs: pd.DataFrame | None,
+    fit: Mapping[str, Any] | None,
+    *,
+    baseline_val: float | None = None,
+    bayes_floor: float | None = None,
+    fit_error: str | None = None,
+    baselines: Mapping[str, float] | None = None,
+    n_masked: int | None = None,
+) -> str:
+    """Plain-language reading: the best model against every baseline (``baselines``: name ->
+    validation MSE; ``baseline_val`` alone stands for the gene mean), whether the runs were
+    trained to a plateau, the floor (and whether a baseline beats it), the bits. ``n_masked`` (the
+    masked validation positions) sizes the sampling error a loss below a known ``bayes_floor`` is
+    judged against."""
+    best = best_model(runs) if runs is not None else None
+    baselines = dict(baselines or {})
+    if baseline_val is not None:
+        baselines.setdefault("gene_mean", baseline_val)
+    out = _best_sentences(best, baselines, bayes_floor, runs, n_masked)
+    if fit is None:
+        out.append("No scaling law was fitted" + (f": {fit_error}" if fit_error else "") + ".")
+        return " ".join(out)
+    params = fit.get("params") or {}
+    fname = fit.get("floor_param") or floor_name(params)
+    fname = fname if fname in params else None
+    out += _alpha_sentence(params, fit.get("ci95") or {}, fname is not None)
+    others = {k: v for k, v in baselines.items() if k != "gene_mean"}
+    if fname:
+        out += _floor_sentences(fit, fname, best, others)
+    out += _entropy_sentence(fit, floor_beaten=bool(fname and floor_beaten_by(fit, fname, best, others)))
+    return " ".join(out)
