@@ -63,3 +63,44 @@ def test_the_sweep_plans_each_size_at_each_multiple():
     assert [s.train.lr_scale for s in specs] == [0.5, 1.0, 2.0, 0.4, 0.8, 1.6]
     base = resolve_lr(specs[1].model, specs[1].train)
     assert resolve_lr(specs[0].model, specs[0].train) == pytest.approx(0.5 * base)
+
+
+def test_multiples_are_compared_on_the_seeds_they_all_have():
+    # sweep.lr_search first-seed: seed 0 at 1x and 2x, seed 1 at the chosen 2x only. Over all seeds
+    # 2x's mean (0.55) would lose to 1x's seed-0 loss (0.52); on seed 0 alone 2x (0.50) wins
+    rows = [("XS-s0", 0, 1.0, 0.52), ("XS-s0-lr2", 0, 2.0, 0.50), ("XS-s1-lr2", 1, 2.0, 0.60)]
+    runs = pd.DataFrame([{"run_id": r, "size": "XS", "train_cells": None, "depth": 1.0, "seed": s, "lr_scale": m,
+                          "best_val_mse": v} for r, s, m, v in rows])
+    sel = select_lr(runs)
+    assert [(c.best, c.losses) for c in sel.choices] == [(2.0, {1.0: 0.52, 2.0: 0.50})]
+    assert sorted(sel.kept["run_id"]) == ["XS-s0-lr2", "XS-s1-lr2"] and sel.dropped == ["XS-s0"]
+
+
+def _seed_search_cfg(**sweep):
+    from cellscale.config import RunConfig
+
+    return RunConfig.model_validate({"sweep": {"sizes": ["TINY", "XS"], "seeds": [3, 4, 5], "lr_multipliers": [0.5, 1.0],
+                                               "lr_search": "first-seed", **sweep}})
+
+
+def test_the_first_seed_searches_the_rate_and_the_others_train_at_its_choice():
+    from cellscale.sweep.lrsearch import later_runs, planned_count, search_runs
+    from cellscale.sweep.plan import plan_runs
+
+    cfg = _seed_search_cfg()
+    specs = plan_runs(cfg, n_genes=64)
+    first = search_runs(cfg, specs)
+    assert sorted(s.run_id for s in first) == ["TINY-dall-s3", "TINY-dall-s3-lr0.5", "XS-dall-s3", "XS-dall-s3-lr0.5"]
+    assert planned_count(cfg, specs) == 4 + 2 * 2  # not 12
+    loss = {"TINY-dall-s3": 0.6, "TINY-dall-s3-lr0.5": 0.7, "XS-dall-s3": 0.5, "XS-dall-s3-lr0.5": 0.4}
+    results = [{"run_id": s.run_id, "size": s.size, "train_cells": None, "depth": 1.0, "seed": s.seed,
+                "lr_scale": s.train.lr_scale, "best_val_mse": loss[s.run_id], "status": "ok"} for s in first]
+    assert sorted(s.run_id for s in later_runs(cfg, specs, results)) == [
+        "TINY-dall-s4", "TINY-dall-s5", "XS-dall-s4-lr0.5", "XS-dall-s5-lr0.5"]
+    # XS's first-seed runs left no choice (one failed): its later seeds train at every rate
+    results[3]["status"] = "failed"
+    assert sorted(s.run_id for s in later_runs(cfg, specs, results) if s.size == "XS") == [
+        "XS-dall-s4", "XS-dall-s4-lr0.5", "XS-dall-s5", "XS-dall-s5-lr0.5"]
+    every = _seed_search_cfg(lr_search="every-seed")
+    assert search_runs(every, specs) == specs and later_runs(every, specs, results) == []
+    assert planned_count(every, specs) == 12

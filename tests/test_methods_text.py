@@ -56,6 +56,22 @@ def test_schedule_and_budget_text_follow_the_budget_mode():
     assert "at 3 evaluation(s) in a row, and no plateau was called before 40,000 cells seen, the rate was" in held
 
 
+def test_the_rate_search_text_follows_sweep_lr_search():
+    def text(**sweep):
+        config = {"data": {"source": "simulate", "genes": 64, "cells": 1000}, "train": {}, "model": {}, "fit": {},
+                  "sweep": {"sizes": ["XS"], "seeds": [0], "lr_multipliers": [1.0, 2.0], **sweep}}
+        return methods_paragraph(config, None, None)
+
+    every = text(seeds=[0, 1])
+    assert "each size was trained at 1x, 2x that rate and the law fitted to the multiple with the lowest mean" in every
+    first = text(seeds=[7, 8], lr_search="first-seed")
+    assert ("each size was trained with seed 7 at 1x, 2x that rate, the multiple with the lowest validation loss "
+            "chosen per size, and the other seeds trained at the chosen multiple only (so the choice rests on one "
+            "seed;") in first
+    # one seed: nothing was reused, so the text is the full grid's
+    assert "trained with seed 7 at" not in text(seeds=[7], lr_search="first-seed")
+
+
 def test_verdicts_are_counted_from_the_runs():
     runs = pd.DataFrame({"run_id": ["a", "b", "c"], "size": ["XS", "S", "M"], "status": "ok",
                          "params": [1, 2, 3], "converged": [True, False, True]})
@@ -159,6 +175,39 @@ def test_a_loss_below_the_known_floor_is_judged_against_the_validation_noise():
     assert "the number of masked validation positions is not recorded" in unknown
     above = meaning_paragraph(_ladder(0.39), None, bayes_floor=0.3752, n_masked=4_900)
     assert "The known Bayes-optimal error of the simulator is 0.3752; the best model is 3.9% above it." in above
+
+
+def test_a_baseline_at_the_known_floor_is_not_called_a_better_model():
+    # known-floor (issue 15): Bayes-linear (the Bayes-optimal predictor of gaussian data) 0.362 and the best
+    # model 0.3729 are both within sampling error of the exact 0.3752 on 4,890 masked positions
+    base = {"gene_mean": 1.092, "bayes_linear": 0.362}
+    both = meaning_paragraph(_ladder(0.3729), None, baselines=base, bayes_floor=0.3752, n_masked=4_890)
+    assert ("A simpler model (bayes-linear) scores lower on these cells, but it and the best transformer are both "
+            "within the validation cells' sampling error of the known Bayes-optimal error (0.3752): both have "
+            "learned what these data allow.") in both
+    assert "describe their training" not in both
+    # a best model well above the floor is still told to train longer
+    short = meaning_paragraph(_ladder(0.45), None, baselines=base, bayes_floor=0.3752, n_masked=4_890)
+    assert "the ladder's points describe their training, not what the architecture can learn" in short
+
+
+def test_the_true_floor_is_placed_against_the_fitted_interval():
+    inside = meaning_paragraph(_ladder(0.3729), _fit(0.3729, 0.3565, 0.3869), bayes_floor=0.3752, n_masked=4_890)
+    assert "The simulator's true floor, 0.3752, lies inside that interval." in inside
+    outside = meaning_paragraph(_ladder(0.3729), _fit(0.30, 0.0, 0.33), bayes_floor=0.3752, n_masked=4_890)
+    assert "The simulator's true floor, 0.3752, lies OUTSIDE that interval: the fit has not found it." in outside
+    assert "true floor" not in meaning_paragraph(_ladder(0.3729), _fit(0.3729, 0.3565, 0.3869))
+    # a baseline below the fitted floor by no more than the cells' noise around the true floor, which the
+    # interval holds: not irreducible on these cells, but the fit and the truth agree
+    noise = meaning_paragraph(_ladder(0.3729), _fit(0.3729, 0.3565, 0.3869), baselines={"bayes_linear": 0.362},
+                              bayes_floor=0.3752, n_masked=4_890)
+    assert ("As a loss on these cells it is not irreducible: Bayes-linear regression on the visible genes reaches "
+            "0.362 on the same cells, below it, though within the cells' sampling error of the true floor (0.3752), "
+            "so the fit and the truth agree within that error.") in noise
+    assert "Read as a Gaussian noise level, the floor corresponds to" in noise
+    far = meaning_paragraph(_ladder(0.3729), _fit(0.3729, 0.3565, 0.3869), baselines={"bayes_linear": 0.30},
+                            bayes_floor=0.3752, n_masked=4_890)
+    assert "It is NOT an irreducible loss: Bayes-linear" in far and "inherits the floor's meaning" in far
 
 
 def test_a_floor_above_a_baseline_is_not_called_irreducible():

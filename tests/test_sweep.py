@@ -193,3 +193,20 @@ def test_sweep_hash_ignores_new_axes_left_off():
     for axis in ({"depths": [1.0, 0.5]}, {"epochs": 2}, {"lr_multipliers": [0.5, 1.0]}):
         other = parse_config(RunConfig, {"sweep": {"sizes": ["XXS"], **axis}})
         assert sweep_hash(other) != sweep_hash(cfg)
+
+
+def test_a_first_seed_rate_search_trains_later_seeds_at_its_choice(tiny_dataset_dir: Path, tmp_path: Path):
+    cfg = _cfg(tiny_dataset_dir, seeds=[0, 1, 2], train_cells=[None], lr_multipliers=[0.5, 1.0],
+               lr_search="first-seed")
+    out = tmp_path / "sw"
+    table = pd.read_csv(run_sweep(cfg, out=out, progress=False))
+    first = table[table["seed"] == 0]
+    assert sorted(first["run_id"]) == ["TINY-dall-s0", "TINY-dall-s0-lr0.5", "XXS-dall-s0", "XXS-dall-s0-lr0.5"]
+    for size, runs in first.groupby("size"):
+        best = runs.loc[runs["best_val_mse"].idxmin(), "lr_scale"]
+        later = table[(table["size"] == size) & (table["seed"] > 0)]
+        assert list(later["seed"]) == [1, 2] and set(later["lr_scale"]) == {best}, size
+    assert len(table) == 4 + 2 * 2 and sorted(p.name for p in (out / "runs").iterdir()) == sorted(table["run_id"])
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")}
+    pd.testing.assert_frame_equal(table, pd.read_csv(run_sweep(cfg, out=out, progress=False)))
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")} == stamps

@@ -225,6 +225,10 @@ class SweepConfig(_Frozen):
     # the learning-rate axis: each run also trains at these multiples of its peak rate, and the
     # law is fitted to each size's best multiple on validation loss (cellscale.lrgrid)
     lr_multipliers: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
+    # "every-seed": every seed trains at every multiple. "first-seed": the first seed of ``seeds``
+    # trains at every multiple, and the other seeds only at the multiple chosen on its validation
+    # loss (cellscale.sweep.lrsearch): a grid of k rates costs k + seeds - 1 runs per size, not k x seeds
+    lr_search: Literal["every-seed", "first-seed"] = "every-seed"
     # when set, every run sees each of its training cells this many times:
     # cells_seen = round(epochs * its training cells), whatever train.cells_seen says
     epochs: float | None = Field(None, gt=0)
@@ -329,7 +333,7 @@ ADDED_SETTINGS_OFF: dict[str, dict[str, Any]] = {
               "cooldown_frac": 0.2,
               "lr_scale": 1.0, "checkpoint_minutes": None, "ema_decay": None},
     "model": {"attention_dropout": None},
-    "sweep": {"depths": [1.0], "epochs": None, "lr_multipliers": [1.0]},
+    "sweep": {"depths": [1.0], "epochs": None, "lr_multipliers": [1.0], "lr_search": "every-seed"},
     "fit": {"keep_unconverged": False, "interval": None},
 }
 

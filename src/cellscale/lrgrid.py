@@ -2,7 +2,9 @@
 peak rate (``sweep.lr_multipliers``), and the law is fitted to the best rate's runs only.
 
 The choice is made on validation loss alone (the mean over seeds of each run's best validation
-loss), per size, training subset and depth; test loss is never looked at. A choice on the first
+loss), per size, training subset and depth; test loss is never looked at. The multiples are
+compared on the seeds they all have: every seed for a full grid, the first seed alone when the
+later seeds trained at the chosen multiple only (``sweep.lr_search: first-seed``). A choice on the first
 or last multiple of a grid of three or more is flagged: the best rate may lie beyond the grid,
 as a floor on the edge of its bounds may (``floor_at_boundary``).
 
@@ -45,6 +47,15 @@ def _keys(runs: pd.DataFrame) -> list[str]:
     return [c for c in GROUP if c in runs]
 
 
+def _on_common_seeds(group: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the seeds every multiple of ``group`` has (all rows when that is none)."""
+    if "seed" not in group:
+        return group
+    seeds = [set(s) for _, s in group.groupby("lr_scale")["seed"]]
+    common = set.intersection(*seeds) if seeds else set()
+    return group[group["seed"].isin(common)] if common else group
+
+
 def select_lr(runs: pd.DataFrame, *, loss_col: str = "best_val_mse") -> LRSelection:
     """The best multiple of each group's grid, chosen on ``loss_col`` (a validation column)."""
     if not loss_col.startswith("best_val"):
@@ -56,7 +67,7 @@ def select_lr(runs: pd.DataFrame, *, loss_col: str = "best_val_mse") -> LRSelect
     keep = pd.Series(True, index=frame.index)
     out = LRSelection(kept=frame)
     for key, group in frame.groupby(keys, dropna=False, sort=False):
-        means = group.groupby("lr_scale")[loss_col].mean().dropna()
+        means = _on_common_seeds(group).groupby("lr_scale")[loss_col].mean().dropna()
         if len(means) < 2:
             continue
         best = float(means.idxmin())

@@ -79,14 +79,20 @@ def lr_rule_text(cfg: TrainConfig) -> str:
     return text
 
 
-def lr_grid_text(multipliers: list[float]) -> str:
-    """The learning-rate axis in words ("" without one)."""
+def lr_grid_text(multipliers: list[float], *, first_seed: int | None = None) -> str:
+    """The learning-rate axis in words ("" without one); ``first_seed``: the rate was searched on
+    that seed alone and the others trained at its choice (``sweep.lr_search: first-seed``)."""
     if len(multipliers) < 2:
         return ""
     grid = ", ".join(f"{_num(m)}x" for m in sorted(multipliers))
-    return (f"; each size was trained at {grid} that rate and the law fitted to the multiple with the lowest mean "
-            "validation loss per size (test loss never used for the choice; a choice on the first or last "
-            "multiple of three or more is flagged as at the edge of the grid)")
+    if first_seed is None:
+        return (f"; each size was trained at {grid} that rate and the law fitted to the multiple with the lowest mean "
+                "validation loss per size (test loss never used for the choice; a choice on the first or last "
+                "multiple of three or more is flagged as at the edge of the grid)")
+    return (f"; each size was trained with seed {first_seed} at {grid} that rate, the multiple with the lowest "
+            f"validation loss chosen per size, and the other seeds trained at the chosen multiple only (so the choice "
+            "rests on one seed; test loss never used for it; a choice on the first or last multiple of three or more "
+            "is flagged as at the edge of the grid); the law is fitted to the chosen multiple's runs")
 
 
 def schedule_text(cfg: TrainConfig) -> str:

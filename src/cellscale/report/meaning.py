@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -66,8 +67,24 @@ def _training_advice(runs: pd.DataFrame | None) -> str:
     return "train to a plateau (budget: plateau) and search the learning rate"
 
 
+@dataclass(frozen=True)
+class KnownFloor:
+    """The simulator's exact floor, and the masked validation positions whose sampling error a
+    loss on those cells is judged against (None: not recorded)."""
+
+    value: float
+    n_masked: int | None = None
+
+    def holds(self, loss: float) -> bool:
+        """Is ``loss`` within the sampling error of the floor (neither significantly below nor above)?"""
+        if self.n_masked is None:
+            return False
+        check = check_not_below_floor(loss, self.value, self.n_masked)
+        return check.ok and check.z <= 2.0
+
+
 def _baseline_sentences(best: dict[str, Any], baselines: Mapping[str, float],
-                        runs: pd.DataFrame | None = None) -> list[str]:
+                        runs: pd.DataFrame | None = None, known_floor: KnownFloor | None = None) -> list[str]:
     known = {k: float(v) for k, v in baselines.items() if v is not None and math.isfinite(float(v)) and float(v) > 0}
     if not known:
         return ["No baseline was recorded to compare it with."]
@@ -77,7 +94,12 @@ def _baseline_sentences(best: dict[str, Any], baselines: Mapping[str, float],
     if gm is not None and best["mean"] >= gm:
         out.append("The models have NOT learned anything beyond each gene's average: train longer or check the data.")
     beaten_by = [k for k, v in known.items() if k != "gene_mean" and v <= best["mean"]]
-    if beaten_by:
+    if beaten_by and known_floor and all(known_floor.holds(v) for v in [best["mean"], *(known[k] for k in beaten_by)]):
+        out.append("A simpler model (" + ", ".join(k.replace("_", "-") for k in beaten_by) + ") scores lower on "
+                   "these cells, but it and the best transformer are both within the validation cells' sampling "
+                   f"error of the known Bayes-optimal error ({fmt_num(known_floor.value)}): both have learned what these data "
+                   "allow.")
+    elif beaten_by:
         out.append("A simpler model (" + ", ".join(k.replace("_", "-") for k in beaten_by) + ") is at least as good "
                    "as the best transformer, so the ladder's points describe their training, not what the "
                    f"architecture can learn: {_training_advice(runs)}.")
@@ -125,18 +147,18 @@ def _lr_sentence(runs: pd.DataFrame) -> list[str]:
     return out
 
 
-def _best_sentences(best: dict[str, Any] | None, baselines: Mapping[str, float], bayes_floor: float | None,
-                    runs: pd.DataFrame | None = None, n_masked: int | None = None) -> list[str]:
+def _best_sentences(best: dict[str, Any] | None, baselines: Mapping[str, float], known_floor: KnownFloor | None,
+                    runs: pd.DataFrame | None = None) -> list[str]:
     if best is None:
         return ["No run finished with a finite validation loss, so there is nothing to compare yet."]
     n = int(best["n"])
     out = [f"The lowest validation MSE, {fmt_num(best['mean'])}" + (f" (mean of {n} seeds)" if n > 1 else "")
            + f", is that of size {best['size']} ({fmt_int(best['params'])} parameters)."]
-    out += _baseline_sentences(best, baselines, runs)
+    out += _baseline_sentences(best, baselines, runs, known_floor)
     if runs is not None:
         out += _plateau_sentence(runs, best) + _lr_sentence(runs)
-    if bayes_floor is not None and math.isfinite(bayes_floor):
-        out.append(_bayes_sentence(float(best["mean"]), bayes_floor, n_masked))
+    if known_floor is not None:
+        out.append(_bayes_sentence(float(best["mean"]), known_floor.value, known_floor.n_masked))
     return out
 
 
@@ -185,8 +207,33 @@ def floor_beaten_by(fit: Mapping[str, Any], fname: str, best: dict[str, Any] | N
     return below
 
 
+def _true_floor_sentence(ci: Any, known_floor: KnownFloor | None) -> list[str]:
+    if known_floor is None or not ci or ci[0] is None or ci[1] is None:
+        return []
+    inside = float(ci[0]) <= known_floor.value <= float(ci[1])
+    return [f"The simulator's true floor, {fmt_num(known_floor.value)}, lies {'inside' if inside else 'OUTSIDE'} "
+            "that interval" + ("." if inside else ": the fit has not found it.")]
+
+
+def _beaten_only_by_noise(below: Mapping[str, float], ci: Any, known_floor: KnownFloor | None) -> bool:
+    """The losses below the fitted floor all sit within sampling error of the true floor, which the
+    fitted interval holds: the floor is below them by the noise of these cells, not by a model."""
+    return bool(below and known_floor and ci and ci[0] is not None and ci[1] is not None
+                and float(ci[0]) <= known_floor.value <= float(ci[1])
+                and all(known_floor.holds(v) for v in below.values()))
+
+
+def _not_irreducible(below: Mapping[str, float], ci: Any, known_floor: KnownFloor | None) -> str:
+    reach = ", ".join(f"{BASELINE_NAMES.get(k, k)} reaches {fmt_num(v)}" for k, v in below.items())
+    if _beaten_only_by_noise(below, ci, known_floor):
+        return (f"As a loss on these cells it is not irreducible: {reach} on the same cells, below it, though "
+                f"within the cells' sampling error of the true floor ({fmt_num(known_floor.value)}), so the fit "
+                "and the truth agree within that error.")
+    return f"It is NOT an irreducible loss: {reach} on the same cells, below it; the floor describes these models as trained, not the data."
+
+
 def _floor_sentences(fit: Mapping[str, Any], fname: str, best: dict[str, Any] | None,
-                     baselines: Mapping[str, float] | None = None) -> list[str]:
+                     baselines: Mapping[str, float] | None = None, known_floor: KnownFloor | None = None) -> list[str]:
     params, ci = fit.get("params") or {}, fit.get("ci95") or {}
     at_boundary = bool(fit.get("floor_at_boundary"))
     c = float(params[fname])
@@ -198,11 +245,9 @@ def _floor_sentences(fit: Mapping[str, Any], fname: str, best: dict[str, Any] | 
     if best is not None and c > 0 and not at_boundary:
         rel = 100 * (best["mean"] / c - 1)
         s += f"; the best model is {rel:.1f}% above it" if rel >= 0 else f"; the best model is {-rel:.1f}% below it"
-    out = [s + "."]
+    out = [s + "."] + _true_floor_sentence(ci.get(fname), known_floor)
     if below:
-        out.append("It is NOT an irreducible loss: " + ", ".join(
-            f"{BASELINE_NAMES.get(k, k)} reaches {fmt_num(v)}" for k, v in below.items())
-            + " on the same cells, below it; the floor describes these models as trained, not the data.")
+        out.append(_not_irreducible(below, ci.get(fname), known_floor))
     if beaten_by_best and not at_boundary:
         out.append(("Nor is it" if below else "It is NOT") + " a floor of these models: the best model's own "
                    "loss is already below it, so the law bends towards a level the ladder has passed, and the "
@@ -255,7 +300,8 @@ def meaning_paragraph(
     baselines = dict(baselines or {})
     if baseline_val is not None:
         baselines.setdefault("gene_mean", baseline_val)
-    out = _best_sentences(best, baselines, bayes_floor, runs, n_masked)
+    known = KnownFloor(float(bayes_floor), n_masked) if bayes_floor is not None and math.isfinite(bayes_floor) else None
+    out = _best_sentences(best, baselines, known, runs)
     if fit is None:
         out.append("No scaling law was fitted" + (f": {fit_error}" if fit_error else "") + ".")
         return " ".join(out)
@@ -265,6 +311,8 @@ def meaning_paragraph(
     out += _alpha_sentence(params, fit.get("ci95") or {}, fname is not None)
     others = {k: v for k, v in baselines.items() if k != "gene_mean"}
     if fname:
-        out += _floor_sentences(fit, fname, best, others)
-    out += _entropy_sentence(fit, floor_beaten=bool(fname and floor_beaten_by(fit, fname, best, others)))
+        out += _floor_sentences(fit, fname, best, others, known)
+    below = floor_beaten_by(fit, fname, best, others) if fname else {}
+    noise = _beaten_only_by_noise(below, (fit.get("ci95") or {}).get(fname), known)
+    out += _entropy_sentence(fit, floor_beaten=bool(below) and not noise)
     return " ".join(out)

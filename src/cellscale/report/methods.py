@@ -284,12 +284,18 @@ def _budget_text(train: Mapping[str, Any], sweep: Mapping[str, Any], runs: pd.Da
     return text
 
 
+def _lr_search_seed(sweep: Mapping[str, Any]) -> int | None:
+    """The seed the learning rate was searched on alone (``sweep.lr_search: first-seed``), else None."""
+    seeds = list(sweep.get("seeds") or [0])
+    return int(seeds[0]) if sweep.get("lr_search") == "first-seed" and len(seeds) > 1 else None
+
+
 def _optim_text(train: Mapping[str, Any], sweep: Mapping[str, Any], runs: pd.DataFrame | None) -> str:
     betas = train.get("betas", (0.9, 0.95))
     text = (
         f"Optimiser: AdamW (betas {tuple(betas)}, weight decay {fmt_num(train.get('weight_decay'))}), "
         f"gradient clipping at norm {fmt_num(train.get('grad_clip'))}, {_schedule_text(train)}; "
-        f"{_lr_text(train, runs)}{lr_grid_text(list(sweep.get('lr_multipliers') or [1.0]))}"
+        f"{_lr_text(train, runs)}{lr_grid_text(list(sweep.get('lr_multipliers') or [1.0]), first_seed=_lr_search_seed(sweep))}"
         f"{averaging_text(train.get('ema_decay'))}"
     )
     if sweep.get("overrides"):

@@ -14,6 +14,7 @@ from cellscale.data.thin import check_thinnable, is_thinned_from, thin_dataset
 from cellscale.errors import RunError
 from cellscale.io import DamagedFile, atomic_write_json, atomic_write_text, read_json_checked, warn
 from cellscale.progress import SweepProgress, console
+from cellscale.sweep.lrsearch import later_runs, planned_count, search_runs
 from cellscale.sweep.plan import plan_runs
 from cellscale.sweep.pool import run_pool, worker_count
 from cellscale.sweep.results import write_results
@@ -175,7 +176,8 @@ def run_sweep(
         meta["depth_datasets"] = {depth_label(d): p for d, p in sorted(datasets.items(), reverse=True) if d != 1.0}
     atomic_write_json(out / "sweep.json", meta)
     specs = plan_runs(cfg, n_genes=ds.n_genes, n_train=int(ds.splits["train"].size))
-    ids = [s.run_id for s in specs]
+    first = search_runs(cfg, specs)
+    ids = [s.run_id for s in first]  # the runs results.csv lists: the rate search's, then the later seeds'
     backend = backend or cfg.sweep.backend
 
     ds_cache: dict = {}
@@ -185,18 +187,24 @@ def run_sweep(
         score_result(out / "runs" / str(result.get("run_id")), datasets, cache=ds_cache)
         write_results(out, ids)
 
-    with SweepProgress(len(specs), enabled=progress) as bar:
+    def train(batch: list) -> list[dict]:
         if backend == "ray":
-            run_ray(specs, dataset=datasets, sweep_dir=str(out), address=ray_address,
-                    num_cpus_per_run=cfg.sweep.num_cpus_per_run,
-                    num_gpus_per_run=cfg.sweep.num_gpus_per_run, num_cpus=ray_num_cpus,
-                    progress=bar, on_result=on_result)
-        elif (n := worker_count(workers or cfg.sweep.workers, cfg.sweep.num_cpus_per_run)) > 1:
-            run_pool(specs, dataset=datasets, sweep_dir=str(out), workers=n,
-                     threads=threads_per_run(cfg.sweep.num_cpus_per_run), progress=bar, on_result=on_result,
-                     finish=functools.partial(score_result, datasets=datasets))
-        else:
-            run_local(specs, dataset=datasets, sweep_dir=str(out), progress=bar,
-                      on_result=on_result)
+            return run_ray(batch, dataset=datasets, sweep_dir=str(out), address=ray_address,
+                           num_cpus_per_run=cfg.sweep.num_cpus_per_run,
+                           num_gpus_per_run=cfg.sweep.num_gpus_per_run, num_cpus=ray_num_cpus,
+                           progress=bar, on_result=on_result)
+        if (n := worker_count(workers or cfg.sweep.workers, cfg.sweep.num_cpus_per_run)) > 1:
+            return run_pool(batch, dataset=datasets, sweep_dir=str(out), workers=n,
+                            threads=threads_per_run(cfg.sweep.num_cpus_per_run), progress=bar,
+                            on_result=on_result, finish=functools.partial(score_result, datasets=datasets))
+        return run_local(batch, dataset=datasets, sweep_dir=str(out), progress=bar, on_result=on_result)
+
+    with SweepProgress(planned_count(cfg, specs), enabled=progress) as bar:
+        results = train(first)
+        later = later_runs(cfg, specs, results)  # sweep.lr_search first-seed: the other seeds at the chosen rate
+        keep = set(ids) | {s.run_id for s in later}
+        ids[:] = [s.run_id for s in specs if s.run_id in keep]  # plan order
+        if later:
+            train(later)
     score_sweep(out, datasets, run_ids=ids)  # runs finished before this step existed; the references
     return write_results(out, ids)
