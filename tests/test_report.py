@@ -172,6 +172,17 @@ def test_data_sweep_draws_loss_against_data_and_fits_the_largest_subset(tmp_path
     assert len(IMG_RE.findall(html_path.read_text())) == 4
 
 
+def test_the_true_floor_is_the_exact_one_on_the_validation_masks(tmp_path):
+    # the manifest's figure is the simulator's, over random masks and all its genes; the sweep's
+    # baselines.json holds the floor on the dataset's own validation masks and kept genes
+    sweep = make_sweep(tmp_path, diverged=None, failed=None, bootstrap=BOOT, bayes_floor=1.35)
+    base = json.loads((sweep / "baselines.json").read_text()) if (sweep / "baselines.json").is_file() else {}
+    base["bayes_floor"] = {"val": 1.3, "test": 1.31}
+    (sweep / "baselines.json").write_text(json.dumps(base))
+    md = write_report(sweep)[1].read_text()
+    assert "Bayes-optimal error of the simulator is 1.3;" in md and "1.35" not in md
+
+
 def test_floor_at_boundary_gets_a_plain_language_warning(tmp_path, monkeypatch):
     class Boundary:  # a stand-in FitResult whose floor sits on its bound
         def to_dict(self):

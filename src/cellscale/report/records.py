@@ -133,6 +133,12 @@ class SweepData:
 
     @property
     def bayes_floor(self) -> float | None:
+        """The exact Bayes floor (MSE) on the validation masks and the kept genes, as the sweep's
+        baselines.json records it; else the simulator's own figure (over random masks and all its
+        genes) from the manifest."""
+        exact = (self.baselines_json.get("bayes_floor") or {}).get("val")
+        if isinstance(exact, (int, float)) and exact > 0:
+            return float(exact)
         return None if self.manifest is None else self.manifest.bayes_floor_mse
 
     @property
