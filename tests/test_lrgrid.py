@@ -1,5 +1,7 @@
 """Learning rate chosen per size on validation loss only; a choice on the grid's edge is flagged."""
 
+import dataclasses
+
 import pandas as pd
 import pytest
 
@@ -84,7 +86,7 @@ def _seed_search_cfg(**sweep):
 
 
 def test_the_first_seed_searches_the_rate_and_the_others_train_at_its_choice():
-    from cellscale.sweep.lrsearch import later_runs, planned_count, search_runs
+    from cellscale.sweep.lrsearch import later_runs, planned_count, search_runs, waiting_groups
     from cellscale.sweep.plan import plan_runs
 
     cfg = _seed_search_cfg()
@@ -97,10 +99,22 @@ def test_the_first_seed_searches_the_rate_and_the_others_train_at_its_choice():
                 "lr_scale": s.train.lr_scale, "best_val_mse": loss[s.run_id], "status": "ok"} for s in first]
     assert sorted(s.run_id for s in later_runs(cfg, specs, results)) == [
         "TINY-dall-s4", "TINY-dall-s5", "XS-dall-s4-lr0.5", "XS-dall-s5-lr0.5"]
-    # XS's first-seed runs left no choice (one failed): its later seeds train at every rate
+    # one of XS's first-seed runs failed (a rerun retries it, so it may yet win): XS's later seeds wait
     results[3]["status"] = "failed"
+    assert [s.size for s in later_runs(cfg, specs, results)] == ["TINY", "TINY"]
+    assert waiting_groups(cfg, specs, results) == ["XS"]
+    # it (XS at 1x) diverged, which is final: the one ok rate is the choice; both diverged: every rate
+    results[3]["status"] = "diverged"
+    assert sorted(s.run_id for s in later_runs(cfg, specs, results) if s.size == "XS") == [
+        "XS-dall-s4-lr0.5", "XS-dall-s5-lr0.5"]
+    results[2]["status"] = "diverged"
     assert sorted(s.run_id for s in later_runs(cfg, specs, results) if s.size == "XS") == [
         "XS-dall-s4", "XS-dall-s4-lr0.5", "XS-dall-s5", "XS-dall-s5-lr0.5"]
+    assert waiting_groups(cfg, specs, results) == []
+    # a likelihood objective chooses on its loss in bits, as the report does: there XS's 1x is better
+    nll = [{**r, "status": "ok", "objective": "gaussian-nll", "best_val_loss": 2.0 - r["best_val_mse"]} for r in results]
+    nll_specs = [dataclasses.replace(s, model=s.model.model_copy(update={"objective": "gaussian-nll"})) for s in specs]
+    assert sorted(s.run_id for s in later_runs(cfg, nll_specs, nll) if s.size == "XS") == ["XS-dall-s4", "XS-dall-s5"]
     every = _seed_search_cfg(lr_search="every-seed")
     assert search_runs(every, specs) == specs and later_runs(every, specs, results) == []
     assert planned_count(every, specs) == 12

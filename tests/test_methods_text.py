@@ -205,6 +205,14 @@ def test_the_true_floor_is_placed_against_the_fitted_interval():
             "0.362 on the same cells, below it, though within the cells' sampling error of the true floor (0.3752), "
             "so the fit and the truth agree within that error.") in noise
     assert "Read as a Gaussian noise level, the floor corresponds to" in noise
+    # the best model itself below c, within the noise: no "not a floor of these models"
+    best_below = meaning_paragraph(_ladder(0.3729), _fit(0.3745, 0.3565, 0.3869), bayes_floor=0.3759, n_masked=4_890)
+    assert ("As a loss on these cells it is not irreducible: the best model reaches 0.3729 on the same cells, below "
+            "it, though within the cells' sampling error of the true floor (0.3759)") in best_below
+    assert "a floor of these models" not in best_below and "Read as a Gaussian noise level" in best_below
+    bits = meaning_paragraph(_ladder(0.3729), {**_fit(0.3729, 0.3565, 0.3869), "loss_unit": "bits"},
+                             bayes_floor=0.3752, n_masked=4_890)
+    assert "true floor" not in bits  # a law in bits is not set against the MSE floor
     far = meaning_paragraph(_ladder(0.3729), _fit(0.3729, 0.3565, 0.3869), baselines={"bayes_linear": 0.30},
                             bayes_floor=0.3752, n_masked=4_890)
     assert "It is NOT an irreducible loss: Bayes-linear" in far and "inherits the floor's meaning" in far

@@ -47,11 +47,19 @@ def _keys(runs: pd.DataFrame) -> list[str]:
     return [c for c in GROUP if c in runs]
 
 
-def _on_common_seeds(group: pd.DataFrame) -> pd.DataFrame:
-    """The rows of the seeds every multiple of ``group`` has (all rows when that is none)."""
+def loss_column(runs: pd.DataFrame) -> str:
+    """The results column a sweep's rate is chosen on, its law fitted to and its best run chosen
+    by: the MSE, or ``best_val_loss`` (bits) when any run has a likelihood objective."""
+    likelihood = "objective" in runs and runs["objective"].fillna("mse").ne("mse").any()
+    return "best_val_loss" if likelihood else "best_val_mse"
+
+
+def _on_common_seeds(group: pd.DataFrame, loss_col: str) -> pd.DataFrame:
+    """The rows of the seeds every multiple of ``group`` has a loss for (all rows when that is none)."""
     if "seed" not in group:
         return group
-    seeds = [set(s) for _, s in group.groupby("lr_scale")["seed"]]
+    scored = group[pd.to_numeric(group[loss_col], errors="coerce").notna()]
+    seeds = [set(s) for _, s in scored.groupby("lr_scale")["seed"]]
     common = set.intersection(*seeds) if seeds else set()
     return group[group["seed"].isin(common)] if common else group
 
@@ -67,7 +75,7 @@ def select_lr(runs: pd.DataFrame, *, loss_col: str = "best_val_mse") -> LRSelect
     keep = pd.Series(True, index=frame.index)
     out = LRSelection(kept=frame)
     for key, group in frame.groupby(keys, dropna=False, sort=False):
-        means = _on_common_seeds(group).groupby("lr_scale")[loss_col].mean().dropna()
+        means = _on_common_seeds(group, loss_col).groupby("lr_scale")[loss_col].mean().dropna()
         if len(means) < 2:
             continue
         best = float(means.idxmin())

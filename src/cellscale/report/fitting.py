@@ -15,7 +15,7 @@ import cellscale.fit  # called as cellscale.fit.fit_table, so that a test may st
 from cellscale.config import FitConfig, depth_label
 from cellscale.errors import FitError
 from cellscale.fit.result import FitResult
-from cellscale.lrgrid import select_lr
+from cellscale.lrgrid import loss_column, select_lr
 from cellscale.report import plots
 from cellscale.report.fmt import fmt_int
 from cellscale.report.records import SweepData
@@ -55,11 +55,7 @@ def headline_depth(runs: pd.DataFrame) -> float | None:
     return 1.0 if (depths == 1.0).any() else float(depths.max())
 
 
-def fitted_loss_column(runs: pd.DataFrame) -> str:
-    """The results column a sweep's law is fitted to and its best run is chosen by: the MSE, or
-    ``best_val_loss`` (bits) when any run has a likelihood objective."""
-    likelihood = "objective" in runs and runs["objective"].fillna("mse").ne("mse").any()
-    return "best_val_loss" if likelihood else "best_val_mse"
+fitted_loss_column = loss_column  # the one rule (cellscale.lrgrid), under the report's name
 
 
 def _and(note: str | None, more: str) -> str:

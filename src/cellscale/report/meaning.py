@@ -223,13 +223,19 @@ def _beaten_only_by_noise(below: Mapping[str, float], ci: Any, known_floor: Know
                 and all(known_floor.holds(v) for v in below.values()))
 
 
-def _not_irreducible(below: Mapping[str, float], ci: Any, known_floor: KnownFloor | None) -> str:
-    reach = ", ".join(f"{BASELINE_NAMES.get(k, k)} reaches {fmt_num(v)}" for k, v in below.items())
-    if _beaten_only_by_noise(below, ci, known_floor):
-        return (f"As a loss on these cells it is not irreducible: {reach} on the same cells, below it, though "
-                f"within the cells' sampling error of the true floor ({fmt_num(known_floor.value)}), so the fit "
-                "and the truth agree within that error.")
-    return f"It is NOT an irreducible loss: {reach} on the same cells, below it; the floor describes these models as trained, not the data."
+def _reach(below: Mapping[str, float]) -> str:
+    return ", ".join(f"{BASELINE_NAMES.get(k, k)} reaches {fmt_num(v)}" for k, v in below.items())
+
+
+def _within_noise(below: Mapping[str, float], best_below: float | None, known_floor: KnownFloor) -> str:
+    """A fitted floor undercut, on these cells, only by losses within their sampling error of the
+    true floor (``_beaten_only_by_noise``)."""
+    who = [_reach(below)] if below else []
+    if best_below is not None:
+        who.append(f"the best model reaches {fmt_num(best_below)}")
+    return (f"As a loss on these cells it is not irreducible: {' and '.join(who)} on the same cells, below it, "
+            f"though within the cells' sampling error of the true floor ({fmt_num(known_floor.value)}), so the fit "
+            "and the truth agree within that error.")
 
 
 def _floor_sentences(fit: Mapping[str, Any], fname: str, best: dict[str, Any] | None,
@@ -238,7 +244,9 @@ def _floor_sentences(fit: Mapping[str, Any], fname: str, best: dict[str, Any] | 
     at_boundary = bool(fit.get("floor_at_boundary"))
     c = float(params[fname])
     below = floor_beaten_by(fit, fname, best, baselines)
-    beaten_by_best = below.pop("best_model", None) is not None
+    noise = _beaten_only_by_noise(below, ci.get(fname), known_floor)
+    best_below = below.pop("best_model", None)
+    beaten_by_best = best_below is not None
     s = f"The fitted floor of the law ({fname}) is {fmt_num(c)}"
     if fname in ci and ci[fname] and ci[fname][0] is not None:
         s += f" (95% CI {fmt_num(ci[fname][0])} to {fmt_num(ci[fname][1])})"
@@ -246,9 +254,12 @@ def _floor_sentences(fit: Mapping[str, Any], fname: str, best: dict[str, Any] | 
         rel = 100 * (best["mean"] / c - 1)
         s += f"; the best model is {rel:.1f}% above it" if rel >= 0 else f"; the best model is {-rel:.1f}% below it"
     out = [s + "."] + _true_floor_sentence(ci.get(fname), known_floor)
-    if below:
-        out.append(_not_irreducible(below, ci.get(fname), known_floor))
-    if beaten_by_best and not at_boundary:
+    if noise:
+        out.append(_within_noise(below, best_below, known_floor))
+    elif below:
+        out.append("It is NOT an irreducible loss: " + _reach(below) + " on the same cells, below it; the floor "
+                   "describes these models as trained, not the data.")
+    if beaten_by_best and not at_boundary and not noise:
         out.append(("Nor is it" if below else "It is NOT") + " a floor of these models: the best model's own "
                    "loss is already below it, so the law bends towards a level the ladder has passed, and the "
                    "floor is a property of this fit rather than a bound.")
@@ -310,9 +321,11 @@ def meaning_paragraph(
     fname = fname if fname in params else None
     out += _alpha_sentence(params, fit.get("ci95") or {}, fname is not None)
     others = {k: v for k, v in baselines.items() if k != "gene_mean"}
+    # the known floor is an MSE: a law fitted to a likelihood's bits is not set against it
+    same_unit = known if fit.get("loss_unit", "mse") == "mse" else None
     if fname:
-        out += _floor_sentences(fit, fname, best, others, known)
+        out += _floor_sentences(fit, fname, best, others, same_unit)
     below = floor_beaten_by(fit, fname, best, others) if fname else {}
-    noise = _beaten_only_by_noise(below, (fit.get("ci95") or {}).get(fname), known)
+    noise = _beaten_only_by_noise(below, (fit.get("ci95") or {}).get(fname), same_unit)
     out += _entropy_sentence(fit, floor_beaten=bool(below) and not noise)
     return " ".join(out)

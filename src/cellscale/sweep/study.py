@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import shutil
 from pathlib import Path
@@ -13,8 +14,10 @@ from cellscale.data.store import Dataset
 from cellscale.data.thin import check_thinnable, is_thinned_from, thin_dataset
 from cellscale.errors import RunError
 from cellscale.io import DamagedFile, atomic_write_json, atomic_write_text, read_json_checked, warn
+from cellscale.preempt import stop_on_signals
 from cellscale.progress import SweepProgress, console
-from cellscale.sweep.lrsearch import later_runs, planned_count, search_runs
+from cellscale.schema import FINISHED
+from cellscale.sweep.lrsearch import later_runs, planned_count, search_runs, searches_first_seed, waiting_groups
 from cellscale.sweep.plan import plan_runs
 from cellscale.sweep.pool import run_pool, worker_count
 from cellscale.sweep.results import write_results
@@ -135,6 +138,27 @@ def ensure_depth_datasets(cfg: RunConfig, out: Path, base: Dataset, *, progress:
     return paths
 
 
+def _finished(out: Path, specs: list) -> list[dict]:
+    """The finished results on disk of ``specs`` (a rerun's starting point), read quietly: the
+    runner names a damaged one when it redoes the run."""
+    found = []
+    for spec in specs:
+        path = out / "runs" / spec.run_id / "result.json"
+        try:
+            result = read_json_checked(path, keys=("status",)) if path.is_file() else None
+        except DamagedFile:
+            result = None
+        if result is not None and result.get("status") in FINISHED:
+            found.append(result)
+    return found
+
+
+def _listed(specs: list, *batches: list) -> list[str]:
+    """The run ids of ``batches``, in plan order."""
+    keep = {s.run_id for batch in batches for s in batch}
+    return [s.run_id for s in specs if s.run_id in keep]
+
+
 def run_sweep(
     cfg: RunConfig | str | Path, *, out: str | Path, backend: str | None = None,
     ray_address: str | None = None, overwrite: bool = False, progress: bool = True,
@@ -177,7 +201,9 @@ def run_sweep(
     atomic_write_json(out / "sweep.json", meta)
     specs = plan_runs(cfg, n_genes=ds.n_genes, n_train=int(ds.splits["train"].size))
     first = search_runs(cfg, specs)
-    ids = [s.run_id for s in first]  # the runs results.csv lists: the rate search's, then the later seeds'
+    # the runs results.csv lists, in plan order: the rate search's, and the later seeds' of the groups
+    # already chosen (so a rerun's table keeps them while the search's runs finish)
+    ids = _listed(specs, first, later_runs(cfg, specs, _finished(out, first)) if searches_first_seed(cfg) else [])
     backend = backend or cfg.sweep.backend
 
     ds_cache: dict = {}
@@ -199,11 +225,16 @@ def run_sweep(
                             on_result=on_result, finish=functools.partial(score_result, datasets=datasets))
         return run_local(batch, dataset=datasets, sweep_dir=str(out), progress=bar, on_result=on_result)
 
-    with SweepProgress(planned_count(cfg, specs), enabled=progress) as bar:
+    # one stop flag for both passes of a first-seed rate search, so that a signal between them stops
+    # the second before its first run (Ray sets its own handlers)
+    signals = stop_on_signals() if backend != "ray" and searches_first_seed(cfg) else contextlib.nullcontext()
+    with signals, SweepProgress(planned_count(cfg, specs), enabled=progress) as bar:
         results = train(first)
         later = later_runs(cfg, specs, results)  # sweep.lr_search first-seed: the other seeds at the chosen rate
-        keep = set(ids) | {s.run_id for s in later}
-        ids[:] = [s.run_id for s in specs if s.run_id in keep]  # plan order
+        if waiting := waiting_groups(cfg, specs, results):
+            warn(f"the later seeds of {', '.join(waiting)} wait for their first-seed runs, which failed: "
+                 "rerun the same command once the cause is fixed")
+        ids[:] = _listed(specs, first, later)
         if later:
             train(later)
     score_sweep(out, datasets, run_ids=ids)  # runs finished before this step existed; the references
