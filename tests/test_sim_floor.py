@@ -243,7 +243,7 @@ def test_pipeline_recovers_the_known_floor(tmp_path):
     """The `known-floor` preset end to end: the fitted floor's 95% interval covers the exact
     Bayes floor of the simulator and is at most +-25% of it wide, the largest size is the best, no
     run scores below the floor beyond its sampling error, and the report sets them side by side.
-    Measured: c = 0.3729 [0.3565, 0.3869] against the true 0.3759 (val masks), SMALL best; 5.6 min on 2 cores."""
+    Measured: c = 0.3729 [0.3565, 0.3869] against the true 0.3759 (val masks), SMALL best; 5.6 min on a fast 2-core VM, about 10 on a slower one."""
     import json
 
     import pandas as pd
