@@ -82,6 +82,12 @@ class KnownFloor:
         check = check_not_below_floor(loss, self.value, self.n_masked)
         return check.ok and check.z <= 2.0
 
+    def inside(self, ci: Any) -> bool | None:
+        """Whether the interval ``ci`` holds the floor; None without a two-sided interval."""
+        if not ci or ci[0] is None or ci[1] is None:
+            return None
+        return float(ci[0]) <= self.value <= float(ci[1])
+
 
 def _baseline_sentences(best: dict[str, Any], baselines: Mapping[str, float],
                         runs: pd.DataFrame | None = None, known_floor: KnownFloor | None = None) -> list[str]:
@@ -208,9 +214,9 @@ def floor_beaten_by(fit: Mapping[str, Any], fname: str, best: dict[str, Any] | N
 
 
 def _true_floor_sentence(ci: Any, known_floor: KnownFloor | None) -> list[str]:
-    if known_floor is None or not ci or ci[0] is None or ci[1] is None:
+    inside = known_floor.inside(ci) if known_floor is not None else None
+    if inside is None:
         return []
-    inside = float(ci[0]) <= known_floor.value <= float(ci[1])
     return [f"The simulator's true floor, {fmt_num(known_floor.value)}, lies {'inside' if inside else 'OUTSIDE'} "
             "that interval" + ("." if inside else ": the fit has not found it.")]
 
@@ -218,9 +224,7 @@ def _true_floor_sentence(ci: Any, known_floor: KnownFloor | None) -> list[str]:
 def _beaten_only_by_noise(below: Mapping[str, float], ci: Any, known_floor: KnownFloor | None) -> bool:
     """The losses below the fitted floor all sit within sampling error of the true floor, which the
     fitted interval holds: the floor is below them by the noise of these cells, not by a model."""
-    return bool(below and known_floor and ci and ci[0] is not None and ci[1] is not None
-                and float(ci[0]) <= known_floor.value <= float(ci[1])
-                and all(known_floor.holds(v) for v in below.values()))
+    return bool(below and known_floor and known_floor.inside(ci) and all(known_floor.holds(v) for v in below.values()))
 
 
 def _reach(below: Mapping[str, float]) -> str:
