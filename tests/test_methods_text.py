@@ -157,6 +157,10 @@ def test_the_learning_rate_status_is_stated():
     assert ("The best learning rate sits on the edge of its grid for XXS (2x), TINY (2x), XS (2x): those points "
             "may not be at their optimum (widen sweep.lr_multipliers).") in edge
     assert "inside its grid" not in edge
+    # a likelihood sweep's rate is the one its fit uses: chosen on the bits, not on the MSE
+    nll = _rates((1.0, 1.2), (2.0, 1.1)).assign(objective="gaussian-nll")
+    nll["best_val_loss"] = 3.0 - nll["best_val_mse"]  # the bits favour 1x
+    assert "chosen: XXS (1x), TINY (1x), XS (1x)." in meaning_paragraph(nll, None)
     pair = meaning_paragraph(_rates((1.0, 1.2), (2.0, 1.1)), None)
     assert ("With two learning rates per size no choice lies inside its grid, so no point is shown to be at its "
             "best rate; chosen: XXS (2x), TINY (2x), XS (2x).") in pair

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from cellscale.baselines import check_not_below_floor
-from cellscale.lrgrid import LRChoice, select_lr
+from cellscale.lrgrid import LRChoice, loss_column, select_lr
 from cellscale.report.fmt import floor_name, fmt_int, fmt_num
 
 __all__ = ["meaning_paragraph", "best_model", "floor_beaten_by"]
@@ -135,7 +135,7 @@ def _sizes(choices: list[LRChoice]) -> str:
 def _lr_sentence(runs: pd.DataFrame) -> list[str]:
     """Whether each point is at its best learning rate, as far as the grid can tell."""
     ok = runs[runs["status"] == "ok"] if "status" in runs else runs
-    choices = select_lr(ok).choices if not ok.empty else []
+    choices = select_lr(ok, loss_col=loss_column(ok)).choices if not ok.empty else []
     if not choices:
         return ["Each size was trained at one learning rate, so whether its point is at its best rate was not "
                 "tested (sweep.lr_multipliers)."]
