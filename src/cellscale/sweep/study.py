@@ -16,13 +16,13 @@ from cellscale.errors import RunError
 from cellscale.io import DamagedFile, atomic_write_json, atomic_write_text, read_json_checked, warn
 from cellscale.preempt import stop_on_signals
 from cellscale.progress import SweepProgress, console
-from cellscale.schema import FINISHED
 from cellscale.sweep.lrsearch import later_runs, planned_count, search_runs, searches_first_seed, waiting_groups
 from cellscale.sweep.plan import plan_runs
 from cellscale.sweep.pool import run_pool, worker_count
 from cellscale.sweep.results import write_results
 from cellscale.sweep.runner import run_local, run_ray, threads_per_run
 from cellscale.sweep.scoring import score_result, score_sweep
+from cellscale.train.rundir import finished_result
 
 
 def sweep_hash(cfg: RunConfig) -> str:
@@ -141,16 +141,7 @@ def ensure_depth_datasets(cfg: RunConfig, out: Path, base: Dataset, *, progress:
 def _finished(out: Path, specs: list) -> list[dict]:
     """The finished results on disk of ``specs`` (a rerun's starting point), read quietly: the
     runner names a damaged one when it redoes the run."""
-    found = []
-    for spec in specs:
-        path = out / "runs" / spec.run_id / "result.json"
-        try:
-            result = read_json_checked(path, keys=("status",)) if path.is_file() else None
-        except DamagedFile:
-            result = None
-        if result is not None and result.get("status") in FINISHED:
-            found.append(result)
-    return found
+    return [r for s in specs if (r := finished_result(out / "runs" / s.run_id / "result.json", quiet=True))]
 
 
 def _listed(specs: list, *batches: list) -> list[str]:

@@ -93,15 +93,17 @@ def claim_run_dir(
     return None
 
 
-def finished_result(path: Path) -> dict[str, Any] | None:
+def finished_result(path: Path, *, quiet: bool = False) -> dict[str, Any] | None:
     """The result at ``path`` when it records a finished run; None when there is none, or it
     is damaged (the run is then redone: resumed from its checkpoint, or re-scored; one line
-    says so)."""
+    says so, unless ``quiet``: a look ahead of the one that redoes it)."""
     if not path.is_file():
         return None
     try:
         result = read_json_checked(path, keys=("status",))
     except DamagedFile as err:
+        if quiet:
+            return None
         has_ckpt = any((path.parent / n).is_dir() for n in ("checkpoint", "checkpoint.old", "checkpoint.prev"))
         warn(f"{err}: the run is taken as unfinished and redone "
              + ("from its checkpoint" if has_ckpt else "from the start"))
