@@ -221,3 +221,33 @@ def make_sweep(
             (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     pd.DataFrame(rows).to_csv(sweep / "results.csv", index=False)
     return sweep
+
+
+BRANCH_CELLS = 4000 * 2.0 ** np.arange(6)  # 4,000 to 128,000 cells seen
+
+
+def add_branches(sweep: Path, *, seed: int = 5) -> pd.DataFrame:
+    """branches.csv (and its checksum) as a plateau-budget sweep writes it, for the ok runs of
+    results.csv: each run's points at BRANCH_CELLS follow the chinchilla-shaped law
+    L = C + A / N^ALPHA + B2 / D^BETA2 (D = cells seen) with a shared run offset and point noise."""
+    from cellscale.fit import simulate_branches
+    from cellscale.io import atomic_write_text_checked
+    from cellscale.schema import BRANCH_FIELDS
+
+    runs = pd.read_csv(sweep / "results.csv")
+    ok = runs[runs["status"] == "ok"]
+    truth = {"A": A, "B": B2, "E": C, "alpha": ALPHA, "beta": BETA2}
+    frames = []
+    for i, r in enumerate(ok.itertuples()):
+        one = simulate_branches("chinchilla", truth, sizes={r.size: float(r.params)}, cells=BRANCH_CELLS,
+                                train_cells=1800.0, noise=0.002, run_noise=0.004, seed=seed + i)
+        frames.append(one.assign(run_id=r.run_id, seed=r.seed))
+    table = pd.concat(frames, ignore_index=True)
+    table = table.assign(lr=1e-3, lr_scale=1.0, depth=1.0, step=table["cells_seen"] // 64,
+                         stable_step=(table["cells_seen"] // 64 / 1.2).astype(int), stable_cells=0,
+                         flops=6.0 * table["params"] * table["cells_seen"] * 512, val_loss=table["test_loss"] * 1.001,
+                         val_mse=table["test_loss"] * 1.001, test_mse=table["test_loss"], cooldown_train_loss=np.nan,
+                         gain=np.nan, converged=False, wall=0.1)
+    table = table[list(BRANCH_FIELDS)]
+    atomic_write_text_checked(sweep / "branches.csv", table.to_csv(index=False))
+    return table

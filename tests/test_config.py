@@ -144,10 +144,11 @@ def test_noise_and_compute_optimal_presets_plan_their_grids():
     assert len(noise) == 16 and {s.depth for s in noise} == {1.0, 0.5, 0.25, 0.1}
     assert [s.run_id for s in noise[:4]] == ["XXS-dall-s0", "XXS-dall-s0-f0.5", "XXS-dall-s0-f0.25", "XXS-dall-s0-f0.1"]
     co_cfg = load_run_config(preset_path("compute-optimal"))
-    assert co_cfg.fit.law == "chinchilla" and co_cfg.sweep.epochs is not None
+    assert co_cfg.fit.data_law == "auto" and co_cfg.sweep.epochs is None and co_cfg.train.budget == "plateau"
     co = plan_runs(co_cfg, n_genes=64)
-    assert len(co) == 16 and {s.depth for s in co} == {1.0}
-    assert all(s.train.cells_seen == round(co_cfg.sweep.epochs * s.train_cells) for s in co)
+    # the data axis: cells seen from the branches, unique cells from two nested training sets
+    assert len(co) == 8 and {s.train_cells for s in co} == {4000, None} and {s.depth for s in co} == {1.0}
+    assert all(s.train.cells_seen == 160_000 for s in co)
 
 
 def test_fit_config_defaults_are_the_fit_functions_defaults():

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -100,6 +101,27 @@ def test_ddp_two_processes_match_one(tiny_dataset_dir: Path, study: Path, tmp_pa
     assert res["world_size"] == 2 and res["status"] == "ok"
     # only rank 0 wrote: one metrics line per event, no stray temp files
     assert not list((tmp_path / "two").glob(".*"))
+
+
+def test_ddp_takes_the_branches_of_one_process(tiny_dataset_dir: Path, tmp_path: Path):
+    """Cooldown branches under torchrun: the same points, scores and per-cell sums as one process."""
+    plateau = {**STUDY, "train": {**STUDY["train"], "cells_seen": 32 * 24, "budget": "plateau", "warmup_cells": 32,
+                                  "plateau_min_cells": 10**9}}
+    path = tmp_path / "plateau.yaml"
+    path.write_text(yaml.safe_dump(plateau))
+    one = _single(tiny_dataset_dir, path, tmp_path / "one")
+    proc = _torchrun("--data", str(tiny_dataset_dir), "--size", "TINY", "--seed", "1",
+                     "--config", str(path), "--out", str(tmp_path / "two"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads((tmp_path / d / "branches.json").read_text())["branches"] for d in ("one", "two")]
+    assert one["n_branches"] == len(rows[0]) == len(rows[1]) >= 3
+    for a, b in zip(*rows):
+        assert (a["stable_step"], a["step"]) == (b["stable_step"], b["step"])
+        for key in ("val_loss", "test_loss", "cooldown_train_loss"):
+            assert b[key] == pytest.approx(a[key], rel=REL), key
+    cells = [np.load(tmp_path / d / "branches" / f"{rows[0][-1]['cells_seen']}.npz") for d in ("one", "two")]
+    assert (cells[0]["test_n"] == cells[1]["test_n"]).all()
+    assert cells[1]["test_sse"] == pytest.approx(cells[0]["test_sse"], rel=REL)
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The report's fit uses only runs trained to their plateau, names the others, and can keep them."""
+"""The report's fit uses only converged runs, names the others, and can keep them."""
 
 import numpy as np
 import pandas as pd
@@ -20,13 +20,13 @@ def test_unconverged_runs_are_left_out_and_named():
     assert unconverged_ids(runs) == ["r2", "r4"]
     used, note = fit_subset(runs, "power-floor")
     assert used["run_id"].tolist() == ["r0", "r1", "r3"]
-    assert note == "left out as not trained to a plateau (fit.keep_unconverged: true keeps them): r2, r4"
+    assert note == "left out as not converged (fit.keep_unconverged: true keeps them): r2, r4"
 
 
 def test_keep_unconverged_fits_them_and_still_names_them():
     used, note = fit_subset(_runs([True, True, False, True, False]), "power-floor", keep_unconverged=True)
     assert len(used) == 5
-    assert note == "fitted although not trained to a plateau (fit.keep_unconverged): r2, r4"
+    assert note == "fitted although not converged (fit.keep_unconverged): r2, r4"
 
 
 def test_results_without_a_verdict_are_kept():
@@ -39,7 +39,7 @@ def test_results_without_a_verdict_are_kept():
 def test_no_converged_run_is_an_error_that_says_what_to_do():
     out = run_fit(_runs([False] * 5), {"bootstrap": 0})
     assert out.result is None
-    assert out.error == ("no run trained to its plateau; 5 finished run(s) were still improving when their "
+    assert out.error == ("no converged run; 5 finished run(s) were still improving when their "
                          "budget ended: raise their budget, or set fit.keep_unconverged: true")
     kept = run_fit(_runs([False] * 5), {"bootstrap": 0, "keep_unconverged": True})
     assert kept.error is None and kept.data["n_points"] == 5

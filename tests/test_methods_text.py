@@ -42,18 +42,22 @@ def test_lr_text_follows_each_setting(train, words):
 def test_schedule_and_budget_text_follow_the_budget_mode():
     fixed = _text({"warmup_frac": 0.1})
     assert "linear warm-up over the first 10% of steps, then cosine decay to 10% of the peak" in fixed
-    assert "Runs trained for a fixed budget; a run counts as trained to its plateau when the best validation " \
-           "loss improved by at most 1% over the last doubling" in fixed
+    assert ("Runs trained for a fixed budget; convergence was not judged (it is read on cooldown branches, "
+            "which only the plateau budget takes)") in fixed
     assert "a constant learning rate" in _text({"schedule": "constant"})
     plateau = _text({"budget": "plateau", "plateau_tol": 0.005, "plateau_patience": 3, "cooldown_frac": 0.25,
-                     "cells_seen": 500000})
-    assert ("Runs trained until their validation curve plateaued: once the best validation loss had improved "
-            "by at most 0.5% over the last doubling of cells seen at 3 evaluation(s) in a row, the rate was "
-            "cooled down over 25% of the steps so far and the run ended; at most 500,000 cells seen") in plateau
-    assert "then the peak rate until the plateau, then a linear cooldown to 10% of the peak over 25%" in plateau
-    assert "no plateau was called" not in plateau
-    held = _text({"budget": "plateau", "plateau_patience": 3, "plateau_min_cells": 40000, "cells_seen": 500000})
-    assert "at 3 evaluation(s) in a row, and no plateau was called before 40,000 cells seen, the rate was" in held
+                     "cooldown_shape": "linear", "cells_seen": 500000})
+    assert ("Runs trained at their peak rate with a cooldown branch at every doubling of cells seen (a linear "
+            "cooldown over 25% of the steps before it, then the cooled-down weights scored on the validation and "
+            "test cells and training resumed from the stable phase); a run ended at the first branch whose "
+            "cooled-down validation loss had improved by at most 0.5% over the doubling before it, for 3 doublings "
+            "in a row (converged), or at its last branch, at most 500,000 cells seen") in plateau
+    assert ("then the peak rate, with cooldown branches taken off it; the run's own end is its last branch: a "
+            "linear cooldown to 10% of the peak over 25% of the steps before it") in plateau
+    assert "none counted before" not in plateau and "1-sqrt" in _text({"budget": "plateau"})
+    held = _text({"budget": "plateau", "plateau_min_cells": 40000, "cells_seen": 500000})
+    assert ("improved by at most 1% over the doubling before it, for 2 doublings in a row, none counted before "
+            "40,000 cells seen (converged)") in held
 
 
 def test_the_rate_search_text_follows_sweep_lr_search():
@@ -75,7 +79,7 @@ def test_the_rate_search_text_follows_sweep_lr_search():
 def test_verdicts_are_counted_from_the_runs():
     runs = pd.DataFrame({"run_id": ["a", "b", "c"], "size": ["XS", "S", "M"], "status": "ok",
                          "params": [1, 2, 3], "converged": [True, False, True]})
-    assert "; 2 of 3 finished runs reached it (not: b)." in _text({}, runs)
+    assert "; 2 of 3 finished runs were converged (not: b)." in _text({}, runs)
 
 
 def test_dropout_text_follows_the_model_and_the_runs():
@@ -135,10 +139,13 @@ def test_the_advice_for_a_beaten_ladder_follows_how_it_was_trained():
 
 
 def test_plateau_status_is_stated():
-    assert "All 3 finished runs were trained to their plateau" in meaning_paragraph(_ladder(1.1), None)
+    assert "All 3 finished runs converged: their last doublings of cells seen, cooled down, bought at most the " \
+           "tolerance" in meaning_paragraph(_ladder(1.1), None)
     text = meaning_paragraph(_ladder(1.1, converged=(True, False, False)), None)
-    assert "Only 1 of 3 finished runs were trained to their plateau; the others were still improving when their " \
+    assert "Only 1 of 3 finished runs converged; the others were still improving, cooled down, when their " \
            "budget ended, the best size among them." in text
+    unjudged = meaning_paragraph(_ladder(1.1, converged=(None, None, None)), None)
+    assert "Whether the runs converged is not judged" in unjudged
 
 
 def _rates(*scales_and_best: tuple[float, float]) -> pd.DataFrame:

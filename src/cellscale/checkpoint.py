@@ -50,12 +50,17 @@ def start_over(run_dir: Path) -> str:
 
 def crashpoint(name: str) -> None:
     """Fault injection for the kill tests: SIGKILL this process at the named point when
-    ``CELLSCALE_CRASHPOINT=name``. Points: ``checkpoint-written`` (a complete temp checkpoint,
-    before any rename), ``checkpoint-swap`` (the old checkpoint moved to ``.old``, the new one
-    not yet in place), ``before-result`` (training and evaluation done, result.json not
-    written)."""
-    if os.environ.get(CRASH_ENV) == name:
+    ``CELLSCALE_CRASHPOINT=name`` (SIGTERM, which a run answers by checkpointing and stopping, when
+    ``=name:TERM``). Points: ``checkpoint-written`` (a complete temp checkpoint, before any rename),
+    ``checkpoint-swap`` (the old checkpoint moved to ``.old``, the new one not yet in place),
+    ``before-result`` (training and evaluation done, result.json not written), ``inside-branch``
+    (after a cooldown branch's first step), ``after-branch`` (a branch recorded, its checkpoint not
+    yet written)."""
+    wanted = os.environ.get(CRASH_ENV)
+    if wanted == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    elif wanted == f"{name}:TERM":
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:

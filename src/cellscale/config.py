@@ -157,10 +157,11 @@ class TrainConfig(_Frozen):
     # a multiple of the peak rate above (set per run by sweep.lr_multipliers, the learning-rate axis)
     lr_scale: float = Field(1.0, gt=0)
     # budget "fixed": exactly cells_seen (the study's way), on the schedule below. "plateau":
-    # warmup, then a constant rate until the validation curve's gain over its last doubling of
-    # cells seen (cellscale.plateau) stays at most plateau_tol for plateau_patience evaluations,
-    # then a linear cooldown over cooldown_frac of the steps so far; cells_seen is the maximum
-    # (the cooldown starts early enough to end there)
+    # warmup-stable-decay with cooldown branches (cellscale.train.branches): at every doubling of
+    # cells seen up to the maximum cells_seen, a short cooldown branches off the stable phase and
+    # its cooled-down weights are scored; the run ends at the first branch whose cooled-down loss
+    # gained at most plateau_tol over the doubling before it (cellscale.plateau), for
+    # plateau_patience branches in a row, or at its maximum (the last branch)
     budget: Literal["fixed", "plateau"] = "fixed"
     plateau_tol: float = Field(0.01, gt=0, lt=1)
     plateau_patience: int = Field(2, ge=1)
@@ -168,19 +169,32 @@ class TrainConfig(_Frozen):
     # gene-mean loss for its first tens of thousands of cells and would read as trained there
     # (measured on SMALL, docs/ablations.md)
     plateau_min_cells: int = Field(0, ge=0)
+    # a branch's cooldown: cooldown_frac x the stable steps before it, shaped as cooldown_shape
+    # ("linear": the rate falls linearly to final_lr_frac x peak; "1-sqrt": it falls by the square root
+    # of the cooldown's progress, fast first; Hagele et al. 2024); chosen by measurement (docs/ablations.md)
     cooldown_frac: float = Field(0.2, gt=0, le=1)
+    cooldown_shape: Literal["linear", "1-sqrt"] = "1-sqrt"
+    # the first cooldown branch: no earlier than this many cells seen (0: the first point whose
+    # stable phase is past the warmup); branch_every: the ratio of cells seen from one branch to the
+    # next, down from the maximum (2: every doubling; 1.414: twice per doubling, for a denser data axis)
+    branch_min_cells: int = Field(0, ge=0)
+    branch_every: float = Field(2.0, gt=1, le=16)
     # evaluate, keep as best and judge the plateau on an exponential moving average of the weights
     # with this decay (cellscale.train.ema): at a constant rate the raw weights' validation loss
     # is noise-bound; None = the weights themselves (the study's way)
     ema_decay: float | None = Field(None, gt=0, lt=1)
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup_frac: float = Field(0.05, ge=0, lt=1)
+    # the warmup in cells seen instead (0: warmup_frac of the steps, of the maximum under budget
+    # plateau): a run's warmup then does not depend on where it may end, so that a longer run of the
+    # same recipe follows the same path (its cooldown branches at the same cells seen match)
+    warmup_cells: int = Field(0, ge=0)
     final_lr_frac: float = Field(0.1, ge=0, le=1)
     weight_decay: float = Field(0.01, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     betas: tuple[float, float] = (0.9, 0.95)
     mask_prob: float = Field(0.15, gt=0, lt=1)
-    eval_every: int = Field(0, ge=0, description="steps between evaluations; 0 = ~10 per run (~40 of the maximum with budget plateau)")
+    eval_every: int = Field(0, ge=0, description="steps between evaluations; 0 = ~10 per run (of the maximum with budget plateau)")
     eval_batch_size: int = Field(256, ge=1)
     max_eval_cells: int | None = Field(None, ge=1, description="cap on validation cells per eval")
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = at evals")
@@ -206,9 +220,13 @@ class FitConfig(_Frozen):
     # the interval method (cellscale.fit.intervals; None: profile, or bca-groups for method paper;
     # coverage measured in docs/intervals.md)
     interval: Literal["profile", "wald-t", "residual-t", "residual", "bca-groups"] | None = None
-    # a law is fitted to runs trained to their plateau (result "converged"); True fits the
+    # a law is fitted to converged runs (result "converged", cellscale.plateau's rule); True fits the
     # unconverged ones too (the report still names them)
     keep_unconverged: bool = False
+    # the data axis (cellscale.fit.data_axis), fitted to the cooldown branch points of a plateau-budget
+    # sweep: the joint law ("auto": data-constrained when the runs differ in training cells, else
+    # chinchilla)
+    data_law: Literal["auto", "chinchilla", "data-constrained"] = "auto"
 
 
 class SweepConfig(_Frozen):
@@ -330,17 +348,21 @@ def dump_yaml(cfg: BaseModel) -> str:
 # left out of identity hashes there, so a run or sweep from before them still resumes
 ADDED_SETTINGS_OFF: dict[str, dict[str, Any]] = {
     "train": {"budget": "fixed", "plateau_tol": 0.01, "plateau_patience": 2, "plateau_min_cells": 0,
-              "cooldown_frac": 0.2,
+              "cooldown_frac": 0.2, "cooldown_shape": "linear", "branch_min_cells": 0, "warmup_cells": 0,
+              "branch_every": 2.0,
               "lr_scale": 1.0, "checkpoint_minutes": None, "ema_decay": None},
     "model": {"attention_dropout": None},
     "sweep": {"depths": [1.0], "epochs": None, "lr_multipliers": [1.0], "lr_search": "every-seed"},
-    "fit": {"keep_unconverged": False, "interval": None},
+    "fit": {"keep_unconverged": False, "interval": None, "data_law": "auto"},
 }
 
 
 # settings that never change a run's numbers, only when extra checkpoints are written: left out
 # of the identity, so a preempted run can be resumed with them added or changed
 NOT_IDENTITY: dict[str, tuple[str, ...]] = {"train": ("checkpoint_minutes",), "sweep": ("workers",)}
+# settings of the plateau budget alone: a fixed-budget run's identity leaves them out
+PLATEAU_ONLY = ("plateau_tol", "plateau_patience", "plateau_min_cells", "cooldown_frac", "cooldown_shape",
+                "branch_min_cells", "branch_every")
 
 
 def identity_dump(section: str, cfg: BaseModel) -> dict[str, Any]:
@@ -350,6 +372,9 @@ def identity_dump(section: str, cfg: BaseModel) -> dict[str, Any]:
     payload = cfg.model_dump(mode="json")
     for key in NOT_IDENTITY.get(section, ()):
         payload.pop(key, None)
+    if section == "train" and payload.get("budget") == "fixed":
+        for key in PLATEAU_ONLY:
+            payload.pop(key, None)
     for key, off in ADDED_SETTINGS_OFF.get(section, {}).items():
         if key in payload and payload[key] == off:
             del payload[key]

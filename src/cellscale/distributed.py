@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
 import torch
 
 from cellscale.errors import RunError
@@ -87,6 +88,14 @@ class DistContext:
         t = torch.tensor(values, dtype=torch.float64, device=self._tensor_device())
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
         return [float(v) for v in t.cpu()]
+
+    def all_reduce_array(self, values: np.ndarray) -> np.ndarray:
+        """Sum a float64 array over ranks (counts up to 2^53 stay exact)."""
+        if not self.active:
+            return values
+        t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64)).to(self._tensor_device())
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        return t.cpu().numpy()
 
     def host_max(self, values: list[int]) -> list[int]:
         """The maximum over ranks of a few small integers, on the CPU: cheap enough for every step."""

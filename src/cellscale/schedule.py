@@ -1,5 +1,6 @@
-"""The learning rate of a run: its peak (``resolve_lr``), its schedule (``lr_at``), and the words
-that describe both (``lr_rule_text``, ``schedule_text``).
+"""The learning rate of a run: its peak (``resolve_lr``), its schedule (``lr_at``), where a
+plateau-budget run takes its cooldown branches (``plan_points``), and the words that describe them
+(``lr_rule_text``, ``schedule_text``).
 
 Torch-free, so that the trainer and the report's methods paragraph use the same functions: the
 text is written next to the formula it describes, and its worked numbers come from the formula.
@@ -8,6 +9,7 @@ text is written next to the formula it describes, and its worked numbers come fr
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from cellscale.config import ModelConfig, TrainConfig
 
@@ -34,7 +36,7 @@ def lr_at(step: int, *, total_steps: int, peak: float, cfg: TrainConfig, decay_s
     ``total_steps``. Budget "plateau" (warmup-stable-decay): linear warmup over warmup_frac of
     the maximum ``total_steps``, the peak until ``decay_start`` (None: not decided yet), then a
     linear decay to final_lr_frac x peak at ``end`` (the run's planned end; default the maximum)."""
-    warmup = int(cfg.warmup_frac * total_steps)
+    warmup = warmup_steps(cfg, total_steps)
     if cfg.budget == "plateau":
         return _wsd(step, warmup=warmup, decay_start=decay_start, end=end or total_steps, peak=peak, cfg=cfg)
     if cfg.schedule == "constant":
@@ -46,14 +48,73 @@ def lr_at(step: int, *, total_steps: int, peak: float, cfg: TrainConfig, decay_s
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
+    """The warmup's length in steps: ``warmup_cells`` when set, else ``warmup_frac`` of ``total_steps``."""
+    if cfg.warmup_cells:
+        return math.ceil(cfg.warmup_cells / cfg.batch_size)
+    return int(cfg.warmup_frac * total_steps)
+
+
 def _wsd(step: int, *, warmup: int, decay_start: int | None, end: int, peak: float, cfg: TrainConfig) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
     if decay_start is None or step < decay_start:
         return peak
     floor = cfg.final_lr_frac * peak
-    progress = (step - decay_start + 1) / max(1, end - decay_start)
-    return peak + (floor - peak) * min(1.0, progress)
+    progress = min(1.0, (step - decay_start + 1) / max(1, end - decay_start))
+    return peak + (floor - peak) * cooldown_share(progress, cfg.cooldown_shape)
+
+
+def cooldown_share(progress: float, shape: str) -> float:
+    """How far a cooldown has taken the rate from the peak towards its final value, at ``progress``
+    (0 to 1) of the cooldown's steps: "linear" in proportion; "1-sqrt" as the square root, so that the
+    rate falls fast at first and slowly at the end (Hagele et al. 2024)."""
+    return progress if shape == "linear" else math.sqrt(progress)
+
+
+def cooldown_steps(stable_steps: int, cfg: TrainConfig) -> int:
+    """A cooldown's length after ``stable_steps`` steps: ``cooldown_frac`` of them, at least one."""
+    return max(1, math.ceil(cfg.cooldown_frac * stable_steps))
+
+
+@dataclass(frozen=True)
+class BranchPoint:
+    """A cooldown branch: it leaves the stable phase at step ``stable`` and cools down until ``end``."""
+
+    stable: int  # the stable-phase step it branches from
+    end: int  # the step its cooldown ends at: cells seen = end x batch size
+
+
+def plan_points(total_steps: int, *, batch_size: int, cooldown_frac: float, warmup: int,
+                min_cells: int = 0, every: float = 2.0) -> tuple[BranchPoint, ...]:
+    """Where a plateau-budget run takes its cooldown branches (``cellscale.train.branches``), for a
+    run of at most ``total_steps`` steps, in order: cooldowns ending at total / every^j steps (j = 0,
+    1, ...; ``every`` 2: at every doubling), each starting at 1 / (1 + cooldown_frac) of its end, for as
+    long as that start is past the ``warmup`` steps and the end reaches ``min_cells`` cells seen."""
+    points: list[BranchPoint] = []
+    j = 0
+    while True:
+        end = round(total_steps / every**j)
+        stable = math.floor(end / (1.0 + cooldown_frac))
+        if end * batch_size < min_cells or stable < max(1, warmup) or stable >= end:
+            break
+        if points and end >= points[-1].end:
+            break
+        points.append(BranchPoint(stable=stable, end=end))
+        j += 1
+    if not points:  # a maximum too short for any: the run's own cooldown is its one branch
+        stable = min(total_steps - 1, max(1, math.floor(total_steps / (1.0 + cooldown_frac))))
+        points.append(BranchPoint(stable=max(0, stable), end=total_steps))
+    return tuple(reversed(points))
+
+
+def run_branch_points(cfg: TrainConfig) -> tuple[BranchPoint, ...]:
+    """The branch points of a plateau-budget run under ``cfg`` (none for a fixed budget)."""
+    if cfg.budget != "plateau":
+        return ()
+    total = max(1, math.ceil(cfg.cells_seen / cfg.batch_size))
+    return plan_points(total, batch_size=cfg.batch_size, cooldown_frac=cfg.cooldown_frac,
+                       warmup=warmup_steps(cfg, total), min_cells=cfg.branch_min_cells, every=cfg.branch_every)
 
 
 def _num(x: float) -> str:
@@ -98,10 +159,14 @@ def lr_grid_text(multipliers: list[float], *, first_seed: int | None = None) -> 
 def schedule_text(cfg: TrainConfig) -> str:
     """The shape ``lr_at`` gives the rate under ``cfg``, in words."""
     warm = f"linear warm-up over the first {_num(100 * cfg.warmup_frac)}% of steps"
+    if cfg.warmup_cells:
+        warm = f"linear warm-up over the first {cfg.warmup_cells:,} cells seen"
     floor = f"{_num(100 * cfg.final_lr_frac)}% of the peak"
     if cfg.budget == "plateau":
-        return (f"{warm} of the maximum, then the peak rate until the plateau, then a linear cooldown to "
-                f"{floor} over {_num(100 * cfg.cooldown_frac)}% of the steps so far")
+        shape = "linear" if cfg.cooldown_shape == "linear" else "1-sqrt (the rate falls as the square root of its progress)"
+        return (f"{warm} of the maximum, then the peak rate, with cooldown branches taken off it; the run's own "
+                f"end is its last branch: a {shape} cooldown to {floor} over {_num(100 * cfg.cooldown_frac)}% of "
+                "the steps before it")
     if cfg.schedule == "constant":
         return "a constant learning rate (the seed study's schedule)"
     return f"{warm}, then cosine decay to {floor}"

@@ -124,6 +124,7 @@ def fit_table(
     gain_tolerance: float = 0.01,
     n_jobs: int | None = 1,
     interval: str | None = None,
+    blocked: bool = False,
 ) -> FitResult:
     """Fit ``law`` to the finished runs of ``df`` with ``method`` and a grouped bootstrap.
 
@@ -136,17 +137,19 @@ def fit_table(
     resamples (None: one per CPU); the numbers do not depend on it. ``interval`` names the
     interval method (``cellscale.fit.intervals.INTERVALS``; default ``default_interval(method)``,
     chosen by coverage in docs/intervals.md); ``bootstrap`` resamples feed it and the
-    prediction bands, and each one that fails is counted in the result.
+    prediction bands, and each one that fails is counted in the result. ``blocked``: the residual
+    bootstrap keeps the rows of one group (``groups``: e.g. the run each cooldown-branch point
+    came from) together, drawing a shared group-level residual and row-level deviations apart.
     """
     with blas_single_thread():
         return _fit_table(df, law=law, method=method, x=x, y=y, bootstrap=bootstrap, seed=seed,
                           groups=groups, per_gene_mse=per_gene_mse, weights=weights,
                           gain_tolerance=gain_tolerance, n_jobs=n_jobs,
-                          interval=check_interval(interval or default_interval(method)))
+                          interval=check_interval(interval or default_interval(method)), blocked=blocked)
 
 
 def _fit_table(df, *, law, method, x, y, bootstrap, seed, groups, per_gene_mse, weights,
-               gain_tolerance, n_jobs, interval) -> FitResult:
+               gain_tolerance, n_jobs, interval, blocked=False) -> FitResult:
     law_obj, method_obj = _lookup(law, method)
     if bootstrap < 0:
         raise FitError(f"bootstrap must be >= 0, got {bootstrap}")
@@ -172,7 +175,7 @@ def _fit_table(df, *, law, method, x, y, bootstrap, seed, groups, per_gene_mse, 
         floor_bounds = list(law_obj.floor_bounds(data.y))
 
     ivals = compute_intervals(interval, method_obj, law_obj, data, outcome.u, outcome.candidates[:1],
-                              n_boot=bootstrap, seed=seed, n_jobs=n_jobs)
+                              n_boot=bootstrap, seed=seed, n_jobs=n_jobs, blocked=blocked)
     samples, ci_lo, ci_hi = ivals.samples, ivals.lo, ivals.hi
 
     aic, bic = _criteria(law_obj, method_obj, data, theta)
@@ -200,13 +203,18 @@ def _fit_table(df, *, law, method, x, y, bootstrap, seed, groups, per_gene_mse, 
         "entropy_bits": entropy_summary(floor, floor_ci, None if loss_unit == "bits" else per_gene_mse,
                                         loss_unit=loss_unit),
         **ivals.summary(interval, bootstrap, law_obj, theta),
-        "bootstrap_units": (groups if groups is not None else x) if interval == "bca-groups" else None,
+        "bootstrap_units": (groups if groups is not None else x) if interval == "bca-groups" or blocked else None,
+        "bootstrap_blocked": bool(blocked),
         "n_units": int(data.groups.max()) + 1,
         "seed": int(seed),
     }
-    if law_obj.name == "chinchilla":
-        extra["compute_optimal"] = compute_optimal(theta, samples, X=data.X, frame=data.frame,
-                                                   x_cols=x, tolerance=gain_tolerance)
+    if law_obj.name in ("chinchilla", "data-constrained"):
+        # data-constrained shares chinchilla's (A, B, E, alpha, beta): its frontier is chinchilla's
+        # with fresh cells (no epoch repeated), on the (N, D) columns
+        extra["compute_optimal"] = compute_optimal(theta[:5], samples[:, :5], X=data.X[:, :2], frame=data.frame,
+                                                   x_cols=x[:2], tolerance=gain_tolerance)
+        if law_obj.name == "data-constrained":
+            extra["compute_optimal"]["note"] = "with fresh cells: no training cell seen twice (R_D = 0)"
     return FitResult(law=law_obj, method=method_obj.name, x=x, y=y, theta=theta, samples=samples,
                      ci_lo=ci_lo, ci_hi=ci_hi, n_points=data.n, r2=r2,
                      floor_at_boundary=bool(at_boundary), extra=extra)

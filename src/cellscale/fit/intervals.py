@@ -257,25 +257,56 @@ def wald_t_ci(law: Law, space: str, logX, y, w, starts, level: float = LEVEL) ->
 
 # ---- the residual bootstrap -------------------------------------------------------------------
 
-def residual_draws(law: Law, space: str, logX, y, w, u_hat, n_boot: int, seed: int) -> np.ndarray:
+def residual_draws(law: Law, space: str, logX, y, w, u_hat, n_boot: int, seed: int,
+                   blocks: np.ndarray | None = None) -> np.ndarray:
     """(n_boot, n) simulated losses: the fitted curve plus resampled residuals.
 
     Residuals are weighted (sqrt w), divided by sqrt(1 - leverage) so that they have the
-    spread of the errors rather than of the fit's residuals, and centred."""
-    r, J = _resid_jac(law, space, logX, y, w, u_hat)
+    spread of the errors rather than of the fit's residuals, and centred. With ``blocks`` (a block
+    id per row: the run a cooldown-branch point came from) the draw is two-level (Davison & Hinkley
+    1997, sec. 3.8): each block's mean residual and the rows' deviations from it are resampled
+    apart, so that the points of one run keep the offset they share."""
     used = w > 0
-    with np.errstate(all="ignore"):
-        hat = np.einsum("ij,jk,ik->i", J, np.linalg.pinv(J.T @ J), J)
-    e = -r[used] / np.sqrt(np.clip(1.0 - hat[used], 1e-3, None))
-    e = e - e.mean()
     rng = np.random.default_rng(seed)
-    draws = e[rng.integers(0, e.size, size=(n_boot, int(used.sum())))]
+    if blocks is None:
+        r, J = _resid_jac(law, space, logX, y, w, u_hat)
+        with np.errstate(all="ignore"):
+            hat = np.einsum("ij,jk,ik->i", J, np.linalg.pinv(J.T @ J), J)
+        e = -r[used] / np.sqrt(np.clip(1.0 - hat[used], 1e-3, None))
+        draws = (e - e.mean())[rng.integers(0, e.size, size=(n_boot, int(used.sum())))]
+    else:
+        level, within = residual_levels(law, space, logX, y, w, u_hat, blocks)
+        _, idx = np.unique(np.asarray(blocks)[used], return_inverse=True)
+        shared = level[rng.integers(0, level.size, size=(n_boot, level.size))][:, idx]
+        draws = shared + within[rng.integers(0, within.size, size=(n_boot, within.size))]
     lp = law.log_predict(u_hat, logX)
     noise = np.zeros((n_boot, y.size))
     noise[:, used] = draws / np.sqrt(w[used])
     if space == "log":
         return np.exp(lp[None, :] + noise)
     return np.exp(lp)[None, :] + noise
+
+
+def residual_levels(law: Law, space: str, logX, y, w, u_hat, blocks) -> tuple[np.ndarray, np.ndarray]:
+    """The fit's residuals (data minus fit, weighted, in ``space``) of the used rows in two levels,
+    each centred: each block's mean, divided by sqrt(1 - its leverage) (the mean of the hat matrix
+    over the block's pairs of rows: a fit with few blocks absorbs much of their shared offsets, and
+    this gives them back their spread, as a row's leverage does for its residual); and each row's
+    deviation from its block's mean."""
+    r, J = _resid_jac(law, space, logX, y, w, u_hat)
+    used = w > 0
+    e, J = -r[used], J[used]
+    with np.errstate(all="ignore"):
+        hat = J @ np.linalg.pinv(J.T @ J) @ J.T
+    _, idx = np.unique(np.asarray(blocks)[used], return_inverse=True)
+    g = int(idx.max()) + 1
+    size = np.bincount(idx, minlength=g)
+    means = np.bincount(idx, weights=e, minlength=g) / size
+    within = e - means[idx]
+    member = (idx[None, :] == np.arange(g)[:, None]).astype(float)
+    leverage = np.einsum("gi,ij,gj->g", member, hat, member) / size**2
+    means = means / np.sqrt(np.clip(1.0 - leverage, 1e-3, None))
+    return means - means.mean(), within - within.mean()
 
 
 def studentized_ci(samples_u: np.ndarray, se_star: np.ndarray, u_hat: np.ndarray, se_hat: np.ndarray,
@@ -364,17 +395,18 @@ def _group_intervals(method, law, data, theta, starts, n_boot, seed, n_jobs) -> 
     return Intervals(lo, hi, boot, "run groups", jack.n_failed)
 
 
-def _residual_boot(method, law, data, u_hat, starts, n_boot, seed, n_jobs, studentize) -> Resamples:
+def _residual_boot(method, law, data, u_hat, starts, n_boot, seed, n_jobs, studentize, blocks=None) -> Resamples:
     space = "linear" if method.space == "linear" else "log"
-    Y = residual_draws(law, space, data.logX, data.y, data.weights, u_hat, n_boot, seed)
+    Y = residual_draws(law, space, data.logX, data.y, data.weights, u_hat, n_boot, seed, blocks=blocks)
     se_fn = (se_linear if space == "linear" else se_log) if studentize else None
     return fit_resamples(method.name, law, data.X, Y, np.broadcast_to(data.weights, Y.shape), starts,
                          n_jobs=n_jobs, se_fn=se_fn)
 
 
 def compute_intervals(name: str, method, law: Law, data, u_hat: np.ndarray, starts: np.ndarray, *,
-                      n_boot: int, seed: int, n_jobs: int | None) -> Intervals:
-    """Intervals of ``name`` for the fit ``u_hat`` of ``method`` on ``data`` (a FitData)."""
+                      n_boot: int, seed: int, n_jobs: int | None, blocked: bool = False) -> Intervals:
+    """Intervals of ``name`` for the fit ``u_hat`` of ``method`` on ``data`` (a FitData); ``blocked``:
+    the residual bootstrap draws two levels, the groups of ``data`` as blocks (:func:`residual_draws`)."""
     theta = law.to_natural(u_hat)
     if name == "bca-groups":
         return _group_intervals(method, law, data, theta, starts, n_boot, seed, n_jobs)
@@ -382,7 +414,8 @@ def compute_intervals(name: str, method, law: Law, data, u_hat: np.ndarray, star
     k = law.n_params
     boot = None
     if n_boot > 0:
-        boot = _residual_boot(method, law, data, u_hat, starts, n_boot, seed, n_jobs, name == "residual-t")
+        boot = _residual_boot(method, law, data, u_hat, starts, n_boot, seed, n_jobs, name == "residual-t",
+                              blocks=data.groups if blocked else None)
     nan = np.full(k, np.nan)
     g_starts = np.vstack([u_hat[None, :], starts])
     centre = None

@@ -36,3 +36,27 @@ def simulate_table(law: str, params: dict[str, float], grid: dict[str, np.ndarra
     frame[y] = clean * np.exp(noise * rng.standard_normal(clean.size))
     frame["status"] = "ok"
     return frame
+
+
+def simulate_branches(law: str, params: dict[str, float], *, sizes: dict[str, float], cells: np.ndarray,
+                      train_cells: float | dict[str, float] = 1e9, noise: float = 0.005, run_noise: float = 0.01,
+                      seeds: int = 1, seed: int = 0, y: str = "test_loss") -> pd.DataFrame:
+    """A branches.csv-like table from a known joint law: one run per (size, seed), one row per point
+    of ``cells`` (cells seen) of each. A run's points share one log-normal offset (``run_noise``: a
+    run that learned faster stays lower at every point, as real cooldown branches of one run do),
+    and each point has its own (``noise``). ``train_cells``: every run's unique training cells, or
+    one per size (``data-constrained`` reads it)."""
+    law_obj = LAWS[law]
+    theta = np.array([params[n] for n in law_obj.param_names], dtype=float)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for name, n in sizes.items():
+        u = float(train_cells[name] if isinstance(train_cells, dict) else train_cells)
+        for s in range(seeds):
+            X = np.column_stack([np.full(len(cells), n), np.asarray(cells, float), np.full(len(cells), u)])
+            clean = law_obj.predict(theta, X[:, : law_obj.n_vars])
+            value = clean * np.exp(run_noise * rng.standard_normal() + noise * rng.standard_normal(len(cells)))
+            rows += [{"run_id": f"{name}-s{s}", "size": name, "params": float(n), "seed": s, "train_cells": u,
+                      "cells_seen": float(c), y: float(v), "status": "ok", "loss_unit": "mse", "objective": "mse"}
+                     for c, v in zip(cells, value)]
+    return pd.DataFrame(rows)

@@ -93,8 +93,8 @@ def _largest_data_only(ok: pd.DataFrame, note: str | None) -> tuple[pd.DataFrame
 
 
 def unconverged_ids(runs: pd.DataFrame) -> list[str]:
-    """Run ids whose result says they did not reach their plateau (an older result without the
-    verdict is not counted: it cannot be judged)."""
+    """Run ids whose result says they did not converge (a result without the verdict, from a fixed
+    budget or an older cellscale, is not counted: it cannot be judged)."""
     if "converged" not in runs:
         return []
     flag = pd.to_numeric(runs["converged"], errors="coerce")
@@ -106,9 +106,9 @@ def _converged_only(ok: pd.DataFrame, note: str | None, keep: bool) -> tuple[pd.
     if not left:
         return ok, note
     if keep:
-        return ok, _and(note, "fitted although not trained to a plateau (fit.keep_unconverged): " + ", ".join(left))
+        return ok, _and(note, "fitted although not converged (fit.keep_unconverged): " + ", ".join(left))
     return (ok[~ok["run_id"].astype(str).isin(left)],
-            _and(note, "left out as not trained to a plateau (fit.keep_unconverged: true keeps them): "
+            _and(note, "left out as not converged (fit.keep_unconverged: true keeps them): "
                  + ", ".join(left)))
 
 
@@ -182,7 +182,7 @@ def run_fit(runs: pd.DataFrame, fit_config: dict[str, Any], *, full_train: float
     if out.used.empty:
         n_bad = int((runs["status"] != "ok").sum())
         left = unconverged_ids(runs[runs["status"] == "ok"])
-        what = "no run trained to its plateau" if left else "no finished run with a finite validation loss"
+        what = "no converged run" if left else "no finished run with a finite validation loss"
         out.error = (what + (f" ({n_bad} run(s) diverged or failed)" if n_bad else "")
                      + (f"; {len(left)} finished run(s) were still improving when their budget ended: raise "
                         "their budget, or set fit.keep_unconverged: true" if left else ""))

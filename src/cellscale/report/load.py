@@ -25,7 +25,7 @@ from cellscale.data.manifest import Manifest
 from cellscale.errors import DataError, RunError
 from cellscale.io import DamagedFile, read_json_checked, read_jsonl, verify_checksum, warn
 from cellscale.report.records import SWEEP_BASELINES, PerGene, SweepData, scores
-from cellscale.schema import DOWNSTREAM_FIELDS, NUMERIC_FIELDS, RESULT_FIELDS
+from cellscale.schema import BRANCH_FIELDS, BRANCH_TEXT_FIELDS, DOWNSTREAM_FIELDS, NUMERIC_FIELDS, RESULT_FIELDS
 
 # columns an older results.csv may lack without anything being missing: their value then
 # (a sweep without a depth axis ran at full depth; one before the objectives trained on the MSE)
@@ -46,6 +46,7 @@ def load_sweep(sweep_dir: str | os.PathLike) -> SweepData:
     _read_sweep_meta(data)
     _read_manifest(data)
     _read_results(data)
+    _read_branches(data)
     runs_dir = data.sweep_dir / "runs"
     _read_all_metrics(data, runs_dir)
     _read_per_gene(data, runs_dir)
@@ -129,6 +130,29 @@ def _read_results(data: SweepData) -> None:
         data.notes.append("results.csv lacks the columns " + ", ".join(lacking) + ".")
     # file order is kept, so that the fit sees exactly the rows a direct fit_table call on the csv sees
     data.runs = _typed_results(runs, missing).reset_index(drop=True)
+
+
+def _read_branches(data: SweepData) -> None:
+    """SWEEP_DIR/branches.csv (the cooldown branch points), checked against its checksum; None
+    when the sweep took none."""
+    path = data.sweep_dir / "branches.csv"
+    if not path.is_file():
+        return
+    verify_checksum(path, fix=REWRITE)
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise DamagedFile(path, f"not a readable CSV: {str(err).splitlines()[0]}", REWRITE) from None
+    missing = [c for c in BRANCH_FIELDS if c not in frame.columns]
+    if missing:
+        data.notes.append("branches.csv lacks the columns " + ", ".join(missing) + ": the data axis is not fitted.")
+        return
+    for c in BRANCH_FIELDS:
+        if c not in BRANCH_TEXT_FIELDS and c != "converged":
+            frame[c] = pd.to_numeric(frame[c], errors="coerce")
+    frame["run_id"] = frame["run_id"].astype(str)
+    frame["status"] = frame["status"].fillna("unknown").astype(str)
+    data.branches = frame
 
 
 def _typed_results(runs: pd.DataFrame, missing: list[str]) -> pd.DataFrame:

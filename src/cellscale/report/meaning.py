@@ -1,5 +1,5 @@
 """The report's first paragraph, "What this means": the best model against every baseline, whether
-its points were trained to a plateau and at their best learning rate, the exponent, the floor (and
+its points converged and were at their best learning rate, the exponent, the floor (and
 whether anything on the same cells beats it) and the bits. Every sentence is computed from the
 run table and the fit it describes."""
 
@@ -118,14 +118,16 @@ def _plateau_sentence(runs: pd.DataFrame, best: dict[str, Any]) -> list[str]:
     ok = runs[runs["status"] == "ok"]
     flag = pd.to_numeric(ok["converged"], errors="coerce")
     if flag.isna().all():
-        return ["Whether the runs were trained to a plateau is not recorded (a results table from before the check)."]
+        return ["Whether the runs converged is not judged: that is read on cooldown branches, which only the plateau "
+                "budget takes (or the results table is from before the check)."]
     n_ok, n_conv = len(ok), int((flag == 1).sum())
     if n_conv == n_ok:
-        return [f"All {n_ok} finished runs were trained to their plateau (plateau criterion in the methods)."]
+        return [f"All {n_ok} finished runs converged: their last doublings of cells seen, cooled down, bought at most "
+                "the tolerance (rule in the methods)."]
     mine = ok[ok["size"] == best["size"]]
     best_conv = bool((pd.to_numeric(mine["converged"], errors="coerce") == 1).all())
-    return [f"Only {n_conv} of {n_ok} finished runs were trained to their plateau; the others were still "
-            f"improving when their budget ended" + ("" if best_conv else ", the best size among them") + "."]
+    return [f"Only {n_conv} of {n_ok} finished runs converged; the others were still improving, cooled down, when "
+            f"their budget ended" + ("" if best_conv else ", the best size among them") + "."]
 
 
 def _sizes(choices: list[LRChoice]) -> str:
@@ -308,7 +310,7 @@ def meaning_paragraph(
 ) -> str:
     """Plain-language reading: the best model against every baseline (``baselines``: name ->
     validation MSE; ``baseline_val`` alone stands for the gene mean), whether the runs were
-    trained to a plateau, the floor (and whether a baseline beats it), the bits. ``n_masked`` (the
+    converged, the floor (and whether a baseline beats it), the bits. ``n_masked`` (the
     masked validation positions) sizes the sampling error a loss below a known ``bayes_floor`` is
     judged against."""
     best = best_model(runs) if runs is not None else None

@@ -227,14 +227,14 @@ def _ladder_text(runs: pd.DataFrame | None, model_defaults: Mapping[str, Any]) -
 
 
 def _verdicts(runs: pd.DataFrame | None) -> str:
-    """How many finished runs reached the plateau criterion, from their own verdicts."""
+    """How many finished runs the convergence rule called converged, from their own verdicts."""
     if runs is None or "converged" not in runs or "status" not in runs:
         return ""
     ok = runs[runs["status"] == "ok"]
     flag = pd.to_numeric(ok["converged"], errors="coerce")
     if flag.isna().all():
         return ""
-    text = f"; {int((flag == 1).sum())} of {len(ok)} finished runs reached it"
+    text = f"; {int((flag == 1).sum())} of {len(ok)} finished runs were converged"
     left = ok.loc[flag == 0, "run_id"].astype(str).tolist()
     return text + (f" (not: {', '.join(left)})" if left else "")
 
@@ -253,7 +253,7 @@ def _budget_text(train: Mapping[str, Any], sweep: Mapping[str, Any], runs: pd.Da
     if cfg is not None:
         text = budget_text(budget=cfg.budget, tol=cfg.plateau_tol, patience=cfg.plateau_patience,
                            cooldown_frac=cfg.cooldown_frac, max_cells=cfg.cells_seen,
-                           min_cells=cfg.plateau_min_cells) + _verdicts(runs) + ". "
+                           min_cells=cfg.plateau_min_cells, cooldown_shape=cfg.cooldown_shape) + _verdicts(runs) + ". "
     text += f"Each run trained for a budget of {cells} cells seen (cells drawn with repeats)"
     if sweep.get("epochs"):
         text += f", {fmt_num(sweep['epochs'])} epochs of its own training cells (cells seen = epochs x training cells)"

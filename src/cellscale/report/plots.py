@@ -366,6 +366,21 @@ def _size_lines(ax, runs: pd.DataFrame, x: str, y: str, *, dots: dict[str, Any],
     return df, colors
 
 
+def _size_curves(ax, colors: Mapping[str, Any], curves: Mapping[str, Curve], limits: Mapping[str, float], *,
+                 x_max: float) -> None:
+    """Each size's fitted curve (dashed, with its band) and its limit as D grows (dotted, at the right)."""
+    for name, color in colors.items():
+        cv = curves.get(name)
+        if cv is not None and len(cv.x):
+            if cv.lo is not None and cv.hi is not None:
+                ax.fill_between(cv.x, cv.lo, cv.hi, color=color, alpha=0.08, lw=0)
+            ax.plot(cv.x, cv.y, color=color, lw=1.2, ls="--")
+    x_right = max([x_max] + [float(np.max(c.x)) for c in curves.values() if len(c.x)])
+    for name, value in limits.items():
+        if name in colors and np.isfinite(value) and value > 0:
+            ax.plot([x_right / 2.5, x_right], [value, value], color=colors[name], lw=2.0, ls=":")
+
+
 def loss_vs_data(
     runs: pd.DataFrame,
     *,
@@ -374,26 +389,35 @@ def loss_vs_data(
     refs: Sequence[RefLine] = (),
     curves: Mapping[str, Curve] | None = None,
     title: str = "Validation loss against training cells, per model size",
+    xlabel: str = "training cells (unique)",
+    ylabel: str = "best validation MSE",
+    limits: Mapping[str, float] | None = None,
+    left_out: pd.DataFrame | None = None,
 ) -> Figure:
-    """Loss against training-set size, one line per model size (mean over seeds, runs as dots);
-    ``curves`` maps a size name to its fitted L(N, D) curve, drawn dashed in the size's colour."""
+    """Loss against training-set size (or any data column ``x``), one line per model size (mean over
+    seeds, runs as dots); ``curves`` maps a size name to its fitted L(N, D) curve, drawn dashed in the
+    size's colour, ``limits`` to the law's limit as D grows (a short dotted line at the right), and
+    ``left_out`` holds points not fitted, drawn hollow in their size's colour."""
     fig, ax = _new_figure()
     df, colors = _size_lines(ax, runs, x, y, dots={"s": 16, "alpha": 0.7})
+    if left_out is not None and len(left_out) and colors:
+        for name, grp in left_out.groupby("size"):
+            if name in colors:
+                ax.scatter(grp[x], grp[y], facecolors="none", edgecolors=[colors[name]], s=28, zorder=3)
+        ax.scatter([], [], facecolors="none", edgecolors="#555555", s=28, label="not fitted (see the note)")
+        df = pd.concat([df, left_out[left_out["size"].isin(list(colors))]], ignore_index=True)
     if df.empty:
         _message(ax, "no finished runs with a training-set size")
         ax.set_title(title)
         return fig
-    for name, color in colors.items():
-        cv = (curves or {}).get(name)
-        if cv is not None and len(cv.x):
-            if cv.lo is not None and cv.hi is not None:
-                ax.fill_between(cv.x, cv.lo, cv.hi, color=color, alpha=0.08, lw=0)
-            ax.plot(cv.x, cv.y, color=color, lw=1.2, ls="--")
+    _size_curves(ax, colors, curves or {}, limits or {}, x_max=float(df[x].max()))
     _ref_lines(ax, refs, lw=1.3)
     ax.set_xscale("log")
     if curves:
         ax.plot([], [], color="#555555", ls="--", lw=1.2, label="fitted L(N, D) (band: 95%)")
-    ys = _finite_pos(list(df[y]) + [r.value for r in refs])
+    if limits:
+        ax.plot([], [], color="#555555", ls=":", lw=2.0, label="its limit L(N, D -> inf)")
+    ys = _finite_pos(list(df[y]) + [r.value for r in refs] + list((limits or {}).values()))
     _plain_log_y(ax, ys.min() / 1.04, ys.max() * 1.04)
     xt = np.unique(df[x].to_numpy(float))
     if len(xt) <= 12:  # label the training-set sizes actually used, as plain numbers
@@ -401,8 +425,8 @@ def loss_vs_data(
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
         ax.xaxis.set_minor_formatter(NullFormatter())
     ax.grid(True, which="major", alpha=0.3)
-    ax.set_xlabel("training cells (unique)")
-    ax.set_ylabel("best validation MSE")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     _legend_outside(ax)
     return fig

@@ -74,6 +74,7 @@ class SweepData:
     # depth fraction -> {"gene_mean"|"bayes_linear"|"knn": {"val", "test"}} of that depth's dataset
     depth_baselines: dict[float, dict[str, dict[str, float | None]]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    branches: pd.DataFrame | None = None  # branches.csv: the runs' cooldown branch points, when taken
 
     @property
     def fit_config(self) -> dict[str, Any]:

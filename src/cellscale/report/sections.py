@@ -11,7 +11,8 @@ import numpy as np
 
 from cellscale.config import depth_label
 from cellscale.lrgrid import select_lr
-from cellscale.report import downstream, tables
+from cellscale.report import data_axis, downstream, tables
+from cellscale.report.data_axis import DataOutcome
 from cellscale.report.doc import Bullets, Callout, Code, Document, Fig, Figure, Para, Section
 from cellscale.report.downstream import Downstream
 from cellscale.report.fitting import FitOutcome, headline_depth
@@ -34,6 +35,7 @@ class Findings:
     best: GeneBest | None
     figures: dict[str, Figure]
     downstream: Downstream | None = None  # the embeddings' scores (report/downstream.py)
+    data: DataOutcome | None = None  # the joint L(N, D) on the cooldown branches (report/data_axis.py)
 
     @property
     def status_counts(self) -> dict[str, int]:
@@ -68,8 +70,9 @@ def _meaning(f: Findings) -> str:
                              baseline_val=f.sd.gene_mean_val, bayes_floor=f.sd.bayes_floor, fit_error=f.fit.error,
                              n_masked=f.sd.n_masked_val,
                              baselines={k: v for k, v in vals.items() if v is not None})
-    extra = downstream.meaning_text(f.downstream, f.sd.loss_col) if f.downstream is not None else ""
-    return f"{text} {extra}" if extra else text
+    extra = [data_axis.meaning_text(f.data)]
+    extra.append(downstream.meaning_text(f.downstream, f.sd.loss_col) if f.downstream is not None else "")
+    return " ".join([text, *(e for e in extra if e)])
 
 
 def _methods(f: Findings) -> str:
@@ -79,7 +82,9 @@ def _methods(f: Findings) -> str:
         extra["config hash"] = sd.sweep_meta["config_hash"]
     if sd.dataset_dir:
         extra["dataset"] = str(sd.dataset_dir)
-    return methods_paragraph(sd.config, sd.manifest, sd.runs, fit=f.fit.data, fit_note=f.fit.note, extra=extra)
+    text = methods_paragraph(sd.config, sd.manifest, sd.runs, fit=f.fit.data, fit_note=f.fit.note, extra=extra)
+    data = data_axis.methods_text(f.data)
+    return f"{text} {data}" if data else text
 
 
 def _gene_text(sd: SweepData, best: GeneBest | None) -> str:
@@ -164,6 +169,7 @@ def sections(f: Findings) -> list[Section]:
         out += downstream.sections(f.downstream, f.sd.loss_col)
     out += _fit_sections(f)
     out.append(_entropy_section(f))
+    out += data_axis.sections(f.data)
     out.append(Section("Learning curves", [Fig("learning_curves")]))
     if "loss_vs_data" in f.figures:
         out.append(Section("Scaling with data", [Fig("loss_vs_data")]))

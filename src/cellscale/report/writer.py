@@ -1,5 +1,5 @@
 """Write a sweep's report: ``SWEEP_DIR/report.html`` (self-contained), ``report.md`` + ``figures/``,
-and ``fit.json``.
+``fit.json``, and ``data_fit.json`` when the runs took cooldown branches.
 
 ``write_report`` reads the sweep (``load``), fits the config's law (``fitting``), draws the
 figures (``figures``), lays out the sections (``sections``) and writes both documents
@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from cellscale.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from cellscale.report import downstream, render
+from cellscale.report import data_axis, downstream, render
 from cellscale.report.figures import loss_refs, make_figures
 from cellscale.report.fitting import (
     FitOutcome,
@@ -50,17 +50,21 @@ def write_report(sweep_dir: str | os.PathLike) -> tuple[Path, Path]:
     depth_fits = run_depth_fits(sd.runs, sd.fit_config, full_train=sd.full_train, headline=fit)
     atomic_write_json(root / "fit.json", fit_json(fit, depth_fits, sd))
 
+    data = data_axis.run_data_fit(sd)  # the joint L(N, D) on the cooldown branches (report/data_axis.py)
+    if data is not None:
+        atomic_write_json(root / data_axis.DATA_FILE, data.json)
     down = downstream.analyse(sd)  # the embeddings' scores and their law (report/downstream.py)
     atomic_write_json(root / "downstream_fit.json", downstream.fit_record(down))
 
-    figures = make_figures(sd, fit, best) + downstream.figures(down, sd, fit, loss_refs(sd))
+    figures = (make_figures(sd, fit, best) + data_axis.figures(data, sd)
+               + downstream.figures(down, sd, fit, loss_refs(sd)))
     fig_paths = {f.key: f"figures/{f.key}.png" for f in figures}
     for f in figures:
         atomic_write_bytes(root / fig_paths[f.key], f.png)
 
     if "gene_mean" not in sd.baselines:
         sd.notes.append("No gene-mean baseline was recorded (manifest 'baselines' or results columns).")
-    doc = document(Findings(sd, fit, depth_fits, best, {f.key: f for f in figures}, downstream=down))
+    doc = document(Findings(sd, fit, depth_fits, best, {f.key: f for f in figures}, downstream=down, data=data))
     html_path, md_path = root / "report.html", root / "report.md"
     atomic_write_text(html_path, render.to_html(doc))
     atomic_write_text(md_path, render.to_markdown(doc, fig_paths))

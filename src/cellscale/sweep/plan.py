@@ -119,3 +119,15 @@ def plan_runs(cfg: RunConfig, *, n_genes: int, n_train: int | None = None) -> li
         seen.add(spec.run_id)
         specs.append(spec)
     return specs
+
+
+def planned_flops(spec: RunSpec) -> tuple[float, float]:
+    """(the training FLOPs of ``spec`` at its maximum cells seen, those of its cooldown branches
+    besides its own end): what the run costs at most; a plateau run that converges stops sooner."""
+    from cellscale.model import flops_per_cell
+    from cellscale.schedule import run_branch_points
+
+    per_cell = flops_per_cell(spec.model, mask_prob=spec.train.mask_prob)["train"]
+    points = run_branch_points(spec.train)
+    branch_cells = sum((p.end - p.stable) * spec.train.batch_size for p in points[:-1])
+    return per_cell * spec.train.cells_seen, per_cell * branch_cells

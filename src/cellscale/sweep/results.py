@@ -1,5 +1,6 @@
-"""Collect finished runs into results.csv (one row per run, written atomically, with its
-checksum in ``results.csv.sha256.json``: ``cellscale.io.verify_checksum``)."""
+"""Collect finished runs into results.csv (one row per run) and their cooldown branches into
+branches.csv (one row per branch point), each written atomically with its checksum in
+``<name>.sha256.json`` (``cellscale.io.verify_checksum``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from cellscale.io import DamagedFile, atomic_write_text_checked, read_json_checked
-from cellscale.schema import RESULT_FIELDS
+from cellscale.schema import BRANCH_FIELDS, BRANCH_TABLE, RESULT_FIELDS
 
 
 def collect_results(sweep_dir: Path, run_ids: list[str] | None = None) -> pd.DataFrame:
@@ -35,8 +36,27 @@ def collect_results(sweep_dir: Path, run_ids: list[str] | None = None) -> pd.Dat
     return frame[list(RESULT_FIELDS)]
 
 
+def collect_branches(sweep_dir: Path, run_ids: list[str]) -> pd.DataFrame:
+    """The branch points of the runs ``run_ids`` (in that order, each run's in order of cells seen)
+    that have a readable branches.json; a damaged one is left out (its run redoes or rewrites it)."""
+    rows = []
+    for rid in run_ids:
+        path = Path(sweep_dir) / "runs" / rid / BRANCH_TABLE
+        if path.is_file():
+            try:
+                rows += read_json_checked(path, keys=("branches",))["branches"]
+            except DamagedFile:
+                continue
+    frame = pd.DataFrame(rows, columns=list(BRANCH_FIELDS))
+    return frame[list(BRANCH_FIELDS)]
+
+
 def write_results(sweep_dir: Path, run_ids: list[str] | None = None) -> Path:
+    """results.csv (and branches.csv, when a run has branch points); returns results.csv's path."""
     frame = collect_results(sweep_dir, run_ids)
     path = Path(sweep_dir) / "results.csv"
+    branches = collect_branches(sweep_dir, frame["run_id"].astype(str).tolist())
+    if len(branches):
+        atomic_write_text_checked(Path(sweep_dir) / "branches.csv", branches.to_csv(index=False))
     atomic_write_text_checked(path, frame.to_csv(index=False))
     return path

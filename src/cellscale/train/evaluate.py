@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,6 +16,7 @@ from cellscale.config import TrainConfig
 from cellscale.data.loader import eval_batches
 from cellscale.data.store import Dataset
 from cellscale.distributed import DistContext
+from cellscale.io import atomic_write_with
 from cellscale.model import CellTransformer
 
 
@@ -32,6 +35,48 @@ class EvalResult:
     sse_g: np.ndarray | None = None
     nats_g: np.ndarray | None = None
     n_g: np.ndarray | None = None
+    cells: CellSums | None = None
+
+
+@dataclass(frozen=True)
+class CellSums:
+    """Per-cell sums over a split's masked positions, in split order (``per_cell``): squared
+    errors (``sse``), the objective's loss in nats (squared errors again for mse; ``loss``) and
+    masked counts (``n``). Any subset of cells, or a resample of them, is scored from these
+    exactly: its loss is sum(loss) / sum(n) (in nats; ``objectives.to_report_units``)."""
+
+    sse: np.ndarray
+    loss: np.ndarray
+    n: np.ndarray
+
+    def arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        return {f"{prefix}_sse": self.sse, f"{prefix}_loss": self.loss, f"{prefix}_n": self.n}
+
+
+class _CellTotals:
+    """Per-cell sums (see :class:`CellSums`), accumulated on the host; under DDP each rank fills
+    the rows of its own batches and the arrays are summed."""
+
+    def __init__(self, objective: str, n_cells: int) -> None:
+        self.objective = objective
+        self.sq = np.zeros(n_cells, dtype=np.float64)
+        self.loss = np.zeros(n_cells, dtype=np.float64)
+        self.n = np.zeros(n_cells, dtype=np.float64)
+
+    def add(self, start: int, diff: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> None:
+        rows = mask.nonzero()[:, 0].cpu().numpy()  # outputs are in mask.nonzero() order
+        size = int(mask.shape[0])
+        sq = np.bincount(rows, weights=(diff.double() ** 2).cpu().numpy(), minlength=size)
+        self.sq[start : start + size] += sq
+        self.loss[start : start + size] += sq if self.objective == "mse" else np.bincount(
+            rows, weights=pos.double().cpu().numpy(), minlength=size)
+        self.n[start : start + size] += np.bincount(rows, minlength=size)
+
+    def result(self, dist: DistContext | None) -> CellSums:
+        sq, loss, n = self.sq, self.loss, self.n
+        if dist is not None and dist.active:
+            sq, loss, n = (dist.all_reduce_array(a) for a in (sq, loss, n))
+        return CellSums(sse=sq, loss=loss, n=np.rint(n).astype(np.int64))
 
 
 class _SplitTotals:
@@ -110,26 +155,52 @@ def _batch_errors(model: CellTransformer, item: tuple, *, device: torch.device, 
 def evaluate(
     model: CellTransformer, ds: Dataset, split: str, *, cfg: TrainConfig, device: torch.device,
     autocast=nullcontext, max_cells: int | None = None, dist: DistContext | None = None,
-    per_gene: bool = False,
+    per_gene: bool = False, per_cell: bool = False,
 ) -> EvalResult:
     """Score every masked position of the split under the dataset's fixed evaluation mask.
 
     Under DDP (``dist`` active) rank ``r`` scores eval batches ``r, r+W, ...`` and the sums are
     all-reduced, so every rank returns the same numbers. With ``per_gene`` the split totals are
-    the ratios of the per-gene sums (see :class:`_GeneTotals`)."""
+    the ratios of the per-gene sums (see :class:`_GeneTotals`); with ``per_cell`` the result also
+    holds each cell's sums (:class:`CellSums`), and its totals are their ratios."""
     was_training = model.training
     model.eval()
     objective = model.cfg.objective
     totals = _GeneTotals(objective, ds.n_genes) if per_gene else _SplitTotals(objective)
     world = dist.world_size if dist is not None and dist.active else 1
     rank = dist.rank if world > 1 else 0
+    n_split = int(ds.splits[split].size) if split in ds.splits else 0
+    cells = _CellTotals(objective, min(n_split, max_cells or n_split)) if per_cell else None
     batches = eval_batches(ds, split, batch_size=cfg.eval_batch_size, max_cells=max_cells,
                            with_counts=objectives.needs_counts(objective))
     for i, item in enumerate(batches):
         if i % world == rank:
-            totals.add(*_batch_errors(model, item, device=device, autocast=autocast))
+            errors = _batch_errors(model, item, device=device, autocast=autocast)
+            totals.add(*errors)
+            if cells is not None:
+                cells.add(i * cfg.eval_batch_size, *errors)
     model.train(was_training)
-    return totals.result(dist)
+    result = totals.result(dist)
+    if cells is None:
+        return result
+    # the split totals as ratios of the float64 per-cell sums, as with per_gene
+    sums = cells.result(dist)
+    n = max(int(sums.n.sum()), 1)
+    loss = objectives.to_report_units(objective, float(sums.loss.sum()) / n)
+    return dataclasses.replace(result, loss=loss, mse=float(sums.sse.sum()) / n, cells=sums)
+
+
+def write_cell_sums(path: Path, val: EvalResult, test: EvalResult) -> None:
+    """The validation and test per-cell sums of one set of weights, as one .npz (atomically):
+    ``val_sse, val_loss, val_n, test_sse, test_loss, test_n`` (:class:`CellSums`)."""
+    arrays = {**val.cells.arrays("val"), **test.cells.arrays("test")}
+
+    def write(p: Path) -> None:
+        with open(p, "wb") as fh:
+            np.savez(fh, **arrays)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_with(path, write)
 
 
 def per_gene_summary(sse: np.ndarray, counts: np.ndarray) -> tuple[list[float | None], dict[str, float | None]]:

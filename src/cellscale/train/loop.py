@@ -1,14 +1,13 @@
-"""The training loop: set the rate, step, and when due log, validate, checkpoint (``budget``
-decides where the run ends).
+"""The training loop: set the rate, step, and when due log, validate, checkpoint; before a step,
+take the cooldown branch due there (``cellscale.train.branches`` decides when, and whether the run
+ends with it; ``budget`` says where a run ends).
 
 Train losses stay on the device between the loop's due points (log, eval, checkpoint): they are
 read there, all at once, and a non-finite one ends the run as diverged at its own step. At
 every step boundary the loop also polls a stop flag (``cellscale.preempt``) and the wall clock
 (``train.checkpoint_minutes``); either one writes a checkpoint there, after the pending losses
-have been read into the loop state, and a stop raises ``Preempted`` after it. One
-step path serves one process and W ranks: each rank's mean loss over its masked positions is
-weighted by W x its share of the global batch's masked positions (exactly 1 on one process),
-and DDP's gradient average then gives the gradient of the global batch's mean loss.
+have been read into the loop state, and a stop raises ``Preempted`` after it. One step
+(``cellscale.train.step``) serves one process and W ranks.
 """
 
 from __future__ import annotations
@@ -23,13 +22,15 @@ from typing import Any
 import torch
 
 from cellscale import objectives
-from cellscale.checkpoint import rng_key, save_checkpoint, save_weights
+from cellscale.checkpoint import crashpoint, rng_key, save_checkpoint, save_weights
 from cellscale.io import atomic_write_with, to_json
 from cellscale.preempt import Preempted, StopFlag
 from cellscale.schedule import lr_at
 from cellscale.train import budget
+from cellscale.train.branches import Brancher, BranchInterrupted, BranchPoint
 from cellscale.train.evaluate import evaluate
 from cellscale.train.setup import LoopState, Run
+from cellscale.train.step import train_step
 
 
 @dataclass
@@ -100,23 +101,6 @@ class PendingLosses:
         return read
 
 
-def train_step(run: Run, item: tuple, lr: float) -> tuple[torch.Tensor, int, int]:
-    """One optimiser step; returns (this rank's mean loss, its masked positions, the global
-    batch's masked positions)."""
-    *tensors, n_global = item
-    n_local = int(tensors[1].sum())  # the host-side mask: no device read
-    values, mask, *extra = (t.to(run.device, non_blocking=True) for t in tensors)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
-    with run.autocast():
-        loss = run.loss_fn(values, mask, **dict(zip(("counts", "log_scale"), extra)))
-    run.optimizer.zero_grad(set_to_none=True)
-    (loss * (run.dist.world_size * n_local / n_global)).backward()
-    torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
-    run.optimizer.step()
-    return loss, n_local, n_global
-
-
 def absorb(state: LoopState, read: list[tuple[float, int]]) -> bool:
     """Add the losses read (of the steps before ``state.step``) to the running sums; False,
     with the state marked diverged and set back to the step that blew up, at a non-finite one."""
@@ -170,7 +154,8 @@ def _validate(run: Run, state: LoopState, log: MetricsLog) -> bool:
     if run.model_cfg.objective != "mse":
         record["val_bits"] = val
     log.write({**record, "wall": log.clock.elapsed()})
-    if val < state.best_val:
+    # a plateau run's weights are those of the branch it ends at: its evaluations draw the curve only
+    if run.cfg.budget != "plateau" and val < state.best_val:
         state.best_val, state.best_step = val, state.step
         if run.dist.is_main:
             atomic_write_with(run.best_path, lambda p: save_weights(run.model, p))
@@ -178,7 +163,6 @@ def _validate(run: Run, state: LoopState, log: MetricsLog) -> bool:
         state.status, state.diverged_at = "diverged", state.step
         return False
     state.evals.append([state.step * run.cfg.batch_size, val])
-    budget.on_eval(run, state)
     return True
 
 
@@ -242,6 +226,31 @@ def _save_when_due(run: Run, state: LoopState, log: MetricsLog, pending: Pending
     return True
 
 
+BRANCH_LINE = ("step", "stable_step", "cells_seen", "val_loss", "val_mse", "test_loss", "test_mse", "gain",
+               "converged", "status")
+
+
+def _branch(run: Run, state: LoopState, log: MetricsLog, pending: PendingLosses, watch: StopWatch,
+            brancher: Brancher, point: BranchPoint) -> bool:
+    """Take the cooldown branch due now, between checkpoints at its start and after it (so a kill
+    inside it redoes it from the same state). True when the run ends with it, or diverged before."""
+    if pending.losses and not _read_losses(run, state, pending, log):
+        return True
+    checkpoint(run, state, log.clock)
+    try:
+        ended = brancher.take(point, state, watch.flag)
+    except BranchInterrupted as stop:
+        checkpoint(run, state, log.clock, interrupted=True)
+        watch.saved()
+        raise Preempted(stop.signum, f"run {run.run_id} checkpointed at step {state.step}, before a branch") from None
+    row = state.branches[-1]
+    log.write({"kind": "branch", **{k: row[k] for k in BRANCH_LINE}, "wall": log.clock.elapsed()})
+    crashpoint("after-branch")
+    checkpoint(run, state, log.clock)
+    watch.saved()
+    return ended
+
+
 def train_loop(run: Run, state: LoopState, *, on_step: Callable[[dict[str, Any]], None] | None = None,
                stop_after_steps: int | None = None, now: Callable[[], float] = time.perf_counter,
                stop: StopFlag | None = None) -> Clock:
@@ -255,10 +264,13 @@ def train_loop(run: Run, state: LoopState, *, on_step: Callable[[dict[str, Any]]
     watch = StopWatch(run, clock, stop if stop is not None else StopFlag())
     run.model.train()
     start = state.step
+    brancher = Brancher.of(run)
     for item in run.batches.iterate(start, c.total_steps - start, pin_memory=run.device.type == "cuda"):
-        budget.on_step(run, state)
         end = budget.end_step(run, state)
         if state.step >= end or (stop_after_steps is not None and state.step - start >= stop_after_steps):
+            break
+        point = brancher.due(state) if brancher is not None else None
+        if point is not None and _branch(run, state, log, pending, watch, brancher, point):
             break
         lr = lr_at(state.step, total_steps=c.total_steps, peak=run.peak_lr, cfg=run.cfg,
                    decay_start=state.decay_start, end=end)

@@ -14,9 +14,10 @@ from cellscale import objectives
 from cellscale.checkpoint import crashpoint, load_weights
 from cellscale.io import atomic_write_json
 from cellscale.model import attention_impl, count_params, flops_per_cell, non_embedding_params
+from cellscale.schema import RUN_CELLS
 from cellscale.tblog import write_events
 from cellscale.train.budget import end_step, verdict
-from cellscale.train.evaluate import EvalResult, evaluate, per_gene_summary
+from cellscale.train.evaluate import EvalResult, evaluate, per_gene_summary, write_cell_sums
 from cellscale.train.loop import Clock
 from cellscale.train.settings import compute_dtype
 from cellscale.train.setup import LoopState, Run
@@ -52,11 +53,12 @@ def final_scores(run: Run, state: LoopState) -> FinalScores:
     load_weights(run.model, run.best_path)
     run.model.to(run.device)
     # the full validation split scores the chosen checkpoint even when evals were capped
-    val = evaluate(run.model, run.ds, "val", **run.eval_kw())
-    test = evaluate(run.model, run.ds, "test", per_gene=True, **run.eval_kw())
+    val = evaluate(run.model, run.ds, "val", per_cell=True, **run.eval_kw())
+    test = evaluate(run.model, run.ds, "test", per_gene=True, per_cell=True, **run.eval_kw())
     per_gene_mse, per_gene_stats = per_gene_summary(test.sse_g, test.n_g)
-    if run.dist.is_main:  # written before result.json: a kill in between redoes both
+    if run.dist.is_main:  # written before result.json: a kill in between redoes them all
         atomic_write_json(run.out / "per_gene.json", _per_gene_doc(run, test, per_gene_mse))
+        write_cell_sums(run.out / RUN_CELLS, val, test)
     return FinalScores(best_val=val.loss, best_val_mse=val.mse, test_mse=test.mse, test_loss=test.loss,
                        per_gene=per_gene_stats)
 
@@ -89,6 +91,8 @@ def result_record(run: Run, state: LoopState, scores: FinalScores, *, clock: Clo
         "tokens_seen": cells * mcfg.n_genes,
         "masked_tokens_seen": state.masked_tokens,
         "flops": flops_per_cell(mcfg, mask_prob=cfg.mask_prob)["train"] * cells,
+        # the cooldown branches' own training, beyond the schedule that made the run's end point
+        "branch_flops": flops_per_cell(mcfg, mask_prob=cfg.mask_prob)["train"] * state.branch_cells,
         "lr": run.peak_lr,
         "lr_scale": cfg.lr_scale,
         "best_step": state.best_step if scores.best_val is not None else None,
@@ -111,6 +115,7 @@ def result_record(run: Run, state: LoopState, scores: FinalScores, *, clock: Clo
         "plateau_tol": cfg.plateau_tol,
         "ema_decay": cfg.ema_decay,
         "decay_start": state.decay_start,
+        "n_branches": len(state.branches),
         "diverged_at": state.diverged_at,
         **per_gene,
         "entropy_bits_per_gene_weighting": "masked-count",

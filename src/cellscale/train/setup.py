@@ -42,12 +42,13 @@ class LoopState:
     diverged_at: int | None = None
     resumes: list[int] = field(default_factory=list)
     evals: list[list[float]] = field(default_factory=list)  # [cells seen, validation loss] per eval
-    # the plateau budget: consecutive evaluations on the plateau, the criterion's latest figure,
-    # the step the cooldown began and the step it ends (None: the cadence's maximum)
-    plateau_hits: int = 0
-    plateau_gain: float | None = None
+    # the step the run's own cooldown began and the step it ends (None: the cadence's maximum)
     decay_start: int | None = None
     end_step: int | None = None
+    # the plateau budget's cooldown branches (cellscale.train.branches): one row per branch point,
+    # and the cells trained in branches that were not the run's own end
+    branches: list[dict[str, Any]] = field(default_factory=list)
+    branch_cells: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,9 +71,8 @@ class Cadence:
     @classmethod
     def of(cls, cfg: TrainConfig) -> Cadence:
         total = max(1, math.ceil(cfg.cells_seen / cfg.batch_size))
-        # a plateau run may stop anywhere before its maximum: evaluations are denser
-        evals_per_run = 40 if cfg.budget == "plateau" else 10
-        eval_every = cfg.eval_every or max(1, total // evals_per_run)
+        # a plateau run's points are its cooldown branches: its evaluations draw the curve between them
+        eval_every = cfg.eval_every or max(1, total // 10)
         return cls(total_steps=total, log_every=max(1, min(eval_every, total // 50 or 1)),
                    eval_every=eval_every, ckpt_every=cfg.checkpoint_every or eval_every)
 

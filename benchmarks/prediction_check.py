@@ -1,0 +1,86 @@
+"""The judge of a data axis: does a sweep's own joint law L(N, D) predict a longer run?
+
+    python benchmarks/prediction_check.py SWEEP_DIR --size XS --factor 4     # the demo: ~10 minutes on 2 cores
+
+Trains one run of SWEEP_DIR's study (``cellscale.sweep.plan.resolve_run``: the same model, recipe and
+seed, at the size's learning rate chosen in the sweep) for ``--factor`` times the sweep's maximum
+cells seen, with no early stop, into ``SWEEP_DIR/checks/<size>-x<factor>``; then fits the sweep's
+data axis as its report does (``cellscale.report.data_axis.run_data_fit``) and prints, for every
+cooldown branch of the longer run beyond the sweep's maximum, the law's prediction with its 95%
+prediction interval against the measured test loss (the quantity the law is fitted to), the error
+in percent, and whether the interval holds it. A rerun reuses a finished check run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from cellscale.config import load_run_config
+from cellscale.data.store import Dataset
+from cellscale.lrgrid import select_lr
+from cellscale.report.data_axis import run_data_fit
+from cellscale.report.load import load_sweep
+from cellscale.sweep.plan import resolve_run
+from cellscale.train import train_run
+
+
+def chosen_multiple(sd, size: str) -> float:
+    """The learning-rate multiple the sweep chose for ``size`` (1 without a rate grid)."""
+    ok = sd.runs[(sd.runs["status"] == "ok") & (sd.runs["size"] == size)]
+    sel = select_lr(ok, loss_col=sd.loss_col)
+    return float(sel.kept["lr_scale"].iloc[0]) if sel.choices else 1.0
+
+
+def longer_run(sweep: Path, size: str, factor: float) -> tuple[Path, dict]:
+    cfg = load_run_config(sweep / "config.yaml")
+    meta = json.loads((sweep / "sweep.json").read_text())
+    ds = Dataset.open(meta["dataset"])
+    sd = load_sweep(sweep)
+    cells = int(round(cfg.train.cells_seen * factor))
+    # no early stop: every branch of the longer run is a point to predict
+    flags = {"cells_seen": cells, "plateau_min_cells": 10 * cells}
+    spec = resolve_run(cfg, size=size, n_genes=ds.n_genes, n_train=int(ds.splits["train"].size), seed=cfg.sweep.seeds[0],
+                       lr_multiple=chosen_multiple(sd, size), train_flags=flags)
+    out = sweep / "checks" / f"{size}-x{factor:g}"
+    result = train_run(ds, spec.model, spec.train, out=out, train_cells=spec.train_cells, seed=spec.seed,
+                       run_id=out.name)
+    return out, result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("sweep", type=Path)
+    ap.add_argument("--size", default="XS")
+    ap.add_argument("--factor", type=float, default=4.0)
+    a = ap.parse_args()
+    out, result = longer_run(a.sweep, a.size, a.factor)
+    sd = load_sweep(a.sweep)
+    data = run_data_fit(sd)
+    if data is None or data.fit is None:
+        raise SystemExit(f"error: the sweep has no data fit ({None if data is None else data.error})")
+    fit = data.fit
+    top = float(sd.branches["cells_seen"].max())
+    rows = json.loads((out / "branches.json").read_text())["branches"]
+    print(f"{a.sweep}: law {fit.result.law.name} on {fit.result.n_points} points, params "
+          + ", ".join(f"{k} {v:.4g}" for k, v in fit.result.params.items()))
+    print("| cells seen | x the sweep's max | predicted test loss | 95% prediction interval | measured | error | inside |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r["cells_seen"] <= top:
+            continue
+        n, d, u = float(result["params"]), float(r["cells_seen"]), float(result["train_cells"])
+        pred = float(fit.predict([n], [d], [u])[0])
+        lo, hi = (float(v[0]) for v in fit.prediction_interval([n], [d], [u]))
+        got = float(r["test_loss"])
+        print(f"| {d:,.0f} | {d / top:.3g} | {pred:.4f} | [{lo:.4f}, {hi:.4f}] | {got:.4f} | "
+              f"{100 * (pred / got - 1):+.2f}% | {'yes' if lo <= got <= hi else 'NO'} |")
+    if not np.isfinite(result.get("test_mse") or np.nan):
+        print("the longer run did not finish ok:", result.get("status"), result.get("error"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""The report's data axis: the joint L(N, D) fitted to the sweep's cooldown branch points
+(``cellscale.fit.data_axis``), written to ``data_fit.json``, drawn (loss against cells seen, the
+compute-optimal frontier), tabled (each size's converged loss and regime) and put in words.
+
+A sweep without branch points (a fixed-budget sweep) has no data axis: ``run_data_fit`` returns
+None and nothing here is shown. A fit problem never raises: it becomes the outcome's ``error``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cellscale.errors import FitError
+from cellscale.fit.data_axis import Y_DATA, DataAxisFit, fit_data_axis, law_x, learned_points
+from cellscale.lrgrid import select_lr
+from cellscale.report import plots
+from cellscale.report.doc import Callout, Fig, Figure, Para, Section, Table
+from cellscale.report.fitting import FitOutcome, headline_depth
+from cellscale.report.fmt import fmt_int, fmt_num
+from cellscale.report.records import SweepData
+
+DATA_FILE = "data_fit.json"
+_CONVERGED_HEADER = ["size", "params", "cells seen (last)", "loss there", "L(N, D -> inf)", "95% CI",
+                     "10x cells seen: loss falls", "95% CI ", "10x parameters: loss falls", "95% CI  ", "limited by"]
+
+
+@dataclass
+class DataOutcome:
+    """The data axis of a sweep: the fit (or why there is none) and the points behind it."""
+
+    fit: DataAxisFit | None = None
+    record: dict[str, Any] | None = None
+    error: str | None = None
+    note: str | None = None
+    used: pd.DataFrame | None = None  # the points fitted
+    left_out: pd.DataFrame | None = None  # the chosen runs' other points (the takeoff, no learning yet)
+    unit: str = "mse"
+
+    @property
+    def json(self) -> dict[str, Any]:
+        if self.record is not None:
+            return {**self.record, "note": self.note}
+        return {"error": self.error, "note": self.note, "n_points": 0 if self.used is None else int(len(self.used))}
+
+    def as_fit_outcome(self) -> FitOutcome:
+        """The joint fit in the shape of the report's other fits (for the frontier figure and table)."""
+        law = str((self.record or {}).get("law") or "chinchilla")
+        return FitOutcome(law=law, method=str((self.record or {}).get("method") or ""), data=self.record,
+                          used=self.used, error=self.error)
+
+
+def _points(sd: SweepData) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """The branch points the law is fitted to, the chosen runs' points left out, and why."""
+    notes = []
+    b = sd.branches
+    ok_runs = sd.runs[sd.runs["status"] == "ok"]
+    head = headline_depth(sd.runs)
+    if head is not None:
+        ok_runs = ok_runs[ok_runs["depth"] == head]
+        notes.append(f"only the runs at depth {head:g} are fitted")
+    sel = select_lr(ok_runs, loss_col=sd.loss_col)
+    kept = sel.kept if sel.choices else ok_runs
+    if sel.choices and len(sel.dropped):
+        notes.append(f"the branches of each size's chosen learning rate only ({len(sel.dropped)} runs at other "
+                     "rates left out)")
+    chosen = b[b["run_id"].isin(set(kept["run_id"].astype(str))) & (b["status"] == "ok")]
+    y = pd.to_numeric(chosen[Y_DATA], errors="coerce")
+    bad = ~np.isfinite(y) | (y <= 0)  # the laws are fitted in log space
+    if bad.any():
+        notes.append(f"{int(bad.sum())} points without a finite positive loss left out")
+    gene_mean = sd.gene_mean_val if sd.objective == "mse" else (sd.likelihood_refs.get("gene_mean") or {}).get("val")
+    pts, learned = learned_points(chosen[~bad], baseline=gene_mean)
+    notes += learned
+    full = sd.full_train
+    if pts["train_cells"].isna().any() and full is not None:
+        pts = pts.assign(train_cells=pts["train_cells"].fillna(full))
+    return pts.reset_index(drop=True), chosen[~bad & ~chosen.index.isin(pts.index)], notes
+
+
+def run_data_fit(sd: SweepData) -> DataOutcome | None:
+    """Fit the joint law to the sweep's branch points; None when the sweep took none."""
+    if sd.branches is None or sd.branches.empty:
+        return None
+    pts, left_out, notes = _points(sd)
+    cfg = sd.fit_config
+    out = DataOutcome(used=pts, left_out=left_out, note="; ".join(notes) or None,
+                      unit=str(pts["loss_unit"].iloc[0]) if len(pts) else "mse")
+    if pts.empty:
+        out.error = "no branch point of a finished run at its chosen learning rate"
+        return out
+    law = None if cfg.get("data_law", "auto") == "auto" else str(cfg["data_law"])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out.fit = fit_data_axis(pts, law=law, bootstrap=int(cfg["bootstrap"]), seed=int(cfg["seed"]),
+                                    interval=cfg.get("interval"))
+        out.record = out.fit.to_dict()
+    except FitError as err:
+        out.error = str(err)
+    except Exception as err:  # a bug in the fit must not cost the user the report
+        out.error = f"the data fit raised {type(err).__name__}: {err}"
+    return out
+
+
+# ------------------------------------------------------------------------------------------ figures
+
+
+def _curves(out: DataOutcome) -> dict[str, plots.Curve]:
+    fit, pts = out.fit, out.used
+    lo, hi = float(pts["cells_seen"].min()), float(pts["cells_seen"].max())
+    grid = np.logspace(np.log10(lo) - 0.15, np.log10(hi) + 0.6, 60)
+    curves = {}
+    for row in fit.sizes.itertuples():
+        if row.size in curves:  # one curve per size: its largest training set
+            continue
+        X = fit._X(np.full_like(grid, row.params), grid, np.full_like(grid, row.train_cells))
+        y = fit.result.predict(X).reshape(-1)
+        band_lo, band_hi = fit.result.band(X)
+        curves[str(row.size)] = plots.Curve(grid, y, band_lo, band_hi)
+    return curves
+
+
+def _test_refs(sd: SweepData, unit: str) -> list[plots.RefLine]:
+    """The baselines on the test cells, in the fitted loss's unit (the figure draws test losses)."""
+    refs = sd.baselines if unit == "mse" else sd.likelihood_refs
+    colors = {"gene_mean": "#ff7f0e", "bayes_linear": "#2ca02c", "knn": "#8c564b"}
+    return [plots.RefLine(v["test"], f"{k.replace('_', '-')} (test) = {fmt_num(v['test'])}",
+                          color=colors.get(k, "#d62728"), style=":" if k == "bayes_floor" else "--")
+            for k, v in refs.items() if v.get("test") is not None]
+
+
+def figures(out: DataOutcome | None, sd: SweepData) -> list[Figure]:
+    if out is None or out.used is None or (out.used.empty and (out.left_out is None or out.left_out.empty)):
+        return []
+    curves = _curves(out) if out.fit is not None else {}
+    limits = {str(c["size"]): c["loss"] for c in out.record["converged"]} if out.record else {}
+    unit = "bits per masked gene" if out.unit == "bits" else "MSE"
+    cap = (f"Each dot is a cooldown branch: the test {unit} of a run's weights cooled down at that many cells seen "
+           "(test cells chose nothing); hollow: points not fitted. Lines: the mean over seeds per size. Dashed: the "
+           "fitted L(N, D) per size with its 95% band; dotted at the right: each size's converged loss L(N, D -> inf). "
+           "Horizontal: baselines on the test cells.")
+    if out.error:
+        cap += f" No law drawn: {out.error}."
+    if out.note:
+        cap += f" Note: {out.note}."
+    figs = [Figure("loss_vs_cells", "Loss against cells seen (cooldown branches)", cap,
+                   plots.figure_png(plots.loss_vs_data(out.used, x="cells_seen", y=Y_DATA, refs=_test_refs(sd, out.unit),
+                                                       curves=curves, limits=limits, left_out=out.left_out,
+                                                       xlabel="cells seen (cooled down)", ylabel=f"test {unit}",
+                                                       title="Loss against cells seen, per model size")))]
+    from cellscale.report.figures import compute_frontier
+
+    frontier = compute_frontier(out.as_fit_outcome()) if out.record else None
+    if frontier is not None:
+        figs.append(Figure("data_frontier", "Compute-optimal frontier of the branch points", frontier.caption,
+                           frontier.png))
+    return figs
+
+
+# ------------------------------------------------------------------------------------------ words
+
+
+def _ci(lohi: Any, digits: int = 4) -> str:
+    if isinstance(lohi, list) and len(lohi) == 2 and None not in lohi:
+        return f"[{fmt_num(lohi[0], digits)}, {fmt_num(lohi[1], digits)}]"
+    return "n/a"
+
+
+def _pct(v: Any) -> str:
+    return "n/a" if v is None or not np.isfinite(v) else f"{100 * v:.1f}%"
+
+
+def _pct_ci(lohi: Any) -> str:
+    if isinstance(lohi, list) and len(lohi) == 2 and None not in lohi:
+        return f"[{100 * lohi[0]:.1f}%, {100 * lohi[1]:.1f}%]"
+    return "n/a"
+
+
+def converged_table(out: DataOutcome) -> Table:
+    rows = []
+    regime = {r["size"]: r for r in out.record["regime"]}
+    for c in out.record["converged"]:
+        r = regime.get(c["size"], {})
+        rows.append([str(c["size"]), fmt_int(c["params"]), fmt_int(c["last_cells_seen"]), fmt_num(c["last_loss"]),
+                     fmt_num(c["loss"]), _ci(c["ci95"]), _pct(r.get("more_data")), _pct_ci(r.get("more_data_ci95")),
+                     _pct(r.get("more_params")), _pct_ci(r.get("more_params_ci95")), str(r.get("limited_by", ""))])
+    return Table(_CONVERGED_HEADER, rows, numeric=frozenset(_CONVERGED_HEADER[1:10]))
+
+
+def size_law_sentence(out: DataOutcome) -> str:
+    sl = out.record["size_law"]
+    unit = " bits" if out.unit == "bits" else ""
+    head = (f"The size law on the converged losses, {sl['formula']}, has exponent alpha = {fmt_num(sl['alpha'], 3)} "
+            f"({_ci(sl['alpha_ci95'], 3)})")
+    if sl.get("floor_at_boundary"):
+        return (head + f"; its floor sits on the bound of its range ({fmt_num(sl['floor'])}{unit}, 95% CI "
+                f"{_ci(sl['floor_ci95'])}): these points do not identify a floor, so none is given.")
+    return (head + f" and its floor at {fmt_num(sl['floor'])}{unit} (95% CI {_ci(sl['floor_ci95'])}): a floor read "
+            "where every size has been trained without limit, so it does not depend on where any run's budget ended.")
+
+
+def regime_sentence(out: DataOutcome) -> str:
+    """The seed study's data-rich against data-limited question, per size, in numbers."""
+    parts = []
+    for r in out.record["regime"]:
+        parts.append(f"{r['size']} at {fmt_int(r['cells_seen'])} cells seen: 10x the cells seen lowers its loss by "
+                     f"{_pct(r['more_data'])} ({_pct_ci(r['more_data_ci95'])}), 10x the parameters by "
+                     f"{_pct(r['more_params'])} ({_pct_ci(r['more_params_ci95'])})")
+    limited = [r["limited_by"] for r in out.record["regime"]]
+    if all(x == "data" for x in limited):
+        verdict = "every size is limited by the cells it has seen, not by its parameters"
+    elif all(x == "parameters" for x in limited):
+        verdict = "every size is limited by its parameters, not by the cells it has seen"
+    else:
+        named = {k: [r["size"] for r in out.record["regime"] if r["limited_by"] == k]
+                 for k in ("data", "parameters", "both")}
+        verdict = "; ".join(f"limited by {'data' if k == 'data' else k}: {', '.join(v)}" if k != "both" else
+                            f"no clear limit (intervals overlap): {', '.join(v)}" for k, v in named.items() if v)
+    return "Regime, from the joint law: " + "; ".join(parts) + f". So {verdict}."
+
+
+def converged_sentence(out: DataOutcome) -> str:
+    conv = out.record["converged"]
+    far = [c for c in conv if c.get("still_to_fall") is not None and c["still_to_fall"] > 0.01]
+    text = ("Each size's converged loss L(N, D -> inf), what unlimited training on its data would reach: "
+            + "; ".join(f"{c['size']} {fmt_num(c['loss'])} {_ci(c['ci95'])}" for c in conv) + ".")
+    if far:
+        text += (" By the law, " + ", ".join(f"{c['size']} {_pct(c['still_to_fall'])}" for c in far)
+                 + " below their last point: more than 1% that training longer would still buy.")
+    return text
+
+
+def meaning_text(out: DataOutcome | None) -> str:
+    """The data axis in "What this means": the regime and the converged losses, or why not."""
+    if out is None:
+        return ""
+    if out.record is None:
+        return f"No law of cells seen was fitted to the cooldown branches: {out.error}."
+    return " ".join([regime_sentence(out), converged_sentence(out), size_law_sentence(out)])
+
+
+def methods_text(out: DataOutcome | None) -> str:
+    """The data fit in the methods paragraph, from the values that did the work."""
+    if out is None or out.record is None:
+        return ""
+    rec = out.record
+    x = ", ".join(rec.get("x") or law_x(rec["law"]))
+    factor = f"{float(rec['factor']):g}x"
+    return (f"The law {rec['formula']} ('{rec['law']}', method {rec['method']}) was fitted to {rec['n_points']} "
+            f"cooldown-branch points ({x} against the test loss of the cooled-down weights); each size's converged "
+            "loss is the law at D -> inf, and intervals of derived numbers are bootstrap percentiles over "
+            f"{fmt_int(rec.get('bootstrap', 0))} resamples of the fit. The regime compares the loss at {factor} "
+            f"the cells seen, and at {factor} the parameters, with the loss at each size's last point.")
+
+
+def sections(out: DataOutcome | None) -> list[Section]:
+    if out is None:
+        return []
+    blocks: list = [Para("Every plateau-budget run took a cooldown branch at each doubling of its cells seen; the "
+                         f"branches are the data axis, fitted here by one law of parameters and cells seen ({DATA_FILE}: "
+                         "evaluate it at new points with cellscale.fit.predict_json)."),
+                    Fig("loss_vs_cells")]
+    if out.record is None:
+        blocks.append(Callout("No data fit:", str(out.error), quote=False))
+        return [Section("Scaling with cells seen", blocks)]
+    blocks += [Para(converged_sentence(out)), converged_table(out), Para(regime_sentence(out)),
+               Para(size_law_sentence(out))]
+    out_sections = [Section("Scaling with cells seen", blocks)]
+    if "compute_optimal" in out.record:
+        from cellscale.report import tables
+
+        definition, table = tables.compute_optimal(out.as_fit_outcome())
+        if table is not None:
+            out_sections.append(Section("Compute-optimal frontier of the branch points",
+                                        [Para(definition), table, Fig("data_frontier")], level=3))
+    return out_sections
