@@ -8,7 +8,8 @@ cells seen, with no early stop, into ``SWEEP_DIR/checks/<size>-x<factor>``; then
 data axis as its report does (``cellscale.report.data_axis.run_data_fit``) and prints, for every
 cooldown branch of the longer run beyond the sweep's maximum, the law's prediction with its 95%
 prediction interval against the measured test loss (the quantity the law is fitted to), the error
-in percent, and whether the interval holds it. A rerun reuses a finished check run.
+in percent, and whether the interval holds it; and for each run of that size the rule called converged
+at D, what the longer run bought from D to 2 D. A rerun reuses a finished check run.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def chosen_multiple(sd, size: str) -> float:
     return float(sel.kept["lr_scale"].iloc[0]) if sel.choices else 1.0
 
 
-def longer_run(sweep: Path, size: str, factor: float) -> tuple[Path, dict]:
+def longer_run(sweep: Path, size: str, factor: float, lr_multiple: float | None = None,
+               train_cells: int | None = None) -> tuple[Path, dict]:
     cfg = load_run_config(sweep / "config.yaml")
     meta = json.loads((sweep / "sweep.json").read_text())
     ds = Dataset.open(meta["dataset"])
@@ -43,9 +45,11 @@ def longer_run(sweep: Path, size: str, factor: float) -> tuple[Path, dict]:
     cells = int(round(cfg.train.cells_seen * factor))
     # no early stop: every branch of the longer run is a point to predict
     flags = {"cells_seen": cells, "plateau_min_cells": 10 * cells}
+    multiple = chosen_multiple(sd, size) if lr_multiple is None else lr_multiple
     spec = resolve_run(cfg, size=size, n_genes=ds.n_genes, n_train=int(ds.splits["train"].size), seed=cfg.sweep.seeds[0],
-                       lr_multiple=chosen_multiple(sd, size), train_flags=flags)
-    out = sweep / "checks" / f"{size}-x{factor:g}"
+                       lr_multiple=multiple, train_cells=train_cells, train_flags=flags)
+    out = sweep / "checks" / (f"{size}-x{factor:g}" + ("" if lr_multiple is None else f"-lr{lr_multiple:g}")
+                              + ("" if train_cells is None else f"-d{train_cells}"))
     result = train_run(ds, spec.model, spec.train, out=out, train_cells=spec.train_cells, seed=spec.seed,
                        run_id=out.name)
     return out, result
@@ -56,8 +60,11 @@ def main() -> None:
     ap.add_argument("sweep", type=Path)
     ap.add_argument("--size", default="XS")
     ap.add_argument("--factor", type=float, default=4.0)
+    ap.add_argument("--lr-multiple", type=float, default=None,
+                    help="train at this multiple of the rule's rate (default: the one the sweep chose for the size)")
+    ap.add_argument("--train-cells", type=int, default=None, help="on this nested training set (default: all)")
     a = ap.parse_args()
-    out, result = longer_run(a.sweep, a.size, a.factor)
+    out, result = longer_run(a.sweep, a.size, a.factor, a.lr_multiple, a.train_cells)
     sd = load_sweep(a.sweep)
     data = run_data_fit(sd)
     if data is None or data.fit is None:
@@ -78,8 +85,33 @@ def main() -> None:
         got = float(r["test_loss"])
         print(f"| {d:,.0f} | {d / top:.3g} | {pred:.4f} | [{lo:.4f}, {hi:.4f}] | {got:.4f} | "
               f"{100 * (pred / got - 1):+.2f}% | {'yes' if lo <= got <= hi else 'NO'} |")
+    converged_check(sd, a.size, rows, lr_scale=float(result["lr_scale"]), train_cells=float(result["train_cells"]))
     if not np.isfinite(result.get("test_mse") or np.nan):
         print("the longer run did not finish ok:", result.get("status"), result.get("error"))
+
+
+def converged_check(sd, size: str, rows: list[dict], *, lr_scale: float, train_cells: float) -> None:
+    """For each sweep run of ``size`` at the longer run's rate and training set that the rule called
+    converged at D: what the longer run (the same recipe and seed, so the same path to D) bought from
+    D to 2 D, cooled down, on validation cells (the loss the rule reads) and on test cells."""
+    from cellscale.plateau import doubling_gain
+
+    at = {int(r["cells_seen"]): r for r in rows}
+    runs = sd.runs.assign(train_cells=sd.runs["train_cells"].fillna(sd.full_train or np.nan))
+    ok = runs[(runs["size"] == size) & (runs["status"] == "ok") & np.isclose(runs["lr_scale"], lr_scale)
+              & np.isclose(runs["train_cells"], train_cells)]
+    for r in ok.itertuples():
+        if r.converged is not True and r.converged != 1:
+            continue
+        d = int(r.cells_seen)
+        if d not in at or 2 * d not in at:
+            print(f"{r.run_id}: converged at {d:,} cells seen; the longer run has no branch at {2 * d:,}")
+            continue
+        unit = str(at[d].get("loss_unit", "mse"))
+        g_val = doubling_gain(at[d]["val_loss"], at[2 * d]["val_loss"], unit)
+        g_test = doubling_gain(at[d]["test_loss"], at[2 * d]["test_loss"], unit)
+        print(f"{r.run_id}: converged at {d:,} cells seen; 2x longer buys {100 * g_val:+.2f}% (validation), "
+              f"{100 * g_test:+.2f}% (test)")
 
 
 if __name__ == "__main__":

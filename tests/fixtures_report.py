@@ -247,7 +247,7 @@ def add_branches(sweep: Path, *, seed: int = 5) -> pd.DataFrame:
                          stable_step=(table["cells_seen"] // 64 / 1.2).astype(int), stable_cells=0,
                          flops=6.0 * table["params"] * table["cells_seen"] * 512, val_loss=table["test_loss"] * 1.001,
                          val_mse=table["test_loss"] * 1.001, test_mse=table["test_loss"], cooldown_train_loss=np.nan,
-                         gain=np.nan, converged=False, wall=0.1)
+                         gain=np.nan, gain_se=np.nan, converged=False, wall=0.1)
     table = table[list(BRANCH_FIELDS)]
     atomic_write_text_checked(sweep / "branches.csv", table.to_csv(index=False))
     return table

@@ -90,6 +90,7 @@ def test_the_run_records_its_branches_and_ends_with_its_last(branched):
         (16, 20, 640), (32, 40, 1280), (64, 80, 2560), (128, 160, 5120)]
     assert [r["gain"] for r in rows] == pytest.approx(gains([r["cells_seen"] for r in rows],
                                                             [r["val_loss"] for r in rows]), nan_ok=True)
+    assert rows[0]["gain_se"] is None and all(r["gain_se"] > 0 for r in rows[1:])  # paired with the point at half
     assert not any(r["converged"] for r in rows) and res["converged"] is False  # plateau_min_cells: never
     assert res["plateau_gain"] == rows[-1]["gain"]
     assert res["best_val_mse"] == pytest.approx(rows[-1]["val_mse"], rel=1e-9)
@@ -101,15 +102,30 @@ def test_the_run_records_its_branches_and_ends_with_its_last(branched):
     assert [x["cells_seen"] for x in lines if x["kind"] == "branch"] == [640, 1280, 2560, 5120]
 
 
-def test_the_run_stops_at_the_first_branch_the_rule_calls_converged(tiny_dataset_dir: Path, tmp_path: Path):
-    ds = Dataset.open(tiny_dataset_dir)
-    cfg = BRANCHED.model_copy(update={"plateau_min_cells": 0, "plateau_tol": 0.5, "branch_min_cells": 0,
-                                      "plateau_patience": 1})
-    res = train_run(ds, get_size("TINY", n_genes=ds.n_genes), cfg, out=tmp_path / "early")
+@pytest.fixture(scope="module")
+def learnable(tmp_path_factory) -> Dataset:
+    """Gaussian latent-factor data: a TINY model leaves the gene-mean baseline within a few hundred cells."""
+    from cellscale.config import DataConfig, SimulateConfig
+    from cellscale.data.build import build_dataset
+
+    cfg = DataConfig(source="simulate", genes=16, cells=2000, seed=0,
+                     simulate=SimulateConfig(mode="gaussian", n_genes=16, n_programs=3))
+    return Dataset.open(build_dataset(cfg, out=tmp_path_factory.mktemp("learnable") / "ds", progress=False))
+
+
+def test_the_run_stops_at_the_first_branch_the_rule_calls_converged(learnable: Dataset, tmp_path: Path):
+    from cellscale.plateau import has_learned
+
+    cfg = BRANCHED.model_copy(update={"plateau_min_cells": 0, "plateau_tol": 0.3, "branch_min_cells": 0,
+                                      "plateau_patience": 1, "cells_seen": B * 640})
+    res = train_run(learnable, get_size("TINY", n_genes=learnable.n_genes), cfg, out=tmp_path / "early")
     rows = _branches(tmp_path / "early")
-    hit = converged_at([r["cells_seen"] for r in rows], [r["val_loss"] for r in rows], tol=0.5, patience=1)
+    gene_mean = learnable.manifest["baselines"]["gene_mean"]["val"]
+    learned = [has_learned(r["val_mse"], gene_mean, 0.3) for r in rows]
+    hit = converged_at([r["cells_seen"] for r in rows], [r["val_loss"] for r in rows], tol=0.3, patience=1,
+                       ses=[r["gain_se"] for r in rows], learned=learned)
     assert hit == len(rows) - 1 and rows[-1]["converged"] is True and res["converged"] is True
-    assert res["steps"] == rows[-1]["step"] < 160 and res["cells_seen"] == rows[-1]["cells_seen"]
+    assert learned[-1] and res["steps"] == rows[-1]["step"] < 640 and res["cells_seen"] == rows[-1]["cells_seen"]
 
 
 def _cmd(dataset: Path, study: Path, run: Path) -> list[str]:

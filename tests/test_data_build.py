@@ -94,3 +94,28 @@ def test_structure_is_learnable(tmp_path):
             sse += float(((predict(v, m) - v)[m] ** 2).sum())
             n += int(m.sum())
     assert sse / n < 0.75 * ds.baselines["gene_mean"]["val"]
+
+
+def test_keeping_every_gene_is_recorded_and_warned(tmp_path, tiny_sim_cfg, capsys):
+    """Normalised by the library size over all genes, kept genes holding every count give away the
+    masked genes' total (docs/own-data.md): the share is recorded, one line warns, the report says so."""
+    from cellscale.config import DataConfig
+    from cellscale.data.build import build_dataset
+    from cellscale.data.store import Dataset
+
+    every = Dataset.open(build_dataset(DataConfig(source="simulate", cells=300, genes=200, hvg_flavor="all",
+                                                  simulate=tiny_sim_cfg), out=tmp_path / "all", progress=False))
+    err = capsys.readouterr().err
+    share = every.meta.preprocessing.kept_count_share
+    assert share == {"median": 1.0, "min": 1.0} and every.meta.preprocessing.leaks_masked_total
+    assert ("warning: the kept genes hold 100.0% of a median cell's counts: normalised by the library size over all "
+            "genes, the visible genes give away the masked genes' total") in err
+    values = np.expm1(np.asarray(every.values, dtype=np.float64))
+    assert values.sum(axis=1) == pytest.approx(every.target_sum, rel=1e-4)  # the constraint behind the leak
+    some = Dataset.open(build_dataset(DataConfig(source="simulate", cells=300, genes=32, simulate=tiny_sim_cfg),
+                                      out=tmp_path / "some", progress=False))
+    part = some.meta.preprocessing.kept_count_share
+    counts = np.asarray(some.counts, dtype=np.float64).sum(axis=1) / np.asarray(some.library_size)
+    assert part["median"] == pytest.approx(float(np.median(counts))) and part["min"] == pytest.approx(counts.min())
+    assert part["median"] < 0.95 and not some.meta.preprocessing.leaks_masked_total
+    assert "give away" not in capsys.readouterr().err

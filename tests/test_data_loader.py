@@ -133,6 +133,46 @@ def test_eval_batches_fixed_mask_in_split_order(ds):
     again = torch.cat([c[1] for c in eval_batches(ds, "val", batch_size=7)])
     assert torch.equal(again, m)
     capped = list(eval_batches(ds, "test", batch_size=4, max_cells=6))
-    assert sum(c[0].shape[0] for c in capped) == 6
+    pos = ds.eval_positions("test", 6)
+    assert sum(c[0].shape[0] for c in capped) == 6 and np.all(np.diff(pos) > 0)
+    assert np.array_equal(torch.cat([c[0] for c in capped]).numpy(), np.asarray(ds.values)[ds.splits["test"][pos]])
+    assert np.array_equal(torch.cat([c[1] for c in capped]).numpy(), ds.eval_mask("test")[pos])
     with pytest.raises(DataError, match="eval_batches is for held-out splits: use 'val' or 'test'"):
         next(eval_batches(ds, "train", batch_size=4))
+
+
+def test_a_capped_evaluation_represents_a_split_whose_file_order_is_grouped_by_tissue(write_h5ad, tmp_path):
+    """The first half of the file is a sparse, easy tissue and the second a rich, hard one: the
+    validation split (sorted by file position) starts with the easy tissue. A capped evaluation scores
+    a fixed subset drawn across both in proportion, and agrees with the whole split within its
+    sampling error; the first cells of the split (what it used to score) do not."""
+    import pandas as pd
+
+    from cellscale.config import DataConfig, TrainConfig
+    from cellscale.data.build import build_dataset
+    from cellscale.ladder import get_size
+    from cellscale.model import CellTransformer
+    from cellscale.train.evaluate import evaluate
+
+    rng = np.random.default_rng(0)
+    easy = rng.poisson(0.3, size=(600, 40))
+    hard = rng.poisson(rng.gamma(2.0, 3.0, size=(600, 40)))
+    obs = pd.DataFrame({"tissue": ["easy"] * 600 + ["hard"] * 600}, index=[f"c{i}" for i in range(1200)])
+    path = write_h5ad(np.vstack([easy, hard]).astype(np.float32), obs=obs)
+    out = build_dataset(DataConfig(source="h5ad", input=str(path), genes=40, cells=1200, hvg_flavor="all",
+                                   split=(0.8, 0.1, 0.1)), out=tmp_path / "ds", progress=False)
+    ds = Dataset.open(out)
+    tissue = ds.obs["tissue"].to_numpy()[ds.splits["val"]]
+    pos = ds.eval_positions("val", 40)
+    assert (tissue[:40] == "easy").all()  # the old cap: the easy tissue only
+    shares = pd.Series(tissue[pos]).value_counts()
+    assert pos.size == 40 and abs(shares["easy"] - 40 * (tissue == "easy").mean()) <= 1
+    assert np.array_equal(pos, Dataset.open(out).eval_positions("val", 40))  # fixed: the same at every evaluation
+    model = CellTransformer(get_size("TINY", n_genes=40))
+    cfg = TrainConfig(eval_batch_size=16)
+    full = evaluate(model, ds, "val", cfg=cfg, device=torch.device("cpu"), per_cell=True)
+    capped = evaluate(model, ds, "val", cfg=cfg, device=torch.device("cpu"), max_cells=40)
+    per_cell = full.cells.sse / np.maximum(full.cells.n, 1)
+    se = per_cell.std() / np.sqrt(40) * np.sqrt(1 - 40 / per_cell.size)  # a subset of a finite split
+    first = full.cells.sse[:40].sum() / full.cells.n[:40].sum()
+    assert abs(capped.mse - full.mse) <= 3 * se and abs(first - full.mse) > 5 * se

@@ -50,14 +50,17 @@ def test_schedule_and_budget_text_follow_the_budget_mode():
     assert ("Runs trained at their peak rate with a cooldown branch at every doubling of cells seen (a linear "
             "cooldown over 25% of the steps before it, then the cooled-down weights scored on the validation and "
             "test cells and training resumed from the stable phase); a run ended at the first branch whose "
-            "cooled-down validation loss had improved by at most 0.5% over the doubling before it, for 3 doublings "
-            "in a row (converged), or at its last branch, at most 500,000 cells seen") in plateau
+            "cooled-down validation loss had improved by at most 0.5% over the doubling before it, by at least that "
+            "gain's standard error over the validation cells, for 3 doublings in a row, with its validation MSE below "
+            "the gene-mean baseline's by more than 0.5% (converged), or at its last branch, at most 500,000 cells "
+            "seen") in plateau
     assert ("then the peak rate, with cooldown branches taken off it; the run's own end is its last branch: a "
             "linear cooldown to 10% of the peak over 25% of the steps before it") in plateau
     assert "none counted before" not in plateau and "1-sqrt" in _text({"budget": "plateau"})
     held = _text({"budget": "plateau", "plateau_min_cells": 40000, "cells_seen": 500000})
-    assert ("improved by at most 1% over the doubling before it, for 2 doublings in a row, none counted before "
-            "40,000 cells seen (converged)") in held
+    assert ("improved by at most 1% over the doubling before it, by at least that gain's standard error over the "
+            "validation cells, none counted before 40,000 cells seen, with its validation MSE below the gene-mean "
+            "baseline's by more than 1% (converged)") in held
 
 
 def test_the_rate_search_text_follows_sweep_lr_search():

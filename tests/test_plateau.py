@@ -2,10 +2,19 @@
 
 import math
 
+import numpy as np
 import pytest
 
 from cellscale.config import TrainConfig
-from cellscale.plateau import converged_at, doubling_gain, gains, is_converged, relative_fall
+from cellscale.plateau import (
+    converged_at,
+    doubling_gain,
+    gains,
+    has_learned,
+    is_converged,
+    paired_gain_se,
+    relative_fall,
+)
 from cellscale.train import lr_at
 
 
@@ -36,6 +45,31 @@ def test_a_relative_fall_is_a_share_of_the_loss_before():
     assert relative_fall(None, 1.0) is None
 
 
+def test_the_gains_standard_error_pairs_the_cells():
+    rng = np.random.default_rng(0)
+    n = rng.integers(3, 8, size=2000).astype(float)
+    after = n * rng.gamma(4.0, 0.25, size=2000)  # per-cell squared-error sums, mean MSE about 1
+    before = after * 1.01 * np.exp(0.02 * rng.standard_normal(2000))  # 1% worse, cell by cell
+    gain = doubling_gain(before.sum() / n.sum(), after.sum() / n.sum())
+    se = paired_gain_se((before, n), (after, n))
+    assert gain == pytest.approx(0.0102, abs=0.002) and 0.0002 < se < 0.001
+    # the delta method against a bootstrap over cells
+    idx = rng.integers(0, 2000, size=(2000, 2000))
+    boot = before[idx].sum(1) / after[idx].sum(1) - 1
+    assert se == pytest.approx(boot.std(), rel=0.1)
+    assert not is_converged(0.009, 0.01, se=0.002) and is_converged(0.005, 0.01, se=0.002)
+    # a few cells: the same 0.5% gain is no longer clear of the noise
+    few = paired_gain_se((before[:35] * 1.0, n[:35]), (before[:35] / 1.005 * np.exp(0.05 * rng.standard_normal(35)),
+                                                      n[:35]))
+    assert few > 0.005 and not is_converged(0.005, 0.01, se=few)
+    assert paired_gain_se((before, n), (after[:10], n[:10])) is None
+    # in bits (per-cell sums in nats, of either sign): the delta method against a bootstrap again
+    nats_after = n * (-0.3 + 0.5 * rng.standard_normal(2000))
+    nats_before = nats_after + n * (0.01 + 0.02 * rng.standard_normal(2000))
+    g = [2 ** (2 * (nats_before[i].sum() - nats_after[i].sum()) / n[i].sum() / np.log(2)) - 1 for i in idx[:500]]
+    assert paired_gain_se((nats_before, n), (nats_after, n), "bits") == pytest.approx(np.std(g), rel=0.15)
+
+
 def test_points_without_a_figure():
     assert doubling_gain(None, 1.0) is None and doubling_gain(1.0, float("nan")) is None
     assert doubling_gain(1.0, 0.0) is None  # an MSE of 0 is no loss to divide by
@@ -53,6 +87,17 @@ def test_the_first_converged_point_respects_patience_and_the_minimum():
     assert converged_at(cells, [2.0, 1.99, 1.985, 1.984, 1.0], patience=2) == 2
     assert converged_at(cells, losses, tol=0.001) == 4
     assert converged_at(cells, [5.0, 4.0, 3.0, 2.0, 1.0]) is None
+
+
+def test_no_point_on_the_gene_mean_plateau_counts_towards_convergence():
+    cells = [10_000, 20_000, 40_000, 80_000, 160_000]
+    losses = [1.006, 1.004, 1.001, 0.95, 0.949]  # flat at the gene mean (1.005), then a takeoff, then flat
+    learned = [has_learned(v, 1.005) for v in losses]
+    assert learned == [False, False, False, True, True]
+    assert converged_at(cells, losses, patience=2) == 2  # without the baseline: the plateau before the takeoff
+    assert converged_at(cells, losses, patience=2, learned=learned) is None
+    assert converged_at(cells, losses, patience=1, learned=learned) == 4
+    assert has_learned(0.99, None) and has_learned(None, 1.0)
 
 
 def test_a_denser_ladder_reads_each_gain_over_a_whole_doubling():

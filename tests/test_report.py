@@ -635,3 +635,19 @@ def test_loss_vs_depth_plot_is_pure():
     assert list(lines["gene mean"].get_ydata()) == [1.8, 1.2]
     empty = plots.loss_vs_depth(df.assign(status="failed"))
     assert "no finished runs" in empty.axes[0].texts[0].get_text()
+
+
+def test_a_dataset_that_keeps_every_gene_is_named_in_the_warnings(tmp_path: Path):
+    sweep = make_sweep(tmp_path, sizes=("XXS", "TINY", "XS"), seeds=(0,), diverged=None, failed=None, bootstrap=0)
+    path = tmp_path / "dataset" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["preprocessing"] = {"kept_count_share": {"median": 0.999, "min": 0.97}}
+    path.write_text(json.dumps(manifest))
+    write_report(sweep)
+    md = (sweep / "report.md").read_text()
+    assert ("The kept genes hold 99.9% of a median cell's counts (at least 97.0%): the values are normalised by the "
+            "library size over all genes, so the visible genes give away the masked genes' total") in md
+    manifest["preprocessing"]["kept_count_share"] = {"median": 0.5, "min": 0.3}
+    path.write_text(json.dumps(manifest))
+    write_report(sweep)
+    assert "give away the masked genes' total" not in (sweep / "report.md").read_text()

@@ -164,7 +164,7 @@ class TrainConfig(_Frozen):
     # plateau_patience branches in a row, or at its maximum (the last branch)
     budget: Literal["fixed", "plateau"] = "fixed"
     plateau_tol: float = Field(0.01, gt=0, lt=1)
-    plateau_patience: int = Field(2, ge=1)
+    plateau_patience: int = Field(1, ge=1)
     # no plateau is called before this many cells seen: a run at a low rate can sit flat at the
     # gene-mean loss for its first tens of thousands of cells and would read as trained there
     # (measured on SMALL, docs/ablations.md)
@@ -347,7 +347,7 @@ def dump_yaml(cfg: BaseModel) -> str:
 # settings added after runs and sweeps were first written, at the value that means "as before":
 # left out of identity hashes there, so a run or sweep from before them still resumes
 ADDED_SETTINGS_OFF: dict[str, dict[str, Any]] = {
-    "train": {"budget": "fixed", "plateau_tol": 0.01, "plateau_patience": 2, "plateau_min_cells": 0,
+    "train": {"budget": "fixed", "plateau_tol": 0.01, "plateau_patience": 1, "plateau_min_cells": 0,
               "cooldown_frac": 0.2, "cooldown_shape": "linear", "branch_min_cells": 0, "warmup_cells": 0,
               "branch_every": 2.0,
               "lr_scale": 1.0, "checkpoint_minutes": None, "ema_decay": None},

@@ -18,7 +18,9 @@ DOWNSTREAM_FIELDS = (
 RESULT_FIELDS = (
     "run_id", "size", "params", "non_embedding_params", "d_model", "n_layers", "n_heads",
     "n_genes", "objective", "train_cells", "depth", "seed", "steps", "cells_seen", "tokens_seen",
-    "flops", "branch_flops", "lr", "lr_scale", "best_step", "best_val_mse", "test_mse", "best_val_loss", "test_loss",
+    "flops", "branch_flops", "lr", "lr_scale", "best_step",
+    # how many validation cells the run's choices were made on (train/result.py, choice_cells)
+    "choice_cells", "best_val_mse", "test_mse", "best_val_loss", "test_loss",
     "gene_mean_val_mse", "gene_mean_test_mse", "wall_seconds", "status", "error",
     # was the run converged (cellscale.plateau, on its cooled-down branches), and the gain behind the verdict
     "budget", "converged", "plateau_gain", "dropout", "attention_dropout", "attention_impl",
@@ -34,12 +36,12 @@ NUMERIC_FIELDS = tuple(c for c in RESULT_FIELDS if c not in TEXT_FIELDS)
 # its cooldown ended at and the one it left the stable phase at, the cells seen at its end (the data
 # axis), the training FLOPs of a run scheduled to end there, the cooled-down weights' validation and
 # test scores (loss in the objective's unit, and MSE), the cooldown's mean train loss, the gain over
-# the branch before it (cellscale.plateau), whether the run counts as converged there, its status
-# and seconds
+# the branch at half its cells and that gain's standard error over the validation cells
+# (cellscale.plateau), whether the run counts as converged there, its status and seconds
 BRANCH_FIELDS = (
     "run_id", "size", "params", "seed", "lr", "lr_scale", "train_cells", "depth", "objective", "loss_unit",
     "step", "stable_step", "cells_seen", "stable_cells", "flops", "val_loss", "val_mse", "test_loss", "test_mse",
-    "cooldown_train_loss", "gain", "converged", "status", "wall",
+    "cooldown_train_loss", "gain", "gain_se", "converged", "status", "wall",
 )
 BRANCH_TEXT_FIELDS = ("run_id", "size", "objective", "loss_unit", "status")
 BRANCH_TABLE = "branches.json"  # RUN_DIR/branches.json: {"branches": [row, ...]}

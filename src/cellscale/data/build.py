@@ -23,6 +23,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from cellscale.config import DataConfig, config_hash
+from cellscale.data.manifest import LEAK_SHARE
 from cellscale.data.preprocess import (
     library_size,
     normalize_log1p,
@@ -39,6 +40,7 @@ from cellscale.data.store import (
     target_state,
 )
 from cellscale.errors import DataError
+from cellscale.io import warn
 
 __all__ = ["build_dataset", "load_source", "open_source", "AnnDataSource", "CellSource", "gene_mean_baseline",
            "gene_mean_baselines", "EVAL_MASK_PROB"]
@@ -382,10 +384,30 @@ def _write_blocks(cfg: DataConfig, src: CellSource, cells: _Cells, gene_idx, *, 
         raise DataError(f"the source returned {start} cells instead of {cfg.cells}: rebuild (the source changed?)")
 
 
+def kept_count_share(counts: np.ndarray, lib: np.ndarray) -> dict[str, float] | None:
+    """The median and smallest share of a cell's counts (``lib``: over all genes) held by the kept
+    genes (``counts``: cells x kept genes), read in row chunks; None without counts."""
+    if counts is None or len(lib) == 0:
+        return None
+    share = np.empty(len(lib))
+    for start in range(0, len(lib), _ROW_CHUNK):
+        stop = min(start + _ROW_CHUNK, len(lib))
+        share[start:stop] = np.asarray(counts[start:stop], dtype=np.float64).sum(axis=1) / np.maximum(lib[start:stop], 1)
+    return {"median": float(np.median(share)), "min": float(share.min())}
+
+
+def _warn_leak(share: dict[str, float] | None) -> None:
+    if share is not None and share["median"] >= LEAK_SHARE:
+        warn(f"the kept genes hold {100 * share['median']:.1f}% of a median cell's counts: normalised by the library "
+             "size over all genes, the visible genes give away the masked genes' total, and masked reconstruction "
+             "is easier than it should be (recorded in the manifest and the report; keep fewer genes than the data has)")
+
+
 def _preprocessing(cfg: DataConfig, src: CellSource, cells: _Cells, source_info: dict, flavor: str,
-                   batch_key: str | None) -> dict[str, Any]:
+                   batch_key: str | None, share: dict[str, float] | None = None) -> dict[str, Any]:
     normalized = bool(src.normalized)
     return {
+        "kept_count_share": share,
         "normalized_input": normalized,
         "n_loaded_cells": cells.n_loaded,
         "n_empty_cells_dropped": cells.n_empty,
@@ -422,6 +444,8 @@ def _build(cfg: DataConfig, src: CellSource, *, out: Path, overwrite: bool, step
             _write_blocks(cfg, src, cells, gene_idx, values=values, counts=counts, counts_dtype=counts_dtype,
                           advance=advance)
         w.save("library_size.npy", cells.lib)
+        share = kept_count_share(counts, cells.lib)
+        _warn_leak(share)
         w.save_splits(splits)
         w.save_obs(cells.obs)
 
@@ -438,7 +462,7 @@ def _build(cfg: DataConfig, src: CellSource, *, out: Path, overwrite: bool, step
             "V": V,
             "D": D,
             "seed": int(cfg.seed),
-            "preprocessing": _preprocessing(cfg, src, cells, source_info, flavor, batch_key),
+            "preprocessing": _preprocessing(cfg, src, cells, source_info, flavor, batch_key, share),
             "genes": genes,
             "split": {"fractions": list(cfg.split), "split_by": cfg.split_by, "seed": int(cfg.seed)},
             "split_sizes": {k: int(v.size) for k, v in splits.items()},

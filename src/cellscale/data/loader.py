@@ -224,8 +224,9 @@ def eval_batches(
     with_counts: bool = False,
 ) -> Iterator[tuple[torch.Tensor, ...]]:
     """Yield ``(values float32 [b, V], mask bool [b, V])`` over ``split`` in split order, under
-    the dataset's fixed evaluation mask; ``max_cells`` takes the first cells of the split;
-    ``+ (counts, log_scale)`` with ``with_counts``."""
+    the dataset's fixed evaluation mask; with ``max_cells`` over the fixed, stratified subset of
+    that many cells (``Dataset.eval_positions``), in split order; ``+ (counts, log_scale)`` with
+    ``with_counts``."""
     if split == "train":
         raise DataError("eval_batches is for held-out splits: use 'val' or 'test'")
     if batch_size < 1:
@@ -233,11 +234,11 @@ def eval_batches(
     rows = ds.splits.get(split)
     if rows is None:
         raise DataError(f"unknown split '{split}': use one of {sorted(ds.splits)}")
-    mask = ds.eval_mask(split)
+    positions = ds.eval_positions(split, max_cells)
+    rows, mask = rows[positions], ds.eval_mask(split)[positions]
     counts = CountsView(ds) if with_counts else None
-    n = rows.size if max_cells is None else min(int(max_cells), rows.size)
     values = ds.values
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
+    for start in range(0, rows.size, batch_size):
+        stop = min(start + batch_size, rows.size)
         item = (torch.from_numpy(_read_rows(values, rows[start:stop])), torch.from_numpy(mask[start:stop].copy()))
         yield item if counts is None else item + counts.rows(rows[start:stop])

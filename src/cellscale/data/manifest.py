@@ -101,6 +101,12 @@ class Source(_Block):
         return {**{k: own[k] for k in CENSUS_KEYS if k in own}, **self.census}
 
 
+# a median share of a cell's counts in the kept genes from which on the build warns and the report says
+# so: values normalised by the library size over all genes then give away the masked genes' total
+# (docs/own-data.md, "Keeping every gene")
+LEAK_SHARE = 0.95
+
+
 class Preprocessing(_Block):
     normalized_input: bool | None = None
     n_loaded_cells: int | None = None
@@ -110,10 +116,20 @@ class Preprocessing(_Block):
     target_sum: float | None = None
     hvg_flavor: str | None = None
     hvg_batch_key: str | None = None
+    # the share of each cell's counts (library size over all genes) in the kept genes, its median and
+    # smallest value over the cells: near 1 the visible genes give away the masked ones (data/build.py)
+    kept_count_share: dict[str, float] | None = None
     qc: dict[str, Any] = {}
     min_counts: int | float | None = None
     min_genes: int | float | None = None
     max_pct_mito: int | float | None = None
+
+    @property
+    def leaks_masked_total(self) -> bool:
+        """Do the kept genes hold so much of the counts that the visible genes give away the masked ones'
+        total (``LEAK_SHARE``)?"""
+        share = self.kept_count_share or {}
+        return share.get("median") is not None and float(share["median"]) >= LEAK_SHARE
 
     @property
     def qc_items(self) -> dict[str, Any]:

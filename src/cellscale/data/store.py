@@ -223,6 +223,7 @@ class Dataset:
         self.manifest = manifest  # the raw dict; ``meta`` is the same manifest, typed and validated
         self.meta = Manifest.parse(manifest, origin=path / MANIFEST)
         self._eval_masks: dict[str, np.ndarray] = {}
+        self._eval_subsets: dict[tuple[str, int], np.ndarray] = {}
 
     # ---------------------------------------------------------------- opening
     @classmethod
@@ -349,6 +350,34 @@ class Dataset:
             raise DataError(f"train_cells={n} but the train split has {train.size} cells: use 1..{train.size}")
         return train[:n]
 
+    def eval_positions(self, split: str, max_cells: int | None = None) -> np.ndarray:
+        """Positions (into the split, ascending) of the cells a capped evaluation scores: all of them
+        when ``max_cells`` is None or at least the split's size; else a fixed, seeded subset of
+        ``max_cells`` drawn across the whole split, in proportion to each stratum of
+        ``EVAL_STRATA`` (the first such column the cell metadata has: a tissue, a dataset), so that
+        it represents the split whatever the order of the source's rows. The same subset for every
+        evaluation and every run on this dataset."""
+        n = int(self.splits[split].size)
+        if max_cells is None or int(max_cells) >= n:
+            return np.arange(n, dtype=np.int64)
+        key = (split, int(max_cells))
+        if key not in self._eval_subsets:
+            rng = np.random.default_rng(seed_sequence(self.eval_mask_seed, f"{split}-eval-subset"))
+            self._eval_subsets[key] = stratified_subset(self._strata(split), int(max_cells), rng)
+        return self._eval_subsets[key]
+
+    def _strata(self, split: str) -> np.ndarray:
+        """A stratum label per cell of ``split`` (all one stratum without a stratifying column)."""
+        try:
+            obs = self.obs
+        except (OSError, ValueError):
+            obs = None
+        col = next((c for c in EVAL_STRATA if obs is not None and c in obs.columns), None)
+        n = int(self.splits[split].size)
+        if col is None or len(obs) != self.n_cells:
+            return np.zeros(n, dtype=np.int64)
+        return pd.factorize(obs[col].astype(str).to_numpy()[self.splits[split]])[0]
+
     def eval_mask(self, split: str) -> np.ndarray:
         """The fixed evaluation mask (n_split_cells x V bool) of ``split``, in split order."""
         if split not in self.splits:
@@ -362,6 +391,22 @@ class Dataset:
     def __repr__(self) -> str:
         sizes = self.manifest.get("split_sizes", {})
         return f"Dataset({str(self.path)!r}, D={self.n_cells}, V={self.n_genes}, splits={sizes})"
+
+
+# the cell-metadata columns a capped evaluation's subset is stratified by, the first one present
+EVAL_STRATA = ("tissue_general", "tissue", "dataset_id", "batch")
+
+
+def stratified_subset(strata: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """``k`` of ``strata``'s positions, sorted: each stratum's share by largest remainders (at least
+    one of a stratum when k allows), its cells drawn at random."""
+    labels, counts = np.unique(strata, return_counts=True)
+    quota = counts * (k / counts.sum())
+    take = np.floor(quota).astype(int)
+    for i in np.argsort(-(quota - take), kind="stable")[: k - int(take.sum())]:
+        take[i] += 1
+    picked = [rng.choice(np.flatnonzero(strata == lab), size=t, replace=False) for lab, t in zip(labels, take) if t]
+    return np.sort(np.concatenate(picked)).astype(np.int64) if picked else np.empty(0, dtype=np.int64)
 
 
 def eval_mask(n_cells: int, n_genes: int, *, seed: int, split: str, mask_prob: float) -> np.ndarray:

@@ -165,7 +165,8 @@ class DataAxisFit:
             dd = np.array([self._gains(t, pts) for t in draws]) if draws.shape[0] else np.empty((0, 2))
             d_ci = _pct(dd[:, 0]) if dd.size else [None, None]
             n_ci = _pct(dd[:, 1]) if dd.size else [None, None]
-            out.append({"size": row.size, "params": float(row.params), "cells_seen": float(row.cells_seen),
+            out.append({"size": row.size, "params": float(row.params), "train_cells": float(row.train_cells),
+                        "cells_seen": float(row.cells_seen),
                         "more_data": d, "more_data_ci95": d_ci, "more_params": n, "more_params_ci95": n_ci,
                         "limited_by": _limited_by(d, d_ci, n, n_ci)})
         return out

@@ -181,12 +181,22 @@ def _pct_ci(lohi: Any) -> str:
     return "n/a"
 
 
+def _label(entry: dict[str, Any], several: bool) -> str:
+    """A size's name, with its training set when the points come from more than one."""
+    return f"{entry['size']} ({fmt_int(entry['train_cells'])} cells)" if several else str(entry["size"])
+
+
+def _several_sets(out: DataOutcome) -> bool:
+    return len({c["train_cells"] for c in out.record["converged"]}) > 1
+
+
 def converged_table(out: DataOutcome) -> Table:
     rows = []
-    regime = {r["size"]: r for r in out.record["regime"]}
+    several = _several_sets(out)
+    regime = {(r["size"], r.get("train_cells")): r for r in out.record["regime"]}
     for c in out.record["converged"]:
-        r = regime.get(c["size"], {})
-        rows.append([str(c["size"]), fmt_int(c["params"]), fmt_int(c["last_cells_seen"]), fmt_num(c["last_loss"]),
+        r = regime.get((c["size"], c["train_cells"]), {})
+        rows.append([_label(c, several), fmt_int(c["params"]), fmt_int(c["last_cells_seen"]), fmt_num(c["last_loss"]),
                      fmt_num(c["loss"]), _ci(c["ci95"]), _pct(r.get("more_data")), _pct_ci(r.get("more_data_ci95")),
                      _pct(r.get("more_params")), _pct_ci(r.get("more_params_ci95")), str(r.get("limited_by", ""))])
     return Table(_CONVERGED_HEADER, rows, numeric=frozenset(_CONVERGED_HEADER[1:10]))
@@ -207,8 +217,9 @@ def size_law_sentence(out: DataOutcome) -> str:
 def regime_sentence(out: DataOutcome) -> str:
     """The seed study's data-rich against data-limited question, per size, in numbers."""
     parts = []
+    several = _several_sets(out)
     for r in out.record["regime"]:
-        parts.append(f"{r['size']} at {fmt_int(r['cells_seen'])} cells seen: 10x the cells seen lowers its loss by "
+        parts.append(f"{_label(r, several)} at {fmt_int(r['cells_seen'])} cells seen: 10x the cells seen lowers its loss by "
                      f"{_pct(r['more_data'])} ({_pct_ci(r['more_data_ci95'])}), 10x the parameters by "
                      f"{_pct(r['more_params'])} ({_pct_ci(r['more_params_ci95'])})")
     limited = [r["limited_by"] for r in out.record["regime"]]
@@ -217,7 +228,7 @@ def regime_sentence(out: DataOutcome) -> str:
     elif all(x == "parameters" for x in limited):
         verdict = "every size is limited by its parameters, not by the cells it has seen"
     else:
-        named = {k: [r["size"] for r in out.record["regime"] if r["limited_by"] == k]
+        named = {k: [_label(r, several) for r in out.record["regime"] if r["limited_by"] == k]
                  for k in ("data", "parameters", "both")}
         verdict = "; ".join(f"limited by {'data' if k == 'data' else k}: {', '.join(v)}" if k != "both" else
                             f"no clear limit (intervals overlap): {', '.join(v)}" for k, v in named.items() if v)
@@ -227,10 +238,11 @@ def regime_sentence(out: DataOutcome) -> str:
 def converged_sentence(out: DataOutcome) -> str:
     conv = out.record["converged"]
     far = [c for c in conv if c.get("still_to_fall") is not None and c["still_to_fall"] > 0.01]
+    several = _several_sets(out)
     text = ("Each size's converged loss L(N, D -> inf), what unlimited training on its data would reach: "
-            + "; ".join(f"{c['size']} {fmt_num(c['loss'])} {_ci(c['ci95'])}" for c in conv) + ".")
+            + "; ".join(f"{_label(c, several)} {fmt_num(c['loss'])} {_ci(c['ci95'])}" for c in conv) + ".")
     if far:
-        text += (" By the law, " + ", ".join(f"{c['size']} {_pct(c['still_to_fall'])}" for c in far)
+        text += (" By the law, " + ", ".join(f"{_label(c, several)} {_pct(c['still_to_fall'])}" for c in far)
                  + " below their last point: more than 1% that training longer would still buy.")
     return text
 

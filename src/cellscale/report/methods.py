@@ -280,8 +280,24 @@ def _budget_text(train: Mapping[str, Any], sweep: Mapping[str, Any], runs: pd.Da
     if man.eval_mask_seed is not None:
         ev.append(f"seed {man.eval_mask_seed}")
     text += f" ({', '.join(ev)})" if ev else " (its probability is not recorded in the manifest)"
-    text += ", so runs are comparable; the checkpoint with the best validation loss is kept and its test score reported."
-    return text
+    if train.get("budget") == "plateau":
+        text += (", so runs are comparable; each run's own weights are those of the cooldown branch it ended at, "
+                 "and its test score is reported")
+    else:
+        text += ", so runs are comparable; the checkpoint with the best validation loss is kept and its test score reported"
+    return text + _choice_cells_text(runs, train) + "."
+
+
+def _choice_cells_text(runs: pd.DataFrame | None, train: Mapping[str, Any]) -> str:
+    """How many validation cells the choices were made on, from the runs' own records."""
+    n = sorted({int(v) for v in pd.to_numeric(runs["choice_cells"], errors="coerce").dropna()}) \
+        if runs is not None and "choice_cells" in runs else []
+    if not n:
+        return ""
+    cap = train.get("max_eval_cells")
+    subset = (f"; evaluations during training scored a fixed subset of {fmt_int(cap)} validation cells drawn across "
+              "the split in proportion to its tissues or datasets, the same for every evaluation and run") if cap else ""
+    return f"; choices were made on {' / '.join(fmt_int(v) for v in n)} validation cells{subset}"
 
 
 def _lr_search_seed(sweep: Mapping[str, Any]) -> int | None:

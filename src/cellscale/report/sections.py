@@ -55,6 +55,13 @@ def _warnings(f: Findings) -> list[str]:
                    + "); they are listed in the run table and excluded from the fit.")
     if f.fit.error:
         out.append(f"No scaling law was fitted: {f.fit.error}.")
+    man = f.sd.manifest
+    if man is not None and man.preprocessing.leaks_masked_total:
+        share = man.preprocessing.kept_count_share
+        out.append(f"The kept genes hold {100 * share['median']:.1f}% of a median cell's counts (at least "
+                   f"{100 * share['min']:.1f}%): the values are normalised by the library size over all genes, so the "
+                   "visible genes give away the masked genes' total and every loss here is lower than on data "
+                   "that keeps fewer genes (docs/own-data.md, \"Keeping every gene\").")
     edge = select_lr(f.sd.runs[f.sd.runs["status"] == "ok"], loss_col=f.sd.loss_col).at_edge
     if edge:
         out.append("The best learning rate sits on the edge of its grid for " + ", ".join(c.size for c in edge)

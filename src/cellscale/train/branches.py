@@ -27,13 +27,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from cellscale import objectives
 from cellscale.checkpoint import crashpoint, save_weights
 from cellscale.io import atomic_write_json, atomic_write_with
 from cellscale.model import count_params, flops_per_cell
-from cellscale.plateau import converged_at, gains
+from cellscale.plateau import HALF, converged_at, gains, has_learned, paired_gain_se
 from cellscale.preempt import StopFlag
 from cellscale.schedule import BranchPoint, lr_at, run_branch_points
 from cellscale.schema import BRANCH_CELLS_DIR, BRANCH_TABLE
@@ -153,11 +154,16 @@ class Brancher:
         unit = objectives.loss_unit(mcfg.objective)
         cells = point.end * cfg.batch_size
         val_loss = val.loss if val is not None else None
-        ladder = [b for b in state.branches if b["status"] == "ok"] + [{"cells_seen": cells, "val_loss": val_loss}]
+        before = [b for b in state.branches if b["status"] == "ok"]
+        se = self._gain_se(before, cells, val, unit)
+        ladder = before + [{"cells_seen": cells, "val_loss": val_loss, "gain_se": se,
+                            "val_mse": val.mse if val is not None else None}]
         at, vals = [b["cells_seen"] for b in ladder], [b["val_loss"] for b in ladder]
         gain = gains(at, vals, unit)[-1]
+        gene_mean = (run.ds.manifest.get("baselines", {}).get("gene_mean") or {}).get("val")
         hit = converged_at(at, vals, unit=unit, tol=cfg.plateau_tol, patience=cfg.plateau_patience,
-                           min_cells=cfg.plateau_min_cells)
+                           min_cells=cfg.plateau_min_cells, ses=[b.get("gain_se") for b in ladder],
+                           learned=[has_learned(b["val_mse"], gene_mean, cfg.plateau_tol) for b in ladder])
         train_loss = sum(v for v, _ in losses) / max(1, len(losses))
         return {
             "run_id": run.run_id, "size": mcfg.name, "params": count_params(mcfg), "seed": run.seed,
@@ -170,9 +176,23 @@ class Brancher:
             "test_loss": test.loss if test is not None else None, "test_mse": test.mse if test is not None else None,
             "cooldown_train_loss": objectives.to_report_units(mcfg.objective, train_loss)
             if math.isfinite(train_loss) else None,
-            "gain": gain, "converged": hit is not None,
+            "gain": gain, "gain_se": se, "converged": hit is not None,
             "status": "ok" if val is not None else "diverged",
         }
+
+    def _gain_se(self, before: list[dict[str, Any]], cells: int, val: EvalResult | None, unit: str) -> float | None:
+        """The standard error of this branch's gain over the validation cells, paired with the branch
+        at half its cells (its per-cell sums, RUN_DIR/branches/<cells>.npz); None without one."""
+        half = [b for b in before if b["cells_seen"] <= HALF * cells]
+        if val is None or val.cells is None or not half:
+            return None
+        path = self.run.out / BRANCH_CELLS_DIR / f"{half[-1]['cells_seen']}.npz"
+        try:
+            with np.load(path) as saved:
+                earlier = (saved["val_loss"], saved["val_n"])
+        except (OSError, KeyError, ValueError):
+            return None
+        return paired_gain_se(earlier, (val.cells.loss, val.cells.n), unit)
 
     def _save_cells(self, cells: int, val: EvalResult, test: EvalResult) -> None:
         if self.run.dist.is_main:

@@ -227,7 +227,7 @@ def _save_when_due(run: Run, state: LoopState, log: MetricsLog, pending: Pending
 
 
 BRANCH_LINE = ("step", "stable_step", "cells_seen", "val_loss", "val_mse", "test_loss", "test_mse", "gain",
-               "converged", "status")
+               "gain_se", "converged", "status")
 
 
 def _branch(run: Run, state: LoopState, log: MetricsLog, pending: PendingLosses, watch: StopWatch,

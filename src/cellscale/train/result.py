@@ -63,6 +63,14 @@ def final_scores(run: Run, state: LoopState) -> FinalScores:
                        per_gene=per_gene_stats)
 
 
+def choice_cells(run: Run) -> int:
+    """How many validation cells the run's choices (its best checkpoint, or its stop) were made on."""
+    n_val = int(run.ds.splits["val"].size)
+    if run.cfg.budget == "plateau" or run.cfg.max_eval_cells is None:
+        return n_val
+    return min(n_val, int(run.cfg.max_eval_cells))
+
+
 def result_record(run: Run, state: LoopState, scores: FinalScores, *, clock: Clock,
                   t_start: float) -> dict[str, Any]:
     """result.json: the schema's fields first, then the run's own details."""
@@ -96,6 +104,9 @@ def result_record(run: Run, state: LoopState, scores: FinalScores, *, clock: Clo
         "lr": run.peak_lr,
         "lr_scale": cfg.lr_scale,
         "best_step": state.best_step if scores.best_val is not None else None,
+        # the validation cells the run's choices were made on: the branches score all of them; the best
+        # checkpoint of a fixed budget is chosen on the fixed stratified subset of max_eval_cells
+        "choice_cells": choice_cells(run),
         "best_val_mse": scores.best_val_mse,
         "test_mse": scores.test_mse,
         # the objective's own numbers: = the MSEs for mse, bits per masked gene for likelihoods
