@@ -148,7 +148,7 @@ def test_noise_and_compute_optimal_presets_plan_their_grids():
     co = plan_runs(co_cfg, n_genes=64)
     # the data axis: cells seen from the branches, unique cells from two nested training sets
     assert len(co) == 8 and {s.train_cells for s in co} == {4000, None} and {s.depth for s in co} == {1.0}
-    assert all(s.train.cells_seen == 160_000 for s in co)
+    assert all(s.train.cells_seen == 320_000 for s in co)
 
 
 def test_fit_config_defaults_are_the_fit_functions_defaults():

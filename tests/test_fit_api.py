@@ -172,10 +172,10 @@ def test_fit_imports_no_torch_and_no_other_cellscale_module():
     import sys
 
     # the torch-free bottom of the package: errors, JSON writing (stdlib), the entropy formula (numpy),
-    # the usable-CPU count (stdlib), the convergence rule's gain (stdlib)
+    # the usable-CPU count (stdlib), the convergence rule's gain (stdlib), the objectives' least losses (stdlib)
     code = (
         "import sys, cellscale.fit; LOW = {'cellscale.errors', 'cellscale.io', 'cellscale.bits', 'cellscale.cpus', "
-        "'cellscale.plateau'}; "
+        "'cellscale.plateau', 'cellscale.lossbounds'}; "
         "bad = [m for m in sys.modules if m == 'torch' or (m.startswith('cellscale.') and "
         "not m.startswith('cellscale.fit') and m not in LOW)]; print(bad)"
     )

@@ -1,5 +1,6 @@
 """Training objectives for masked reconstruction: what the head predicts at a masked gene and
-what it is scored by. Imports only torch (``model.py`` uses it).
+what it is scored by. Imports only torch and the standard-library ``cellscale.lossbounds``
+(``model.py`` uses it).
 
 * ``mse`` (the seed study's): one output, the log1p-normalised value; loss = squared error.
 * ``gaussian-nll``: two outputs, a mean ``m`` and a log-variance ``s`` of the log1p value;
@@ -25,6 +26,8 @@ import math
 import torch
 from torch import Tensor
 
+from cellscale.lossbounds import LOG_THETA_RANGE, LOG_VAR_RANGE
+
 __all__ = [
     "OBJECTIVES",
     "head_outputs",
@@ -36,6 +39,7 @@ __all__ = [
     "point_prediction",
     "nb_mean_log1p",
     "to_report_units",
+    "at_clamp",
     "LOG_VAR_RANGE",
     "LOG_THETA_RANGE",
 ]
@@ -43,10 +47,6 @@ __all__ = [
 OBJECTIVES = ("mse", "gaussian-nll", "nb")
 LN2 = math.log(2.0)
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
-# clamps keep a wild early prediction finite (exp of the raw output); far outside anything a
-# fitted model uses: variances e^-12..e^12 of log1p values, inverse dispersions e^-12..e^12
-LOG_VAR_RANGE = (-12.0, 12.0)
-LOG_THETA_RANGE = (-12.0, 12.0)
 
 
 def _check(objective: str) -> None:
@@ -162,6 +162,18 @@ def nb_mean_log1p(log_mu: Tensor, log_theta: Tensor, log_scale: Tensor, *, n_ter
     var = mu + mu * mu * torch.exp(-log_theta)
     delta = torch.log1p(a * mu) - 0.5 * a * a * var / (1.0 + a * mu) ** 2
     return torch.where(p.sum(1) > 1.0 - 1e-7, exact, delta)
+
+
+def at_clamp(objective: str, out: Tensor) -> Tensor | None:
+    """Which masked positions' second output (a log-variance, a log inverse dispersion) lies on
+    or past its clamp (``LOG_VAR_RANGE``, ``LOG_THETA_RANGE``): there the loss is the clamp's, not
+    the model's own statement. None for ``mse`` (one output, no clamp)."""
+    _check(objective)
+    if objective == "mse":
+        return None
+    lo, hi = LOG_VAR_RANGE if objective == "gaussian-nll" else LOG_THETA_RANGE
+    second = out[:, 1].float()
+    return (second <= lo) | (second >= hi)
 
 
 def to_report_units(objective: str, mean_loss: float) -> float:

@@ -21,6 +21,9 @@ RESULT_FIELDS = (
     "flops", "branch_flops", "lr", "lr_scale", "best_step",
     # how many validation cells the run's choices were made on (train/result.py, choice_cells)
     "choice_cells", "best_val_mse", "test_mse", "best_val_loss", "test_loss",
+    # the share of the test split's masked positions whose predicted variance (dispersion) sits on
+    # the head's clamp (cellscale.lossbounds): the bits there are the clamp's; empty for mse
+    "clamp_share",
     "gene_mean_val_mse", "gene_mean_test_mse", "wall_seconds", "status", "error",
     # was the run converged (cellscale.plateau, on its cooled-down branches), and the gain behind the verdict
     "budget", "converged", "plateau_gain", "dropout", "attention_dropout", "attention_impl",

@@ -39,16 +39,21 @@ def _loss(theta: np.ndarray, N, D):
     return E + A / N**alpha + B / D**beta
 
 
-def sufficient_size(theta: np.ndarray, D: float, tol: float) -> np.ndarray:
-    """Smallest N at which doubling N lowers the predicted loss by less than tol (relative).
+def sufficient_size(theta: np.ndarray, D: float, tol: float, unit: str = "mse") -> np.ndarray:
+    """Smallest N at which doubling N gains less than tol, a gain read as the convergence rule
+    reads one (``cellscale.plateau.doubling_gain``).
 
-    Gain of a doubling: A N^-alpha (1 - 2^-alpha); setting it equal to tol L(N, D) and
-    solving for N is closed form. NaN where every doubling already gains less than tol.
+    The fall of a doubling is A N^-alpha (1 - 2^-alpha). For an MSE, setting it equal to tol
+    times the loss it falls towards gives N in closed form (NaN where every doubling already gains
+    less). For bits the gain 2^(2 fall) - 1 is at most tol where the fall is at most
+    0.5 log2(1 + tol), whatever the floor's sign: N = (A (1 - 2^-alpha) / that)^(1/alpha).
     """
     theta = np.atleast_2d(theta)
     A, B, E, alpha, beta = (theta[:, i] for i in range(5))
-    margin = (1 - 2.0 ** -alpha) - tol
     with np.errstate(all="ignore"):
+        if unit == "bits":
+            return (A * (1 - 2.0 ** -alpha) / (0.5 * np.log2(1 + tol))) ** (1.0 / alpha)
+        margin = (1 - 2.0 ** -alpha) - tol
         n = (A * margin / (tol * (E + B * D ** -beta))) ** (1.0 / alpha)
     return np.where(margin > 0, n, np.nan)
 
@@ -61,7 +66,7 @@ def _ci(values: np.ndarray) -> list:
 
 
 def compute_optimal(theta: np.ndarray, samples: np.ndarray, *, X: np.ndarray, frame: pd.DataFrame,
-                    x_cols: list[str], tolerance: float) -> dict:
+                    x_cols: list[str], tolerance: float, unit: str = "mse") -> dict:
     k, k_source = flops_constant(frame, X, x_cols)
     C_runs = k * X[:, 0] * X[:, 1]
     lo = np.floor(np.log10(C_runs.min()))
@@ -90,16 +95,17 @@ def compute_optimal(theta: np.ndarray, samples: np.ndarray, *, X: np.ndarray, fr
         rows.append(row)
     A, B, E, alpha, beta = theta
     D_budget = float(X[:, 1].max())
-    n_suff = sufficient_size(theta, D_budget, tolerance)[0]
+    n_suff = sufficient_size(theta, D_budget, tolerance, unit)[0]
     fixed = {
         "D": D_budget,
         "tolerance": tolerance,
         "definition": (
-            "smallest N where doubling N lowers the predicted loss at this D by less than "
-            "tolerance x L(N, D); D is the largest data size in the table"
+            "smallest N where doubling N gains less than tolerance at this D (a gain as the convergence "
+            "rule reads one: relative for an MSE, of the Gaussian-equivalent variance for bits); D is the "
+            "largest data size in the table"
         ),
         "N_sufficient": None if not np.isfinite(n_suff) else float(n_suff),
-        "N_sufficient_ci95": _ci(sufficient_size(boot, D_budget, tolerance)) if boot.shape[0] else [None, None],
+        "N_sufficient_ci95": _ci(sufficient_size(boot, D_budget, tolerance, unit)) if boot.shape[0] else [None, None],
     }
     return {
         "C_definition": f"C = k * {x_cols[0]} * {x_cols[1]}, k = {k:.6g}",

@@ -19,6 +19,8 @@ from cellscale.fit.methods import METHODS, Method, paper_fit, paper_on_edge
 from cellscale.fit.result import FitResult
 from cellscale.fit.threads import blas_single_thread
 from cellscale.io import verify_checksum
+from cellscale.lossbounds import lowest_loss
+from cellscale.plateau import doubling_gain
 
 
 def _lookup(law: str, method: str) -> tuple[Law, Method]:
@@ -64,7 +66,10 @@ def _no_floor(law: Law, method: Method, data: FitData) -> dict | None:
     }
 
 
-def _leave_largest_out(law: Law, method: Method, data: FitData) -> dict:
+def _leave_largest_out(law: Law, method: Method, data: FitData, unit: str = "mse", lowest: float = 0.0) -> dict:
+    """Refit without the largest x and predict it. The errors are read as the convergence rule reads
+    a change (``cellscale.plateau.doubling_gain``): relative for an MSE, sign-free for bits;
+    ``lowest`` (subtracted from the fitted y) is added back to the numbers shown."""
     largest = data.X[:, 0].max()
     held = data.X[:, 0] == largest
     rest = data.subset(~held)
@@ -73,22 +78,24 @@ def _leave_largest_out(law: Law, method: Method, data: FitData) -> dict:
         return {**base, "predicted": None, "observed": None, "rel_error": None,
                 "note": "too few configurations left without the largest model"}
     outcome = _fit(law, method, rest)
-    pred = law.predict(law.to_natural(outcome.u), data.X[held])
-    obs = data.y[held]
+    pred = law.predict(law.to_natural(outcome.u), data.X[held]) + lowest
+    obs = data.y[held] + lowest
+    errors = [doubling_gain(float(p), float(o), unit) for p, o in zip(pred, obs)]
     return {
         **base,
         "predicted": float(pred.mean()),
         "observed": float(obs.mean()),
-        "rel_error": float((pred.mean() - obs.mean()) / obs.mean()),
-        "mean_abs_rel_error": float(np.mean(np.abs(pred - obs) / obs)),
+        "rel_error": doubling_gain(float(pred.mean()), float(obs.mean()), unit),
+        "mean_abs_rel_error": float(np.mean(np.abs(errors))),
     }
 
 
 LIKELIHOOD_Y = ("best_val_loss", "test_loss")
 
 
-def _resolve_y(df: pd.DataFrame, y: str | None) -> tuple[str, str]:
-    """The loss column and its unit. A table of a likelihood objective (its ``objective``
+def _resolve_y(df: pd.DataFrame, y: str | None) -> tuple[str, str, float]:
+    """The loss column, its unit and the least loss the objective can score there
+    (``cellscale.lossbounds.lowest_loss``). A table of a likelihood objective (its ``objective``
     column) is fitted on ``best_val_loss`` (bits per masked gene) unless ``y`` says otherwise;
     rows of different objectives are refused (their losses are in different units), and so
     are rows of different sequencing depths."""
@@ -106,7 +113,26 @@ def _resolve_y(df: pd.DataFrame, y: str | None) -> tuple[str, str]:
     likelihood = bool(objectives) and objectives != {"mse"}
     if y is None:
         y = LIKELIHOOD_Y[0] if likelihood else Y_DEFAULT
-    return y, ("bits" if likelihood and y in LIKELIHOOD_Y else "mse")
+    unit = "bits" if likelihood and y in LIKELIHOOD_Y else "mse"
+    return y, unit, lowest_loss(next(iter(objectives), "mse"), unit)
+
+
+def _excess(df: pd.DataFrame, y: str, lowest: float) -> pd.DataFrame:
+    """The table with ``y`` measured from the objective's least loss: the laws are fitted in log
+    space, and a gaussian-nll loss in bits (a differential entropy) may be of either sign."""
+    if not lowest or y not in df.columns:
+        return df
+    return df.assign(**{y: pd.to_numeric(df[y], errors="coerce") - lowest})
+
+
+def floor_shifted(law: Law, arr: np.ndarray, delta: float) -> np.ndarray:
+    """``arr`` (parameters, or rows of them) with ``delta`` added to the floor's column."""
+    idx = law.floor_index()
+    if not delta or idx is None:
+        return arr
+    out = np.array(arr, dtype=float, copy=True)
+    out[..., idx] += delta
+    return out
 
 
 def fit_table(
@@ -154,8 +180,12 @@ def _fit_table(df, *, law, method, x, y, bootstrap, seed, groups, per_gene_mse, 
     if bootstrap < 0:
         raise FitError(f"bootstrap must be >= 0, got {bootstrap}")
     x = list(x) if x is not None else list(law_obj.default_x)
-    y, loss_unit = _resolve_y(df, y)
-    data = prepare(df, law_name=law, n_params=law_obj.n_params, variables=law_obj.variables,
+    y, loss_unit, lowest = _resolve_y(df, y)
+    if lowest and law_obj.floor is None:
+        raise FitError(f"law '{law}' has no floor, and a gaussian-nll loss in bits may fall below zero (it is a "
+                       "differential entropy): fit a law with a floor (power-floor, chinchilla)")
+    # fitted as the excess over the least loss the objective can score; the floor is shifted back
+    data = prepare(_excess(df, y, lowest), law_name=law, n_params=law_obj.n_params, variables=law_obj.variables,
                    x=x, y=y, groups=groups, weights=weights)
 
     outcome = _fit(law_obj, method_obj, data)
@@ -167,42 +197,47 @@ def _fit_table(df, *, law, method, x, y, bootstrap, seed, groups, per_gene_mse, 
         r2_definition = "R^2 of the least-squares line log(L - c) on log P (the seed study's)"
         fidx = law_obj.floor_index()
         at_boundary = fidx is not None and paper_on_edge(float(theta[fidx]), data.y)
-        floor_bounds = [0.0, 0.99 * float(data.y.min())]
+        floor_bounds = [lowest, lowest + 0.99 * float(data.y.min())]
     else:
         r2 = r_squared(data.y, pred)
         r2_definition = "1 - SS_res / SS_tot of y on the linear scale"
         at_boundary = law_obj.floor_on_bound(theta, data.y)
-        floor_bounds = list(law_obj.floor_bounds(data.y))
+        floor_bounds = [lowest + b for b in law_obj.floor_bounds(data.y)]
 
     ivals = compute_intervals(interval, method_obj, law_obj, data, outcome.u, outcome.candidates[:1],
                               n_boot=bootstrap, seed=seed, n_jobs=n_jobs, blocked=blocked)
-    samples, ci_lo, ci_hi = ivals.samples, ivals.lo, ivals.hi
-
+    interval_fields = ivals.summary(interval, bootstrap, law_obj, theta)
     aic, bic = _criteria(law_obj, method_obj, data, theta)
+    fidx = law_obj.floor_index()
+    floor_over_best = float(theta[fidx]) / float(data.y.min()) if fidx is not None else None
+    theta, samples, ci_lo, ci_hi = (floor_shifted(law_obj, a, lowest) for a in (theta, ivals.samples, ivals.lo, ivals.hi))
+    if lowest and "interval_centre" in interval_fields:
+        interval_fields["interval_centre"][law_obj.floor] += lowest
+
     no_floor = _no_floor(law_obj, method_obj, data)
     if no_floor is not None and no_floor.get("aic") is not None and np.isfinite(aic):
         no_floor["delta_aic"] = no_floor["aic"] - aic
         no_floor["delta_bic"] = no_floor["bic"] - bic
         no_floor["note"] = "delta = no-floor minus with-floor; positive favours the floor"
 
-    fidx = law_obj.floor_index()
     floor = float(theta[fidx]) if fidx is not None else None
     floor_ci = (float(ci_lo[fidx]), float(ci_hi[fidx])) if fidx is not None and np.isfinite(ci_lo[fidx]) else None
     extra = {
         "r2_definition": r2_definition,
         "floor_bounds": floor_bounds if fidx is not None else None,
-        "floor_over_best_loss": floor / float(data.y.min()) if floor is not None else None,
+        "floor_over_best_loss": floor_over_best,  # both measured from lowest_loss
+        "lowest_loss": lowest,
         "objective": outcome.objective,
         "method_description": method_obj.description,
         "aic": aic,
         "bic": bic,
         "aic_space": "log(y)" if method_obj.space == "log" else "y",
         "no_floor": no_floor,
-        "leave_largest_out": _leave_largest_out(law_obj, method_obj, data),
+        "leave_largest_out": _leave_largest_out(law_obj, method_obj, data, loss_unit, lowest),
         "loss_unit": loss_unit,
         "entropy_bits": entropy_summary(floor, floor_ci, None if loss_unit == "bits" else per_gene_mse,
                                         loss_unit=loss_unit),
-        **ivals.summary(interval, bootstrap, law_obj, theta),
+        **interval_fields,
         "bootstrap_units": (groups if groups is not None else x) if interval == "bca-groups" or blocked else None,
         "bootstrap_blocked": bool(blocked),
         "n_units": int(data.groups.max()) + 1,
@@ -212,7 +247,7 @@ def _fit_table(df, *, law, method, x, y, bootstrap, seed, groups, per_gene_mse, 
         # data-constrained shares chinchilla's (A, B, E, alpha, beta): its frontier is chinchilla's
         # with fresh cells (no epoch repeated), on the (N, D) columns
         extra["compute_optimal"] = compute_optimal(theta[:5], samples[:, :5], X=data.X[:, :2], frame=data.frame,
-                                                   x_cols=x[:2], tolerance=gain_tolerance)
+                                                   x_cols=x[:2], tolerance=gain_tolerance, unit=loss_unit)
         if law_obj.name == "data-constrained":
             extra["compute_optimal"]["note"] = "with fresh cells: no training cell seen twice (R_D = 0)"
     return FitResult(law=law_obj, method=method_obj.name, x=x, y=y, theta=theta, samples=samples,

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from cellscale.errors import FitError
-from cellscale.fit.core import fit_table
+from cellscale.fit.core import fit_table, floor_shifted
 from cellscale.fit.intervals import residual_levels
 from cellscale.fit.methods import METHODS
 from cellscale.fit.result import FitResult
@@ -100,7 +100,9 @@ class DataAxisFit:
         # Student t draws: the two spreads are estimated from few runs and points
         noise = (s_run * rng.standard_t(max(g - 1, 1), size=preds.shape)
                  + s_point * rng.standard_t(max(n - g, 1), size=preds.shape))
-        return _pct_rows(preds * np.exp(noise))
+        # the residuals are of the excess over the objective's least loss (0 but for gaussian-nll bits)
+        lowest = float(self.result.extra.get("lowest_loss") or 0.0)
+        return _pct_rows(lowest + (preds - lowest) * np.exp(noise))
 
     # ---- converged losses and the size law ---------------------------------------------------
     def _converged(self, theta: np.ndarray, params, train_cells) -> np.ndarray:
@@ -274,10 +276,13 @@ def fit_data_axis(branches: pd.DataFrame, *, law: str | None = None, y: str = Y_
                        groups=["run_id"], blocked=True, interval=interval, n_jobs=n_jobs,
                        gain_tolerance=gain_tolerance)
     used = ok.reset_index(drop=True)
-    X, yv = used[law_x(law)].to_numpy(float), used[y].to_numpy(float)
+    # the residuals of the fit as fitted: the excess over the objective's least loss
+    lowest = float(result.extra.get("lowest_loss") or 0.0)
+    X, yv = used[law_x(law)].to_numpy(float), used[y].to_numpy(float) - lowest
     space = "linear" if METHODS[method].space == "linear" else "log"
+    theta = floor_shifted(result.law, result.theta, -lowest)
     runs, points = residual_levels(result.law, space, np.log(X), yv, np.ones(len(yv)),
-                                   result.law.from_natural(result.theta), used["run_id"].astype(str).to_numpy())
+                                   result.law.from_natural(theta), used["run_id"].astype(str).to_numpy())
     return DataAxisFit(result=result, unit=units.pop() if units else "mse", sizes=_sizes(used, y),
                        run_residuals=runs, point_residuals=points)
 

@@ -17,6 +17,7 @@ import pandas as pd
 
 from cellscale.errors import FitError
 from cellscale.fit.data_axis import Y_DATA, DataAxisFit, fit_data_axis, law_x, learned_points
+from cellscale.lossbounds import lowest_loss
 from cellscale.lrgrid import select_lr
 from cellscale.report import plots
 from cellscale.report.doc import Callout, Fig, Figure, Para, Section, Table
@@ -70,9 +71,10 @@ def _points(sd: SweepData) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
                      "rates left out)")
     chosen = b[b["run_id"].isin(set(kept["run_id"].astype(str))) & (b["status"] == "ok")]
     y = pd.to_numeric(chosen[Y_DATA], errors="coerce")
-    bad = ~np.isfinite(y) | (y <= 0)  # the laws are fitted in log space
+    lowest = lowest_loss(sd.objective, str(chosen["loss_unit"].iloc[0]) if len(chosen) else "mse")
+    bad = ~np.isfinite(y) | (y <= lowest)  # the laws are fitted in log space, to the excess over it
     if bad.any():
-        notes.append(f"{int(bad.sum())} points without a finite positive loss left out")
+        notes.append(f"{int(bad.sum())} points without a finite loss above {lowest:g} left out")
     gene_mean = sd.gene_mean_val if sd.objective == "mse" else (sd.likelihood_refs.get("gene_mean") or {}).get("val")
     pts, learned = learned_points(chosen[~bad], baseline=gene_mean)
     notes += learned
@@ -97,8 +99,10 @@ def run_data_fit(sd: SweepData) -> DataOutcome | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            # every usable core: the joint law's resamples are the report's longest step (the numbers
+            # do not depend on how many processes fit them)
             out.fit = fit_data_axis(pts, law=law, bootstrap=int(cfg["bootstrap"]), seed=int(cfg["seed"]),
-                                    interval=cfg.get("interval"))
+                                    interval=cfg.get("interval"), n_jobs=None)
         out.record = out.fit.to_dict()
     except FitError as err:
         out.error = str(err)

@@ -15,6 +15,7 @@ import cellscale.fit  # called as cellscale.fit.fit_table, so that a test may st
 from cellscale.config import FitConfig, depth_label
 from cellscale.errors import FitError
 from cellscale.fit.result import FitResult
+from cellscale.lossbounds import lowest_loss
 from cellscale.lrgrid import loss_column, select_lr
 from cellscale.report import plots
 from cellscale.report.fmt import fmt_int
@@ -64,11 +65,20 @@ def _and(note: str | None, more: str) -> str:
 
 def _usable(ok: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
     y = fitted_loss_column(ok)
-    usable = np.isfinite(ok[y]) & (ok[y] > 0) & np.isfinite(ok["params"]) & (ok["params"] > 0)
+    lowest = lowest_of(ok)
+    usable = np.isfinite(ok[y]) & (ok[y] > lowest) & np.isfinite(ok["params"]) & (ok["params"] > 0)
     if usable.all():
         return ok, None
-    return ok[usable], ("runs marked ok without a positive finite loss or parameter count were left out: "
-                        + ", ".join(ok.loc[~usable, "run_id"].astype(str)))
+    return ok[usable], (f"runs marked ok without a finite loss above {lowest:g} or a positive parameter count "
+                        "were left out: " + ", ".join(ok.loc[~usable, "run_id"].astype(str)))
+
+
+def lowest_of(runs: pd.DataFrame) -> float:
+    """The least loss the runs' objective can score in the fitted column's unit (0 but for
+    gaussian-nll bits, which may be negative): the laws are fitted to the excess over it."""
+    likelihood = fitted_loss_column(runs) == "best_val_loss"
+    objective = str(runs["objective"].dropna().iloc[0]) if likelihood and runs["objective"].notna().any() else "mse"
+    return lowest_loss(objective, "bits" if likelihood else "mse")
 
 
 def _headline_only(ok: pd.DataFrame, note: str | None) -> tuple[pd.DataFrame, str | None]:

@@ -245,7 +245,8 @@ def _within_noise(below: Mapping[str, float], best_below: float | None, known_fl
 
 
 def _floor_sentences(fit: Mapping[str, Any], fname: str, best: dict[str, Any] | None,
-                     baselines: Mapping[str, float] | None = None, known_floor: KnownFloor | None = None) -> list[str]:
+                     baselines: Mapping[str, float] | None = None, known_floor: KnownFloor | None = None,
+                     unit: str = "") -> list[str]:
     params, ci = fit.get("params") or {}, fit.get("ci95") or {}
     at_boundary = bool(fit.get("floor_at_boundary"))
     c = float(params[fname])
@@ -253,7 +254,7 @@ def _floor_sentences(fit: Mapping[str, Any], fname: str, best: dict[str, Any] | 
     noise = _beaten_only_by_noise(below, ci.get(fname), known_floor)
     best_below = below.pop("best_model", None)
     beaten_by_best = best_below is not None
-    s = f"The fitted floor of the law ({fname}) is {fmt_num(c)}"
+    s = f"The fitted floor of the law ({fname}) is {fmt_num(c)}{unit}"
     if fname in ci and ci[fname] and ci[fname][0] is not None:
         s += f" (95% CI {fmt_num(ci[fname][0])} to {fmt_num(ci[fname][1])})"
     if best is not None and c > 0 and not at_boundary:
@@ -327,10 +328,14 @@ def meaning_paragraph(
     fname = fname if fname in params else None
     out += _alpha_sentence(params, fit.get("ci95") or {}, fname is not None)
     others = {k: v for k, v in baselines.items() if k != "gene_mean"}
-    # the known floor is an MSE: a law fitted to a likelihood's bits is not set against it
-    same_unit = known if fit.get("loss_unit", "mse") == "mse" else None
+    # the best model, the baselines and the known floor are MSEs: a law fitted to a likelihood's
+    # bits (of either sign) is set against none of them
+    in_bits = fit.get("loss_unit", "mse") == "bits"
+    same_unit = None if in_bits else known
+    if in_bits:
+        best, others = None, {}
     if fname:
-        out += _floor_sentences(fit, fname, best, others, same_unit)
+        out += _floor_sentences(fit, fname, best, others, same_unit, unit=" bits per masked gene" if in_bits else "")
     below = floor_beaten_by(fit, fname, best, others) if fname else {}
     noise = _beaten_only_by_noise(below, (fit.get("ci95") or {}).get(fname), same_unit)
     out += _entropy_sentence(fit, floor_beaten=bool(below) and not noise)

@@ -91,6 +91,20 @@ def _plain_log_y(ax, lo: float, hi: float) -> None:
             ax.yaxis.set_minor_formatter(NullFormatter())
 
 
+def _loss_y(ax, values, pad: float) -> None:
+    """The loss axis over the finite ``values``: log with plain ticks when all are positive, linear
+    when any is not (a gaussian-nll loss in bits is a differential entropy and may be negative)."""
+    ys = np.asarray(values, dtype=float)
+    ys = ys[np.isfinite(ys)]
+    if not ys.size:
+        return
+    if ys.min() > 0:
+        _plain_log_y(ax, ys.min() / pad, ys.max() * pad)
+        return
+    margin = (pad - 1.0) * max(float(np.ptp(ys)), abs(float(ys.max())), 1e-9)
+    ax.set_ylim(ys.min() - margin, ys.max() + margin)
+
+
 def _legend_outside(ax, **kw) -> None:
     handles, labels = ax.get_legend_handles_labels()
     if handles:
@@ -113,41 +127,38 @@ def size_colors(params: Mapping[str, float]) -> dict[str, tuple]:
     return {name: cmap(0.9 * i / max(n - 1, 1)) for i, name in enumerate(names)}
 
 
-def _finite_pos(values) -> np.ndarray:
-    arr = np.asarray(values, dtype=float)
-    return arr[np.isfinite(arr) & (arr > 0)]
-
-
 def _message(ax, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes,
             fontsize=11, color="#555555", wrap=True)
 
 
 def _ref_lines(ax, refs: Sequence[RefLine], **style: Any) -> list[float]:
-    """Draw the positive finite reference lines (``style``: line width, z-order); return their values."""
+    """Draw the finite reference lines (``style``: line width, z-order); return their values."""
     drawn = []
     for ref in refs:
-        if ref.value is not None and np.isfinite(ref.value) and ref.value > 0:
+        if ref.value is not None and np.isfinite(ref.value):
             ax.axhline(ref.value, color=ref.color, ls=ref.style, label=ref.label, **style)
             drawn.append(ref.value)
     return drawn
 
 
 def _finished_and_not(runs: pd.DataFrame, x: str, y: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(ok runs, other runs), each with positive finite ``x`` and ``y``."""
+    """(ok runs, other runs), each with a positive finite ``x`` and a finite ``y``."""
     df = runs.copy()
     if "status" not in df:
         df["status"] = "ok"
     df[x] = pd.to_numeric(df.get(x), errors="coerce")
     df[y] = pd.to_numeric(df.get(y), errors="coerce")
-    finite = np.isfinite(df[x]) & np.isfinite(df[y]) & (df[x] > 0) & (df[y] > 0)
+    finite = np.isfinite(df[x]) & np.isfinite(df[y]) & (df[x] > 0)
     return df[(df["status"] == "ok") & finite], df[(df["status"] != "ok") & finite]
 
 
 def _visible_floor(ax, floor: Floor | None, data_min: float) -> Floor | None:
-    """The floor when it lies near the runs; far below them (or not positive) it is named in a
-    corner instead, so that an undetermined floor does not flatten the plot."""
-    if floor is None or (np.isfinite(floor.value) and floor.value > 0.3 * data_min):
+    """The floor when it lies near the runs (above 0.3 x the least loss; for losses that reach 0 or
+    below, within one unit of it); far below them it is named in a corner instead, so that an
+    undetermined floor does not flatten the plot."""
+    near = 0.3 * data_min if data_min > 0 else data_min - 1.0
+    if floor is None or (np.isfinite(floor.value) and floor.value > near):
         return floor
     ax.text(0.01, 0.02, f"{floor.label}: below the plotted range", transform=ax.transAxes,
             fontsize=8, color="#9467bd")
@@ -184,8 +195,10 @@ def _law_curve(ax, curve: Curve) -> None:
 def _floor_band(ax, floor: Floor) -> None:
     ax.axhline(floor.value, color="#9467bd", lw=1.5, ls="-.", zorder=2,
                label=floor.label + (" (at search bound!)" if floor.at_boundary else ""))
-    if floor.lo is not None and floor.hi is not None and floor.hi > 0:
-        ax.axhspan(max(floor.lo, 1e-12), floor.hi, color="#9467bd", alpha=0.15, lw=0,
+    if floor.lo is not None and floor.hi is not None:
+        # a positive floor is drawn on a log axis: its interval is cut at a tiny positive number
+        lo = max(floor.lo, 1e-12) if floor.value > 0 else floor.lo
+        ax.axhspan(lo, floor.hi, color="#9467bd", alpha=0.15, lw=0,
                    label="floor 95% interval", zorder=0)
 
 
@@ -227,16 +240,14 @@ def loss_vs_params(
     xlo, xhi = xs_all.min() / 2.0, xs_all.max() * 2.0
     if curve is not None and len(curve.x):
         _law_curve(ax, curve)
-        all_y += list(_finite_pos(curve.y))
+        all_y += list(curve.y)
         xlo, xhi = min(xlo, np.min(curve.x)), max(xhi, np.max(curve.x))
-    if floor is not None and np.isfinite(floor.value) and floor.value > 0:
+    if floor is not None and np.isfinite(floor.value):
         _floor_band(ax, floor)
     _ref_lines(ax, refs, lw=1.3, zorder=2)
     ax.set_xscale("log")
     ax.set_xlim(xlo, xhi)
-    ys = _finite_pos(all_y)
-    if len(ys):
-        _plain_log_y(ax, ys.min() / 1.06, ys.max() * 1.06)
+    _loss_y(ax, all_y, 1.06)
     ax.set_xlabel("parameters (total, incl. gene embeddings)" if x == "params" else x)
     ax.set_ylabel({"best_val_mse": "best validation MSE (masked genes)",
                    "best_val_loss": "best validation loss (bits per masked gene)"}.get(y, y))
@@ -332,9 +343,7 @@ def learning_curves(
     else:
         ys_all += _ref_lines(ax, refs, lw=1.2)
         ax.set_xscale("log")
-        ys = _finite_pos(ys_all)
-        if len(ys):
-            _plain_log_y(ax, ys.min() / 1.04, ys.max() * 1.04)
+        _loss_y(ax, ys_all, 1.04)
         ax.grid(True, which="major", alpha=0.3)
         _size_legend(ax, params)
     ax.set_xlabel("cells seen")
@@ -343,16 +352,16 @@ def learning_curves(
     return fig
 
 
-def _size_lines(ax, runs: pd.DataFrame, x: str, y: str, *, dots: dict[str, Any], positive_y: bool = False,
+def _size_lines(ax, runs: pd.DataFrame, x: str, y: str, *, dots: dict[str, Any],
                 line_z: float | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The finished runs with finite ``x > 0`` (and ``y > 0`` with ``positive_y``): a dot per run
+    """The finished runs with finite ``x > 0`` and a finite ``y``: a dot per run
     and, per model size, a line through its mean ``y`` at each ``x``. Returns the runs drawn
     (empty: nothing drawn) and the size colours."""
     df = runs.copy()
     df[x] = pd.to_numeric(df.get(x), errors="coerce")
     df[y] = pd.to_numeric(df.get(y), errors="coerce")
     keep = (df.get("status", "ok") == "ok") & np.isfinite(df[x]) & np.isfinite(df[y]) & (df[x] > 0)
-    df = df[keep & (df[y] > 0)] if positive_y else df[keep]
+    df = df[keep]
     if df.empty:
         return df, {}
     params = df.groupby("size")["params"].median().to_dict()
@@ -417,8 +426,7 @@ def loss_vs_data(
         ax.plot([], [], color="#555555", ls="--", lw=1.2, label="fitted L(N, D) (band: 95%)")
     if limits:
         ax.plot([], [], color="#555555", ls=":", lw=2.0, label="its limit L(N, D -> inf)")
-    ys = _finite_pos(list(df[y]) + [r.value for r in refs] + list((limits or {}).values()))
-    _plain_log_y(ax, ys.min() / 1.04, ys.max() * 1.04)
+    _loss_y(ax, list(df[y]) + [r.value for r in refs] + list((limits or {}).values()), 1.04)
     xt = np.unique(df[x].to_numpy(float))
     if len(xt) <= 12:  # label the training-set sizes actually used, as plain numbers
         ax.xaxis.set_major_locator(FixedLocator(xt))
@@ -444,7 +452,7 @@ def loss_vs_depth(
     (mean over seeds), every run a dot. ``refs`` maps a label to {depth: value}: a reference
     that changes with depth (e.g. each thinned dataset's gene-mean baseline), drawn dashed."""
     fig, ax = _new_figure()
-    df, colors = _size_lines(ax, runs, x, y, positive_y=True, line_z=2,
+    df, colors = _size_lines(ax, runs, x, y, line_z=2,
                              dots={"s": 18, "edgecolor": "black", "linewidths": 0.3, "alpha": 0.8})
     if df.empty:
         _message(ax, "no finished runs with a sequencing depth")
@@ -454,14 +462,13 @@ def loss_vs_depth(
     palette = ["#ff7f0e", "#2ca02c", "#8c564b", "#7f7f7f"]
     for i, (label, by_depth) in enumerate((refs or {}).items()):
         pts = sorted((float(d), float(v)) for d, v in by_depth.items()
-                     if v is not None and np.isfinite(v) and v > 0 and np.isfinite(d) and d > 0)
+                     if v is not None and np.isfinite(v) and np.isfinite(d) and d > 0)
         if pts:
             ax.plot([d for d, _ in pts], [v for _, v in pts], color=palette[i % len(palette)], ls="--", lw=1.3,
                     marker="s", ms=3, label=label, zorder=1)
             ys += [v for _, v in pts]
     ax.set_xscale("log")
-    ys_pos = _finite_pos(ys)
-    _plain_log_y(ax, ys_pos.min() / 1.04, ys_pos.max() * 1.04)
+    _loss_y(ax, ys, 1.04)
     xt = np.unique(df[x].to_numpy(float))
     ax.set_xlim(xt.min() / 1.25, xt.max() * 1.25)
     if len(xt) <= 12:  # label the depths actually used, as plain fractions
@@ -526,7 +533,7 @@ def isoflop_profiles(iso: IsoFlop, *, ax=None, title: str = "IsoFLOP profiles of
         color = cmap(0.85 * i / max(len(budgets) - 1, 1))
         ax.plot(N, L, color=color, lw=1.8, label=f"C = {C:.2g} FLOPs")
         ax.plot([n_opt], [l_opt], marker="*", ms=12, color=color, markeredgecolor="black", zorder=5)
-        ys += list(_finite_pos(L)) + [l_opt]
+        ys += list(L[np.isfinite(L)]) + [l_opt]
     if not ys:
         _message(ax, "the fitted law gives no finite compute-optimal size")
         ax.set_title(title)
@@ -536,7 +543,10 @@ def isoflop_profiles(iso: IsoFlop, *, ax=None, title: str = "IsoFLOP profiles of
     ax.set_xscale("log")
     ys_arr = np.asarray(ys)
     lo, hi = ys_arr.min(), np.percentile(ys_arr, 90)  # the far arms climb steeply: keep the valleys readable
-    _plain_log_y(ax, lo / 1.03, max(hi, lo * 1.05) * 1.03)
+    if lo > 0:
+        _plain_log_y(ax, lo / 1.03, max(hi, lo * 1.05) * 1.03)
+    else:  # a loss in bits below zero
+        _loss_y(ax, [lo, hi], 1.03)
     ax.grid(True, which="major", alpha=0.3)
     ax.set_xlabel("parameters N (D = C / (k N) training cells)")
     ax.set_ylabel("predicted loss")
@@ -591,7 +601,7 @@ def loss_vs_lr(runs: pd.DataFrame, *, chosen: Mapping[str, float], edge: Sequenc
     ``chosen`` (size -> the chosen rate) is ringed, and sizes in ``edge`` (chosen rate on the edge of
     the grid) are named in the title."""
     fig, ax = _new_figure()
-    df, colors = _size_lines(ax, runs, "lr", y, positive_y=True,
+    df, colors = _size_lines(ax, runs, "lr", y, 
                              dots={"s": 16, "edgecolor": "black", "linewidths": 0.3, "alpha": 0.8})
     if df.empty:
         _message(ax, "no finished runs with a learning rate")
@@ -603,8 +613,7 @@ def loss_vs_lr(runs: pd.DataFrame, *, chosen: Mapping[str, float], edge: Sequenc
             ax.scatter([lr], [at[y].mean()], s=160, facecolors="none", edgecolors=colors.get(size, "black"),
                        linewidths=1.8, zorder=4)
     ax.set_xscale("log")
-    ys = _finite_pos(df[y])
-    _plain_log_y(ax, ys.min() / 1.03, ys.max() * 1.03)
+    _loss_y(ax, df[y], 1.03)
     ax.grid(True, which="major", alpha=0.3)
     ax.set_xlabel("peak learning rate")
     ax.set_ylabel("best validation MSE" if y == "best_val_mse" else y)

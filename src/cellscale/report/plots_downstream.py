@@ -17,8 +17,8 @@ from cellscale.report.plots import (
     RefLine,
     _finished_and_not,
     _law_curve,
+    _loss_y,
     _message,
-    _plain_log_y,
     _ref_lines,
     _run_points,
     size_colors,
@@ -37,18 +37,18 @@ def _panel(ax, runs: pd.DataFrame, *, y: str, curve: Curve | None, refs: Sequenc
         ax.set_title(title, fontsize=10)
         return
     _run_points(ax, good, bad, "params", y)
-    ys = list(good[y]) + [r.value for r in refs if r.value is not None and np.isfinite(r.value) and r.value > 0]
+    ys = list(good[y]) + [r.value for r in refs if r.value is not None and np.isfinite(r.value)]
     xlo, xhi = good["params"].min() / 2.0, good["params"].max() * 2.0
     if curve is not None and len(curve.x):
         _law_curve(ax, curve)
-        ys += [v for v in curve.y if np.isfinite(v) and v > 0]
+        ys += [v for v in curve.y if np.isfinite(v)]
         xlo, xhi = min(xlo, float(np.min(curve.x))), max(xhi, float(np.max(curve.x)))
     _ref_lines(ax, refs, lw=1.3, zorder=2)
     ax.set_xscale("log")
     ax.set_xlim(xlo, xhi)
-    ys = np.asarray([v for v in ys if v > 0], dtype=float)
+    ys = np.asarray(ys, dtype=float)
     if ys.size and log_y:
-        _plain_log_y(ax, ys.min() / 1.1, ys.max() * 1.1)
+        _loss_y(ax, ys, 1.1)  # log, or linear for a loss in bits below zero
     elif ys.size:
         ax.set_ylim(0.0, min(1.05, ys.max() * 1.1))
     ax.set_xlabel("parameters (total, incl. gene embeddings)")

@@ -8,8 +8,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import numpy as np
+import pandas as pd
 
 from cellscale.config import depth_label
+from cellscale.lossbounds import LOG_VAR_RANGE
 from cellscale.lrgrid import select_lr
 from cellscale.report import data_axis, downstream, tables
 from cellscale.report.data_axis import DataOutcome
@@ -62,11 +64,31 @@ def _warnings(f: Findings) -> list[str]:
                    f"{100 * share['min']:.1f}%): the values are normalised by the library size over all genes, so the "
                    "visible genes give away the masked genes' total and every loss here is lower than on data "
                    "that keeps fewer genes (docs/own-data.md, \"Keeping every gene\").")
+    out += _clamp_warning(f.sd.runs)
     edge = select_lr(f.sd.runs[f.sd.runs["status"] == "ok"], loss_col=f.sd.loss_col).at_edge
     if edge:
         out.append("The best learning rate sits on the edge of its grid for " + ", ".join(c.size for c in edge)
                    + ": those points may not be at their optimum; widen sweep.lr_multipliers.")
     return out
+
+
+CLAMP_WARN = 0.01  # a share of masked positions on the head's clamp worth a warning
+
+
+def _clamp_warning(runs: pd.DataFrame) -> list[str]:
+    """Runs whose likelihood head puts more than ``CLAMP_WARN`` of the test split's masked positions
+    on its clamp (``cellscale.lossbounds``): their bits report the clamp there, not the data."""
+    if "clamp_share" not in runs:
+        return []
+    share = pd.to_numeric(runs["clamp_share"], errors="coerce")
+    hit = runs[share > CLAMP_WARN]
+    if hit.empty:
+        return []
+    named = ", ".join(f"{r.run_id} ({100 * s:.1f}%)" for r, s in zip(hit.itertuples(), share[hit.index]))
+    return [f"{len(hit)} run(s) predict the variance (or dispersion) of more than {100 * CLAMP_WARN:g}% of the "
+            f"masked test positions on the head's clamp: {named}. There the loss is set by the clamp (a log-variance, "
+            f"or log inverse dispersion, held to {LOG_VAR_RANGE[0]:g}..{LOG_VAR_RANGE[1]:g}), not by the data, so their bits are not the data's entropy "
+            "(docs/objectives.md, \"Negative bits and the clamp\")."]
 
 
 def _meaning(f: Findings) -> str:

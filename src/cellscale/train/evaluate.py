@@ -32,6 +32,8 @@ class EvalResult:
 
     loss: float
     mse: float
+    # the share of masked positions whose variance (dispersion) sits on its clamp; None for mse
+    clamp_share: float | None = None
     sse_g: np.ndarray | None = None
     nats_g: np.ndarray | None = None
     n_g: np.ndarray | None = None
@@ -134,8 +136,9 @@ class _GeneTotals:
 
 
 def _batch_errors(model: CellTransformer, item: tuple, *, device: torch.device, autocast,
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(point-prediction error, the objective's loss, mask) at the batch's masked positions."""
+                  ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor | None]:
+    """(point-prediction error, the objective's loss, mask) at the batch's masked positions, and
+    which of them sit on the head's clamp (``objectives.at_clamp``)."""
     objective = model.cfg.objective
     values, mask, *extra = (t.to(device, non_blocking=True) for t in item)
     with autocast():
@@ -148,7 +151,7 @@ def _batch_errors(model: CellTransformer, item: tuple, *, device: torch.device, 
         kw = {"counts": counts[mask], "log_scale": objectives.at_positions(log_scale, mask)}
     diff = objectives.point_prediction(objective, out, log_scale=kw.get("log_scale")) - target
     pos = diff**2 if objective == "mse" else objectives.position_loss(objective, out, target, **kw)
-    return diff, pos, mask
+    return (diff, pos, mask), objectives.at_clamp(objective, out)
 
 
 @torch.no_grad()
@@ -173,14 +176,21 @@ def evaluate(
     cells = _CellTotals(objective, min(n_split, max_cells or n_split)) if per_cell else None
     batches = eval_batches(ds, split, batch_size=cfg.eval_batch_size, max_cells=max_cells,
                            with_counts=objectives.needs_counts(objective))
+    clamped = masked = 0.0
     for i, item in enumerate(batches):
         if i % world == rank:
-            errors = _batch_errors(model, item, device=device, autocast=autocast)
+            errors, on_clamp = _batch_errors(model, item, device=device, autocast=autocast)
             totals.add(*errors)
+            if on_clamp is not None:
+                clamped, masked = clamped + float(on_clamp.sum()), masked + float(on_clamp.numel())
             if cells is not None:
                 cells.add(i * cfg.eval_batch_size, *errors)
     model.train(was_training)
     result = totals.result(dist)
+    if objective != "mse":
+        if dist is not None and dist.active:
+            clamped, masked = dist.all_reduce_sum([clamped, masked])
+        result = dataclasses.replace(result, clamp_share=clamped / masked if masked else None)
     if cells is None:
         return result
     # the split totals as ratios of the float64 per-cell sums, as with per_gene

@@ -32,6 +32,7 @@ class FinalScores:
     test_mse: float | None = None
     test_loss: float | None = None
     per_gene: dict[str, float | None] | None = None
+    clamp_share: float | None = None  # of the test split's masked positions (objectives.at_clamp)
 
 
 def _per_gene_doc(run: Run, test: EvalResult, per_gene_mse: list[float | None]) -> dict[str, Any]:
@@ -60,7 +61,7 @@ def final_scores(run: Run, state: LoopState) -> FinalScores:
         atomic_write_json(run.out / "per_gene.json", _per_gene_doc(run, test, per_gene_mse))
         write_cell_sums(run.out / RUN_CELLS, val, test)
     return FinalScores(best_val=val.loss, best_val_mse=val.mse, test_mse=test.mse, test_loss=test.loss,
-                       per_gene=per_gene_stats)
+                       per_gene=per_gene_stats, clamp_share=test.clamp_share)
 
 
 def choice_cells(run: Run) -> int:
@@ -112,6 +113,7 @@ def result_record(run: Run, state: LoopState, scores: FinalScores, *, clock: Clo
         # the objective's own numbers: = the MSEs for mse, bits per masked gene for likelihoods
         "best_val_loss": scores.best_val,
         "test_loss": scores.test_loss,
+        "clamp_share": scores.clamp_share,
         "gene_mean_val_mse": baselines.get("val"),
         "gene_mean_test_mse": baselines.get("test"),
         "wall_seconds": clock.elapsed(),

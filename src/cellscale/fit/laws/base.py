@@ -86,11 +86,19 @@ class Law(ABC):
         return None
 
     def predict(self, theta: np.ndarray, X: np.ndarray) -> np.ndarray:
+        """The law at X. Every floor here is an added constant: the rest is evaluated in log space
+        and the floor added after, so that a floor of either sign predicts (a fit to the excess over
+        an objective's least loss, ``cellscale.fit.core``, shifts it below zero)."""
         X = np.asarray(X, dtype=float)
         if X.ndim == 1:
             X = X[:, None]
+        theta = np.array(theta, dtype=float, copy=True)
+        idx = self.floor_index()
+        floor = 0.0
+        if idx is not None:
+            floor, theta[idx] = float(theta[idx]), 0.0
         with np.errstate(divide="ignore"):
-            return np.exp(self.log_predict(self.from_natural(np.asarray(theta, float)), np.log(X)))
+            return np.exp(self.log_predict(self.from_natural(theta), np.log(X))) + floor
 
     def floor_bounds(self, y: np.ndarray) -> tuple[float, float]:
         """Natural-scale bounds of the floor: 0 and the worst observed loss."""
