@@ -13,6 +13,7 @@ from cellscale.fit.compute_optimal import compute_optimal
 from cellscale.fit.data import Y_DEFAULT, FitData, n_distinct_rows, prepare
 from cellscale.fit.entropy import entropy_summary
 from cellscale.fit.intervals import check_interval, compute_intervals, default_interval
+from cellscale.fit.judge import judge
 from cellscale.fit.laws import LAWS
 from cellscale.fit.laws.base import Law
 from cellscale.fit.methods import METHODS, Method, paper_fit, paper_on_edge
@@ -88,6 +89,22 @@ def _leave_largest_out(law: Law, method: Method, data: FitData, unit: str = "mse
         "rel_error": doubling_gain(float(pred.mean()), float(obs.mean()), unit),
         "mean_abs_rel_error": float(np.mean(np.abs(errors))),
     }
+
+
+def _judgement(law: Law, method: Method, data: FitData, theta: np.ndarray, pred: np.ndarray, r2: float,
+               at_boundary: bool) -> dict:
+    """``judge`` on the fitted scale (``theta`` and ``pred`` before the floor is shifted back)."""
+    log = method.space == "log"
+    space_y = np.log(data.y) if log else data.y
+    with np.errstate(divide="ignore", invalid="ignore"):
+        residuals = space_y - (np.log(pred) if log else pred)
+    names = list(law.param_names)
+    fidx = law.floor_index()
+    out = judge(data.X, data.y, space_y=space_y, residuals=residuals, n_params=law.n_params,
+                one_variable=law.n_vars == 1, alpha=float(theta[names.index("alpha")]) if "alpha" in names else None,
+                r2=r2, floor=float(theta[fidx]) if fidx is not None else None)
+    out["floor_identified"] = bool(out["floor_identified"] and not at_boundary)
+    return out
 
 
 LIKELIHOOD_Y = ("best_val_loss", "test_loss")
@@ -207,6 +224,7 @@ def _fit_table(df, *, law, method, x, y, bootstrap, seed, groups, per_gene_mse, 
     ivals = compute_intervals(interval, method_obj, law_obj, data, outcome.u, outcome.candidates[:1],
                               n_boot=bootstrap, seed=seed, n_jobs=n_jobs, blocked=blocked)
     interval_fields = ivals.summary(interval, bootstrap, law_obj, theta)
+    judgement = _judgement(law_obj, method_obj, data, theta, pred, r2, bool(at_boundary))
     aic, bic = _criteria(law_obj, method_obj, data, theta)
     fidx = law_obj.floor_index()
     floor_over_best = float(theta[fidx]) / float(data.y.min()) if fidx is not None else None
@@ -233,6 +251,7 @@ def _fit_table(df, *, law, method, x, y, bootstrap, seed, groups, per_gene_mse, 
         "bic": bic,
         "aic_space": "log(y)" if method_obj.space == "log" else "y",
         "no_floor": no_floor,
+        "judgement": judgement,
         "leave_largest_out": _leave_largest_out(law_obj, method_obj, data, loss_unit, lowest),
         "loss_unit": loss_unit,
         "entropy_bits": entropy_summary(floor, floor_ci, None if loss_unit == "bits" else per_gene_mse,

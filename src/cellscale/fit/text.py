@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from cellscale.fit.judge import flag_lines
+
 __all__ = ["format_fit"]
 
 
@@ -25,8 +27,13 @@ def format_fit(fit: dict[str, Any]) -> list[str]:
     lines = [f"fit ({fit.get('law')}, {fit.get('method')}, n={fit.get('n_points')}, "
              f"R^2={fit.get('r2', float('nan')):.3f}): " + ", ".join(parts)]
     lines += _interval_lines(fit)
+    judgement = fit.get("judgement") or {}
+    lines += [f"warning: {text}" for text in flag_lines(judgement)]
     if fit.get("floor_at_boundary"):
         lines.append("warning: the floor estimate sits on its bound: the data do not pin it down")
+    elif judgement.get("flags") and fit.get("floor_param"):
+        lines.append(f"floor: not identified by these points, so neither {fit['floor_param']} nor its bits are a "
+                     "measurement (its bracket above is the law's through them)")
     else:
         lines += _entropy_lines(fit.get("entropy_bits") or {})
     return lines

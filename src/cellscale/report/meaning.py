@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from cellscale.baselines import check_not_below_floor
+from cellscale.fit.judge import flag_lines
 from cellscale.lrgrid import LRChoice, loss_column, select_lr
 from cellscale.report.fmt import floor_name, fmt_int, fmt_num
 
@@ -334,8 +335,13 @@ def meaning_paragraph(
     same_unit = None if in_bits else known
     if in_bits:
         best, others = None, {}
+    judgement = fit.get("judgement") or {}
     if fname:
         out += _floor_sentences(fit, fname, best, others, same_unit, unit=" bits per masked gene" if in_bits else "")
+        if judgement.get("flags"):
+            out.append("These points do not identify a floor (" + "; ".join(flag_lines(judgement))
+                       + "), so neither it nor its bits are a measurement.")
+            return " ".join(out)
     below = floor_beaten_by(fit, fname, best, others) if fname else {}
     noise = _beaten_only_by_noise(below, (fit.get("ci95") or {}).get(fname), same_unit)
     out += _entropy_sentence(fit, floor_beaten=bool(below) and not noise)

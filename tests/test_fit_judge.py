@@ -1,0 +1,99 @@
+"""The fit judges the points it was handed (issue 26, part 1): named flags in fit.json, warning lines
+from `cellscale fit`, and no floor or bits given as a measurement when the points cannot carry one."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cellscale.fit import fit_table
+from cellscale.fit.judge import lack_of_fit, rising_pairs
+from cellscale.fit.text import format_fit
+
+# the issue's table: six sizes, three seeds, the largest worse than the one before it by ~3 seed SDs
+ISSUE_26 = """params,seed,best_val_mse
+500,0,2.3006
+500,1,2.3075
+500,2,2.2944
+10000,0,1.7560
+10000,1,1.7484
+10000,2,1.7484
+120000,0,1.6314
+120000,1,1.6209
+120000,2,1.6197
+900000,0,1.5894
+900000,1,1.5918
+900000,2,1.5848
+20000000,0,1.5635
+20000000,1,1.5542
+20000000,2,1.5578
+100000000,0,1.5754
+100000000,1,1.5700
+100000000,2,1.5689
+"""
+
+
+def _clean_ladder() -> pd.DataFrame:
+    rng = np.random.default_rng(3)
+    P = np.repeat(np.logspace(3, 8, 6), 3)
+    y = (2.0 * P**-0.3 + 1.0) * np.exp(0.003 * rng.standard_normal(P.size))
+    return pd.DataFrame({"params": P, "seed": np.tile([0, 1, 2], 6), "best_val_mse": y})
+
+
+def test_a_ladder_whose_top_stopped_falling_gets_no_floor():
+    fit = fit_table(pd.read_csv(io.StringIO(ISSUE_26)), law="power-floor", bootstrap=100).to_dict()
+    j = fit["judgement"]
+    assert j["flags"] == ["lack_of_fit", "top_not_falling", "floor_above_best"] and j["floor_identified"] is False
+    assert j["rising_pairs"] == [[2e7, 1e8]] and j["lack_of_fit"]["df"] == [3, 12] and j["lack_of_fit"]["p"] < 0.01
+    lines = format_fit(fit)
+    assert "warning: a larger size is worse than a smaller one beyond their seed spread: the top of the ladder " \
+           "stopped falling (under-trained, or a rate off its optimum)" in lines
+    assert "warning: the floor lies above the best size's mean loss" in lines
+    assert lines[-1].startswith("floor: not identified by these points, so neither c nor its bits are a measurement")
+    assert not any("entropy per masked gene" in line for line in lines)
+
+
+def test_a_curve_that_rises_with_size_is_flagged_and_gets_no_bits():
+    df = pd.DataFrame({"params": np.logspace(2, 6, 5), "best_val_mse": [1.0, 1.5, 2.0, 2.5, 3.0]})
+    fit = fit_table(df, law="power-floor", bootstrap=50).to_dict()
+    assert fit["judgement"]["flags"] == ["not_falling"] and fit["judgement"]["spearman_rho"] == pytest.approx(1.0)
+    # one seed per size: the seed-spread checks are not made, and say so
+    assert fit["judgement"]["checked"] == ["not_falling", "floor_above_best"]
+    assert not any("entropy" in line for line in format_fit(fit))
+
+
+def test_a_clean_ladder_is_not_flagged_and_keeps_its_bits():
+    fit = fit_table(_clean_ladder(), law="power-floor", bootstrap=100).to_dict()
+    j = fit["judgement"]
+    assert j["flags"] == [] and j["floor_identified"] is True and j["lack_of_fit"]["p"] > 0.01
+    assert j["checked"] == ["lack_of_fit", "top_not_falling", "not_falling", "floor_above_best"]
+    assert any(line.startswith("entropy per masked gene (homoscedastic Gaussian)") for line in format_fit(fit))
+
+
+def test_the_judgement_pieces():
+    # the F test against replicates: a law through the group means has no lack of fit
+    groups = [np.array([1.0, 1.2]), np.array([2.0, 2.2]), np.array([3.0, 3.4])]
+    res = np.concatenate([g - g.mean() for g in groups])
+    assert lack_of_fit(groups, res, n_params=2)["F"] == pytest.approx(0.0, abs=1e-12)
+    assert lack_of_fit([np.array([1.0]), np.array([2.0])], np.zeros(2), n_params=1) is None  # no replicates
+    # a larger size worse beyond two standard errors of the difference, and only then
+    tight = [(np.array([1.0]), np.array([1.00, 1.01, 0.99])), (np.array([10.0]), np.array([1.05, 1.06, 1.04]))]
+    loose = [(np.array([1.0]), np.array([1.0, 1.2, 0.8])), (np.array([10.0]), np.array([1.05, 1.25, 0.85]))]
+    assert rising_pairs(tight) == [[1.0, 10.0]] and rising_pairs(loose) == []
+
+
+def test_the_report_neither_states_the_floor_nor_its_bits_as_measured(tmp_path):
+    from cellscale.report.meaning import meaning_paragraph
+
+    runs = pd.read_csv(io.StringIO(ISSUE_26)).assign(
+        status="ok", size=lambda f: "P" + f["params"].astype(str), run_id=lambda f: f["size"] + "-s" + f["seed"].astype(str),
+        test_mse=lambda f: f["best_val_mse"])
+    fit = fit_table(runs, law="power-floor", bootstrap=50).to_dict()
+    text = meaning_paragraph(runs, json.loads(json.dumps(fit)))
+    assert ("These points do not identify a floor (the law misses its points by more than the seeds' own spread "
+            "(lack-of-fit F test); a larger size is worse") in text
+    assert "so neither it nor its bits are a measurement." in text and "bits per masked gene" not in text
