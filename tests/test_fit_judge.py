@@ -97,3 +97,40 @@ def test_the_report_neither_states_the_floor_nor_its_bits_as_measured(tmp_path):
     assert ("These points do not identify a floor (the law misses its points by more than the seeds' own spread "
             "(lack-of-fit F test); a larger size is worse") in text
     assert "so neither it nor its bits are a measurement." in text and "bits per masked gene" not in text
+
+
+def _runs(df: pd.DataFrame) -> pd.DataFrame:
+    return df.assign(status="ok", size=lambda f: "P" + f["params"].astype(int).astype(str),
+                     run_id=lambda f: f["size"] + "-s" + f["seed"].astype(str), test_mse=lambda f: f["best_val_mse"],
+                     converged=True)
+
+
+def test_the_verdicts_open_with_at_most_five_lines():
+    from cellscale.report.verdicts import verdict_lines
+
+    issue = _runs(pd.read_csv(io.StringIO(ISSUE_26)))
+    lines = verdict_lines(issue, fit_table(issue, law="power-floor", bootstrap=50).to_dict(), {"gene_mean": 2.5})
+    assert lines == [
+        "Best model: P20000000, validation MSE 1.558, below every baseline (the gene-mean baseline).",
+        "Trained: all 18 runs converged (their last doubling of cells seen bought under the tolerance).",
+        "Law: misses its points by more than the seeds' own spread (R^2 0.999, lack-of-fit test).",
+        "Floor: not identified (lack of fit, top not falling, floor above best).",
+        "Bits: none, as there is no identified floor to read them from.",
+    ]
+    clean = _runs(_clean_ladder())
+    fit = fit_table(clean, law="power-floor", bootstrap=100).to_dict()
+    lines = verdict_lines(clean.assign(converged=[True] * 9 + [False] * 9), fit, {"gene_mean": 1.0, "knn": 1.001})
+    c, (lo, hi) = fit["params"]["c"], fit["ci95"]["c"]
+    assert lines[0] == "Best model: P100000000, validation MSE 1.008, NOT below the gene-mean baseline, kNN regression " \
+                       "on the visible genes."
+    assert lines[1] == "Trained: 9 of 18 runs converged; the others were still improving when their budget ended."
+    assert lines[2].startswith("Law: fits its points within the seeds' spread (R^2 ")
+    assert lines[3] == f"Floor: c = {c:.4g} [{lo:.4g}, {hi:.4g}] (95%)."
+    assert lines[4].startswith(f"Bits: {0.5 * np.log2(2 * np.pi * np.e * c):.3g} [") and len(lines) == 5
+    # a floor whose interval runs down to the bottom of its range is no measurement either
+    wide = {**fit, "judgement": {**fit["judgement"], "floor_interval_reaches_bound": True, "floor_identified": False},
+            "ci95": {**fit["ci95"], "c": [1e-13, hi]}}
+    assert verdict_lines(clean, wide, {})[3].startswith(f"Floor: not identified (c = {c:.4g}, but its 95% interval")
+    assert verdict_lines(clean, wide, {})[4] == "Bits: none, as there is no identified floor to read them from."
+    assert verdict_lines(None, {"error": "too few sizes"}, {}) == [
+        "Best model: none (no run finished with a finite validation loss).", "Law: none fitted (too few sizes)."]

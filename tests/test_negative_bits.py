@@ -206,6 +206,7 @@ def test_a_gaussian_nll_sweep_below_zero_bits_is_judged_fitted_and_reported(writ
     assert "error" not in fit and fit["n_points"] == 3 and fit["lowest_loss"] == pytest.approx(GNLL_LOWEST)
     assert GNLL_LOWEST < fit["params"]["c"] < 0 and fit["entropy_bits"]["likelihood"] == fit["params"]["c"]
     md = (out / "report.md").read_text()
+    assert "## What this means\n\n- Best model: " in md  # the verdict lines come first
     assert f"The fitted floor of the law (c) is {fit['params']['c']:.4g} bits per masked gene" in md
     assert "left out" not in md.split("## Scaling with model size")[1].split("##")[0]
     # no sentence sets the floor in bits against an MSE (the best model's, or a baseline's)

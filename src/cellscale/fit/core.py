@@ -11,7 +11,7 @@ from cellscale.errors import FitError
 from cellscale.fit.compare import information_criteria, r_squared, residuals
 from cellscale.fit.compute_optimal import compute_optimal
 from cellscale.fit.data import Y_DEFAULT, FitData, n_distinct_rows, prepare
-from cellscale.fit.entropy import entropy_summary
+from cellscale.fit.entropy import entropy_summary, reaches_zero
 from cellscale.fit.intervals import check_interval, compute_intervals, default_interval
 from cellscale.fit.judge import judge
 from cellscale.fit.laws import LAWS
@@ -225,8 +225,12 @@ def _fit_table(df, *, law, method, x, y, bootstrap, seed, groups, per_gene_mse, 
                               n_boot=bootstrap, seed=seed, n_jobs=n_jobs, blocked=blocked)
     interval_fields = ivals.summary(interval, bootstrap, law_obj, theta)
     judgement = _judgement(law_obj, method_obj, data, theta, pred, r2, bool(at_boundary))
-    aic, bic = _criteria(law_obj, method_obj, data, theta)
     fidx = law_obj.floor_index()
+    # an interval down to the bottom of the floor's range leaves the floor unbounded below: no measurement
+    judgement["floor_interval_reaches_bound"] = bool(
+        fidx is not None and reaches_zero((ivals.lo[fidx], ivals.hi[fidx])))
+    judgement["floor_identified"] = bool(judgement["floor_identified"] and not judgement["floor_interval_reaches_bound"])
+    aic, bic = _criteria(law_obj, method_obj, data, theta)
     floor_over_best = float(theta[fidx]) / float(data.y.min()) if fidx is not None else None
     theta, samples, ci_lo, ci_hi = (floor_shifted(law_obj, a, lowest) for a in (theta, ivals.samples, ivals.lo, ivals.hi))
     if lowest and "interval_centre" in interval_fields:

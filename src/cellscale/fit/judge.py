@@ -103,6 +103,7 @@ def judge(X: np.ndarray, y: np.ndarray, *, space_y: np.ndarray, residuals: np.nd
         out["checked"].append("floor_above_best")
         if floor > means.min():
             out["flags"].append("floor_above_best")
+    # the fit adds two more reasons: the floor on its bound, its interval down to the bottom of its range
     out["floor_identified"] = floor is not None and not out["flags"]
     return out
 

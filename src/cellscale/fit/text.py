@@ -31,8 +31,9 @@ def format_fit(fit: dict[str, Any]) -> list[str]:
     lines += [f"warning: {text}" for text in flag_lines(judgement)]
     if fit.get("floor_at_boundary"):
         lines.append("warning: the floor estimate sits on its bound: the data do not pin it down")
-    elif judgement.get("flags") and fit.get("floor_param"):
-        lines.append(f"floor: not identified by these points, so neither {fit['floor_param']} nor its bits are a "
+    elif judgement.get("floor_identified") is False and fit.get("floor_param"):
+        why = "" if judgement.get("flags") else " (its 95% interval reaches the bottom of its range)"
+        lines.append(f"floor: not identified by these points{why}, so neither {fit['floor_param']} nor its bits are a "
                      "measurement (its bracket above is the law's through them)")
     else:
         lines += _entropy_lines(fit.get("entropy_bits") or {})

@@ -338,9 +338,9 @@ def meaning_paragraph(
     judgement = fit.get("judgement") or {}
     if fname:
         out += _floor_sentences(fit, fname, best, others, same_unit, unit=" bits per masked gene" if in_bits else "")
-        if judgement.get("flags"):
-            out.append("These points do not identify a floor (" + "; ".join(flag_lines(judgement))
-                       + "), so neither it nor its bits are a measurement.")
+        if judgement.get("floor_identified") is False and not fit.get("floor_at_boundary"):
+            why = "; ".join(flag_lines(judgement)) or "its 95% interval reaches the bottom of its range"
+            out.append(f"These points do not identify a floor ({why}), so neither it nor its bits are a measurement.")
             return " ".join(out)
     below = floor_beaten_by(fit, fname, best, others) if fname else {}
     noise = _beaten_only_by_noise(below, (fit.get("ci95") or {}).get(fname), same_unit)

@@ -21,6 +21,7 @@ from cellscale.report.fitting import FitOutcome, headline_depth
 from cellscale.report.meaning import meaning_paragraph
 from cellscale.report.methods import methods_paragraph
 from cellscale.report.records import GeneBest, SweepData
+from cellscale.report.verdicts import verdict_lines
 
 BITS_NOTE = ("Bits are the differential entropy of a Gaussian with variance equal to the MSE (0.5 log2(2 pi e MSE)): "
              "the homoscedastic-Gaussian figure, which depends on the units of the normalised log1p values and is an "
@@ -91,14 +92,27 @@ def _clamp_warning(runs: pd.DataFrame) -> list[str]:
             "(docs/objectives.md, \"Negative bits and the clamp\")."]
 
 
-def _meaning(f: Findings) -> str:
+def _headline(f: Findings) -> tuple[pd.DataFrame, dict[str, float]]:
+    """The runs and the validation baselines of the headline depth (the fit's)."""
     runs = f.sd.runs
     head = headline_depth(runs)  # the baseline and the fit are the headline depth's: so are the runs
     vals = {k: v.get("val") for k, v in f.sd.baselines.items()} if head in (None, 1.0) else {}
-    text = meaning_paragraph(runs if head is None else runs[runs["depth"] == head], f.fit.data,
+    return (runs if head is None else runs[runs["depth"] == head]), {k: v for k, v in vals.items() if v is not None}
+
+
+def _verdicts(f: Findings) -> Bullets:
+    runs, baselines = _headline(f)
+    if f.sd.gene_mean_val is not None:
+        baselines.setdefault("gene_mean", f.sd.gene_mean_val)
+    fit = f.fit.data if f.fit.data is not None else {"error": f.fit.error or "no fit"}
+    return Bullets(verdict_lines(runs, fit, baselines))
+
+
+def _meaning(f: Findings) -> str:
+    runs, baselines = _headline(f)
+    text = meaning_paragraph(runs, f.fit.data,
                              baseline_val=f.sd.gene_mean_val, bayes_floor=f.sd.bayes_floor, fit_error=f.fit.error,
-                             n_masked=f.sd.n_masked_val,
-                             baselines={k: v for k, v in vals.items() if v is not None})
+                             n_masked=f.sd.n_masked_val, baselines=baselines)
     extra = [data_axis.meaning_text(f.data)]
     extra.append(downstream.meaning_text(f.downstream, f.sd.loss_col) if f.downstream is not None else "")
     return " ".join([text, *(e for e in extra if e)])
@@ -188,7 +202,8 @@ def _runs_section(f: Findings) -> Section:
 
 
 def sections(f: Findings) -> list[Section]:
-    out = [Section("What this means", [Para(_meaning(f), box=True), *(Callout("Warning:", w) for w in _warnings(f))])]
+    out = [Section("What this means", [_verdicts(f), Para(_meaning(f), box=True),
+                                       *(Callout("Warning:", w) for w in _warnings(f))])]
     if f.sd.notes:
         out.append(Section("Missing or incomplete inputs", [Bullets(list(f.sd.notes))], level=3, joined=True))
     out.append(Section("Scaling with model size", [Fig("loss_vs_params")]))

@@ -229,10 +229,11 @@ def _fitted_entropy_rows(fit: FitOutcome, sd: SweepData, best: GeneBest | None) 
     eb = d.get("entropy_bits") or {}
     if not isinstance(eb, dict):
         return []
-    flags = (d.get("judgement") or {}).get("flags") or []
-    if flags and d.get("floor_param"):  # the fit's judgement: these points carry no floor
+    judgement = d.get("judgement") or {}
+    if judgement.get("floor_identified") is False and d.get("floor_param"):  # these points carry no floor
+        why = ", ".join(judgement.get("flags") or []) or "its interval reaches the bottom of its range"
         return [["no entropy from these points", "n/a",
-                 "the floor is not identified (" + ", ".join(flags) + "), so its bits are not a measurement"]]
+                 f"the floor is not identified ({why}), so its bits are not a measurement"]]
     if eb.get("likelihood") is not None:
         return _likelihood_rows(d, eb, sd)
     if eb.get("gaussian") is not None:
