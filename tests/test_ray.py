@@ -102,3 +102,38 @@ def test_ray_worker_killed_mid_run_is_recorded(tiny_dataset_dir: Path, tmp_path:
     for rid in table["run_id"]:
         res = json.loads((tmp_path / "sw" / "runs" / rid / "result.json").read_text())
         assert res["resumed_at"] == [res["steps"]]  # the final checkpoint was reused
+
+
+def _branch_table(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, comment="#").sort_values(["run_id", "cells_seen"]).reset_index(drop=True)
+
+
+@pytest.mark.parametrize("backend", ["ray", "pool"])
+def test_plateau_runs_take_the_same_branches_on_every_backend(tiny_dataset_dir: Path, tmp_path: Path, backend):
+    """A plateau-budget sweep on Ray (one task per run) and in the local process pool writes the same
+    cooldown branches as one run after another in this process."""
+    from cellscale.schema import BRANCH_FIELDS
+
+    base = {"name": "branches", "dataset": str(tiny_dataset_dir),
+            "train": {"cells_seen": 512, "batch_size": 32, "budget": "plateau", "branch_min_cells": 128,
+                      "warmup_cells": 64, "device": "cpu"},
+            "sweep": {"sizes": ["XXS", "TINY"], "seeds": [0], "num_cpus_per_run": 1}}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # like one Ray task, or one pool worker, of 1 CPU
+    try:
+        local = run_sweep(parse_config(RunConfig, base), out=tmp_path / "local", backend="local", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    if backend == "ray":
+        other = run_sweep(parse_config(RunConfig, base), out=tmp_path / "ray", backend="ray", ray_num_cpus=2,
+                          progress=False)
+    else:
+        cfg = parse_config(RunConfig, {**base, "sweep": {**base["sweep"], "workers": 2}})
+        other = run_sweep(cfg, out=tmp_path / "pool", progress=False)
+    a, b = _branch_table(local.parent / "branches.csv"), _branch_table(other.parent / "branches.csv")
+    assert list(a["cells_seen"]) == [128, 256, 512] * 2 and list(a.columns) == list(BRANCH_FIELDS)
+    exact = [c for c in BRANCH_FIELDS if c not in ("wall", "val_loss", "val_mse", "test_loss", "test_mse",
+                                                   "cooldown_train_loss", "gain", "gain_se")]
+    pd.testing.assert_frame_equal(a[exact], b[exact])
+    for col in ("val_loss", "test_loss", "gain"):
+        assert b[col].to_numpy() == pytest.approx(a[col].to_numpy(), rel=1e-6, abs=1e-12, nan_ok=True)
