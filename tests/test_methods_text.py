@@ -279,3 +279,18 @@ def test_the_entropy_figure_draws_an_interval_unbounded_below():
     assert any(t.get_text() == "95% CI unbounded below" for t in ax.texts)
     bar = [line for line in ax.lines if len(line.get_xdata()) == 2][0]
     assert bar.get_xdata()[1] == 1.85 and bar.get_xdata()[0] < 1.244
+
+
+def test_convergence_is_counted_at_the_chosen_rates_only():
+    from cellscale.report.verdicts import verdict_lines
+
+    # the rule's rate (1x) is chosen for every size and none of its runs converged; the 0.5x runs did
+    runs = pd.concat([_ladder(1.1, converged=(False, False, False)).assign(lr_scale=1.0),
+                      _ladder(1.3).assign(lr_scale=0.5, run_id=["a0.5", "b0.5", "c0.5"])], ignore_index=True)
+    text = meaning_paragraph(runs, None)
+    assert ("Only 0 of 3 finished runs at each size's chosen learning rate converged; the others were still "
+            "improving") in text
+    assert verdict_lines(runs, None, {})[1] == ("Trained: 0 of 3 runs at their size's chosen rate converged; the "
+                                                 "others were still improving when their budget ended.")
+    # one rate per size: nothing set aside, nothing said about it
+    assert "Only 0 of 3 finished runs converged" in meaning_paragraph(_ladder(1.1, converged=(False,) * 3), None)

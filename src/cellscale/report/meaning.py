@@ -113,21 +113,32 @@ def _baseline_sentences(best: dict[str, Any], baselines: Mapping[str, float],
     return out
 
 
+def chosen_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
+    """The finished runs at each size's chosen learning rate (``cellscale.lrgrid``), and whether runs
+    at other rates were set aside: they are not more points of the ladder."""
+    ok = runs[runs["status"] == "ok"] if "status" in runs else runs
+    if ok.empty:
+        return ok, False
+    sel = select_lr(ok, loss_col=loss_column(ok))
+    return (sel.kept, len(sel.dropped) > 0) if sel.choices else (ok, False)
+
+
 def _plateau_sentence(runs: pd.DataFrame, best: dict[str, Any]) -> list[str]:
     if "converged" not in runs:
         return []
-    ok = runs[runs["status"] == "ok"]
+    ok, dropped = chosen_runs(runs)
+    at = " at each size's chosen learning rate" if dropped else ""
     flag = pd.to_numeric(ok["converged"], errors="coerce")
     if flag.isna().all():
         return ["Whether the runs converged is not judged: that is read on cooldown branches, which only the plateau "
                 "budget takes (or the results table is from before the check)."]
     n_ok, n_conv = len(ok), int((flag == 1).sum())
     if n_conv == n_ok:
-        return [f"All {n_ok} finished runs converged: their last doublings of cells seen, cooled down, bought at most "
+        return [f"All {n_ok} finished runs{at} converged: their last doublings of cells seen, cooled down, bought at most "
                 "the tolerance (rule in the methods)."]
     mine = ok[ok["size"] == best["size"]]
     best_conv = bool((pd.to_numeric(mine["converged"], errors="coerce") == 1).all())
-    return [f"Only {n_conv} of {n_ok} finished runs converged; the others were still improving, cooled down, when "
+    return [f"Only {n_conv} of {n_ok} finished runs{at} converged; the others were still improving, cooled down, when "
             f"their budget ended" + ("" if best_conv else ", the best size among them") + "."]
 
 

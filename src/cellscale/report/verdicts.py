@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 
 from cellscale.report.fmt import floor_name, fmt_num
-from cellscale.report.meaning import BASELINE_NAMES, best_model
+from cellscale.report.meaning import BASELINE_NAMES, best_model, chosen_runs
 
 __all__ = ["verdict_lines"]
 
@@ -31,14 +31,15 @@ def _best(best: dict[str, Any] | None, baselines: Mapping[str, float]) -> str:
 
 
 def _trained(runs: pd.DataFrame) -> str:
-    ok = runs[runs["status"] == "ok"] if "status" in runs else runs
+    ok, dropped = chosen_runs(runs)
+    at = " at their size's chosen rate" if dropped else ""
     flag = pd.to_numeric(ok["converged"], errors="coerce") if "converged" in ok else pd.Series(dtype=float)
     if flag.isna().all():
         return "Trained: not judged (convergence is read on the cooldown branches of the plateau budget)."
     n, conv = len(ok), int((flag == 1).sum())
     if conv == n:
-        return f"Trained: all {n} runs converged (their last doubling of cells seen bought under the tolerance)."
-    return f"Trained: {conv} of {n} runs converged; the others were still improving when their budget ended."
+        return f"Trained: all {n} runs{at} converged (their last doubling of cells seen bought under the tolerance)."
+    return f"Trained: {conv} of {n} runs{at} converged; the others were still improving when their budget ended."
 
 
 def _law(fit: Mapping[str, Any]) -> str:
