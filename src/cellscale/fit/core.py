@@ -48,7 +48,9 @@ def _criteria(law: Law, method: Method, data: FitData, theta: np.ndarray) -> tup
     return information_criteria(residuals(method.space, data.y, pred), law.n_params)
 
 
-def _no_floor(law: Law, method: Method, data: FitData) -> dict | None:
+def _no_floor(law: Law, method: Method, data: FitData, aic: float, bic: float) -> dict | None:
+    """The same law without its floor, fitted to the same points, and its criteria against the law's
+    own (``aic``, ``bic``)."""
     partner = law.no_floor()
     if partner is None:
         return None
@@ -57,14 +59,18 @@ def _no_floor(law: Law, method: Method, data: FitData) -> dict | None:
     method_used = method if method.supports(partner) else METHODS["huber-log"]
     outcome = _fit(partner, method_used, data)
     theta = partner.to_natural(outcome.u)
-    aic, bic = _criteria(partner, method_used, data, theta)
-    return {
+    p_aic, p_bic = _criteria(partner, method_used, data, theta)
+    out = {
         "law": partner.name,
         "method": method_used.name,
-        "aic": aic,
-        "bic": bic,
+        "aic": p_aic,
+        "bic": p_bic,
         "params": {n: float(v) for n, v in zip(partner.param_names, theta)},
     }
+    if p_aic is not None and np.isfinite(aic):
+        out.update(delta_aic=p_aic - aic, delta_bic=p_bic - bic,
+                   note="delta = no-floor minus with-floor; positive favours the floor")
+    return out
 
 
 def _leave_largest_out(law: Law, method: Method, data: FitData, unit: str = "mse", lowest: float = 0.0) -> dict:
@@ -91,9 +97,25 @@ def _leave_largest_out(law: Law, method: Method, data: FitData, unit: str = "mse
     }
 
 
+def _goodness(law: Law, method: Method, data: FitData, theta: np.ndarray, pred: np.ndarray,
+              lowest: float) -> tuple[float, str, bool, list[float]]:
+    """(R^2, its definition, whether the floor is on its bound, the floor's bounds shifted back by
+    ``lowest``) on the fitted scale."""
+    if method.name == "paper":
+        _, r2 = paper_fit(law, data.logX[:, 0], data.y, data.weights)
+        fidx = law.floor_index()
+        at_boundary = fidx is not None and paper_on_edge(float(theta[fidx]), data.y)
+        return (r2, "R^2 of the least-squares line log(L - c) on log P (the seed study's)", bool(at_boundary),
+                [lowest, lowest + 0.99 * float(data.y.min())])
+    return (r_squared(data.y, pred), "1 - SS_res / SS_tot of y on the linear scale",
+            bool(law.floor_on_bound(theta, data.y)), [lowest + b for b in law.floor_bounds(data.y)])
+
+
 def _judgement(law: Law, method: Method, data: FitData, theta: np.ndarray, pred: np.ndarray, r2: float,
-               at_boundary: bool) -> dict:
-    """``judge`` on the fitted scale (``theta`` and ``pred`` before the floor is shifted back)."""
+               at_boundary: bool, floor_ci: tuple[float, float] | None) -> dict:
+    """``judge`` on the fitted scale (``theta``, ``pred`` and the floor's interval ``floor_ci`` before
+    the floor is shifted back). The floor is not identified either on its bound or when its interval
+    runs down to the bottom of its range (unbounded below: no measurement)."""
     log = method.space == "log"
     space_y = np.log(data.y) if log else data.y
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -103,7 +125,9 @@ def _judgement(law: Law, method: Method, data: FitData, theta: np.ndarray, pred:
     out = judge(data.X, data.y, space_y=space_y, residuals=residuals, n_params=law.n_params,
                 one_variable=law.n_vars == 1, alpha=float(theta[names.index("alpha")]) if "alpha" in names else None,
                 r2=r2, floor=float(theta[fidx]) if fidx is not None else None)
-    out["floor_identified"] = bool(out["floor_identified"] and not at_boundary)
+    out["floor_interval_reaches_bound"] = bool(floor_ci is not None and reaches_zero(floor_ci))
+    out["floor_identified"] = bool(out["floor_identified"] and not at_boundary
+                                   and not out["floor_interval_reaches_bound"])
     return out
 
 
@@ -209,38 +233,19 @@ def _fit_table(df, *, law, method, x, y, bootstrap, seed, groups, per_gene_mse, 
     theta = law_obj.to_natural(outcome.u)
     pred = law_obj.predict(theta, data.X)
 
-    if method_obj.name == "paper":
-        _, r2 = paper_fit(law_obj, data.logX[:, 0], data.y, data.weights)
-        r2_definition = "R^2 of the least-squares line log(L - c) on log P (the seed study's)"
-        fidx = law_obj.floor_index()
-        at_boundary = fidx is not None and paper_on_edge(float(theta[fidx]), data.y)
-        floor_bounds = [lowest, lowest + 0.99 * float(data.y.min())]
-    else:
-        r2 = r_squared(data.y, pred)
-        r2_definition = "1 - SS_res / SS_tot of y on the linear scale"
-        at_boundary = law_obj.floor_on_bound(theta, data.y)
-        floor_bounds = [lowest + b for b in law_obj.floor_bounds(data.y)]
+    r2, r2_definition, at_boundary, floor_bounds = _goodness(law_obj, method_obj, data, theta, pred, lowest)
 
     ivals = compute_intervals(interval, method_obj, law_obj, data, outcome.u, outcome.candidates[:1],
                               n_boot=bootstrap, seed=seed, n_jobs=n_jobs, blocked=blocked)
     interval_fields = ivals.summary(interval, bootstrap, law_obj, theta)
-    judgement = _judgement(law_obj, method_obj, data, theta, pred, r2, bool(at_boundary))
     fidx = law_obj.floor_index()
-    # an interval down to the bottom of the floor's range leaves the floor unbounded below: no measurement
-    judgement["floor_interval_reaches_bound"] = bool(
-        fidx is not None and reaches_zero((ivals.lo[fidx], ivals.hi[fidx])))
-    judgement["floor_identified"] = bool(judgement["floor_identified"] and not judgement["floor_interval_reaches_bound"])
+    judgement = _judgement(law_obj, method_obj, data, theta, pred, r2, at_boundary,
+                           None if fidx is None else (ivals.lo[fidx], ivals.hi[fidx]))
     aic, bic = _criteria(law_obj, method_obj, data, theta)
     floor_over_best = float(theta[fidx]) / float(data.y.min()) if fidx is not None else None
     theta, samples, ci_lo, ci_hi = (floor_shifted(law_obj, a, lowest) for a in (theta, ivals.samples, ivals.lo, ivals.hi))
     if lowest and "interval_centre" in interval_fields:
         interval_fields["interval_centre"][law_obj.floor] += lowest
-
-    no_floor = _no_floor(law_obj, method_obj, data)
-    if no_floor is not None and no_floor.get("aic") is not None and np.isfinite(aic):
-        no_floor["delta_aic"] = no_floor["aic"] - aic
-        no_floor["delta_bic"] = no_floor["bic"] - bic
-        no_floor["note"] = "delta = no-floor minus with-floor; positive favours the floor"
 
     floor = float(theta[fidx]) if fidx is not None else None
     floor_ci = (float(ci_lo[fidx]), float(ci_hi[fidx])) if fidx is not None and np.isfinite(ci_lo[fidx]) else None
@@ -254,7 +259,7 @@ def _fit_table(df, *, law, method, x, y, bootstrap, seed, groups, per_gene_mse, 
         "aic": aic,
         "bic": bic,
         "aic_space": "log(y)" if method_obj.space == "log" else "y",
-        "no_floor": no_floor,
+        "no_floor": _no_floor(law_obj, method_obj, data, aic, bic),
         "judgement": judgement,
         "leave_largest_out": _leave_largest_out(law_obj, method_obj, data, loss_unit, lowest),
         "loss_unit": loss_unit,
@@ -275,7 +280,7 @@ def _fit_table(df, *, law, method, x, y, bootstrap, seed, groups, per_gene_mse, 
             extra["compute_optimal"]["note"] = "with fresh cells: no training cell seen twice (R_D = 0)"
     return FitResult(law=law_obj, method=method_obj.name, x=x, y=y, theta=theta, samples=samples,
                      ci_lo=ci_lo, ci_hi=ci_hi, n_points=data.n, r2=r2,
-                     floor_at_boundary=bool(at_boundary), extra=extra)
+                     floor_at_boundary=at_boundary, extra=extra)
 
 
 def fit_csv(path, **kwargs) -> FitResult:
