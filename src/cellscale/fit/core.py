@@ -116,13 +116,12 @@ def _judgement(law: Law, method: Method, data: FitData, theta: np.ndarray, pred:
     """``judge`` on the fitted scale (``theta``, ``pred`` and the floor's interval ``floor_ci`` before
     the floor is shifted back). The floor is not identified either on its bound or when its interval
     runs down to the bottom of its range (unbounded below: no measurement)."""
-    log = method.space == "log"
-    space_y = np.log(data.y) if log else data.y
+    space_y = np.log(data.y) if method.space == "log" else data.y
     with np.errstate(divide="ignore", invalid="ignore"):
-        residuals = space_y - (np.log(pred) if log else pred)
+        res = residuals(method.space, data.y, pred)
     names = list(law.param_names)
     fidx = law.floor_index()
-    out = judge(data.X, data.y, space_y=space_y, residuals=residuals, n_params=law.n_params,
+    out = judge(data.X, data.y, space_y=space_y, residuals=res, n_params=law.n_params,
                 one_variable=law.n_vars == 1, alpha=float(theta[names.index("alpha")]) if "alpha" in names else None,
                 r2=r2, floor=float(theta[fidx]) if fidx is not None else None)
     out["floor_interval_reaches_bound"] = bool(floor_ci is not None and reaches_zero(floor_ci))

@@ -40,12 +40,12 @@ FLAG_TEXT = {
 }
 
 
-def _groups(X: np.ndarray, y: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(configuration, its losses) per distinct row of X, in order of the first column."""
+def _groups(X: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(configuration, its rows) per distinct row of X, in order of the first column."""
     keys, inverse = np.unique(X, axis=0, return_inverse=True)
     inverse = np.asarray(inverse).reshape(-1)
     order = np.argsort(keys[:, 0], kind="stable")
-    return [(keys[g], y[inverse == g]) for g in order]
+    return [(keys[g], inverse == g) for g in order]
 
 
 def lack_of_fit(groups_space: list[np.ndarray], residuals: np.ndarray, n_params: int) -> dict | None:
@@ -79,9 +79,10 @@ def judge(X: np.ndarray, y: np.ndarray, *, space_y: np.ndarray, residuals: np.nd
           one_variable: bool, alpha: float | None, r2: float, floor: float | None) -> dict:
     """The ``judgement`` block. ``y`` and ``floor`` on one scale (the fitted one); ``space_y`` and
     ``residuals`` in the method's space (log y for a log-space method), for the lack-of-fit test."""
-    groups = _groups(X, y)
+    rows = _groups(X)
+    groups = [(x, y[r]) for x, r in rows]
     out: dict = {"flags": [], "checked": [], "lack_of_fit": None, "rising_pairs": None, "spearman_rho": None}
-    lof = lack_of_fit([v for _, v in _groups(X, space_y)], residuals, n_params)
+    lof = lack_of_fit([space_y[r] for _, r in rows], residuals, n_params)
     if lof is not None:
         out["checked"].append("lack_of_fit")
         out["lack_of_fit"] = lof

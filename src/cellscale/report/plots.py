@@ -543,10 +543,7 @@ def isoflop_profiles(iso: IsoFlop, *, ax=None, title: str = "IsoFLOP profiles of
     ax.set_xscale("log")
     ys_arr = np.asarray(ys)
     lo, hi = ys_arr.min(), np.percentile(ys_arr, 90)  # the far arms climb steeply: keep the valleys readable
-    if lo > 0:
-        _plain_log_y(ax, lo / 1.03, max(hi, lo * 1.05) * 1.03)
-    else:  # a loss in bits below zero
-        _loss_y(ax, [lo, hi], 1.03)
+    _loss_y(ax, [lo, max(hi, lo * 1.05)], 1.03)
     ax.grid(True, which="major", alpha=0.3)
     ax.set_xlabel("parameters N (D = C / (k N) training cells)")
     ax.set_ylabel("predicted loss")
@@ -601,7 +598,7 @@ def loss_vs_lr(runs: pd.DataFrame, *, chosen: Mapping[str, float], edge: Sequenc
     ``chosen`` (size -> the chosen rate) is ringed, and sizes in ``edge`` (chosen rate on the edge of
     the grid) are named in the title."""
     fig, ax = _new_figure()
-    df, colors = _size_lines(ax, runs, "lr", y, 
+    df, colors = _size_lines(ax, runs, "lr", y,
                              dots={"s": 16, "edgecolor": "black", "linewidths": 0.3, "alpha": 0.8})
     if df.empty:
         _message(ax, "no finished runs with a learning rate")

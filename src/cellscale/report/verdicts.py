@@ -56,28 +56,42 @@ def _law(fit: Mapping[str, Any]) -> str:
     return f"Law: {r2_txt}; with one seed per size its fit cannot be tested against the seeds' spread."
 
 
-def _floor(fit: Mapping[str, Any]) -> str | None:
+def _floor_name(fit: Mapping[str, Any]) -> str | None:
     params = fit.get("params") or {}
     name = fit.get("floor_param") or floor_name(params)
-    if not name or name not in params:
-        return "Floor: none (this law has no floor)."
-    flags = (fit.get("judgement") or {}).get("flags") or []
+    return name if name and name in params else None
+
+
+def _not_identified(fit: Mapping[str, Any], name: str) -> str | None:
+    """Why the fit's floor is no measurement (the fit's judgement), or None when it is one."""
+    judgement = fit.get("judgement") or {}
     if fit.get("floor_at_boundary"):
-        return "Floor: not identified (the estimate sits on the bound of its search range)."
-    if flags:
-        return "Floor: not identified (" + ", ".join(f.replace("_", " ") for f in flags) + ")."
-    if (fit.get("judgement") or {}).get("floor_interval_reaches_bound"):
+        return "the estimate sits on the bound of its search range"
+    if judgement.get("flags"):
+        return ", ".join(f.replace("_", " ") for f in judgement["flags"])
+    if judgement.get("floor_interval_reaches_bound"):
         lo, hi = (fit.get("ci95") or {}).get(name) or [None, None]
-        return (f"Floor: not identified ({name} = {fmt_num(params[name])}, but its 95% interval runs from "
-                f"{fmt_num(lo)} to {fmt_num(hi)}: down to the bottom of its range).")
+        return (f"{name} = {fmt_num(fit['params'][name])}, but its 95% interval runs from {fmt_num(lo)} to "
+                f"{fmt_num(hi)}: down to the bottom of its range")
+    return None
+
+
+def _floor(fit: Mapping[str, Any]) -> str:
+    name = _floor_name(fit)
+    if name is None:
+        return "Floor: none (this law has no floor)."
+    why = _not_identified(fit, name)
+    if why is not None:
+        return f"Floor: not identified ({why})."
     lo, hi = (fit.get("ci95") or {}).get(name) or [None, None]
     unit = " bits" if fit.get("loss_unit") == "bits" else ""
     ci = f" [{fmt_num(lo)}, {fmt_num(hi)}]" if lo is not None and hi is not None else ""
-    return f"Floor: {name} = {fmt_num(params[name])}{unit}{ci} (95%)."
+    return f"Floor: {name} = {fmt_num(fit['params'][name])}{unit}{ci} (95%)."
 
 
-def _bits(fit: Mapping[str, Any], floor_line: str) -> str:
-    if not floor_line.startswith("Floor: ") or "not identified" in floor_line or "none" in floor_line:
+def _bits(fit: Mapping[str, Any]) -> str:
+    name = _floor_name(fit)
+    if name is None or _not_identified(fit, name) is not None:
         return "Bits: none, as there is no identified floor to read them from."
     eb = fit.get("entropy_bits") or {}
     value = eb.get("likelihood") if eb.get("likelihood") is not None else eb.get("gaussian")
@@ -99,5 +113,4 @@ def verdict_lines(runs: pd.DataFrame | None, fit: Mapping[str, Any] | None,
         out.append(_trained(runs))
     if not fit or fit.get("error") or not fit.get("params"):
         return out + ["Law: none fitted" + (f" ({fit['error']})" if fit and fit.get("error") else "") + "."]
-    floor_line = _floor(fit)
-    return out + [_law(fit), floor_line, _bits(fit, floor_line)]
+    return out + [_law(fit), _floor(fit), _bits(fit)]

@@ -176,18 +176,19 @@ def evaluate(
     cells = _CellTotals(objective, min(n_split, max_cells or n_split)) if per_cell else None
     batches = eval_batches(ds, split, batch_size=cfg.eval_batch_size, max_cells=max_cells,
                            with_counts=objectives.needs_counts(objective))
-    clamped = masked = 0.0
+    clamped, masked = 0, 0  # summed on the device: read once, after the loop
     for i, item in enumerate(batches):
         if i % world == rank:
             errors, on_clamp = _batch_errors(model, item, device=device, autocast=autocast)
             totals.add(*errors)
             if on_clamp is not None:
-                clamped, masked = clamped + float(on_clamp.sum()), masked + float(on_clamp.numel())
+                clamped, masked = clamped + on_clamp.sum(), masked + on_clamp.numel()
             if cells is not None:
                 cells.add(i * cfg.eval_batch_size, *errors)
     model.train(was_training)
     result = totals.result(dist)
     if objective != "mse":
+        clamped, masked = float(clamped), float(masked)
         if dist is not None and dist.active:
             clamped, masked = dist.all_reduce_sum([clamped, masked])
         result = dataclasses.replace(result, clamp_share=clamped / masked if masked else None)
