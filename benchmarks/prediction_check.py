@@ -32,7 +32,7 @@ from cellscale.train import train_run
 def chosen_multiple(sd, size: str) -> float:
     """The learning-rate multiple the sweep chose for ``size`` (1 without a rate grid)."""
     ok = sd.runs[(sd.runs["status"] == "ok") & (sd.runs["size"] == size)]
-    sel = select_lr(ok, loss_col=sd.loss_col)
+    sel = select_lr(ok, loss_col=sd.choice_col)
     return float(sel.kept["lr_scale"].iloc[0]) if sel.choices else 1.0
 
 

@@ -164,8 +164,11 @@ def test_a_plateau_sweep_reports_its_data_axis(tmp_path):
     # gene-mean baseline only from 32,000 cells seen
     xxs = points[points["size"] == "XXS"].set_index("cells_seen")["val_loss"]
     assert xxs[16000] >= GENE_MEAN_VAL > xxs[32000] and rec["n_points"] == 5 * (6 - 2) - 1
+    # a fabricated sweep: its branches have no per-cell sums, and the note says the intervals lack them
     assert rec["note"] == ("10 points up to their run's steepest doubling (the takeoff from the gene-mean plateau) "
-                           "left out; 1 point not below the gene-mean baseline (1.875) left out (XXS)")
+                           "left out; 1 point not below the gene-mean baseline (1.875) left out (XXS); the intervals "
+                           "leave out the evaluation cells' noise: 19 of 19 points have no per-cell sums (e.g. "
+                           "runs/XXS-dall-s0/branches/32000.npz)")
     assert [c["size"] for c in rec["converged"]] == ["XXS", "TINY", "XS", "S", "M"]
     assert rec["size_law"]["floor"] == pytest.approx(1.4, rel=0.05)
     assert "## Scaling with cells seen" in md and "figures/loss_vs_cells.png" in md

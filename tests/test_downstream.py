@@ -201,6 +201,26 @@ def test_the_sentence_is_read_off_the_numbers():
     assert tracking_sentence(tracks, "best_val_mse").startswith("Downstream tracks the loss")
     opposite = Downstream(used=_runs([1.0, 0.8, 0.6, 0.5], [0.8, 0.7, 0.6, 0.5]), label="cell_type")
     assert tracking_sentence(opposite, "best_val_mse").startswith("Downstream does not follow the loss")
-    tracks.scored = tracks.used
+    tracks.scored = tracks.used.assign(status="ok")
     tracks.refs = {"pca50": {"probe_val_f1": 0.95}, "hvg": {"probe_val_f1": 0.7}}
     assert "beats only some of the reference embeddings" in reference_sentence(tracks)
+
+
+def test_the_reference_comparison_is_the_best_models_not_the_best_f1_of_any_run():
+    from cellscale.report.downstream import Downstream, reference_sentence
+
+    # S1 has the highest F1 of any run, but S3 is the best model (lowest validation loss): it is compared
+    runs = _runs([1.0, 0.8, 0.6, 0.5], [0.5, 0.96, 0.7, 0.8]).assign(status="ok")
+    d = Downstream(used=runs, scored=runs, label="cell_type", refs={"pca50": {"probe_val_f1": 0.95},
+                                                                   "hvg": {"probe_val_f1": 0.7}})
+    assert reference_sentence(d) == ("The best model's embedding (S3, chosen on validation loss; probe macro-F1 "
+                                     "0.800) beats only some of the reference embeddings: PCA-50 of the log values "
+                                     "(0.950), the HVG log values (0.700).")
+
+
+def test_macro_f1_averages_over_the_scored_cells_labels_only():
+    from cellscale.downstream import _macro_f1
+
+    y = np.array(["a", "a", "b", "b"])
+    # predicting a label the cells lack ("c") adds no class to the average: F1(a) = 2/3, F1(b) = 1
+    assert _macro_f1(y, np.array(["a", "c", "b", "b"])) == pytest.approx((2 / 3 + 1.0) / 2)

@@ -111,7 +111,7 @@ def test_the_verdicts_open_with_at_most_five_lines():
     issue = _runs(pd.read_csv(io.StringIO(ISSUE_26)))
     lines = verdict_lines(issue, fit_table(issue, law="power-floor", bootstrap=50).to_dict(), {"gene_mean": 2.5})
     assert lines == [
-        "Best model: P20000000, validation MSE 1.558, below every baseline (the gene-mean baseline).",
+        "Best model: P20000000, test MSE 1.558, below every baseline (the gene-mean baseline).",
         "Trained: all 18 runs converged (their last doubling of cells seen bought under the tolerance).",
         "Law: misses its points by more than the seeds' own spread (R^2 0.999, lack-of-fit test).",
         "Floor: not identified (lack of fit, top not falling, floor above best).",
@@ -121,7 +121,7 @@ def test_the_verdicts_open_with_at_most_five_lines():
     fit = fit_table(clean, law="power-floor", bootstrap=100).to_dict()
     lines = verdict_lines(clean.assign(converged=[True] * 9 + [False] * 9), fit, {"gene_mean": 1.0, "knn": 1.001})
     c, (lo, hi) = fit["params"]["c"], fit["ci95"]["c"]
-    assert lines[0] == "Best model: P100000000, validation MSE 1.008, NOT below the gene-mean baseline, kNN regression " \
+    assert lines[0] == "Best model: P100000000, test MSE 1.008, NOT below the gene-mean baseline, kNN regression " \
                        "on the visible genes."
     assert lines[1] == "Trained: 9 of 18 runs converged; the others were still improving when their budget ended."
     assert lines[2].startswith("Law: fits its points within the seeds' spread (R^2 ")
@@ -132,5 +132,23 @@ def test_the_verdicts_open_with_at_most_five_lines():
             "ci95": {**fit["ci95"], "c": [1e-13, hi]}}
     assert verdict_lines(clean, wide, {})[3].startswith(f"Floor: not identified (c = {c:.4g}, but its 95% interval")
     assert verdict_lines(clean, wide, {})[4] == "Bits: none, as there is no identified floor to read them from."
+    # three sizes, two seeds each: replicates, but no degree of freedom for the lack-of-fit test
+    three = clean[clean["params"].isin(sorted(clean["params"].unique())[:3])]
+    three_fit = fit_table(three, law="power-floor", bootstrap=0).to_dict()
+    assert verdict_lines(three, three_fit, {})[2].endswith(
+        "with 3 sizes for its 3 parameters its fit cannot be tested against the seeds' spread (it needs more sizes "
+        "than parameters).")
     assert verdict_lines(None, {"error": "too few sizes"}, {}) == [
         "Best model: none (no run finished with a finite validation loss).", "Law: none fitted (too few sizes)."]
+
+
+def test_aic_and_bic_weigh_rows_as_the_fit_does():
+    from cellscale.fit.compare import information_criteria
+
+    r = np.array([0.1, -0.2, 0.3, 0.0])
+    plain = information_criteria(r, 2)
+    assert plain == pytest.approx((4 * np.log(0.14 / 4) + 4, 4 * np.log(0.14 / 4) + 2 * np.log(4)))
+    # weight 2 on a row counts its squared residual twice; weight 0 drops the row from n
+    aic, bic = information_criteria(r, 2, np.array([2.0, 1.0, 0.0, 1.0]))
+    assert (aic, bic) == pytest.approx((3 * np.log(0.06 / 3) + 4, 3 * np.log(0.06 / 3) + 2 * np.log(3)))
+    assert information_criteria(r, 2, np.ones(4)) == pytest.approx(plain)

@@ -113,8 +113,8 @@ def _fit(c: float, lo: float, hi: float) -> dict:
 
 def test_best_model_is_placed_against_every_baseline():
     text = meaning_paragraph(_ladder(1.25), None, baselines=REAL_10X)
-    assert "The lowest validation MSE, 1.25, is that of size XS (10,000 parameters)." in text
-    assert ("On the same validation cells and masks it is 40.5% below the gene-mean baseline (2.1); 3.8% below kNN "
+    assert "The best size on validation loss is XS (10,000 parameters); its test MSE, on cells that chose nothing, is 1.25." in text
+    assert ("On the same test cells and masks it is 40.5% below the gene-mean baseline (2.1); 3.8% below kNN "
             "regression on the visible genes (1.3); 1.2% above Bayes-linear regression on the visible genes") in text
     assert "A simpler model (bayes-linear) is at least as good as the best transformer" in text
     good = meaning_paragraph(_ladder(1.1), None, baselines=REAL_10X)
@@ -126,9 +126,9 @@ def test_the_best_model_is_its_chosen_rate_not_a_mean_over_rates():
                       _ladder(1.3).assign(lr_scale=2.0, run_id=["a2", "b2", "c2"])], ignore_index=True)
     text = meaning_paragraph(runs, None)
     # XS at its chosen rate (1.1), not "1.2 (mean of 2 seeds)" over both rates
-    assert "The lowest validation MSE, 1.1, is that of size XS (10,000 parameters)." in text
+    assert "The best size on validation loss is XS (10,000 parameters); its test MSE, on cells that chose nothing, is 1.1." in text
     seeds = pd.concat([runs, _ladder(1.0).assign(lr_scale=1.0, run_id=["a3", "b3", "c3"])], ignore_index=True)
-    assert "The lowest validation MSE, 1.05 (mean of 2 seeds), is that of size XS" in meaning_paragraph(seeds, None)
+    assert "is XS (10,000 parameters); its test MSE, on cells that chose nothing, is 1.05 (mean of 2 seeds)" in meaning_paragraph(seeds, None)
 
 
 def test_the_advice_for_a_beaten_ladder_follows_how_it_was_trained():
@@ -174,19 +174,25 @@ def test_the_learning_rate_status_is_stated():
     pair = meaning_paragraph(_rates((1.0, 1.2), (2.0, 1.1)), None)
     assert ("With two learning rates per size no choice lies inside its grid, so no point is shown to be at its "
             "best rate; chosen: XXS (2x), TINY (2x), XS (2x).") in pair
+    # a size whose other rates did not finish is named, not skipped
+    lone = _rates((0.5, 1.3), (1.0, 1.1), (2.0, 1.2))
+    lone = lone[~((lone["size"] == "XS") & (lone["lr_scale"] != 1.0))]
+    text = meaning_paragraph(lone, None)
+    assert ("Every other size's best learning rate lies inside its grid of rates. XS has a finished run at one "
+            "learning rate only, so whether that point is at its best rate was not tested.") in text
 
 
 def test_a_loss_below_the_known_floor_is_judged_against_the_validation_noise():
     # known-floor (issue 15): 0.3729 on 2,000 validation cells against the exact 0.3752 is sampling noise
     at = meaning_paragraph(_ladder(0.3729), None, bayes_floor=0.3752, n_masked=4_900)
     assert ("The best model is 0.6% below the known Bayes-optimal error of the simulator (0.3752), within the "
-            "sampling error of the 4,900 masked validation positions (z = -0.2): it is at the floor.") in at
+            "sampling error of the 4,900 masked test positions (z = -0.2): it is at the floor.") in at
     assert "impossible" not in at
     leak = meaning_paragraph(_ladder(0.30), None, bayes_floor=0.3752, n_masked=4_900)
     assert "BELOW the known Bayes-optimal error (0.3752) by 20.0%, beyond the sampling error" in leak
     assert "impossible without leakage" in leak
     unknown = meaning_paragraph(_ladder(0.3729), None, bayes_floor=0.3752)
-    assert "the number of masked validation positions is not recorded" in unknown
+    assert "the number of masked test positions is not recorded" in unknown
     above = meaning_paragraph(_ladder(0.39), None, bayes_floor=0.3752, n_masked=4_900)
     assert "The known Bayes-optimal error of the simulator is 0.3752; the best model is 3.9% above it." in above
 
@@ -197,7 +203,7 @@ def test_a_baseline_at_the_known_floor_is_not_called_a_better_model():
     base = {"gene_mean": 1.092, "bayes_linear": 0.362}
     both = meaning_paragraph(_ladder(0.3729), None, baselines=base, bayes_floor=0.3752, n_masked=4_890)
     assert ("A simpler model (bayes-linear) scores lower on these cells, but it and the best transformer are both "
-            "within the validation cells' sampling error of the known Bayes-optimal error (0.3752): both have "
+            "within the test cells' sampling error of the known Bayes-optimal error (0.3752): both have "
             "learned what these data allow.") in both
     assert "describe their training" not in both
     # a best model well above the floor is still told to train longer

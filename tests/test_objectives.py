@@ -247,28 +247,29 @@ def test_likelihood_sweep_report_is_in_bits_and_sets_the_true_floor_beside_the_f
     out = tmp_path / "lik"
     run_study(cfg, out=out, progress=False)
     fit = json.loads((out / "fit.json").read_text())
-    assert fit["y"] == "best_val_loss" and fit["loss_unit"] == "bits"
+    assert fit["y"] == "test_loss" and fit["loss_unit"] == "bits"  # the loss that chose nothing
     assert fit["entropy_bits"]["likelihood"] == fit["params"]["c"]
     lik = json.loads((out / "baselines.json").read_text())["likelihood"]["gaussian-nll"]
     md = (out / "report.md").read_text()
-    assert "true Bayes floor (simulator, val)" in md and f"{lik['bayes_floor']['val']:.4g} bits" in md
+    assert "true Bayes floor (simulator, test)" in md and f"{lik['bayes_floor']['test']:.4g} bits" in md
     assert "best_val_loss (bits)" in md
     assert "Validation loss of the gaussian-nll objective in bits per masked gene" in md
-    # after 50 steps c's interval runs down to the least loss the objective can score: the fit judges the
-    # floor unidentified (cellscale.fit.judge), and the entropy table gives no bits for it
-    assert fit["judgement"]["floor_interval_reaches_bound"] and not fit["judgement"]["floor_identified"]
-    assert "no entropy from these points" in md and "fitted floor of the gaussian-nll loss (measured)" not in md
+    # the entropy table gives bits exactly when the fit's judgement (cellscale.fit.judge) identifies the floor
+    identified = fit["judgement"]["floor_identified"]
+    assert ("no entropy from these points" in md) == (not identified)
+    assert ("fitted floor of the gaussian-nll loss (measured)" in md) == identified
     # an identified floor of a likelihood is given in bits, beside the baselines and the exact floor
     from types import SimpleNamespace
 
     from cellscale.report.fitting import FitOutcome
     from cellscale.report.tables import _fitted_entropy_rows
 
-    sd = SimpleNamespace(objective="gaussian-nll", likelihood_refs={"bayes_floor": lik["bayes_floor"]})
+    sd = SimpleNamespace(objective="gaussian-nll", likelihood_refs={"bayes_floor": lik["bayes_floor"]}, split="test",
+                         refs=lambda block: {k: v["test"] for k, v in block.items()})
     identified = {**fit, "judgement": {**fit["judgement"], "floor_identified": True}}
     rows = _fitted_entropy_rows(FitOutcome(law="power-floor", method="huber-log", data=identified), sd, None)
     assert rows[0][:2] == ["fitted floor of the gaussian-nll loss (measured)", f"{fit['params']['c']:.4g} bits"]
-    assert rows[2][:2] == ["bayes-floor (gaussian-nll, val)", f"{lik['bayes_floor']['val']:.4g} bits"]
+    assert rows[2][:2] == ["bayes-floor (gaussian-nll, test)", f"{lik['bayes_floor']['test']:.4g} bits"]
 
 
 def test_fit_refuses_a_table_of_several_depths():

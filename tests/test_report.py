@@ -108,7 +108,7 @@ def test_fit_json_matches_a_direct_fit_table_call(report):
 def test_report_text_covers_baseline_floor_bits_and_methods(report):
     _, html_path, md_path = report
     md = md_path.read_text()
-    assert "below the gene-mean baseline (1.875)" in md
+    assert "below the gene-mean baseline (1.862)" in md  # on the test cells, where the fitted loss is
     assert "floor c" in md and "bits per masked gene" in md
     assert "homoscedastic" in md.lower()
     assert "AdamW" in md and "weight decay 0.01" in md and "cosine" in md
@@ -180,7 +180,7 @@ def test_the_true_floor_is_the_exact_one_on_the_validation_masks(tmp_path):
     base["bayes_floor"] = {"val": 1.3, "test": 1.31}
     (sweep / "baselines.json").write_text(json.dumps(base))
     md = write_report(sweep)[1].read_text()
-    assert "Bayes-optimal error of the simulator is 1.3;" in md and "1.35" not in md
+    assert "Bayes-optimal error of the simulator is 1.31;" in md and "1.35" not in md  # the test masks' floor
 
 
 def test_floor_at_boundary_gets_a_plain_language_warning(tmp_path, monkeypatch):
@@ -442,12 +442,16 @@ def test_methods_paragraph_states_the_fits_axes_and_interval_method():
           "ci_method": "profile likelihood XYZ", "bootstrap": 200, "bootstrap_kind": "residuals",
           "bootstrap_failed": 0}
     text = _methods(fit=nd, fitcfg={"law": "chinchilla", "bootstrap": 200})
-    assert "fitted to the best validation MSE against total parameters P and training cells D" in text
+    assert ("fitted to the best validation MSE, the loss that chose each point's checkpoint and rate (biased low) "
+            "against total parameters P and training cells D") in text
+    test = _methods(fit={**nd, "y": "test_mse"})
+    assert ("fitted to the test MSE at the validation-chosen checkpoint and rate (a loss that chose nothing) against "
+            "total parameters P and training cells D") in test
     assert "against total parameters P of" not in text
     assert "95% intervals by profile likelihood XYZ (interval method 'profile')" in text
     assert "200 bootstrap resamples of the residuals" in text and "failed" not in text
     bits = _methods(fit={**nd, "law": "power-floor", "x": ["params"], "y": "best_val_loss", "loss_unit": "bits"})
-    assert "the best validation loss (bits per masked gene) against total parameters P of" in bits
+    assert "the best validation loss (bits per masked gene), the loss that chose" in bits
     # no fit yet: the axes of the configured law and the default interval method
     default = _methods(fitcfg={"law": "chinchilla"})
     assert "against total parameters P and training cells D" in default
@@ -592,7 +596,7 @@ def test_depth_section_figure_table_and_run_column(depth_report):
         d = fit["by_depth"][key]
         lo, hi = d["ci95"]["c"]
         row = (f"| {key} | 8 | {d['params']['alpha']:.4g} | [{d['ci95']['alpha'][0]:.4g}, {d['ci95']['alpha'][1]:.4g}] "
-               f"| {d['params']['c']:.4g} | [{lo:.4g}, {hi:.4g}] | {d['r2']:.4g} | False | {d['baselines']['gene_mean']['val']:.4g} |")
+               f"| {d['params']['c']:.4g} | [{lo:.4g}, {hi:.4g}] | {d['r2']:.4g} | False | {d['baselines']['gene_mean']['test']:.4g} |")
         assert row in md, row
     assert "only the 8 runs at full depth (1) were fitted here" in md
     assert "| run_id | size | params | train_cells | depth | seed |" in md

@@ -266,7 +266,8 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
                    help="interval method: profile (the default; bca-groups for --method paper), wald-t, "
                         "residual-t, residual, bca-groups (coverage measured in docs/intervals.md)")
     f.add_argument("--x", help="comma-separated x column(s) (default params, or params,train_cells)")
-    f.add_argument("--y", help="loss column (default best_val_mse)")
+    f.add_argument("--y", help="loss column (default: test_mse, or test_loss for a likelihood; the validation column "
+                   "where the table has no test loss)")
     f.add_argument("--bootstrap", type=int, default=default.bootstrap,
                    help=f"bootstrap resamples (default {default.bootstrap})")
     f.add_argument("--seed", type=int, default=default.seed)

@@ -119,9 +119,12 @@ def probe_cells(obs: pd.DataFrame, splits: dict[str, np.ndarray], *, label: str 
 
 
 def _macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Macro-F1 over the labels of the scored cells: the same classes for every embedding scored on
+    them (sklearn's default adds any label an embedding predicts that the cells lack, a zero-F1 class
+    that would move one embedding's average and not another's)."""
     from sklearn.metrics import f1_score
 
-    return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
+    return float(f1_score(y_true, y_pred, labels=np.unique(y_true), average="macro", zero_division=0))
 
 
 def _one_scale(train: np.ndarray):

@@ -47,11 +47,34 @@ def _keys(runs: pd.DataFrame) -> list[str]:
     return [c for c in GROUP if c in runs]
 
 
-def loss_column(runs: pd.DataFrame) -> str:
-    """The results column a sweep's rate is chosen on, its law fitted to and its best run chosen
-    by: the MSE, or ``best_val_loss`` (bits) when any run has a likelihood objective."""
+# the column that makes the choices (validation), and the one that made none (test), by loss unit
+CHOICE_COLUMN = {"mse": "best_val_mse", "bits": "best_val_loss"}
+FITTED_COLUMN = {"mse": "test_mse", "bits": "test_loss"}
+
+
+def loss_unit(runs: pd.DataFrame) -> str:
+    """"bits" when any run has a likelihood objective (its losses are bits per masked gene), else "mse"."""
     likelihood = "objective" in runs and runs["objective"].fillna("mse").ne("mse").any()
-    return "best_val_loss" if likelihood else "best_val_mse"
+    return "bits" if likelihood else "mse"
+
+
+def loss_column(runs: pd.DataFrame) -> str:
+    """The results column a sweep's choices are made on (its rates, its best size): the validation
+    MSE, or ``best_val_loss`` (bits) when any run has a likelihood objective."""
+    return CHOICE_COLUMN[loss_unit(runs)]
+
+
+def fitted_column(runs: pd.DataFrame) -> str:
+    """The results column a law is fitted to and a loss is reported in: the test loss at the
+    validation-chosen checkpoint and rate, which chose nothing (a validation loss that chose the
+    checkpoint, the rate and the stop is biased low; docs/intervals.md, "Points that chose
+    nothing"). A table without a finite test loss on every finished row (one written by hand, or
+    by another tool) is fitted on its validation column."""
+    col = FITTED_COLUMN[loss_unit(runs)]
+    ok = runs[runs["status"].astype(str) == "ok"] if "status" in runs else runs
+    if col in ok and len(ok) and pd.to_numeric(ok[col], errors="coerce").notna().all():
+        return col
+    return loss_column(runs)
 
 
 def _on_common_seeds(group: pd.DataFrame, loss_col: str) -> pd.DataFrame:

@@ -12,8 +12,9 @@ import pandas as pd
 from cellscale.config import RunConfig, load_run_config, preset_path
 from cellscale.fit.text import format_fit
 from cellscale.io import read_json
+from cellscale.lrgrid import loss_column
 from cellscale.progress import console
-from cellscale.report.writer import fitted_loss_column, write_report
+from cellscale.report.writer import write_report
 from cellscale.sweep import run_sweep
 
 __all__ = ["format_fit", "print_summary", "resolve_config", "run_study", "summarize"]
@@ -50,7 +51,7 @@ def summarize(out: Path, results_csv: Path) -> dict[str, Any]:
         "failed_or_diverged": int(len(table) - len(ok)),
     }
     if len(ok):
-        key = fitted_loss_column(ok)
+        key = loss_column(ok)  # the best run is a choice: made on validation
         best = ok.loc[ok[key].idxmin()]
         summary.update({
             "best_run": str(best["run_id"]),

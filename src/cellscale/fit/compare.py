@@ -10,11 +10,18 @@ def r_squared(y: np.ndarray, pred: np.ndarray) -> float:
     return float(1 - np.sum((y - pred) ** 2) / ss_tot) if ss_tot > 0 else float("nan")
 
 
-def information_criteria(resid: np.ndarray, n_params: int) -> tuple[float, float]:
-    """Gaussian AIC and BIC from residuals (the shared variance parameter cancels in differences)."""
-    n = resid.size
-    rss = float(np.sum(resid**2))
-    if rss <= 0:
+def information_criteria(resid: np.ndarray, n_params: int, weights: np.ndarray | None = None) -> tuple[float, float]:
+    """Gaussian AIC and BIC from residuals (the shared variance parameter cancels in differences).
+
+    With row ``weights`` (each row's variance sigma^2 / w, as the fit weighs it) the residual sum
+    of squares is weighted the same way, over the rows of positive weight; the sum of log w that
+    the likelihood also holds is the same for every law fitted to these rows, so it cancels in the
+    differences the criteria are read by."""
+    w = np.ones_like(resid, dtype=float) if weights is None else np.asarray(weights, dtype=float)
+    used = w > 0
+    n = int(used.sum())
+    rss = float(np.sum(w[used] * resid[used] ** 2))
+    if rss <= 0 or n == 0:
         return float("nan"), float("nan")
     base = n * np.log(rss / n)
     return float(base + 2 * n_params), float(base + n_params * np.log(n))

@@ -8,9 +8,10 @@ import numpy as np
 import pandas as pd
 
 from cellscale.errors import FitError
+from cellscale.fit.cells import CellDraws, cell_shift, run_cell_draws, sweep_cell_paths
 from cellscale.fit.compare import information_criteria, r_squared, residuals
 from cellscale.fit.compute_optimal import compute_optimal
-from cellscale.fit.data import Y_DEFAULT, FitData, n_distinct_rows, prepare
+from cellscale.fit.data import FitData, finished_mask, n_distinct_rows, prepare
 from cellscale.fit.entropy import entropy_summary, reaches_zero
 from cellscale.fit.intervals import check_interval, compute_intervals, default_interval
 from cellscale.fit.judge import judge
@@ -21,7 +22,9 @@ from cellscale.fit.result import FitResult
 from cellscale.fit.threads import blas_single_thread
 from cellscale.io import verify_checksum
 from cellscale.lossbounds import lowest_loss
+from cellscale.lrgrid import CHOICE_COLUMN, FITTED_COLUMN, fitted_column
 from cellscale.plateau import doubling_gain
+from cellscale.schema import RUNS_DIR
 
 
 def _lookup(law: str, method: str) -> tuple[Law, Method]:
@@ -45,7 +48,7 @@ def _fit(law: Law, method: Method, data: FitData, w: np.ndarray | None = None):
 
 def _criteria(law: Law, method: Method, data: FitData, theta: np.ndarray) -> tuple[float, float]:
     pred = law.predict(theta, data.X)
-    return information_criteria(residuals(method.space, data.y, pred), law.n_params)
+    return information_criteria(residuals(method.space, data.y, pred), law.n_params, data.weights)
 
 
 def _no_floor(law: Law, method: Method, data: FitData, aic: float, bic: float) -> dict | None:
@@ -130,13 +133,14 @@ def _judgement(law: Law, method: Method, data: FitData, theta: np.ndarray, pred:
     return out
 
 
-LIKELIHOOD_Y = ("best_val_loss", "test_loss")
+LIKELIHOOD_Y = tuple(c for c in (*CHOICE_COLUMN.values(), *FITTED_COLUMN.values()) if c.endswith("_loss"))
 
 
 def _resolve_y(df: pd.DataFrame, y: str | None) -> tuple[str, str, float]:
     """The loss column, its unit and the least loss the objective can score there
     (``cellscale.lossbounds.lowest_loss``). A table of a likelihood objective (its ``objective``
-    column) is fitted on ``best_val_loss`` (bits per masked gene) unless ``y`` says otherwise;
+    column) is fitted in bits per masked gene, an MSE table on the MSE; by default on the test loss
+    at the validation-chosen checkpoint, which chose nothing (``cellscale.lrgrid.fitted_column``);
     rows of different objectives are refused (their losses are in different units), and so
     are rows of different sequencing depths."""
     objectives = set()
@@ -152,7 +156,7 @@ def _resolve_y(df: pd.DataFrame, y: str | None) -> tuple[str, str, float]:
                        "each depth's rows on their own (the report's fit.json has them under by_depth)")
     likelihood = bool(objectives) and objectives != {"mse"}
     if y is None:
-        y = LIKELIHOOD_Y[0] if likelihood else Y_DEFAULT
+        y = fitted_column(df)
     unit = "bits" if likelihood and y in LIKELIHOOD_Y else "mse"
     return y, unit, lowest_loss(next(iter(objectives), "mse"), unit)
 
@@ -191,11 +195,13 @@ def fit_table(
     n_jobs: int | None = 1,
     interval: str | None = None,
     blocked: bool = False,
+    cell_draws: np.ndarray | CellDraws | None = None,
 ) -> FitResult:
     """Fit ``law`` to the finished runs of ``df`` with ``method`` and a grouped bootstrap.
 
-    ``y`` is the loss column: ``best_val_mse`` by default, ``best_val_loss`` (bits per masked
-    gene) for a table of a likelihood objective; then the floor is itself the entropy.
+    ``y`` is the loss column: by default the test loss at the validation-chosen checkpoint
+    (``test_mse``; ``test_loss``, bits per masked gene, for a likelihood objective, whose floor is
+    then itself the entropy), the validation column where a table has no test loss.
     ``weights`` names a column of row weights (used by every method; meant for ``nls``).
     ``per_gene_mse`` (per-gene errors, e.g. of the best model) adds the heteroscedastic
     entropy. ``gain_tolerance`` is the relative gain per doubling of N below which the
@@ -206,16 +212,38 @@ def fit_table(
     prediction bands, and each one that fails is counted in the result. ``blocked``: the residual
     bootstrap keeps the rows of one group (``groups``: e.g. the run each cooldown-branch point
     came from) together, drawing a shared group-level residual and row-level deviations apart.
+    ``cell_draws``: each row's loss on resamples of the evaluation cells every run was scored on,
+    (B, len(df)) aligned with the rows of ``df`` as passed (a bare array, centred on the table's
+    y, or a ``cellscale.fit.cells.CellDraws``, centred on its ``observed``): their noise, a shift
+    shared by every point that the residuals never show, enters the intervals (``bootstrap`` of
+    them for the bootstrap intervals; ``cellscale.fit.intervals``) and ``extra["eval_cells"]``
+    records how (None without them).
     """
     with blas_single_thread():
         return _fit_table(df, law=law, method=method, x=x, y=y, bootstrap=bootstrap, seed=seed,
                           groups=groups, per_gene_mse=per_gene_mse, weights=weights,
                           gain_tolerance=gain_tolerance, n_jobs=n_jobs,
-                          interval=check_interval(interval or default_interval(method)), blocked=blocked)
+                          interval=check_interval(interval or default_interval(method)), blocked=blocked,
+                          cell_draws=cell_draws)
+
+
+def _eval_cells(law: Law, noise, draws, lowest: float) -> dict | None:
+    """fit.json's ``eval_cells``: how the evaluation cells' noise entered the intervals
+    (``cellscale.fit.intervals.CellNoise``), the floor's sd due to it and the intervals without it."""
+    if draws is None or noise is None:
+        return None
+    meta = draws if isinstance(draws, CellDraws) else CellDraws(values=np.empty((0, 0)))
+    lo, hi = (floor_shifted(law, a, lowest) for a in (noise.lo, noise.hi))
+    out = {"n_cells": meta.n_cells, "split": meta.split, "resamples": int(noise.resamples), "how": noise.how,
+           "floor_sd": noise.floor_sd,
+           "ci95_without_cells": {n: [float(a), float(b)] for n, a, b in zip(law.param_names, lo, hi)}}
+    if noise.failed:
+        out["cell_refits_failed"] = int(noise.failed)
+    return out
 
 
 def _fit_table(df, *, law, method, x, y, bootstrap, seed, groups, per_gene_mse, weights,
-               gain_tolerance, n_jobs, interval, blocked=False) -> FitResult:
+               gain_tolerance, n_jobs, interval, blocked=False, cell_draws=None) -> FitResult:
     law_obj, method_obj = _lookup(law, method)
     if bootstrap < 0:
         raise FitError(f"bootstrap must be >= 0, got {bootstrap}")
@@ -227,6 +255,7 @@ def _fit_table(df, *, law, method, x, y, bootstrap, seed, groups, per_gene_mse, 
     # fitted as the excess over the least loss the objective can score; the floor is shifted back
     data = prepare(_excess(df, y, lowest), law_name=law, n_params=law_obj.n_params, variables=law_obj.variables,
                    x=x, y=y, groups=groups, weights=weights)
+    shift = None if cell_draws is None else cell_shift(cell_draws, finished_mask(df), data.y, lowest)
 
     outcome = _fit(law_obj, method_obj, data)
     theta = law_obj.to_natural(outcome.u)
@@ -235,7 +264,7 @@ def _fit_table(df, *, law, method, x, y, bootstrap, seed, groups, per_gene_mse, 
     r2, r2_definition, at_boundary, floor_bounds = _goodness(law_obj, method_obj, data, theta, pred, lowest)
 
     ivals = compute_intervals(interval, method_obj, law_obj, data, outcome.u, outcome.candidates[:1],
-                              n_boot=bootstrap, seed=seed, n_jobs=n_jobs, blocked=blocked)
+                              n_boot=bootstrap, seed=seed, n_jobs=n_jobs, blocked=blocked, cell_shift=shift)
     interval_fields = ivals.summary(interval, bootstrap, law_obj, theta)
     fidx = law_obj.floor_index()
     judgement = _judgement(law_obj, method_obj, data, theta, pred, r2, at_boundary,
@@ -269,6 +298,7 @@ def _fit_table(df, *, law, method, x, y, bootstrap, seed, groups, per_gene_mse, 
         "bootstrap_blocked": bool(blocked),
         "n_units": int(data.groups.max()) + 1,
         "seed": int(seed),
+        "eval_cells": _eval_cells(law_obj, ivals.cells, cell_draws, lowest),
     }
     if law_obj.name in ("chinchilla", "data-constrained"):
         # data-constrained shares chinchilla's (A, B, E, alpha, beta): its frontier is chinchilla's
@@ -282,8 +312,27 @@ def _fit_table(df, *, law, method, x, y, bootstrap, seed, groups, per_gene_mse, 
                      floor_at_boundary=at_boundary, extra=extra)
 
 
-def fit_csv(path, **kwargs) -> FitResult:
-    """fit_table on a CSV file (e.g. a sweep's results.csv)."""
+def _sweep_cell_draws(path: Path, df: pd.DataFrame, kwargs: dict) -> CellDraws | None:
+    """The evaluation cells' draws for a sweep's results table (``fit_csv``): None outside a sweep
+    directory (no ``runs/`` beside the table), a FitError saying why where they cannot be had."""
+    if not (path.parent / RUNS_DIR).is_dir():
+        return None
+    if "run_id" not in df.columns:
+        raise FitError("the table has no run_id column to find each run's cells")
+    n_boot = int(kwargs.get("bootstrap", fit_table.__kwdefaults__["bootstrap"]))
+    if n_boot <= 0:
+        raise FitError("bootstrap = 0: the evaluation cells were not resampled")
+    y, unit, _ = _resolve_y(df, kwargs.get("y"))
+    paths = [p if ok else None for p, ok in zip(sweep_cell_paths(path.parent, df["run_id"]), finished_mask(df))]
+    return run_cell_draws(paths, y=y, unit=unit, n_boot=n_boot, seed=int(kwargs.get("seed", 0)))
+
+
+def fit_csv(path, *, cells: bool = True, **kwargs) -> FitResult:
+    """fit_table on a CSV file (e.g. a sweep's results.csv). ``cells``: in a sweep directory (a
+    ``runs/`` folder beside the table, rows with ``run_id``) the intervals hold the evaluation
+    cells' noise, drawn from each fitted run's ``runs/<run_id>/cells.npz`` (``cellscale.fit.cells``;
+    ``bootstrap`` resamples, seeded by ``seed``). Where they cannot be had (a file missing, no
+    resamples) the fit goes on without them and ``extra["eval_cells"]["note"]`` says why."""
     path = Path(path)
     if not path.is_file():
         raise FitError(f"results table not found: {path}; pass the path of a CSV such as SWEEP_DIR/results.csv")
@@ -293,4 +342,13 @@ def fit_csv(path, **kwargs) -> FitResult:
         df = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise FitError(f"{path}: not a readable CSV ({str(err).splitlines()[0]})") from None
-    return fit_table(df, **kwargs)
+    note = None
+    if cells and kwargs.get("cell_draws") is None:
+        try:
+            kwargs["cell_draws"] = _sweep_cell_draws(path, df, kwargs)
+        except FitError as err:
+            note = f"fitted without the evaluation cells' noise: {err}"
+    fit = fit_table(df, **kwargs)
+    if note is not None:
+        fit.extra["eval_cells"] = {"note": note}
+    return fit

@@ -9,8 +9,6 @@ import pandas as pd
 
 from cellscale.errors import FitError
 
-Y_DEFAULT = "best_val_mse"
-
 
 @dataclass(frozen=True)
 class FitData:
@@ -35,6 +33,15 @@ class FitData:
     def subset(self, keep: np.ndarray) -> "FitData":
         _, groups = np.unique(self.groups[keep], return_inverse=True)
         return FitData(self.X[keep], self.y[keep], self.weights[keep], groups, self.frame.iloc[np.flatnonzero(keep)])
+
+
+def finished_mask(df: pd.DataFrame) -> np.ndarray:
+    """Which rows of ``df`` are fitted: those with status == "ok" where the table has a status
+    column, every row otherwise (one rule for ``prepare`` and for arrays aligned with the table's
+    rows, such as ``fit_table``'s ``cell_draws``)."""
+    if "status" not in df.columns:
+        return np.ones(len(df), dtype=bool)
+    return (df["status"].astype(str) == "ok").to_numpy()
 
 
 def n_distinct_rows(X: np.ndarray) -> int:
@@ -81,9 +88,7 @@ def prepare(
         if col not in df.columns:
             shown = ", ".join(map(str, df.columns[:12])) + (", ..." if len(df.columns) > 12 else "")
             raise FitError(f"column '{col}' not in the table (columns: {shown}); name it with --x/--y")
-    frame = df
-    if "status" in df.columns:
-        frame = df[df["status"].astype(str) == "ok"]
+    frame = df[finished_mask(df)]
     if len(frame) == 0:
         raise FitError(
             "no finished runs in the table (no row with status == 'ok'); "

@@ -20,13 +20,14 @@ numpy/scipy/pandas only, like the rest of ``cellscale.fit``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from cellscale.errors import FitError
+from cellscale.fit.cells import CellDraws
 from cellscale.fit.core import fit_table, floor_shifted
 from cellscale.fit.intervals import residual_levels
 from cellscale.fit.methods import METHODS
@@ -260,10 +261,15 @@ def _sizes(frame: pd.DataFrame, y: str) -> pd.DataFrame:
 
 def fit_data_axis(branches: pd.DataFrame, *, law: str | None = None, y: str = Y_DATA, method: str = "huber-log",
                   bootstrap: int = 1000, seed: int = 0, interval: str | None = None,
-                  n_jobs: int | None = 1, gain_tolerance: float = 0.01) -> DataAxisFit:
+                  n_jobs: int | None = 1, gain_tolerance: float = 0.01, cell_draws=None) -> DataAxisFit:
     """Fit the joint law to the ok branch points of ``branches`` (``cellscale.schema.BRANCH_FIELDS``
-    columns); ``law`` None chooses by :func:`data_law`. FitError when they cannot carry it."""
-    ok = branches[branches["status"].astype(str) == "ok"] if "status" in branches else branches
+    columns); ``law`` None chooses by :func:`data_law`. FitError when they cannot carry it.
+    ``cell_draws`` (aligned with the rows of ``branches``; ``fit_table``) puts the evaluation cells'
+    noise into the resamples, and so into every interval read from them."""
+    keep = (branches["status"].astype(str) == "ok").to_numpy() if "status" in branches else np.ones(len(branches), bool)
+    ok = branches[keep]
+    if cell_draws is not None:  # aligned with the points kept
+        cell_draws = _rows(cell_draws, keep)
     if ok.empty:
         raise FitError("no cooldown branch point to fit (a plateau-budget sweep writes them to branches.csv)")
     law = law or data_law(ok)
@@ -274,7 +280,7 @@ def fit_data_axis(branches: pd.DataFrame, *, law: str | None = None, y: str = Y_
         raise FitError("the branch points need a run_id column: the points of one run are resampled together")
     result = fit_table(ok, law=law, method=method, x=law_x(law), y=y, bootstrap=bootstrap, seed=seed,
                        groups=["run_id"], blocked=True, interval=interval, n_jobs=n_jobs,
-                       gain_tolerance=gain_tolerance)
+                       gain_tolerance=gain_tolerance, cell_draws=cell_draws)
     used = ok.reset_index(drop=True)
     # the residuals of the fit as fitted: the excess over the objective's least loss
     lowest = float(result.extra.get("lowest_loss") or 0.0)
@@ -285,6 +291,14 @@ def fit_data_axis(branches: pd.DataFrame, *, law: str | None = None, y: str = Y_
                                    result.law.from_natural(theta), used["run_id"].astype(str).to_numpy())
     return DataAxisFit(result=result, unit=units.pop() if units else "mse", sizes=_sizes(used, y),
                        run_residuals=runs, point_residuals=points)
+
+
+def _rows(draws, keep: np.ndarray):
+    """``draws`` (a (B, n) array or ``CellDraws``) at the rows ``keep``."""
+    if isinstance(draws, CellDraws):
+        obs = None if draws.observed is None else np.asarray(draws.observed)[keep]
+        return replace(draws, values=np.asarray(draws.values)[:, keep], observed=obs)
+    return np.asarray(draws)[:, keep]
 
 
 def predict_json(record: dict[str, Any], **columns: Any) -> np.ndarray:

@@ -20,6 +20,16 @@ Measured against each other in ``docs/intervals.md`` (``benchmarks/interval_cove
 Every method but the two Gaussian ones spends ``bootstrap`` resamples; those two still draw
 a residual bootstrap of that size when ``bootstrap > 0``, for the prediction bands and the
 compute-optimal intervals that need samples.
+
+The evaluation cells' noise (``cell_shift``: (B, n) shifts of each point's loss on resamples of the
+cells that every run was scored on; ``cellscale.fit.cells``) is a common shift of the ladder that no
+residual shows. The bootstrap methods resample it jointly: the b-th resample's losses get the b-th
+shift added (``residual``, ``residual-t``: onto the simulated losses; ``bca-groups``: onto the
+observed losses under the group weights). The Gaussian methods do not resample, so the cell
+resamples are fitted alone (the observed losses plus each shift) and each side of each interval is
+widened by the cells' spread on that side, in quadrature, in the fitting parameterisation
+(:func:`quadrature_widen`); their residual bootstrap gets the shifts added as well, so that every
+resample a fit exposes holds the cells' noise.
 """
 
 from __future__ import annotations
@@ -340,6 +350,22 @@ def percentile_ci(samples: np.ndarray, level: float = LEVEL) -> tuple[np.ndarray
 
 # ---- one entry point --------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class CellNoise:
+    """How the evaluation cells' noise entered the intervals: ``how``, over how many cell resamples,
+    the intervals without it (natural parameters, before the floor is shifted back), the floor's
+    standard deviation due to the cells (None for a law without a floor) and the cell resamples
+    that could not be fitted (the Gaussian methods' cell-only refits; a joint resample that fails is
+    counted with the bootstrap's failures)."""
+
+    how: str
+    resamples: int
+    lo: np.ndarray
+    hi: np.ndarray
+    floor_sd: float | None = None
+    failed: int = 0
+
+
 @dataclass
 class Intervals:
     lo: np.ndarray
@@ -348,6 +374,7 @@ class Intervals:
     kind: str | None  # "run groups" or "residuals"
     jackknife_failed: int = 0
     centre: np.ndarray | None = None  # the Gaussian fit the profile / wald-t intervals are built on
+    cells: CellNoise | None = None  # how the evaluation cells' noise entered (None: it did not)
 
     @property
     def samples(self) -> np.ndarray:
@@ -383,43 +410,46 @@ class Intervals:
         }
 
 
-def _group_intervals(method, law, data, theta, starts, n_boot, seed, n_jobs) -> Intervals:
+def _group_intervals(method, law, data, theta, starts, n_boot, seed, n_jobs, shift=None) -> Intervals:
     k = law.n_params
     if n_boot == 0:
         return Intervals(np.full(k, np.nan), np.full(k, np.nan), None, None)
     W = resample_weights(data.groups, n_boot, seed)
-    boot = run_bootstrap(method.name, law, data.X, data.y, data.weights, W, starts, n_jobs=n_jobs)
+    Y = data.y if shift is None else data.y[None, :] + shift
+    boot = run_bootstrap(method.name, law, data.X, Y, data.weights, W, starts, n_jobs=n_jobs)
     jack = run_bootstrap(method.name, law, data.X, data.y, data.weights, jackknife_weights(data.groups),
                          starts, n_jobs=n_jobs)
     lo, hi = bca_ci(boot.samples, theta, jack.samples)
     return Intervals(lo, hi, boot, "run groups", jack.n_failed)
 
 
-def _residual_boot(method, law, data, u_hat, starts, n_boot, seed, n_jobs, studentize, blocks=None) -> Resamples:
+def _residual_boot(method, law, data, u_hat, starts, n_boot, seed, n_jobs, studentize, blocks=None,
+                   shift=None) -> Resamples:
     space = "linear" if method.space == "linear" else "log"
     Y = residual_draws(law, space, data.logX, data.y, data.weights, u_hat, n_boot, seed, blocks=blocks)
+    if shift is not None:
+        Y = Y + shift  # the b-th cell resample's shift onto the b-th simulated losses
     se_fn = (se_linear if space == "linear" else se_log) if studentize else None
     return fit_resamples(method.name, law, data.X, Y, np.broadcast_to(data.weights, Y.shape), starts,
                          n_jobs=n_jobs, se_fn=se_fn)
 
 
-def compute_intervals(name: str, method, law: Law, data, u_hat: np.ndarray, starts: np.ndarray, *,
-                      n_boot: int, seed: int, n_jobs: int | None, blocked: bool = False) -> Intervals:
-    """Intervals of ``name`` for the fit ``u_hat`` of ``method`` on ``data`` (a FitData); ``blocked``:
-    the residual bootstrap draws two levels, the groups of ``data`` as blocks (:func:`residual_draws`)."""
+def _intervals(name: str, method, law: Law, data, u_hat: np.ndarray, starts: np.ndarray, *, n_boot: int,
+               seed: int, n_jobs: int | None, blocked: bool, shift: np.ndarray | None) -> Intervals:
+    """The intervals of ``name``; ``shift`` ((n_boot, n) or None) is added to the b-th resample's losses."""
     theta = law.to_natural(u_hat)
     if name == "bca-groups":
-        return _group_intervals(method, law, data, theta, starts, n_boot, seed, n_jobs)
+        return _group_intervals(method, law, data, theta, starts, n_boot, seed, n_jobs, shift=shift)
     space = "linear" if method.space == "linear" else "log"
     k = law.n_params
     boot = None
     if n_boot > 0:
         boot = _residual_boot(method, law, data, u_hat, starts, n_boot, seed, n_jobs, name == "residual-t",
-                              blocks=data.groups if blocked else None)
+                              blocks=data.groups if blocked else None, shift=shift)
     nan = np.full(k, np.nan)
     g_starts = np.vstack([u_hat[None, :], starts])
     centre = None
-    if name in ("profile", "wald-t"):
+    if name in QUADRATURE:
         ci = profile_ci if name == "profile" else wald_t_ci
         lo, hi = ci(law, space, data.logX, data.y, data.weights, g_starts)
         if data.n > k:
@@ -434,3 +464,105 @@ def compute_intervals(name: str, method, law: Law, data, u_hat: np.ndarray, star
             samples_u = np.array([law.from_natural(t) for t in boot.samples])
         lo, hi = studentized_ci(samples_u, boot.extra, u_hat, se_hat, law, data.y)
     return Intervals(lo, hi, boot, "residuals" if boot is not None else None, centre=centre)
+
+
+# ---- the evaluation cells' noise (module doc) ---------------------------------------------------
+
+QUADRATURE = ("profile", "wald-t")
+
+
+def _check_shift(shift, n_boot: int, n: int) -> np.ndarray | None:
+    """``shift`` as a (B, n) float array, or a one-line FitError; B >= n_boot when there is a bootstrap."""
+    if shift is None:
+        return None
+    shift = np.asarray(shift, dtype=float)
+    if shift.ndim != 2 or shift.shape[1] != n:
+        raise FitError(f"the cell shifts must be (resamples, {n} fitted points), got {shift.shape}")
+    if 0 < shift.shape[0] < n_boot or (shift.shape[0] == 0 and n_boot > 0):
+        raise FitError(f"{shift.shape[0]} resamples of the evaluation cells, fewer than bootstrap = {n_boot}: "
+                       "draw at least as many (cellscale.fit.cells.cell_draws(n_boot=...))")
+    if not np.all(np.isfinite(shift)):
+        raise FitError("the resamples of the evaluation cells hold NaN or inf for a fitted point "
+                       "(a point with no masked position in its cells?)")
+    return shift
+
+
+def _floor_sd(law: Law, samples: np.ndarray) -> float | None:
+    idx = law.floor_index()
+    if idx is None:
+        return None
+    floor = samples[:, idx][np.isfinite(samples[:, idx])]
+    return float(np.std(floor, ddof=1)) if floor.size >= 2 else None
+
+
+def quadrature_widen(law: Law, y, lo, hi, u_centre, u_hat, cell_u, level: float = LEVEL
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Intervals ``lo``..``hi`` (natural, built around ``u_centre``) widened on each side by the cell
+    refits' spread ``cell_u`` (fitting parameterisation, one row per refit) on that side of the
+    method's estimate ``u_hat``, in quadrature, in the fitting parameterisation:
+    u_lo' = u_c - sqrt((u_c - u_lo)^2 + h_lo^2), h_lo = max(u_hat - q_tail(cell_u), 0), and likewise
+    above; clipped to the law's bounds. NaN stays NaN, and so does every interval when fewer than
+    two refits are finite (the cells' spread is then unknown)."""
+    lo_b, hi_b = _bounds_arrays(law, y)
+    ok = cell_u[np.all(np.isfinite(cell_u), axis=1)]
+    h_lo = h_hi = np.full(law.n_params, np.nan)
+    if ok.shape[0] >= 2:
+        tail = 100 * (1 - level) / 2
+        q_lo, q_hi = np.percentile(ok, [tail, 100 - tail], axis=0)
+        h_lo, h_hi = np.maximum(u_hat - q_lo, 0.0), np.maximum(q_hi - u_hat, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        u_lo, u_hi = law.from_natural(np.asarray(lo, float)), law.from_natural(np.asarray(hi, float))
+        new_lo = np.clip(u_centre - np.hypot(u_centre - u_lo, h_lo), lo_b, hi_b)
+        new_hi = np.clip(u_centre + np.hypot(u_hi - u_centre, h_hi), lo_b, hi_b)
+        return law.to_natural(new_lo), law.to_natural(new_hi)
+
+
+def _quadrature(out: Intervals, name: str, method, law: Law, data, u_hat, starts, shift, n_jobs) -> CellNoise:
+    """Fit the cell resamples alone (the observed losses plus each shift, the data's weights) and
+    widen ``out`` by their spread (:func:`quadrature_widen`); the record of it."""
+    Y = data.y[None, :] + shift
+    cells = fit_resamples(method.name, law, data.X, Y, np.broadcast_to(data.weights, Y.shape), starts,
+                          n_jobs=n_jobs)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cell_u = np.array([law.from_natural(t) for t in cells.samples]).reshape(-1, law.n_params)
+    u_centre = law.from_natural(out.centre) if out.centre is not None else u_hat
+    record = CellNoise(how=f"quadrature with the {name} interval", resamples=int(shift.shape[0]), lo=out.lo,
+                       hi=out.hi, floor_sd=_floor_sd(law, cells.samples), failed=cells.n_failed)
+    out.lo, out.hi = quadrature_widen(law, data.y, out.lo, out.hi, u_centre, u_hat, cell_u)
+    return record
+
+
+def _joint_record(name: str, law: Law, joint: Intervals, plain: Intervals, n_boot: int) -> CellNoise:
+    """The joint resamples against the same bootstrap without the cells (same seed, same draws):
+    the floor's cell part is sqrt(var(joint) - var(without)), the two being drawn independently."""
+    sd_joint, sd_plain = _floor_sd(law, joint.samples), _floor_sd(law, plain.samples)
+    part = None if sd_joint is None or sd_plain is None else float(np.sqrt(max(sd_joint**2 - sd_plain**2, 0.0)))
+    kind = "group" if name == "bca-groups" else "residual"
+    return CellNoise(how=f"joint with the {kind} bootstrap", resamples=int(n_boot), lo=plain.lo, hi=plain.hi,
+                     floor_sd=part)
+
+
+def compute_intervals(name: str, method, law: Law, data, u_hat: np.ndarray, starts: np.ndarray, *,
+                      n_boot: int, seed: int, n_jobs: int | None, blocked: bool = False,
+                      cell_shift: np.ndarray | None = None) -> Intervals:
+    """Intervals of ``name`` for the fit ``u_hat`` of ``method`` on ``data`` (a FitData); ``blocked``:
+    the residual bootstrap draws two levels, the groups of ``data`` as blocks (:func:`residual_draws`).
+
+    ``cell_shift``: (B, n) shifts of the fitted points' losses on B resamples of the evaluation
+    cells (each resample's losses minus the losses on all the cells), or None. The bootstrap takes
+    its first ``n_boot`` rows (a FitError when there are fewer); the Gaussian methods' cell refits
+    take all B. How it entered is ``Intervals.cells`` (module doc)."""
+    shift = _check_shift(cell_shift, n_boot, data.n)
+    joint = shift[:n_boot] if shift is not None and n_boot > 0 else None
+    kw = dict(n_boot=n_boot, seed=seed, n_jobs=n_jobs, blocked=blocked)
+    out = _intervals(name, method, law, data, u_hat, starts, shift=joint, **kw)
+    if shift is None:
+        return out
+    if shift.shape[0] == 0 or (joint is None and name not in QUADRATURE):
+        out.cells = CellNoise(how="none: no resamples (bootstrap = 0)", resamples=0, lo=out.lo, hi=out.hi)
+    elif name in QUADRATURE:
+        out.cells = _quadrature(out, name, method, law, data, u_hat, starts, shift, n_jobs)
+    else:
+        out.cells = _joint_record(name, law, out, _intervals(name, method, law, data, u_hat, starts, shift=None, **kw),
+                                  n_boot)
+    return out

@@ -81,7 +81,10 @@ def judge(X: np.ndarray, y: np.ndarray, *, space_y: np.ndarray, residuals: np.nd
     ``residuals`` in the method's space (log y for a log-space method), for the lack-of-fit test."""
     rows = _groups(X)
     groups = [(x, y[r]) for x, r in rows]
-    out: dict = {"flags": [], "checked": [], "lack_of_fit": None, "rising_pairs": None, "spearman_rho": None}
+    out: dict = {"flags": [], "checked": [], "lack_of_fit": None, "rising_pairs": None, "spearman_rho": None,
+                 # what the lack-of-fit test needs: configurations with two rows or more, and more
+                 # configurations than the law has parameters
+                 "n_configs": len(rows), "n_replicated": sum(int(r.sum()) >= 2 for _, r in rows)}
     lof = lack_of_fit([space_y[r] for _, r in rows], residuals, n_params)
     if lof is not None:
         out["checked"].append("lack_of_fit")

@@ -21,7 +21,7 @@ from cellscale.lossbounds import lowest_loss
 from cellscale.lrgrid import select_lr
 from cellscale.report import plots
 from cellscale.report.doc import Callout, Fig, Figure, Para, Section, Table
-from cellscale.report.fitting import FitOutcome, headline_depth
+from cellscale.report.fitting import FitOutcome, eval_cell_draws, headline_depth
 from cellscale.report.fmt import fmt_int, fmt_num
 from cellscale.report.records import SweepData
 
@@ -55,7 +55,7 @@ class DataOutcome:
                           used=self.used, error=self.error)
 
 
-def _points(sd: SweepData) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+def branch_points(sd: SweepData) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """The branch points the law is fitted to, the chosen runs' points left out, and why."""
     notes = []
     b = sd.branches
@@ -64,7 +64,7 @@ def _points(sd: SweepData) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     if head is not None:
         ok_runs = ok_runs[ok_runs["depth"] == head]
         notes.append(f"only the runs at depth {head:g} are fitted")
-    sel = select_lr(ok_runs, loss_col=sd.loss_col)
+    sel = select_lr(ok_runs, loss_col=sd.choice_col)
     kept = sel.kept if sel.choices else ok_runs
     if sel.choices and len(sel.dropped):
         notes.append(f"the branches of each size's chosen learning rate only ({len(sel.dropped)} runs at other "
@@ -88,7 +88,7 @@ def run_data_fit(sd: SweepData) -> DataOutcome | None:
     """Fit the joint law to the sweep's branch points; None when the sweep took none."""
     if sd.branches is None or sd.branches.empty:
         return None
-    pts, left_out, notes = _points(sd)
+    pts, left_out, notes = branch_points(sd)
     cfg = sd.fit_config
     out = DataOutcome(used=pts, left_out=left_out, note="; ".join(notes) or None,
                       unit=str(pts["loss_unit"].iloc[0]) if len(pts) else "mse")
@@ -101,8 +101,11 @@ def run_data_fit(sd: SweepData) -> DataOutcome | None:
             warnings.simplefilter("ignore")
             # every usable core: the joint law's resamples are the report's longest step (the numbers
             # do not depend on how many processes fit them)
+            draws, why = eval_cell_draws(pts, sd.sweep_dir, cfg, Y_DATA, branches=True)
+            if why:
+                out.note = "; ".join(n for n in (out.note, why) if n)
             out.fit = fit_data_axis(pts, law=law, bootstrap=int(cfg["bootstrap"]), seed=int(cfg["seed"]),
-                                    interval=cfg.get("interval"), n_jobs=None)
+                                    interval=cfg.get("interval"), n_jobs=None, cell_draws=draws)
         out.record = out.fit.to_dict()
     except FitError as err:
         out.error = str(err)

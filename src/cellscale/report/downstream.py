@@ -27,10 +27,12 @@ import numpy as np
 import pandas as pd
 
 from cellscale.config import FitConfig, depth_label
+from cellscale.lrgrid import loss_column, select_lr
 from cellscale.report import plots, plots_downstream
 from cellscale.report.doc import Fig, Figure, Para, Section, Table
 from cellscale.report.fitting import FitOutcome, fit_into, fit_subset, headline_depth
 from cellscale.report.fmt import fmt_int, fmt_num
+from cellscale.report.meaning import LOSS_WORDS, best_model
 from cellscale.report.records import SweepData
 
 REFS_FILE = "downstream.json"  # written by cellscale.sweep.scoring
@@ -126,6 +128,7 @@ def tracking_sentence(d: Downstream, loss_col: str) -> str:
         warnings.simplefilter("ignore")
         rho = float(spearmanr(d.used[loss_col], 1.0 - d.used["probe_val_f1"]).statistic)
     r = f"{rho:+.2f}" if np.isfinite(rho) else "n/a"
+    what = LOSS_WORDS.get(loss_col, loss_col)
     best = sizes["f1"].max()
     star = sizes.index[sizes["f1"] >= best - SATURATION_TOL][0]
     after = sizes.loc[star:]
@@ -135,32 +138,44 @@ def tracking_sentence(d: Downstream, loss_col: str) -> str:
     if star != sizes.index[-1] and plateau and falling > LOSS_STILL_FALLING:
         return (f"Downstream saturates before the loss: the probe's macro-F1 on {d.label} is within "
                 f"{SATURATION_TOL:g} of its best ({best:.3f}) from {star} ({fmt_int(sizes.loc[star, 'params'])} "
-                f"parameters) on, while the validation loss falls a further {falling:.0%} beyond it (Spearman "
+                f"parameters) on, while the {what} falls a further {falling:.0%} beyond it (Spearman "
                 f"rho of loss and probe error {r}).")
     if np.isfinite(rho) and rho >= TRACKS_RHO:
         return (f"Downstream tracks the loss: the probe's macro-F1 on {d.label} goes from {small['f1']:.3f} "
-                f"({small.name}) to {large['f1']:.3f} ({large.name}) as the validation loss goes from "
+                f"({small.name}) to {large['f1']:.3f} ({large.name}) as the {what} goes from "
                 f"{fmt_num(small['loss'])} to {fmt_num(large['loss'])} (Spearman rho of loss and probe error "
                 f"{r}), with no plateau of the probe before the loss's.")
     return (f"Downstream does not follow the loss: the probe's macro-F1 on {d.label} goes from {small['f1']:.3f} "
-            f"({small.name}) to {large['f1']:.3f} ({large.name}) while the validation loss goes from "
+            f"({small.name}) to {large['f1']:.3f} ({large.name}) while the {what} goes from "
             f"{fmt_num(small['loss'])} to {fmt_num(large['loss'])} (Spearman rho of loss and probe error {r}).")
 
 
 def reference_sentence(d: Downstream) -> str:
-    """Whether the best transformer embedding beats the reference embeddings on the probe."""
+    """Whether the best model's embedding beats the reference embeddings on the probe: the best size
+    chosen on validation loss (``meaning.best_model``, as every other sentence names it), its mean
+    probe macro-F1 over its seeds; not the highest F1 of any run, which would be a choice on the
+    very score it reports."""
     if d.skipped or d.scored.empty or not d.refs:
         return ""
-    best = d.scored.loc[d.scored["probe_val_f1"].idxmax()]
+    best = best_model(d.scored)
+    if best is None:
+        return ""
+    chosen = select_lr(d.scored, loss_col=loss_column(d.scored))  # its seeds at its chosen rate
+    kept = chosen.kept if chosen.choices else d.scored
+    mine = kept[kept["size"].astype(str) == str(best["size"])]
+    if "train_cells" in mine and "train_cells" in best:
+        mine = mine[(mine["train_cells"] == best["train_cells"]) | (mine["train_cells"].isna() & pd.isna(best["train_cells"]))]
+    f1 = float(pd.to_numeric(mine["probe_val_f1"], errors="coerce").mean())
     parts = [f"{REF_NAMES.get(k, k)} ({float(v['probe_val_f1']):.3f})" for k, v in d.refs.items()]
-    beaten = [k for k, v in d.refs.items() if float(best["probe_val_f1"]) > float(v["probe_val_f1"])]
+    beaten = [k for k, v in d.refs.items() if f1 > float(v["probe_val_f1"])]
     if len(beaten) == len(d.refs):
         verdict = "beats"
     elif beaten:
         verdict = "beats only some of"
     else:
         verdict = "does not beat"
-    return (f"The best transformer embedding ({best['run_id']}, probe macro-F1 {float(best['probe_val_f1']):.3f}) "
+    seeds = f", mean of {len(mine)} seeds" if len(mine) > 1 else ""
+    return (f"The best model's embedding ({best['size']}, chosen on validation loss; probe macro-F1 {f1:.3f}{seeds}) "
             f"{verdict} the reference embeddings: " + ", ".join(parts) + ".")
 
 
@@ -180,10 +195,9 @@ def figures(d: Downstream, sd: SweepData, loss_fit: FitOutcome, loss_refs: list[
     """The loss law beside the downstream law, and the downstream score against the loss."""
     if d.skipped:
         return []
-    loss_label = ("best validation MSE (masked genes)" if sd.loss_col == "best_val_mse"
-                  else "best validation loss (bits per masked gene)")
+    loss_label = plots.loss_label(sd.loss_col)
     fit = d.fit or FitOutcome("power-floor", "")
-    cap = ("Left: the validation loss against parameters with its fitted law (as above). Right: the downstream "
+    cap = ("Left: the fitted loss against parameters with its fitted law (as above). Right: the downstream "
            f"error, 1 - macro-F1 of a logistic-regression probe on '{d.label}' fitted on the training cells' "
            "embeddings and scored on the validation cells, with the power-floor law fitted to it and its 95% "
            "bootstrap band; horizontal lines: the same probe on the reference embeddings.")

@@ -45,12 +45,14 @@ def _floor(fit: FitOutcome) -> plots.Floor | None:
 
 
 def mse_refs(sd: SweepData) -> list[plots.RefLine]:
-    """The baselines' validation MSEs, and the simulator's Bayes floor when known."""
-    refs = [plots.RefLine(v["val"], f"{name.replace('_', '-')} baseline (val) = {fmt_num(v['val'])}",
+    """The baselines' MSEs on the fitted loss's cells (``SweepData.split``), and the simulator's
+    Bayes floor when known."""
+    where = sd.split
+    refs = [plots.RefLine(v, f"{name.replace('_', '-')} baseline ({where}) = {fmt_num(v)}",
                           color=_PALETTE.get(name, "#7f7f7f"))
-            for name, v in sd.baselines.items() if v.get("val") is not None]
+            for name, v in sd.refs(sd.baselines).items()]
     if sd.bayes_floor is not None:
-        refs.append(plots.RefLine(sd.bayes_floor, f"true Bayes floor = {fmt_num(sd.bayes_floor)}",
+        refs.append(plots.RefLine(sd.bayes_floor, f"true Bayes floor ({where}) = {fmt_num(sd.bayes_floor)}",
                                   color=_FLOOR_COLOR, style=":"))
     return refs
 
@@ -59,10 +61,10 @@ def loss_refs(sd: SweepData) -> list[plots.RefLine]:
     """The reference lines in the unit of the fitted loss: the MSE lines, or the likelihood's bits."""
     if sd.objective == "mse":
         return mse_refs(sd)
-    return [plots.RefLine(v["val"], f"{k.replace('_', '-')} {'' if k == 'bayes_floor' else 'baseline '}"
-                          f"(val) = {fmt_num(v['val'])} bits",
+    return [plots.RefLine(v, f"{k.replace('_', '-')} {'' if k == 'bayes_floor' else 'baseline '}"
+                          f"({sd.split}) = {fmt_num(v)} bits",
                           color=_PALETTE.get(k, _FLOOR_COLOR), style=":" if k == "bayes_floor" else "--")
-            for k, v in sd.likelihood_refs.items() if v.get("val") is not None]
+            for k, v in sd.refs(sd.likelihood_refs).items()]
 
 
 def loss_vs_params(sd: SweepData, fit: FitOutcome) -> Figure:
@@ -124,24 +126,28 @@ def loss_vs_data(sd: SweepData, fit: FitOutcome) -> Figure | None:
     if sd.full_train is not None:
         data_runs["train_cells"] = data_runs["train_cells"].fillna(sd.full_train)
     curves = _data_curves(fit, data_runs)
-    return _figure("loss_vs_data", "Validation loss against training cells", "Best validation MSE against the "
+    return _figure("loss_vs_data", "Loss against training cells", f"{plots.loss_label(sd.loss_col)} against the "
                    "number of unique training cells, one line per model size (mean over seeds; dots are runs)"
                    + ("; dashed: the fitted L(N, D) law for each size with its 95% band." if curves else "."),
-                   plots.loss_vs_data(data_runs, refs=mse_refs(sd), curves=curves))
+                   plots.loss_vs_data(data_runs, refs=loss_refs(sd), curves=curves, y=sd.loss_col,
+                                      title="Loss against training cells, per model size",
+                                      ylabel=plots.loss_label(sd.loss_col)))
 
 
 def loss_vs_depth(sd: SweepData) -> Figure | None:
     if headline_depth(sd.runs) is None:
         return None
-    names = {"gene_mean": "gene-mean baseline (val) of each depth", "bayes_linear": "Bayes-linear (val) of each depth"}
-    refs = {label: {d: (b.get(key) or {}).get("val") for d, b in sd.depth_baselines.items()}
+    y = "test_mse" if sd.split == "test" else "best_val_mse"  # the depth fits are of MSE tables
+    names = {"gene_mean": f"gene-mean baseline ({sd.split}) of each depth",
+             "bayes_linear": f"Bayes-linear ({sd.split}) of each depth"}
+    refs = {label: {d: (b.get(key) or {}).get(sd.split) for d, b in sd.depth_baselines.items()}
             for key, label in names.items()}
-    return _figure("loss_vs_depth", "Validation loss against sequencing depth",
-                   "Best validation MSE against the fraction of the sequencing depth kept by binomial thinning (log "
+    return _figure("loss_vs_depth", "Loss against sequencing depth",
+                   f"{plots.loss_label(y)} against the fraction of the sequencing depth kept by binomial thinning (log "
                    "axis), one line per model size (mean over seeds; dots are runs). Dashed: each thinned dataset's "
-                   "own baselines on its validation cells.",
+                   f"own baselines on its {'test' if sd.split == 'test' else 'validation'} cells.",
                    plots.loss_vs_depth(sd.runs, refs={k: v for k, v in refs.items()
-                                                      if any(x is not None for x in v.values())}))
+                                                      if any(x is not None for x in v.values())}, y=y))
 
 
 def _isoflop(fit: FitOutcome, co: dict[str, Any]) -> plots.IsoFlop | None:
@@ -191,14 +197,17 @@ def compute_frontier(fit: FitOutcome) -> Figure | None:
 def _entropy_refs(sd: SweepData, best: GeneBest | None) -> dict[str, float | None]:
     """For scale: the same Gaussian reading of the baseline, the true floor and the best runs."""
     refs = {}
-    if sd.gene_mean_val is not None:
-        refs["gene-mean baseline"] = gaussian_bits(sd.gene_mean_val)
+    if sd.gene_mean is not None:
+        refs[f"gene-mean baseline ({sd.split})"] = gaussian_bits(sd.gene_mean)
     if sd.bayes_floor is not None:
-        refs["true Bayes floor"] = gaussian_bits(sd.bayes_floor)
+        refs[f"true Bayes floor ({sd.split})"] = gaussian_bits(sd.bayes_floor)
     ok = _headline_ok(sd.runs)
-    lowest = ok["best_val_mse"].min() if len(ok) else None
-    if lowest is not None and np.isfinite(lowest):
-        refs["best run (val MSE)"] = gaussian_bits(float(lowest))
+    mse = "test_mse" if sd.split == "test" else "best_val_mse"
+    ok = ok[np.isfinite(pd.to_numeric(ok["best_val_mse"], errors="coerce"))] if len(ok) else ok
+    if len(ok):  # the run chosen on validation, scored on the fitted loss's cells
+        chosen = float(ok.loc[pd.to_numeric(ok["best_val_mse"]).idxmin(), mse])
+        if np.isfinite(chosen):
+            refs[f"best run on validation ({sd.split} MSE)"] = gaussian_bits(chosen)
     if best is not None:
         refs[f"{best.run_id} test, homoscedastic"] = gaussian_bits(best.test_mse)
         refs[f"{best.run_id} test, per-gene"] = weighted_bits(best.mse, best.n)
@@ -234,7 +243,7 @@ def per_gene(sd: SweepData, best: GeneBest | None) -> Figure | None:
 
 def loss_vs_lr(sd: SweepData) -> Figure | None:
     ok = _headline_ok(sd.runs)
-    sel = select_lr(ok, loss_col=sd.loss_col)
+    sel = select_lr(ok, loss_col=sd.choice_col)
     if not sel.choices:
         return None
     chosen = {c.size: float(sel.kept.loc[sel.kept["size"] == c.size, "lr"].iloc[0]) for c in sel.choices}

@@ -5,7 +5,9 @@ it becomes the outcome's ``error``, stated in the report."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,9 +16,10 @@ import pandas as pd
 import cellscale.fit  # called as cellscale.fit.fit_table, so that a test may stand in for it
 from cellscale.config import FitConfig, depth_label
 from cellscale.errors import FitError
+from cellscale.fit.cells import CellDraws, run_cell_draws, sweep_cell_paths
 from cellscale.fit.result import FitResult
 from cellscale.lossbounds import lowest_loss
-from cellscale.lrgrid import loss_column, select_lr
+from cellscale.lrgrid import fitted_column, loss_column, loss_unit, select_lr
 from cellscale.report import plots
 from cellscale.report.fmt import fmt_int
 from cellscale.report.records import SweepData
@@ -56,7 +59,7 @@ def headline_depth(runs: pd.DataFrame) -> float | None:
     return 1.0 if (depths == 1.0).any() else float(depths.max())
 
 
-fitted_loss_column = loss_column  # the one rule (cellscale.lrgrid), under the report's name
+fitted_loss_column = fitted_column  # the one rule (cellscale.lrgrid), under the report's name
 
 
 def _and(note: str | None, more: str) -> str:
@@ -76,7 +79,7 @@ def _usable(ok: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
 def lowest_of(runs: pd.DataFrame) -> float:
     """The least loss the runs' objective can score in the fitted column's unit (0 but for
     gaussian-nll bits, which may be negative): the laws are fitted to the excess over it."""
-    likelihood = fitted_loss_column(runs) == "best_val_loss"
+    likelihood = fitted_loss_column(runs).endswith("_loss")
     objective = str(runs["objective"].dropna().iloc[0]) if likelihood and runs["objective"].notna().any() else "mse"
     return lowest_loss(objective, "bits" if likelihood else "mse")
 
@@ -123,7 +126,7 @@ def _converged_only(ok: pd.DataFrame, note: str | None, keep: bool) -> tuple[pd.
 
 
 def _best_lr_only(ok: pd.DataFrame, note: str | None) -> tuple[pd.DataFrame, str | None]:
-    sel = select_lr(ok, loss_col=fitted_loss_column(ok))
+    sel = select_lr(ok, loss_col=loss_column(ok))
     if not sel.choices:
         return ok, note
     note = _and(note, f"fitted to each size's best learning rate on validation loss ({len(sel.dropped)} runs at "
@@ -178,13 +181,38 @@ def _fit_table(used: pd.DataFrame, **kw: Any) -> FitResult:
         return cellscale.fit.fit_table(used, **kw)
 
 
+def eval_cell_draws(frame: pd.DataFrame, sweep_dir: Path | None, settings: Mapping[str, Any], y: str, *,
+                    branches: bool = False) -> tuple[CellDraws | None, str | None]:
+    """The evaluation cells' resamples for the fitted rows of ``frame`` (their runs', or with
+    ``branches`` their cooldown branches', per-cell sums in ``sweep_dir``; ``cellscale.fit.cells``),
+    drawn ``bootstrap`` times with the fit's seed; or None and why not (the fit goes on without)."""
+    if sweep_dir is None:
+        return None, None
+    n_boot = int(settings["bootstrap"])
+    if n_boot <= 0:
+        return None, "the intervals leave out the evaluation cells' noise: fit.bootstrap is 0"
+    ids = frame["run_id"].astype(str)
+    paths = sweep_cell_paths(sweep_dir, ids, frame["cells_seen"] if branches else None)
+    missing = [p for p in paths if not p.is_file()]
+    if missing:  # a sweep written before cellscale kept them, or files removed
+        return None, (f"the intervals leave out the evaluation cells' noise: {len(missing)} of {len(paths)} points "
+                      f"have no per-cell sums (e.g. {missing[0].relative_to(sweep_dir)})")
+    try:
+        unit = loss_unit(frame) if y.endswith("_loss") else "mse"
+        return run_cell_draws(paths, y=y, unit=unit, n_boot=n_boot, seed=int(settings["seed"])), None
+    except FitError as err:
+        return None, f"the intervals leave out the evaluation cells' noise ({err})"
+
+
 def run_fit(runs: pd.DataFrame, fit_config: dict[str, Any], *, full_train: float | None = None,
-            per_gene_mse=None) -> FitOutcome:
+            per_gene_mse=None, sweep_dir: Path | None = None) -> FitOutcome:
     """Fit the configured law to the finished runs; never raises for a fit problem.
 
     ``full_train`` (the train split's size) stands in for an empty ``train_cells`` in laws of data.
     ``per_gene_mse`` (the best run's positive per-gene test MSEs) adds fit.json's
     ``entropy_bits.per_gene`` block (heteroscedastic entropy, unweighted mean over genes).
+    ``sweep_dir``: the sweep whose runs' per-cell sums put the evaluation cells' noise into the
+    intervals (:func:`eval_cell_draws`).
     """
     settings = {**FitConfig().model_dump(), **fit_config}
     out = FitOutcome(law=str(settings["law"]), method=str(settings["method"]))
@@ -197,8 +225,12 @@ def run_fit(runs: pd.DataFrame, fit_config: dict[str, Any], *, full_train: float
                      + (f"; {len(left)} finished run(s) were still improving when their budget ended: raise "
                         "their budget, or set fit.keep_unconverged: true" if left else ""))
         return out
+    y = fitted_loss_column(out.used)
     kw = dict(law=out.law, method=out.method, bootstrap=int(settings["bootstrap"]), seed=int(settings["seed"]),
-              interval=settings["interval"])  # None: the fit's default
+              interval=settings["interval"], y=y)  # interval None: the fit's default
+    kw["cell_draws"], why = eval_cell_draws(out.used, sweep_dir, settings, y)
+    if why:
+        out.note = _and(out.note, why)
     if per_gene_mse is not None and len(per_gene_mse):
         kw["per_gene_mse"] = np.asarray(per_gene_mse, dtype=float)
     return fit_into(out, **kw)
@@ -221,7 +253,7 @@ def fit_into(out: FitOutcome, **kw: Any) -> FitOutcome:
 
 
 def run_depth_fits(runs: pd.DataFrame, fit_config: dict[str, Any], *, full_train: float | None = None,
-                   headline: FitOutcome | None = None) -> dict[float, FitOutcome]:
+                   headline: FitOutcome | None = None, sweep_dir: Path | None = None) -> dict[float, FitOutcome]:
     """The configured law fitted to each sequencing depth's runs on its own ({} for one depth),
     largest depth first; ``headline`` (already fitted to the headline depth) is reused for it."""
     head = headline_depth(runs)
@@ -233,7 +265,7 @@ def run_depth_fits(runs: pd.DataFrame, fit_config: dict[str, Any], *, full_train
         if headline is not None and float(d) == head and headline.used is not None:
             out[float(d)] = headline
         else:
-            out[float(d)] = run_fit(runs[runs["depth"] == d], fit_config, full_train=full_train)
+            out[float(d)] = run_fit(runs[runs["depth"] == d], fit_config, full_train=full_train, sweep_dir=sweep_dir)
     return out
 
 

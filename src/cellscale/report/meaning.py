@@ -15,44 +15,67 @@ import pandas as pd
 
 from cellscale.baselines import check_not_below_floor
 from cellscale.fit.judge import flag_lines
-from cellscale.lrgrid import LRChoice, loss_column, select_lr
+from cellscale.lrgrid import LRChoice, fitted_column, loss_column, select_lr
 from cellscale.report.fmt import floor_name, fmt_int, fmt_num
 
 __all__ = ["meaning_paragraph", "best_model", "floor_beaten_by"]
 
 
 def best_model(runs: pd.DataFrame) -> dict[str, Any] | None:
-    """The size with the lowest mean best validation MSE over its ok runs (same train_cells), at
-    each size's learning rate chosen on validation (``cellscale.lrgrid``): other rates' runs are
-    not more seeds of it."""
+    """The best size (same train_cells) and its loss: chosen on the mean validation loss in the
+    objective's unit (``cellscale.lrgrid.loss_column``) at each size's chosen learning rate (other
+    rates' runs are not more seeds of it), and scored by the mean of the loss that chose nothing
+    (``fitted_column``: the test loss; ``column`` names it)."""
     if runs is None or runs.empty:
         return None
     ok = runs[runs["status"] == "ok"].copy()
-    ok = select_lr(ok).kept.copy() if not ok.empty else ok
-    ok["best_val_mse"] = pd.to_numeric(ok["best_val_mse"], errors="coerce")
-    ok = ok[np.isfinite(ok["best_val_mse"])]
+    if ok.empty:
+        return None
+    choose_on, score = loss_column(ok), fitted_column(ok)
+    ok = select_lr(ok, loss_col=choose_on).kept.copy()
+    for col in (choose_on, score):
+        ok[col] = pd.to_numeric(ok[col], errors="coerce")
+    ok = ok[np.isfinite(ok[choose_on]) & np.isfinite(ok[score])]
     if ok.empty:
         return None
     keys = ["size"] + (["train_cells"] if "train_cells" in ok else [])
     g = ok.groupby(keys, dropna=False).agg(
-        params=("params", "median"), mean=("best_val_mse", "mean"), sd=("best_val_mse", "std"),
-        n=("best_val_mse", "size"),
-        test=("test_mse", "mean") if "test_mse" in ok else ("best_val_mse", "mean"),
-    ).reset_index()
-    row = g.loc[g["mean"].idxmin()]
-    return {k: row[k] for k in g.columns}
+        params=("params", "median"), choice=(choose_on, "mean"), mean=(score, "mean"), sd=(score, "std"),
+        n=(score, "size")).reset_index()
+    row = g.loc[g["choice"].idxmin()]
+    return {**{k: row[k] for k in g.columns}, "column": score, "chosen_on": choose_on}
+
+
+# how a results column reads in a sentence
+LOSS_WORDS = {"best_val_mse": "validation MSE", "test_mse": "test MSE",
+              "best_val_loss": "validation loss", "test_loss": "test loss"}
+SPLIT_WORDS = {"val": "validation", "test": "test"}
+
+
+def loss_words(column: str) -> str:
+    words = LOSS_WORDS.get(column, column)
+    return words + (" (bits per masked gene)" if column.endswith("_loss") else "")
+
+
+def differ(best: float, value: float, unit: str) -> str:
+    """How far ``best`` lies from ``value`` in words: relative for an MSE; in bits (a loss of either
+    sign, where a ratio means nothing) for a likelihood."""
+    if unit == "bits":
+        d = best - value
+        return f"{abs(d):.3f} bits {'below' if d < 0 else 'above'}"
+    rel = 100 * (best / value - 1)
+    return f"{abs(rel):.1f}% {'below' if rel < 0 else 'above'}"
 
 
 BASELINE_NAMES = {"gene_mean": "the gene-mean baseline", "knn": "kNN regression on the visible genes",
                   "bayes_linear": "Bayes-linear regression on the visible genes"}
 
 
-def _vs(best: float, name: str, value: float) -> str:
-    rel = 100 * (best / value - 1)
+def _vs(best: float, name: str, value: float, unit: str = "mse") -> str:
     who = f"{BASELINE_NAMES.get(name, name)} ({fmt_num(value)})"
-    if rel < 0:
-        return f"{-rel:.1f}% below {who}"
-    return f"NOT better than {who}" if name == "gene_mean" else f"{rel:.1f}% above {who}"
+    if best < value:
+        return f"{differ(best, value, unit)} {who}"
+    return f"NOT better than {who}" if name == "gene_mean" else f"{differ(best, value, unit)} {who}"
 
 
 def _training_advice(runs: pd.DataFrame | None) -> str:
@@ -70,15 +93,18 @@ def _training_advice(runs: pd.DataFrame | None) -> str:
 
 @dataclass(frozen=True)
 class KnownFloor:
-    """The simulator's exact floor, and the masked validation positions whose sampling error a
-    loss on those cells is judged against (None: not recorded)."""
+    """The simulator's exact floor on the fitted loss's cells (``split``), in its ``unit``, and the
+    masked positions whose sampling error a loss on those cells is judged against (None: not
+    recorded). The sampling check is the squared error's: for bits none is made."""
 
     value: float
     n_masked: int | None = None
+    split: str = "val"
+    unit: str = "mse"
 
     def holds(self, loss: float) -> bool:
         """Is ``loss`` within the sampling error of the floor (neither significantly below nor above)?"""
-        if self.n_masked is None:
+        if self.n_masked is None or self.unit != "mse":
             return False
         check = check_not_below_floor(loss, self.value, self.n_masked)
         return check.ok and check.z <= 2.0
@@ -91,19 +117,21 @@ class KnownFloor:
 
 
 def _baseline_sentences(best: dict[str, Any], baselines: Mapping[str, float],
-                        runs: pd.DataFrame | None = None, known_floor: KnownFloor | None = None) -> list[str]:
-    known = {k: float(v) for k, v in baselines.items() if v is not None and math.isfinite(float(v)) and float(v) > 0}
+                        runs: pd.DataFrame | None = None, known_floor: KnownFloor | None = None,
+                        split: str = "val", unit: str = "mse") -> list[str]:
+    known = {k: float(v) for k, v in baselines.items()
+             if v is not None and math.isfinite(float(v)) and (unit == "bits" or float(v) > 0)}
     if not known:
         return ["No baseline was recorded to compare it with."]
-    out = ["On the same validation cells and masks it is "
-           + "; ".join(_vs(best["mean"], k, v) for k, v in known.items()) + "."]
+    out = [f"On the same {SPLIT_WORDS.get(split, split)} cells and masks it is "
+           + "; ".join(_vs(best["mean"], k, v, unit) for k, v in known.items()) + "."]
     gm = known.get("gene_mean")
     if gm is not None and best["mean"] >= gm:
         out.append("The models have NOT learned anything beyond each gene's average: train longer or check the data.")
     beaten_by = [k for k, v in known.items() if k != "gene_mean" and v <= best["mean"]]
     if beaten_by and known_floor and all(known_floor.holds(v) for v in [best["mean"], *(known[k] for k in beaten_by)]):
         out.append("A simpler model (" + ", ".join(k.replace("_", "-") for k in beaten_by) + ") scores lower on "
-                   "these cells, but it and the best transformer are both within the validation cells' sampling "
+                   f"these cells, but it and the best transformer are both within the {SPLIT_WORDS.get(split, split)} cells' sampling "
                    f"error of the known Bayes-optimal error ({fmt_num(known_floor.value)}): both have learned what these data "
                    "allow.")
     elif beaten_by:
@@ -162,44 +190,58 @@ def _lr_sentence(runs: pd.DataFrame) -> list[str]:
     if pairs:
         out.append(f"With two learning rates per size no choice lies inside its grid, so no point is shown to be "
                    f"at its best rate; chosen: {_sizes(pairs)}.")
+    single = sorted(set(ok["size"].astype(str)) - {c.size for c in choices})
     if not out:
-        out.append("Every size's best learning rate lies inside its grid of rates.")
+        out.append(("Every other size's" if single else "Every size's") + " best learning rate lies inside its grid "
+                   "of rates.")
+    if single:  # a grid whose other rates did not finish (or were never run) tests nothing
+        out.append(f"{', '.join(single)} {'has' if len(single) == 1 else 'have'} a finished run at one learning rate "
+                   "only, so whether that point is at its best rate was not tested.")
     return out
 
 
 def _best_sentences(best: dict[str, Any] | None, baselines: Mapping[str, float], known_floor: KnownFloor | None,
-                    runs: pd.DataFrame | None = None) -> list[str]:
+                    runs: pd.DataFrame | None = None, unit: str = "mse") -> list[str]:
     if best is None:
         return ["No run finished with a finite validation loss, so there is nothing to compare yet."]
     n = int(best["n"])
-    out = [f"The lowest validation MSE, {fmt_num(best['mean'])}" + (f" (mean of {n} seeds)" if n > 1 else "")
-           + f", is that of size {best['size']} ({fmt_int(best['params'])} parameters)."]
-    out += _baseline_sentences(best, baselines, runs, known_floor)
+    seeds = f" (mean of {n} seeds)" if n > 1 else ""
+    column = str(best.get("column") or "best_val_mse")
+    if column == best.get("chosen_on", column):
+        out = [f"The lowest {loss_words(column)}, {fmt_num(best['mean'])}{seeds}, is that of size {best['size']} "
+               f"({fmt_int(best['params'])} parameters)."]
+    else:  # chosen on validation, scored on cells that chose nothing
+        out = [f"The best size on validation loss is {best['size']} ({fmt_int(best['params'])} parameters); its "
+               f"{loss_words(column)}, on cells that chose nothing, is {fmt_num(best['mean'])}{seeds}."]
+    split = "test" if column.startswith("test") else "val"
+    out += _baseline_sentences(best, baselines, runs, known_floor, split, unit)
     if runs is not None:
         out += _plateau_sentence(runs, best) + _lr_sentence(runs)
     if known_floor is not None:
-        out.append(_bayes_sentence(float(best["mean"]), known_floor.value, known_floor.n_masked))
+        out.append(_bayes_sentence(float(best["mean"]), known_floor))
     return out
 
 
-def _bayes_sentence(best: float, floor: float, n_masked: int | None) -> str:
-    """The best model against the simulator's exact floor. Validation cells are a sample, so their
+def _bayes_sentence(best: float, known: KnownFloor) -> str:
+    """The best model against the simulator's exact floor. Evaluation cells are a sample, so their
     loss scatters around the floor's expectation: below it is leakage only beyond that scatter
-    (``baselines.check_not_below_floor``, the test suite's own check)."""
-    rel = 100 * (best / floor - 1)
-    if rel >= 0:
-        return f"The known Bayes-optimal error of the simulator is {fmt_num(floor)}; the best model is {rel:.1f}% above it."
-    if n_masked is None:
-        return (f"The best model is {-rel:.1f}% below the known Bayes-optimal error of the simulator ({fmt_num(floor)}); "
-                "the number of masked validation positions is not recorded, so whether that is more than the "
-                "validation cells' sampling error cannot be said.")
+    (``baselines.check_not_below_floor``, the test suite's own check, for squared errors)."""
+    floor, n_masked, where = known.value, known.n_masked, SPLIT_WORDS.get(known.split, known.split)
+    apart = differ(best, floor, known.unit)
+    if best >= floor:
+        return f"The known Bayes-optimal error of the simulator is {fmt_num(floor)}; the best model is {apart} it."
+    if known.unit != "mse" or n_masked is None:
+        why = ("the sampling check is made for squared errors only" if known.unit != "mse" else
+               f"the number of masked {where} positions is not recorded")
+        return (f"The best model is {apart} the known Bayes-optimal error of the simulator ({fmt_num(floor)}); "
+                f"{why}, so whether that is more than the {where} cells' sampling error cannot be said.")
     check = check_not_below_floor(best, floor, n_masked)
     if check.ok:
-        return (f"The best model is {-rel:.1f}% below the known Bayes-optimal error of the simulator "
-                f"({fmt_num(floor)}), within the sampling error of the {n_masked:,} masked validation positions "
+        return (f"The best model is {apart} the known Bayes-optimal error of the simulator "
+                f"({fmt_num(floor)}), within the sampling error of the {n_masked:,} masked {where} positions "
                 f"(z = {check.z:.1f}): it is at the floor.")
-    return (f"The best model is BELOW the known Bayes-optimal error ({fmt_num(floor)}) by {-rel:.1f}%, beyond the "
-            f"sampling error of the {n_masked:,} masked validation positions (z = {check.z:.1f}): that is impossible "
+    return (f"The best model is BELOW the known Bayes-optimal error ({fmt_num(floor)}) by {apart.split(' ')[0]}, beyond "
+            f"the sampling error of the {n_masked:,} masked {where} positions (z = {check.z:.1f}): that is impossible "
             "without leakage between training and evaluation cells.")
 
 
@@ -269,9 +311,8 @@ def _floor_sentences(fit: Mapping[str, Any], fname: str, best: dict[str, Any] | 
     s = f"The fitted floor of the law ({fname}) is {fmt_num(c)}{unit}"
     if fname in ci and ci[fname] and ci[fname][0] is not None:
         s += f" (95% CI {fmt_num(ci[fname][0])} to {fmt_num(ci[fname][1])})"
-    if best is not None and c > 0 and not at_boundary:
-        rel = 100 * (best["mean"] / c - 1)
-        s += f"; the best model is {rel:.1f}% above it" if rel >= 0 else f"; the best model is {-rel:.1f}% below it"
+    if best is not None and (c > 0 or unit) and not at_boundary:
+        s += f"; the best model is {differ(float(best['mean']), c, 'bits' if unit else 'mse')} it"
     out = [s + "."] + _true_floor_sentence(ci.get(fname), known_floor)
     if noise:
         out.append(_within_noise(below, best_below, known_floor))
@@ -321,17 +362,23 @@ def meaning_paragraph(
     baselines: Mapping[str, float] | None = None,
     n_masked: int | None = None,
 ) -> str:
-    """Plain-language reading: the best model against every baseline (``baselines``: name ->
-    validation MSE; ``baseline_val`` alone stands for the gene mean), whether the runs were
-    converged, the floor (and whether a baseline beats it), the bits. ``n_masked`` (the
-    masked validation positions) sizes the sampling error a loss below a known ``bayes_floor`` is
-    judged against."""
+    """Plain-language reading: the best model against every baseline, whether the runs were
+    converged, the floor (and whether a baseline beats it), the bits. ``baselines`` (name -> loss;
+    ``baseline_val`` alone stands for the gene mean) and ``bayes_floor`` are on the cells and in the
+    unit of the loss the best model is scored by (``best_model``: the test loss, in MSE or a
+    likelihood's bits); ``n_masked`` (the masked positions of those cells) sizes the sampling error
+    a loss below a known floor is judged against."""
     best = best_model(runs) if runs is not None else None
+    column = str((best or {}).get("column") or (fitted_column(runs) if runs is not None and not runs.empty
+                                                 else "best_val_mse"))
+    unit = "bits" if column.endswith("_loss") else "mse"
+    split = "test" if column.startswith("test") else "val"
     baselines = dict(baselines or {})
     if baseline_val is not None:
         baselines.setdefault("gene_mean", baseline_val)
-    known = KnownFloor(float(bayes_floor), n_masked) if bayes_floor is not None and math.isfinite(bayes_floor) else None
-    out = _best_sentences(best, baselines, known, runs)
+    known = (KnownFloor(float(bayes_floor), n_masked, split, unit)
+             if bayes_floor is not None and math.isfinite(bayes_floor) else None)
+    out = _best_sentences(best, baselines, known, runs, unit)
     if fit is None:
         out.append("No scaling law was fitted" + (f": {fit_error}" if fit_error else "") + ".")
         return " ".join(out)
@@ -340,20 +387,18 @@ def meaning_paragraph(
     fname = fname if fname in params else None
     out += _alpha_sentence(params, fit.get("ci95") or {}, fname is not None)
     others = {k: v for k, v in baselines.items() if k != "gene_mean"}
-    # the best model, the baselines and the known floor are MSEs: a law fitted to a likelihood's
-    # bits (of either sign) is set against none of them
-    in_bits = fit.get("loss_unit", "mse") == "bits"
-    same_unit = None if in_bits else known
-    if in_bits:
-        best, others = None, {}
+    # the best model, the baselines and the known floor are set against the fitted floor only when
+    # they are in its unit (a law fitted to a likelihood's bits, of a table scored in MSE, is not)
+    if fit.get("loss_unit", "mse") != unit:
+        best, others, known = None, {}, None
     judgement = fit.get("judgement") or {}
     if fname:
-        out += _floor_sentences(fit, fname, best, others, same_unit, unit=" bits per masked gene" if in_bits else "")
+        out += _floor_sentences(fit, fname, best, others, known, unit=" bits per masked gene" if unit == "bits" else "")
         if judgement.get("floor_identified") is False and not fit.get("floor_at_boundary"):
             why = "; ".join(flag_lines(judgement)) or "its 95% interval reaches the bottom of its range"
             out.append(f"These points do not identify a floor ({why}), so neither it nor its bits are a measurement.")
             return " ".join(out)
     below = floor_beaten_by(fit, fname, best, others) if fname else {}
-    noise = _beaten_only_by_noise(below, (fit.get("ci95") or {}).get(fname), same_unit)
+    noise = _beaten_only_by_noise(below, (fit.get("ci95") or {}).get(fname), known)
     out += _entropy_sentence(fit, floor_beaten=bool(below) and not noise)
     return " ".join(out)

@@ -16,6 +16,7 @@ from cellscale.config import FitConfig, ModelConfig, TrainConfig
 from cellscale.data.manifest import Manifest
 from cellscale.fit.intervals import DESCRIPTIONS, default_interval
 from cellscale.fit.laws import LAWS
+from cellscale.lrgrid import FITTED_COLUMN
 from cellscale.plateau import budget_text
 from cellscale.report.fmt import fmt_int, fmt_num, resample_failures
 from cellscale.schedule import averaging_text, lr_grid_text, lr_rule_text, schedule_text
@@ -330,15 +331,18 @@ _X_TEXT = {"params": "total parameters P", "non_embedding_params": "non-embeddin
            "tokens_seen": "tokens seen", "flops": "training FLOPs"}
 _Y_TEXT = {"best_val_mse": "the best validation MSE", "test_mse": "the test MSE",
            "best_val_loss": "the best validation loss", "test_loss": "the test loss"}
+_CHOSE = {"test": " at the validation-chosen checkpoint and rate (a loss that chose nothing)",
+          "best_val": ", the loss that chose each point's checkpoint and rate (biased low)"}
 
 
 def _fit_axes(law: str, fit: Mapping[str, Any] | None) -> str:
-    """'the best validation MSE against total parameters P' for what this fit used."""
+    """'the test MSE at the validation-chosen ... against total parameters P' for what this fit used."""
     x = list((fit or {}).get("x") or (LAWS[law].default_x if law in LAWS else ["params"]))
-    y = str((fit or {}).get("y") or "best_val_mse")
+    y = str((fit or {}).get("y") or FITTED_COLUMN["mse"])
     ytext = _Y_TEXT.get(y, f"'{y}'")
     if (fit or {}).get("loss_unit") == "bits":
         ytext += " (bits per masked gene)"
+    ytext += next((v for k, v in _CHOSE.items() if y.startswith(k)), "")
     xs = [_X_TEXT.get(c, f"'{c}'") for c in x]
     return f"{ytext} against {' and '.join(xs)}"
 

@@ -72,6 +72,17 @@ class RefLine:
     style: str = "--"
 
 
+# how a results column reads on an axis
+_LOSS_LABELS = {"best_val_mse": "best validation MSE (masked genes)",
+                "best_val_loss": "best validation loss (bits per masked gene)",
+                "test_mse": "test MSE (masked genes; checkpoint and rate chosen on validation)",
+                "test_loss": "test loss (bits per masked gene; chosen on validation)"}
+
+
+def loss_label(column: str) -> str:
+    return _LOSS_LABELS.get(column, column)
+
+
 def _new_figure(w: float = 9.0, h: float = 4.8) -> tuple[Figure, object]:
     fig = Figure(figsize=(w, h), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
@@ -249,8 +260,7 @@ def loss_vs_params(
     ax.set_xlim(xlo, xhi)
     _loss_y(ax, all_y, 1.06)
     ax.set_xlabel("parameters (total, incl. gene embeddings)" if x == "params" else x)
-    ax.set_ylabel({"best_val_mse": "best validation MSE (masked genes)",
-                   "best_val_loss": "best validation loss (bits per masked gene)"}.get(y, y))
+    ax.set_ylabel(loss_label(y))
     ax.set_title(title)
     ax.grid(True, which="major", alpha=0.3)
     ax.grid(True, which="minor", axis="x", alpha=0.12)
@@ -477,7 +487,7 @@ def loss_vs_depth(
         ax.xaxis.set_minor_formatter(NullFormatter())
     ax.grid(True, which="major", alpha=0.3)
     ax.set_xlabel("fraction of the sequencing depth (binomially thinned counts)")
-    ax.set_ylabel("best validation MSE" if y == "best_val_mse" else y)
+    ax.set_ylabel(loss_label(y))
     ax.set_title(title)
     _legend_outside(ax)
     return fig
@@ -613,7 +623,7 @@ def loss_vs_lr(runs: pd.DataFrame, *, chosen: Mapping[str, float], edge: Sequenc
     _loss_y(ax, df[y], 1.03)
     ax.grid(True, which="major", alpha=0.3)
     ax.set_xlabel("peak learning rate")
-    ax.set_ylabel("best validation MSE" if y == "best_val_mse" else y)
+    ax.set_ylabel(loss_label(y))
     ax.set_title(title + (f"\nbest rate at the edge of its grid: {', '.join(edge)}" if edge else ""))
     _legend_outside(ax)
     return fig

@@ -16,6 +16,7 @@ import pandas as pd
 from cellscale.config import FitConfig
 from cellscale.data.manifest import Manifest, Scores, finite_or_none
 from cellscale.fit.entropy import entropy_bits
+from cellscale.lrgrid import CHOICE_COLUMN, FITTED_COLUMN, fitted_column
 from cellscale.schema import RESULT_FIELDS
 
 # the reference predictors a sweep scores itself (cellscale.baselines), besides the gene mean
@@ -113,8 +114,24 @@ class SweepData:
 
     @property
     def loss_col(self) -> str:
-        """The results column the law is fitted to: the MSE, or a likelihood's bits."""
-        return "best_val_mse" if self.objective == "mse" else "best_val_loss"
+        """The results column the law is fitted to and losses are reported in: the test loss at the
+        validation-chosen checkpoint and rate, in MSE or a likelihood's bits (``cellscale.lrgrid``)."""
+        return fitted_column(self.runs) if not self.runs.empty else FITTED_COLUMN[self.unit]
+
+    @property
+    def choice_col(self) -> str:
+        """The validation column the sweep's choices (rates, the best size) are made on."""
+        return CHOICE_COLUMN[self.unit]
+
+    @property
+    def unit(self) -> str:
+        return "mse" if self.objective == "mse" else "bits"
+
+    @property
+    def split(self) -> str:
+        """The split the fitted loss is scored on ("test"; "val" for a table without test losses):
+        every reference set beside it (baselines, the known floor) is read on the same cells."""
+        return "test" if self.loss_col.startswith("test") else "val"
 
     @property
     def likelihood_refs(self) -> dict[str, dict[str, float | None]]:
@@ -127,26 +144,26 @@ class SweepData:
 
     @property
     def true_floor(self) -> float | None:
-        """The exact Bayes floor (validation) in the unit of the fitted loss, when known."""
+        """The exact Bayes floor on the fitted loss's cells (``split``) in its unit, when known."""
         if self.objective == "mse":
             return self.bayes_floor
-        return (self.likelihood_refs.get("bayes_floor") or {}).get("val")
+        return (self.likelihood_refs.get("bayes_floor") or {}).get(self.split)
 
     @property
     def bayes_floor(self) -> float | None:
-        """The exact Bayes floor (MSE) on the validation masks and the kept genes, as the sweep's
-        baselines.json records it; else the simulator's own figure (over random masks and all its
-        genes) from the manifest."""
-        exact = (self.baselines_json.get("bayes_floor") or {}).get("val")
+        """The exact Bayes floor (MSE) on the fitted loss's cells and masks (``split``) and the kept
+        genes, as the sweep's baselines.json records it; else the simulator's own figure (over random
+        masks and all its genes) from the manifest."""
+        exact = (self.baselines_json.get("bayes_floor") or {}).get(self.split)
         if isinstance(exact, (int, float)) and exact > 0:
             return float(exact)
         return None if self.manifest is None else self.manifest.bayes_floor_mse
 
     @property
-    def n_masked_val(self) -> int | None:
-        """Masked positions the validation scores average over (their sampling error); None for a
-        sweep written before baselines.json recorded them."""
-        n = (self.baselines_json.get("n_masked") or {}).get("val")
+    def n_masked(self) -> int | None:
+        """Masked positions the fitted loss's scores average over (``split``: their sampling error);
+        None for a sweep written before baselines.json recorded them."""
+        n = (self.baselines_json.get("n_masked") or {}).get(self.split)
         return int(n) if isinstance(n, (int, float)) and n >= 1 else None
 
     @property
@@ -155,8 +172,18 @@ class SweepData:
         return finite_or_none(None if self.manifest is None else self.manifest.train_cells)
 
     @property
+    def gene_mean(self) -> float | None:
+        """The gene-mean baseline on the fitted loss's cells (``split``), in MSE."""
+        return self.baselines.get("gene_mean", {}).get(self.split)
+
+    @property
     def gene_mean_val(self) -> float | None:
+        """The gene-mean baseline on the validation cells, where choices are made."""
         return self.baselines.get("gene_mean", {}).get("val")
+
+    def refs(self, block: dict[str, dict[str, float | None]]) -> dict[str, float]:
+        """{name: value on ``split``} of a {name: {"val", "test"}} block, the finite ones."""
+        return {k: float(v[self.split]) for k, v in block.items() if v.get(self.split) is not None}
 
 
 @dataclass

@@ -66,7 +66,7 @@ def _warnings(f: Findings) -> list[str]:
                    "visible genes give away the masked genes' total and every loss here is lower than on data "
                    "that keeps fewer genes (docs/own-data.md, \"Keeping every gene\").")
     out += _clamp_warning(f.sd.runs)
-    edge = select_lr(f.sd.runs[f.sd.runs["status"] == "ok"], loss_col=f.sd.loss_col).at_edge
+    edge = select_lr(f.sd.runs[f.sd.runs["status"] == "ok"], loss_col=f.sd.choice_col).at_edge
     if edge:
         out.append("The best learning rate sits on the edge of its grid for " + ", ".join(c.size for c in edge)
                    + ": those points may not be at their optimum; widen sweep.lr_multipliers.")
@@ -93,26 +93,29 @@ def _clamp_warning(runs: pd.DataFrame) -> list[str]:
 
 
 def _headline(f: Findings) -> tuple[pd.DataFrame, dict[str, float]]:
-    """The runs and the validation baselines of the headline depth (the fit's)."""
-    runs = f.sd.runs
+    """The runs of the headline depth (the fit's), and the baselines beside them: on the fitted
+    loss's cells (``SweepData.split``) and in its unit (MSE, or the likelihood's bits)."""
+    sd, runs = f.sd, f.sd.runs
     head = headline_depth(runs)  # the baseline and the fit are the headline depth's: so are the runs
-    vals = {k: v.get("val") for k, v in f.sd.baselines.items()} if head in (None, 1.0) else {}
-    return (runs if head is None else runs[runs["depth"] == head]), {k: v for k, v in vals.items() if v is not None}
+    if head not in (None, 1.0):
+        return runs[runs["depth"] == head], {}
+    if sd.unit == "bits":
+        refs = sd.refs({k: v for k, v in sd.likelihood_refs.items() if k != "bayes_floor"})
+    else:
+        refs = sd.refs(sd.baselines)
+    return (runs if head is None else runs[runs["depth"] == head]), refs
 
 
 def _verdicts(f: Findings) -> Bullets:
     runs, baselines = _headline(f)
-    if f.sd.gene_mean_val is not None:
-        baselines.setdefault("gene_mean", f.sd.gene_mean_val)
     fit = f.fit.data if f.fit.data is not None else {"error": f.fit.error or "no fit"}
     return Bullets(verdict_lines(runs, fit, baselines))
 
 
 def _meaning(f: Findings) -> str:
     runs, baselines = _headline(f)
-    text = meaning_paragraph(runs, f.fit.data,
-                             baseline_val=f.sd.gene_mean_val, bayes_floor=f.sd.bayes_floor, fit_error=f.fit.error,
-                             n_masked=f.sd.n_masked_val, baselines=baselines)
+    text = meaning_paragraph(runs, f.fit.data, bayes_floor=f.sd.true_floor, fit_error=f.fit.error,
+                             n_masked=f.sd.n_masked, baselines=baselines)
     extra = [data_axis.meaning_text(f.data)]
     extra.append(downstream.meaning_text(f.downstream, f.sd.loss_col) if f.downstream is not None else "")
     return " ".join([text, *(e for e in extra if e)])

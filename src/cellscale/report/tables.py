@@ -23,7 +23,7 @@ _RUN_COLUMNS = ["run_id", "size", "params", "train_cells", "depth", "seed", "cel
 _RUN_NUMERIC = frozenset({"params", "train_cells", "depth", "seed", "cells_seen", "lr", "best_step", "best_val_mse",
                           "test_mse", "wall_seconds"})
 _DEPTH_HEADER = ["depth", "runs fitted", "alpha", "alpha 95% CI", "floor", "floor 95% CI", "R^2",
-                 "floor at bound", "gene-mean (val)", "Bayes-linear (val)", "best run (val)"]
+                 "floor at bound", "gene-mean", "Bayes-linear", "best run on validation"]
 _CO_HEADER = ["compute C", "N* (params)", "N* 95% CI", "D* (cells)", "D* 95% CI", "cells per param", "predicted loss"]
 _GENE_HEADER = ["rank", "hardest gene", "test MSE", "masked", "easiest gene", "test MSE ", "masked "]
 _GENE_RUN_HEADER = ["run_id", "size", "genes scored", "test MSE", "median gene MSE", "IQR", "std over genes",
@@ -67,7 +67,7 @@ def _run_row(r: pd.Series, likelihood: bool) -> Row:
 def run_table(runs: pd.DataFrame) -> Table:
     """Every run, by size, training cells, depth (largest first) and seed; rows classed by status."""
     cols = list(_RUN_COLUMNS)
-    likelihood = fitted_loss_column(runs) == "best_val_loss"
+    likelihood = fitted_loss_column(runs).endswith("_loss")
     if likelihood:  # the objective's own numbers, in bits, before the MSEs of its point predictions
         cols[9:9] = ["objective", "best_val_loss (bits)", "test_loss (bits)"]
     runs = runs.sort_values(["params", "train_cells", "depth", "seed", "run_id"],
@@ -164,8 +164,9 @@ def _true_floor_rows(fit: FitOutcome, sd: SweepData) -> list[Row]:
     else:
         verdict = (f"the true floor is OUTSIDE the fitted floor's 95% interval [{fmt_num(lo)}, {fmt_num(hi)}]: "
                    "the ladder has not reached the regime where the law pins the floor down")
-    return [["true Bayes floor (simulator, val)", f"{fmt_num(true)}{unit}",
-             f"fitted {name} = {fmt_num(c)}{unit} ({100 * (c / true - 1):+.1f}%); {verdict}"]]
+    apart = f"{c - true:+.3f} bits" if unit else f"{100 * (c / true - 1):+.1f}%"
+    return [[f"true Bayes floor (simulator, {sd.split})", f"{fmt_num(true)}{unit}",
+             f"fitted {name} = {fmt_num(c)}{unit} ({apart}); {verdict}"]]
 
 
 def fit_table(fit: FitOutcome, sd: SweepData) -> Table:
@@ -189,10 +190,9 @@ def _likelihood_rows(d: dict[str, Any], eb: dict[str, Any], sd: SweepData) -> li
     rows = [[f"fitted floor of the {sd.objective} loss (measured)", f"{fmt_num(eb['likelihood'], 4)} bits",
              (f"95% CI {ci}" if ci else "no interval") + (NOT_A_MEASUREMENT if d.get("floor_at_boundary") else "")],
             ["label", str(eb.get("label") or ""), ""]]
-    for k, v in sd.likelihood_refs.items():
-        if v.get("val") is not None:
-            rows.append([f"{k.replace('_', '-')} ({sd.objective}, val)", f"{fmt_num(v['val'], 4)} bits",
-                         "exact, simulator" if k == "bayes_floor" else "baseline, same masks"])
+    for k, v in sd.refs(sd.likelihood_refs).items():
+        rows.append([f"{k.replace('_', '-')} ({sd.objective}, {sd.split})", f"{fmt_num(v, 4)} bits",
+                     "exact, simulator" if k == "bayes_floor" else "baseline, same masks"])
     return rows
 
 
@@ -257,11 +257,11 @@ def _best_run_rows(sd: SweepData, best: GeneBest | None) -> list[Row]:
 
 def _reference_bits_rows(sd: SweepData) -> list[Row]:
     rows = []
-    if sd.gene_mean_val is not None:
-        rows.append(["gene-mean baseline (val), same formula", f"{fmt_num(gaussian_bits(sd.gene_mean_val), 4)} bits",
+    if sd.gene_mean is not None:
+        rows.append([f"gene-mean baseline ({sd.split}), same formula", f"{fmt_num(gaussian_bits(sd.gene_mean), 4)} bits",
                      "for scale"])
     if sd.bayes_floor is not None:
-        rows.append(["true Bayes floor, same formula", f"{fmt_num(gaussian_bits(sd.bayes_floor), 4)} bits",
+        rows.append([f"true Bayes floor ({sd.split}), same formula", f"{fmt_num(gaussian_bits(sd.bayes_floor), 4)} bits",
                      "simulator"])
     return rows
 
@@ -279,15 +279,17 @@ def _depth_row(depth: float, fo: FitOutcome, sd: SweepData) -> Row:
     params, cis = d.get("params") or {}, d.get("ci95") or {}
     fname = d.get("floor_param") or floor_name(params)
     base = sd.depth_baselines.get(depth, {})
-    at = sd.runs[(sd.runs["depth"] == depth) & (sd.runs["status"] == "ok")]["best_val_mse"]
+    at = sd.runs[(sd.runs["depth"] == depth) & (sd.runs["status"] == "ok")]
+    val = pd.to_numeric(at["best_val_mse"], errors="coerce")
+    best = float(pd.to_numeric(at.loc[val.idxmin(), sd.loss_col])) if val.notna().any() else None
     return [
         depth_label(depth), fmt_int(0 if fo.used is None else len(fo.used)),
         fmt_num(params.get("alpha")) if "alpha" in params else "n/a", _interval(cis.get("alpha")) or "n/a",
         fmt_num(params.get(fname)) if fname in params else "n/a", (_interval(cis.get(fname)) if fname else None) or "n/a",
         fmt_num(d.get("r2")) if fo.data else f"no fit: {fo.error}",
         str(d.get("floor_at_boundary")) if fo.data else "",
-        fmt_num((base.get("gene_mean") or {}).get("val")), fmt_num((base.get("bayes_linear") or {}).get("val")),
-        fmt_num(float(at.min())) if at.notna().any() else "n/a",
+        fmt_num((base.get("gene_mean") or {}).get(sd.split)), fmt_num((base.get("bayes_linear") or {}).get(sd.split)),
+        fmt_num(best) if best is not None else "n/a",
     ]
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 
 from cellscale.report.fmt import floor_name, fmt_num
-from cellscale.report.meaning import BASELINE_NAMES, best_model, chosen_runs
+from cellscale.report.meaning import BASELINE_NAMES, best_model, chosen_runs, loss_words
 
 __all__ = ["verdict_lines"]
 
@@ -22,7 +22,7 @@ def _best(best: dict[str, Any] | None, baselines: Mapping[str, float]) -> str:
     known = {k: float(v) for k, v in baselines.items() if v is not None and math.isfinite(float(v))}
     beaten = [BASELINE_NAMES.get(k, k) for k, v in known.items() if best["mean"] < v]
     not_beaten = [BASELINE_NAMES.get(k, k) for k, v in known.items() if best["mean"] >= v]
-    head = f"Best model: {best['size']}, validation MSE {fmt_num(best['mean'])}"
+    head = f"Best model: {best['size']}, {loss_words(str(best['column']))} {fmt_num(best['mean'])}"
     if not known:
         return head + "; no baseline was recorded."
     if not not_beaten:
@@ -53,7 +53,10 @@ def _law(fit: Mapping[str, Any]) -> str:
         return f"Law: the loss does not fall with size ({r2_txt})."
     if "lack_of_fit" in (judgement.get("checked") or []):
         return f"Law: fits its points within the seeds' spread ({r2_txt})."
-    return f"Law: {r2_txt}; with one seed per size its fit cannot be tested against the seeds' spread."
+    if not judgement.get("n_replicated", 0):
+        return f"Law: {r2_txt}; with one seed per size its fit cannot be tested against the seeds' spread."
+    return (f"Law: {r2_txt}; with {judgement.get('n_configs')} sizes for its {len(fit.get('params') or {})} "
+            "parameters its fit cannot be tested against the seeds' spread (it needs more sizes than parameters).")
 
 
 def _floor_name(fit: Mapping[str, Any]) -> str | None:
@@ -106,7 +109,8 @@ def _bits(fit: Mapping[str, Any]) -> str:
 
 def verdict_lines(runs: pd.DataFrame | None, fit: Mapping[str, Any] | None,
                   baselines: Mapping[str, float]) -> list[str]:
-    """The verdicts, in order; fewer when there is no run or no fit."""
+    """The verdicts, in order; fewer when there is no run or no fit. ``baselines`` are on the cells and
+    in the unit of the loss the best model is scored by (``best_model``)."""
     best = best_model(runs) if runs is not None else None
     out = [_best(best, baselines)]
     if runs is not None and not runs.empty:

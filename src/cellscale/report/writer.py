@@ -46,8 +46,8 @@ def write_report(sweep_dir: str | os.PathLike) -> tuple[Path, Path]:
     root = sd.sweep_dir
     best = gene_best(sd)
     fit = run_fit(sd.runs, sd.fit_config, full_train=sd.full_train,
-                  per_gene_mse=None if best is None else best.positive)
-    depth_fits = run_depth_fits(sd.runs, sd.fit_config, full_train=sd.full_train, headline=fit)
+                  per_gene_mse=None if best is None else best.positive, sweep_dir=root)
+    depth_fits = run_depth_fits(sd.runs, sd.fit_config, full_train=sd.full_train, headline=fit, sweep_dir=root)
     atomic_write_json(root / "fit.json", fit_json(fit, depth_fits, sd))
 
     data = data_axis.run_data_fit(sd)  # the joint L(N, D) on the cooldown branches (report/data_axis.py)
