@@ -452,6 +452,18 @@ def test_methods_paragraph_states_the_fits_axes_and_interval_method():
     assert "200 bootstrap resamples of the residuals" in text and "failed" not in text
     bits = _methods(fit={**nd, "law": "power-floor", "x": ["params"], "y": "best_val_loss", "loss_unit": "bits"})
     assert "the best validation loss (bits per masked gene), the loss that chose" in bits
+    # how the bits are read: the floor itself for bits, none for a law without a floor, else the Gaussian reading
+    assert "is itself the entropy per masked gene, measured." in bits and "0.5 log2(2 pi e c)" not in bits
+    assert "0.5 log2(2 pi e c) bits" in text
+    power = _methods(fit={**nd, "law": "power", "x": ["params"], "params": {"a": 2.0, "alpha": 0.3},
+                          "floor_param": None})
+    assert "This law has no floor, so no entropy is read from it." in power and "log2(2 pi e c)" not in power
+    # the evaluation cells' noise, when the intervals hold it
+    cells = _methods(fit={**nd, "eval_cells": {"how": "quadrature with the profile interval", "resamples": 200,
+                                               "n_cells": 500, "split": "test"}})
+    assert ("they hold the evaluation cells' sampling error: 200 resamples of the 500 test cells every run was "
+            "scored on, one shared draw per resample (quadrature with the profile interval)") in cells
+    assert "evaluation cells" not in text
     # no fit yet: the axes of the configured law and the default interval method
     default = _methods(fitcfg={"law": "chinchilla"})
     assert "against total parameters P and training cells D" in default

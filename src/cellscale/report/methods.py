@@ -363,6 +363,13 @@ def _interval_text(fitcfg: Mapping[str, Any], fit: Mapping[str, Any] | None) -> 
             text += f"; {failures}"
         if fit.get("bootstrap_unreliable"):
             text += ", MORE THAN 5%: the intervals that rest on them are unreliable"
+    cells = fit.get("eval_cells") or {}
+    if cells.get("how"):
+        text += (f"; they hold the evaluation cells' sampling error: {fmt_int(cells.get('resamples'))} resamples of the "
+                 f"{fmt_int(cells.get('n_cells'))} {cells.get('split') or ''} cells every run was scored on, one shared "
+                 f"draw per resample ({cells['how']})")
+    elif cells.get("note"):
+        text += f"; {cells['note']}"
     off = fit.get("estimate_outside_interval") or []
     if off:
         text += (f"; WARNING: the estimate of {', '.join(off)} lies outside its interval (the interval is "
@@ -390,9 +397,19 @@ def _fit_text(fitcfg: Mapping[str, Any], fit: Mapping[str, Any] | None, fit_note
             f"{methdesc}, with {_interval_text(fitcfg, fit)}")
     if fit_note:
         text += f" ({fit_note})"
-    text += (". Entropy per masked gene is 0.5 log2(2 pi e c) bits, the differential entropy of a "
-             "homoscedastic Gaussian whose variance is the floor c.")
-    return text
+    return text + ". " + _entropy_text(fit)
+
+
+def _entropy_text(fit: Mapping[str, Any] | None) -> str:
+    """How the bits are read from this fit: the floor itself for a likelihood's bits, the Gaussian
+    reading of an MSE floor, or none for a law without a floor."""
+    fit = fit or {}
+    if fit.get("params") and not fit.get("floor_param") and "c" not in fit["params"] and "E" not in fit["params"]:
+        return "This law has no floor, so no entropy is read from it."
+    if fit.get("loss_unit") == "bits":
+        return "The floor of a loss in bits per masked gene is itself the entropy per masked gene, measured."
+    return ("Entropy per masked gene is 0.5 log2(2 pi e c) bits, the differential entropy of a homoscedastic "
+            "Gaussian whose variance is the floor c.")
 
 
 def _manifest(manifest: Manifest | Mapping[str, Any] | None) -> Manifest | None:

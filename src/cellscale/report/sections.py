@@ -26,6 +26,9 @@ from cellscale.report.verdicts import verdict_lines
 BITS_NOTE = ("Bits are the differential entropy of a Gaussian with variance equal to the MSE (0.5 log2(2 pi e MSE)): "
              "the homoscedastic-Gaussian figure, which depends on the units of the normalised log1p values and is an "
              "upper bound on a per-gene (heteroscedastic) figure.")
+BITS_LIKELIHOOD_NOTE = ("Bits here are the likelihood objective's own loss, its nats per masked gene divided by ln 2: the "
+                        "fitted floor is then the entropy itself, with no Gaussian reading of an MSE; the figure's "
+                        "Gaussian reading of the MSEs is for scale only.")
 
 
 @dataclass
@@ -177,7 +180,8 @@ def _fit_sections(f: Findings) -> list[Section]:
 def _entropy_section(f: Findings) -> Section:
     table = tables.entropy_table(f.fit, f.sd, f.best)
     first = table if table.rows else Para("No entropy estimate: there is no fit.")
-    return Section("Entropy per masked gene", [first, Para(BITS_NOTE), Fig("entropy")])
+    note = BITS_LIKELIHOOD_NOTE if (f.fit.data or {}).get("loss_unit") == "bits" else BITS_NOTE
+    return Section("Entropy per masked gene", [first, Para(note), Fig("entropy")])
 
 
 def _depth_sections(f: Findings) -> list[Section]:
