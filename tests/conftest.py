@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import os
 from pathlib import Path
+from types import ModuleType
 
 import anndata as ad
 import numpy as np
@@ -13,6 +16,41 @@ import scipy.sparse as sp
 from cellscale.config import DataConfig, SimulateConfig
 
 TINY_SIM = SimulateConfig(n_genes=200, n_types=4, n_programs=2)
+
+
+# -- optional extras (census, ray, tensorboard): .ci/run installs them all, so under CI a missing one
+# is a failure; elsewhere the tests that need it are skipped
+
+
+def ci_requires_extras() -> bool:
+    """True where the environment variable CI is set: non-empty and not "0" or "false"."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false")
+
+
+def require(module: str) -> ModuleType:
+    """``module``, imported; without it the calling test is skipped (``pytest.importorskip``'s
+    way), or failed under CI (:func:`ci_requires_extras`), with a one-line reason. Inside a test
+    or fixture; for a whole file, ``pytestmark = pytest.mark.needs("name", ...)`` (a module-level
+    failure would be a collection error, which stops the whole session)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:  # the reason is raised outside the handler: no chained traceback
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+    why = f"optional module '{module}' is not installed ({first}); bash scripts/install.sh installs every extra"
+    if ci_requires_extras():
+        pytest.fail(f"CI is set: {why}", pytrace=False)
+    pytest.skip(why)
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "needs(*modules): optional modules the test needs (conftest.require: "
+                                       "skipped without them, failed under CI)")
+
+
+def pytest_runtest_setup(item) -> None:
+    for mark in item.iter_markers("needs"):
+        for module in mark.args:
+            require(module)
 
 
 def pytest_sessionstart(session) -> None:

@@ -1,5 +1,5 @@
 """`cellscale embed`: a run's cell embedding written to obsm["X_cellscale"], new cells preprocessed as
-the dataset was; and the TensorBoard view of a run's curves (cellscale.embed, cellscale.tblog)."""
+the dataset was; and the TensorBoard view of a run's curves (cellscale.embedding, cellscale.tblog)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import PROBE_DATA
+from conftest import PROBE_DATA, require
 
 from cellscale.cli import main
 from cellscale.data.build import load_source
 from cellscale.data.store import Dataset
-from cellscale.embed import EMBED_KEY, embed_dataset, load_run_model
+from cellscale.embedding import EMBED_KEY, embed_dataset, load_run_model
 
 
 @pytest.fixture(scope="module")
@@ -91,13 +91,56 @@ def test_scanpy_neighbors_on_the_output_of_a_dataset_dir(trained_run_dir, probe_
     assert adata.obsp["connectivities"].shape == (adata.n_obs, adata.n_obs)
 
 
-def test_embed_needs_the_runs_dataset(trained_run_dir, tmp_path, write_h5ad):
+def test_embed_refuses_a_file_without_the_runs_genes(trained_run_dir, tmp_path, write_h5ad, capsys):
     path = write_h5ad(np.ones((3, 4), dtype=np.float32))
     assert main(["embed", str(trained_run_dir), "--input", str(path), "--out", str(tmp_path / "o.h5ad")]) == 2
+    assert "lacks 64 of the model's 64 genes" in capsys.readouterr().err
+
+
+def test_a_run_alone_is_enough_to_embed_new_cells(trained_run_dir, probe_dataset_dir, own_embedding, tmp_path):
+    """registry.json: a run copied away from its sweep and dataset still embeds (no --dataset)."""
+    ds = Dataset.open(probe_dataset_dir)
+    reg = json.loads((trained_run_dir / "registry.json").read_text())
+    assert reg["genes"] == ds.genes and reg["target_sum"] == ds.target_sum and reg["normalized_input"] is False
+    alone = tmp_path / "alone"
+    shutil.copytree(trained_run_dir, alone)
+    rows = np.arange(0, ds.n_cells, 7)
+    path = tmp_path / "cells.h5ad"
+    _source_cells(ds, rows).write_h5ad(path)
+    assert main(["embed", str(alone), "--input", str(path), "--out", str(tmp_path / "e.h5ad"), "--device", "cpu"]) == 0
+    got = ad.read_h5ad(tmp_path / "e.h5ad")
+    np.testing.assert_allclose(got.obsm[EMBED_KEY], own_embedding[rows], rtol=1e-5, atol=1e-6)
+    assert got.uns["cellscale"]["dataset"] == "registry.json"
+
+
+def test_the_notebook_api_writes_obsm_and_uns_in_memory(trained_run_dir, probe_dataset_dir, own_embedding):
+    import cellscale
+    from cellscale.embedding import RunModel
+
+    ds = Dataset.open(probe_dataset_dir)
+    rows = np.arange(0, ds.n_cells, 9)
+    adata = _source_cells(ds, rows)
+    assert cellscale.embed(adata, trained_run_dir) is None  # in place, as scanpy's tools
+    np.testing.assert_allclose(adata.obsm["X_cellscale"], own_embedding[rows], rtol=1e-5, atol=1e-6)
+    assert adata.uns["cellscale"]["n_cells"] == rows.size and adata.uns["cellscale"]["key"] == "X_cellscale"
+    # the counts in a layer, X normalised; a copy under another key; the original untouched
+    norm = adata.copy()
+    norm.layers["counts"] = norm.X.copy()
+    norm.X = np.log1p(norm.X.toarray() if hasattr(norm.X, "toarray") else np.asarray(norm.X, dtype=np.float32))
+    del norm.obsm["X_cellscale"]
+    rm = RunModel.load(trained_run_dir, device="cpu")
+    other = cellscale.embed(norm, rm, layer="counts", key_added="X_run2", copy=True)
+    np.testing.assert_allclose(other.obsm["X_run2"], own_embedding[rows], rtol=1e-5, atol=1e-6)
+    assert other.uns["X_run2"]["layer"] == "counts" and "X_run2" not in norm.obsm
+    np.testing.assert_allclose(rm.embed(adata), own_embedding[rows], rtol=1e-5, atol=1e-6)
+    with pytest.raises(cellscale.errors.DataError, match="has no layer 'raw'"):
+        cellscale.embed(adata, rm, layer="raw")
+    with pytest.raises(cellscale.errors.DataError, match="non-integer values, so it is not raw counts"):
+        cellscale.embed(norm, rm)  # log values in X: the counts are in a layer
 
 
 def test_tensorboard_events_read_back(trained_run_dir):
-    pytest.importorskip("tensorboard")
+    require("tensorboard")  # skipped without it, failed under CI
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(trained_run_dir / "tensorboard"))

@@ -175,7 +175,7 @@ def test_fit_imports_no_torch_and_no_other_cellscale_module():
     # the usable-CPU count (stdlib), the convergence rule's gain (stdlib), the objectives' least losses (stdlib),
     # which column chooses and which is fitted (pandas), the run record's file names (stdlib)
     code = (
-        "import sys, cellscale.fit; LOW = {'cellscale.errors', 'cellscale.io', 'cellscale.bits', 'cellscale.cpus', "
+        "import sys, cellscale.fit.core, cellscale.fit.data_axis, cellscale.fit.cells; LOW = {'cellscale.errors', 'cellscale.io', 'cellscale.bits', 'cellscale.cpus', "
         "'cellscale.plateau', 'cellscale.lossbounds', 'cellscale.lrgrid', 'cellscale.schema'}; "
         "bad = [m for m in sys.modules if m == 'torch' or (m.startswith('cellscale.') and "
         "not m.startswith('cellscale.fit') and m not in LOW)]; print(bad)"

@@ -338,6 +338,7 @@ def test_a_table_outside_a_sweep_has_no_cells(tmp_path):
 
 # ---- coverage --------------------------------------------------------------------------------
 
+@pytest.mark.slow  # a coverage study (40 replicates, ~15 s): `pytest -m slow tests/test_fit_cells.py`
 def test_widened_profile_interval_covers_the_population_floor():
     """A population of cells with per-cell difficulty; the true floor is the population's (count
     weighted) mean difficulty times C. Each replicate scores every size on the same 300 cells drawn

@@ -15,6 +15,7 @@ command line                           Python
 ``cellscale fit RESULTS.csv``          ``cellscale.fit_csv(path)`` / ``cellscale.fit_table(df)``
 ``cellscale report D``                 ``cellscale.write_report(D)``
 ``cellscale run --preset NAME``        ``cellscale.run_study(resolve_config(preset=NAME), out=D)``
+``cellscale embed RUN --input F ...``  ``cellscale.embed(adata, RUN)`` (``obsm``/``uns``, in memory)
 =====================================  ==========================================================
 
 The functions live in the submodules ``cellscale.train`` (``train_run``), ``cellscale.sweep``
@@ -54,6 +55,8 @@ _EXPORTS = {
     "ladder_table": "cellscale.ladder",
     "get_size": "cellscale.ladder",
     "CellscaleError": "cellscale.errors",
+    "embed": "cellscale.embedding",
+    "RunModel": "cellscale.embedding",
 }
 
 # submodules reachable as attributes without an explicit ``import cellscale.<name>``
@@ -66,9 +69,11 @@ __all__ = [
     "Dataset",
     "FitResult",
     "RunConfig",
+    "RunModel",
     "TrainConfig",
     "__version__",
     "build_dataset",
+    "embed",
     "fit_csv",
     "fit_table",
     "get_size",

@@ -117,6 +117,8 @@ def _add_data_thin(dsub: argparse._SubParsersAction, quiet: argparse.ArgumentPar
 
 
 def _add_data_build(dsub: argparse._SubParsersAction, quiet: argparse.ArgumentParser) -> None:
+    from cellscale.config import CENSUS_ORGANISMS, CensusConfig, DataConfig, literal_values
+
     b = dsub.add_parser(
         "build", help="QC -> library size over all genes -> normalise+log1p -> HVG -> splits",
         parents=[quiet], formatter_class=RAW,
@@ -130,7 +132,8 @@ def _add_data_build(dsub: argparse._SubParsersAction, quiet: argparse.ArgumentPa
                     "'cellscale[census]'; the manifest records release, filters, tissues, cap, seed and a "
                     "checksum of the soma_joinids); .h5ad files of 256 MiB or more are read in row chunks.",
     )
-    b.add_argument("--source", choices=["simulate", "h5ad", "census"], help="required unless --config gives it")
+    data, census = DataConfig(), CensusConfig()  # the defaults the help states
+    b.add_argument("--source", choices=literal_values(DataConfig, "source"), help="required unless --config gives it")
     b.add_argument("--input", help="the .h5ad file (--source h5ad)")
     b.add_argument("--layer", help="read raw counts from this layer instead of X")
     b.add_argument("--normalized", action="store_true",
@@ -139,26 +142,30 @@ def _add_data_build(dsub: argparse._SubParsersAction, quiet: argparse.ArgumentPa
     b.add_argument("--census-uri", help="open a local or mirrored Census copy (SOMA store path or URI) "
                    "instead of the released Census")
     b.add_argument("--census-version",
-                   help="Census release (default 2025-01-30, a long-term-support release and the one the "
+                   help=f"Census release (default {census.version}, a long-term-support release and the one the "
                         "seed study used)")
-    b.add_argument("--organism", help="Census organism: homo_sapiens (default) or mus_musculus")
-    b.add_argument("--obs-filter", help="Census obs value filter, SOMA syntax (default: is_primary_data == True, "
+    b.add_argument("--organism", help=f"Census organism, one of {', '.join(CENSUS_ORGANISMS)} "
+                                      f"(default {census.organism})")
+    b.add_argument("--obs-filter", help=f"Census obs value filter, SOMA syntax (default: {census.obs_filter}, "
                    "so no cell is counted twice)")
     b.add_argument("--tissues", help="comma-separated Census tissue_general values to sample (default the "
-                   "study's ten: blood,lung,brain,kidney,liver,heart,intestine,pancreas,skin,spleen)")
+                   f"study's {len(census.tissues)}: {','.join(census.tissues)})")
     b.add_argument("--per-tissue-cap", type=int,
                    help="at most this many cells per tissue (seeded sample), before subsampling to --cells")
     b.add_argument("--hvg-batch-key", help="obs column for batch-aware seurat_v3 HVG selection, e.g. dataset_id")
     b.add_argument("--split-by", help="hold out whole groups of this obs column, e.g. dataset_id")
     b.add_argument("--genes", type=int, help="V, the number of genes kept (required unless --config gives it)")
     b.add_argument("--cells", type=int, help="D, the number of cells kept (required unless --config gives it)")
-    b.add_argument("--seed", type=int, help="default: --config's, else 0")
-    b.add_argument("--dtype", choices=["float32", "float16"], help="default: --config's, else float32")
+    b.add_argument("--seed", type=int, help=f"default: --config's, else {data.seed}")
+    b.add_argument("--dtype", choices=literal_values(DataConfig, "dtype"),
+                   help=f"default: --config's, else {data.dtype}")
     b.add_argument("--config", help="a study YAML whose data section gives the other settings")
     b.add_argument("--out", required=True)
     b.add_argument("--overwrite", action="store_true", help="replace an existing directory at --out")
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
+    from cellscale.config import ModelConfig, TrainConfig, field_default, literal_values
+
     t = sub.add_parser(
         "train", help="train one model size; rerunning the same command resumes",
         description="Train one model size on one training subset. Writes RUN_DIR/result.json, "
@@ -178,17 +185,19 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--train-cells", type=int, help="use the first N cells of the fixed train permutation")
     t.add_argument("--cells-seen", type=int, help="training budget in cells drawn")
-    t.add_argument("--objective", choices=["mse", "gaussian-nll", "nb"],
-                   help="what the head predicts: mse (the study's), gaussian-nll (mean and variance), "
-                        "nb (negative binomial on raw counts); default: the config's model.objective, else mse")
+    t.add_argument("--objective", choices=literal_values(ModelConfig, "objective"),
+                   help="what the head predicts, one of %(choices)s (mse: the study's; gaussian-nll: mean and "
+                        "variance; nb: negative binomial on raw counts); default: the config's model.objective, "
+                        f"else {field_default(ModelConfig, 'objective')}")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--config", help="study YAML: the run trains as in its sweep (train/model sections, "
                                     "custom sizes, sweep.overrides, sweep.epochs); the flags go on top")
     t.add_argument("--batch-size", type=int)
     t.add_argument("--lr", type=float, help="peak learning rate (default: auto by width)")
-    t.add_argument("--schedule", choices=["cosine", "constant"])
-    t.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
-    t.add_argument("--precision", choices=["auto", "fp32", "bf16"])
+    for name in ("schedule", "device", "precision"):  # unset: the config's train section decides
+        t.add_argument(f"--{name}", choices=literal_values(TrainConfig, name),
+                       help=f"one of %(choices)s; default: the config's train.{name}, "
+                            f"else {field_default(TrainConfig, name)}")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--checkpoint-minutes", type=float, metavar="N",
                    help="also checkpoint every N minutes of wall time, as well as at evaluations "
@@ -198,10 +207,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_ladder(sub: argparse._SubParsersAction) -> None:
+    from cellscale.config import DataConfig, field_default
+
     lad = sub.add_parser("ladder", help="table of model sizes and parameter counts", parents=[_quiet_parent()],
                          formatter_class=RAW,
                          epilog=_examples("cellscale ladder", "cellscale ladder --genes 1024 --json"))
-    lad.add_argument("--genes", type=int, default=512, help="V (default 512)")
+    lad.add_argument("--genes", type=int, default=field_default(DataConfig, "genes"), help="V (default %(default)s)")
     lad.add_argument("--json", action="store_true", help="print the rows as JSON")
 
 
@@ -220,13 +231,19 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     )
     sw.add_argument("config", help="study YAML (see configs/)")
     sw.add_argument("--out", required=True, help="sweep directory")
-    sw.add_argument("--backend", choices=["local", "ray"],
+    sw.add_argument("--backend", choices=_backends(),
                     help="local: on this machine, --workers runs at once; ray: each run a Ray task "
                          "with sweep.num_cpus_per_run / num_gpus_per_run (default: sweep.backend)")
     _add_workers(sw)
     sw.add_argument("--ray-address", help="join this Ray cluster, e.g. ray://head:10001 or auto "
                                           "(default: start a private local Ray, removed afterwards)")
     sw.add_argument("--overwrite", action="store_true", help="replace a sweep dir that holds another study")
+
+
+def _backends() -> tuple[str, ...]:
+    from cellscale.config import SweepConfig, literal_values
+
+    return literal_values(SweepConfig, "backend")
 
 
 def _workers(text: str) -> int | str:
@@ -249,7 +266,8 @@ def _add_workers(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_fit(sub: argparse._SubParsersAction) -> None:
-    from cellscale.config import FitConfig
+    from cellscale.config import FitConfig, literal_values
+    from cellscale.fit.defaults import LAW_NAMES, METHOD_NAMES, default_interval
 
     default = FitConfig()  # a study's fit section and this command share these defaults
     f = sub.add_parser("fit", help="fit a scaling law to a results table",
@@ -260,11 +278,13 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
                            "cellscale fit sweep/results.csv --law chinchilla --x params,train_cells --bootstrap 200",
                        ))
     f.add_argument("table", help="CSV with one row per run")
-    f.add_argument("--law", default=default.law, help="power, power-floor, chinchilla, data-constrained")
-    f.add_argument("--method", default=default.method, help="huber-log, nls, paper")
+    # no choices= for these three: an unknown name is the fit's one-line error, which lists them
+    f.add_argument("--law", default=default.law, help=f"one of {', '.join(LAW_NAMES)} (default %(default)s)")
+    f.add_argument("--method", default=default.method, help=f"one of {', '.join(METHOD_NAMES)} (default %(default)s)")
     f.add_argument("--interval", default=default.interval,
-                   help="interval method: profile (the default; bca-groups for --method paper), wald-t, "
-                        "residual-t, residual, bca-groups (coverage measured in docs/intervals.md)")
+                   help=f"interval method, one of {', '.join(literal_values(FitConfig, 'interval'))} (default "
+                        f"{default_interval(default.method)}; {default_interval('paper')} for --method paper; "
+                        "coverage measured in docs/intervals.md)")
     f.add_argument("--x", help="comma-separated x column(s) (default params, or params,train_cells)")
     f.add_argument("--y", help="loss column (default: test_mse, or test_loss for a likelihood; the validation column "
                    "where the table has no test loss)")
@@ -291,13 +311,14 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
         formatter_class=RAW,
         description="Embed cells with a run's best checkpoint: the mean over the V genes of the final hidden state, "
                     "nothing masked. New cells are preprocessed as the run's dataset was (library size over all "
-                    "their genes, the same target sum, log1p, the dataset's genes matched by name or feature_id). "
+                    "their genes, the same target sum, log1p, the dataset's genes matched by name or feature_id), "
+                    "from the run's own registry.json: the run directory is enough. "
                     "The output is the input with obsm['X_cellscale'] and uns['cellscale'] (provenance), ready for "
                     "sc.pp.neighbors(adata, use_rep='X_cellscale').",
         epilog=_examples(
             "cellscale embed sweep/runs/XS-dall-s0 --input cells.h5ad --out embedded.h5ad",
             "cellscale embed sweep/runs/XS-dall-s0 --data sweep/dataset --out dataset-embedded.h5ad",
-            "cellscale embed runs/xs --dataset ds --input cells.h5ad --out embedded.h5ad --allow-missing-genes",
+            "cellscale embed runs/xs --input cells.h5ad --out embedded.h5ad --allow-missing-genes",
         ),
     )
     e.add_argument("run_dir", help="a run directory with best.safetensors (e.g. SWEEP_DIR/runs/<id>)")
@@ -306,14 +327,17 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--data", help="a cellscale dataset directory (all its cells; obs gains 'split')")
     e.add_argument("--out", required=True, help="the .h5ad to write")
     e.add_argument("--layer", help="read the counts from this layer of --input instead of X")
-    e.add_argument("--dataset", help="the dataset the run was trained on (default: found from the sweep.json "
-                                     "above the run dir)")
+    e.add_argument("--dataset", help="the dataset the run was trained on, checked against the run's registry.json "
+                                     "(needed only for a run from before it that no sweep.json above names)")
     e.add_argument("--allow-missing-genes", action="store_true",
                    help="embed with zeros for model genes the file lacks (their count is printed)")
     e.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
 
 
 def _add_downstream(sub: argparse._SubParsersAction) -> None:
+    from cellscale.config import DOWNSTREAM_BATCH_KEYS as BATCH_KEYS
+    from cellscale.config import DOWNSTREAM_LABEL as LABEL_DEFAULT
+
     d = sub.add_parser(
         "downstream", help="score a sweep's embeddings downstream (probe, kNN, batch mixing)",
         parents=[_quiet_parent()], formatter_class=RAW,
@@ -326,9 +350,9 @@ def _add_downstream(sub: argparse._SubParsersAction) -> None:
                          "cellscale downstream sweep --label tissue --force"),
     )
     d.add_argument("sweep_dir")
-    d.add_argument("--label", default="cell_type", help="obs column of the labels (default cell_type)")
-    d.add_argument("--batch-key", help="obs column of the batches (default: the first of batch, dataset_id, "
-                                       "batch_id, sample_id, donor_id with two values or more)")
+    d.add_argument("--label", default=LABEL_DEFAULT, help="obs column of the labels (default %(default)s)")
+    d.add_argument("--batch-key", help=f"obs column of the batches (default: the first of {', '.join(BATCH_KEYS)} "
+                                       "with two values or more)")
     d.add_argument("--force", action="store_true", help="rescore runs already scored")
 
 
@@ -348,7 +372,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--preset", help="a preset name (see --list-presets); default demo")
     run.add_argument("--config", help="a study YAML instead of a preset")
     run.add_argument("--out", help="output directory (default cellscale-out/<preset>)")
-    run.add_argument("--backend", choices=["local", "ray"])
+    run.add_argument("--backend", choices=_backends())
     _add_workers(run)
     run.add_argument("--ray-address")
     run.add_argument("--overwrite", action="store_true")
@@ -585,7 +609,7 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 def cmd_embed(a: argparse.Namespace) -> int:
-    from cellscale.embed import embed_run
+    from cellscale.embedding import embed_run
 
     with _silenced(_quiet(a)):
         prov = embed_run(a.run_dir, out=a.out, input=a.input, data=a.data, dataset=a.dataset, layer=a.layer,

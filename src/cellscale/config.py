@@ -2,19 +2,29 @@
 
 Every config is a pydantic model with ``extra="forbid"`` so that a misspelt key in a YAML
 file is an error that names the key, never a silently ignored setting.
+
+One fact, one place: the allowed values of a setting are its ``Literal`` here and its default is
+its default here; the command line's ``choices=``, defaults and the value lists of its help are
+generated from these models (:func:`literal_values`, :func:`field_default`), and modules that check
+a name (``cellscale.objectives``) read their list from here too. The fit's own defaults and interval
+methods live in ``cellscale.fit`` (``fit.defaults``, ``fit.intervals``), which imports no config:
+``FitConfig`` reads them from there.
 """
 
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator, model_validator
 
 from cellscale.errors import CellscaleError
+from cellscale.fit import defaults as fit_defaults
+from cellscale.fit.defaults import INTERVALS
 from cellscale.io import json_digest
 
 __all__ = [
@@ -33,6 +43,9 @@ __all__ = [
     "config_hash",
     "preset_path",
     "list_presets",
+    "literal_values",
+    "field_default",
+    "CENSUS_ORGANISMS",
 ]
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -41,6 +54,12 @@ PRESET_DIR = Path(__file__).parent / "presets"
 def depth_label(depth: float) -> str:
     """A sequencing depth as it appears in run ids, dataset dirs and reports: ``0.25``, ``1``."""
     return f"{float(depth):g}"
+
+
+# the downstream probe's label, and the obs columns tried in order as its batch key when none is
+# named (the simulator's is dataset_id; cellscale.downstream)
+DOWNSTREAM_LABEL = "cell_type"
+DOWNSTREAM_BATCH_KEYS = ("batch", "dataset_id", "batch_id", "sample_id", "donor_id")
 
 
 class ConfigError(CellscaleError, ValueError):
@@ -72,8 +91,13 @@ class SimulateConfig(_Frozen):
     params_file: str | None = None
 
 
+# the organisms the Census holds (cellscale.data.sources.census checks a build's against them)
+CENSUS_ORGANISMS = ("homo_sapiens", "mus_musculus")
+
+
 class CensusConfig(_Frozen):
     uri: str | None = None
+    # the pinned Census release: a long-term-support release, the one the seed study used
     version: str = "2025-01-30"
     organism: str = "homo_sapiens"
     obs_filter: str = "is_primary_data == True"
@@ -148,7 +172,7 @@ class TrainConfig(_Frozen):
     # lr: a number, or "auto" = lr_base * 64 / d_model clipped to [lr_min, lr_max] (Adam's
     # step for hidden weights shrinks like 1/width, as in muP);
     # either is then scaled with batch (lr_batch_scaling) relative to lr_batch_ref cells
-    lr: float | Literal["auto"] = "auto"
+    lr: PositiveFloat | Literal["auto"] = "auto"
     lr_base: float = Field(5e-3, gt=0)
     lr_min: float = Field(1e-4, gt=0)
     lr_max: float = Field(3e-2, gt=0)
@@ -214,12 +238,13 @@ class TrainConfig(_Frozen):
 
 class FitConfig(_Frozen):
     law: str = "power-floor"
-    method: str = "huber-log"
-    bootstrap: int = Field(1000, ge=0)
-    seed: int = 0
-    # the interval method (cellscale.fit.intervals; None: profile, or bca-groups for method paper;
-    # coverage measured in docs/intervals.md)
-    interval: Literal["profile", "wald-t", "residual-t", "residual", "bca-groups"] | None = None
+    # the fit's defaults are cellscale.fit's own (cellscale.fit.defaults): fit_table has them too
+    method: str = fit_defaults.METHOD
+    bootstrap: int = Field(fit_defaults.BOOTSTRAP, ge=0)
+    seed: int = fit_defaults.SEED
+    # the interval method (cellscale.fit.intervals.INTERVALS; None: profile, or bca-groups for method
+    # paper; coverage measured in docs/intervals.md)
+    interval: Literal[INTERVALS] | None = None  # type: ignore[valid-type]
     # a law is fitted to converged runs (result "converged", cellscale.plateau's rule); True fits the
     # unconverged ones too (the report still names them)
     keep_unconverged: bool = False
@@ -291,6 +316,30 @@ class RunConfig(_Frozen):
     train: TrainConfig = Field(default_factory=TrainConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     fit: FitConfig = Field(default_factory=FitConfig)
+
+
+def literal_values(model: type[BaseModel], name: str) -> tuple[Any, ...]:
+    """The values a ``Literal`` field of ``model`` allows, in the order written (None and the
+    non-literal members of a union, such as the number of ``float | Literal["auto"]``, left out):
+    the one list of them, which the command line's ``choices=`` and help are generated from."""
+    values: list[Any] = []
+
+    def walk(tp: Any) -> None:
+        if get_origin(tp) is Literal:
+            values.extend(a for a in get_args(tp) if a not in values)
+        elif get_origin(tp) in (Union, types.UnionType):
+            for member in get_args(tp):
+                walk(member)
+
+    walk(model.model_fields[name].annotation)
+    if not values:
+        raise TypeError(f"{model.__name__}.{name} is not a Literal field")
+    return tuple(values)
+
+
+def field_default(model: type[BaseModel], name: str) -> Any:
+    """The default of ``model``'s field ``name`` (a default factory called)."""
+    return model.model_fields[name].get_default(call_default_factory=True)
 
 
 def data_config_with(

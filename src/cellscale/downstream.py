@@ -40,12 +40,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cellscale.config import DOWNSTREAM_BATCH_KEYS, DOWNSTREAM_LABEL
+
 __all__ = ["LABEL_DEFAULT", "BATCH_KEYS", "ProbeCells", "probe_cells", "probe_scores", "knn_scores",
            "batch_mixing", "score_embedding", "reference_embeddings", "score_fields", "SPLITS"]
 
-LABEL_DEFAULT = "cell_type"
-# obs columns tried, in order, as the batch key when none is named (the simulator's is dataset_id)
-BATCH_KEYS = ("batch", "dataset_id", "batch_id", "sample_id", "donor_id")
+# the label probed and the obs columns tried, in order, as the batch key (cellscale.config: the
+# command line reads them there without loading this module's pandas)
+LABEL_DEFAULT, BATCH_KEYS = DOWNSTREAM_LABEL, DOWNSTREAM_BATCH_KEYS
 MAX_FIT_CELLS = 20_000
 MAX_SCORE_CELLS = 10_000
 K_NEIGHBOURS = 15

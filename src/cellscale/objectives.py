@@ -1,6 +1,6 @@
 """Training objectives for masked reconstruction: what the head predicts at a masked gene and
-what it is scored by. Imports only torch and the standard-library ``cellscale.lossbounds``
-(``model.py`` uses it).
+what it is scored by. Imports torch, the standard-library ``cellscale.lossbounds`` (``model.py``
+uses it) and, for the objectives' names, the torch-free ``cellscale.config``.
 
 * ``mse`` (the seed study's): one output, the log1p-normalised value; loss = squared error.
 * ``gaussian-nll``: two outputs, a mean ``m`` and a log-variance ``s`` of the log1p value;
@@ -26,6 +26,7 @@ import math
 import torch
 from torch import Tensor
 
+from cellscale.config import ModelConfig, literal_values
 from cellscale.lossbounds import LOG_THETA_RANGE, LOG_VAR_RANGE
 
 __all__ = [
@@ -44,7 +45,7 @@ __all__ = [
     "LOG_THETA_RANGE",
 ]
 
-OBJECTIVES = ("mse", "gaussian-nll", "nb")
+OBJECTIVES = literal_values(ModelConfig, "objective")  # the one list: ModelConfig.objective's Literal
 LN2 = math.log(2.0)
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 

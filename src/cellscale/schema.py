@@ -50,6 +50,7 @@ BRANCH_TEXT_FIELDS = ("run_id", "size", "objective", "loss_unit", "status")
 RUNS_DIR = "runs"  # SWEEP_DIR/runs/<run_id>/: one folder per run
 BRANCH_TABLE = "branches.json"  # RUN_DIR/branches.json: {"branches": [row, ...]}
 BRANCH_CELLS_DIR = "branches"  # RUN_DIR/branches/<cells seen>.npz: a branch's per-cell error sums
+RUN_REGISTRY = "registry.json"  # RUN_DIR/registry.json: the genes and preprocessing a run's model needs (Dataset.registry)
 RUN_CELLS = "cells.npz"  # RUN_DIR/cells.npz: the run's own weights' per-cell error sums (val and test)
 # a run with one of these statuses is never trained again
 FINISHED = ("ok", "diverged")

@@ -300,6 +300,23 @@ class Dataset:
         """The normalisation's counts per cell (values = log1p(counts / library_size * target_sum))."""
         return float((self.manifest.get("preprocessing") or {}).get("target_sum", 1e4))
 
+    @property
+    def normalized_input(self) -> bool:
+        """Were the values stored as given (normalised input), rather than made from raw counts?"""
+        pre = self.manifest.get("preprocessing") or {}
+        return bool(pre.get("normalized_input", False)) or "counts.npy" not in self.manifest.get("files", {})
+
+    def registry(self) -> dict[str, Any]:
+        """What a model trained on these values needs to embed new cells, with nothing else at hand
+        (a run keeps it as ``RUN_DIR/registry.json``; scvi-tools calls this the model's registry):
+        the genes in the model's order and how values were made from a cell's counts."""
+        pre = self.manifest.get("preprocessing") or {}
+        return {"genes": self.genes, "n_genes": self.n_genes, "target_sum": self.target_sum,
+                "normalized_input": self.normalized_input,
+                "transform": "as given" if self.normalized_input else "log1p(counts / library size x target_sum)",
+                "library_size": pre.get("library_size", "total over all source genes, before gene selection"),
+                "dataset_checksum": (self.manifest.get("checksums") or {}).get("values.npy")}
+
     # ---------------------------------------------------------------- arrays
     def _load(self, name: str) -> np.ndarray:
         try:

@@ -1,15 +1,34 @@
 """Scaling-law fitting: laws, methods, grouped bootstrap, entropy, compute-optimal answers.
 
-Imports numpy, scipy and pandas only, so it runs on any machine that has a results table.
+Imports numpy, scipy and pandas only, so it runs on any machine that has a results table. The names
+below load on first use (as the top-level ``cellscale`` does), so that reading the fit's defaults
+(``cellscale.fit.defaults``, stdlib only) does not load the fitting machinery.
 """
 
-from cellscale.fit.core import fit_csv, fit_table
-from cellscale.fit.data_axis import DataAxisFit, fit_data_axis, predict_json
-from cellscale.fit.entropy import entropy_bits, entropy_bits_per_gene
-from cellscale.fit.laws import LAWS
-from cellscale.fit.methods import METHODS
-from cellscale.fit.result import FitResult
-from cellscale.fit.simulate import simulate_branches, simulate_table
+from __future__ import annotations
 
-__all__ = ["fit_table", "fit_csv", "FitResult", "LAWS", "METHODS", "entropy_bits", "entropy_bits_per_gene",
-           "simulate_table", "simulate_branches", "fit_data_axis", "predict_json", "DataAxisFit"]
+from importlib import import_module
+from typing import Any
+
+# name -> module that defines it
+_EXPORTS = {
+    "fit_table": "cellscale.fit.core", "fit_csv": "cellscale.fit.core", "FitResult": "cellscale.fit.result",
+    "LAWS": "cellscale.fit.laws", "METHODS": "cellscale.fit.methods",
+    "entropy_bits": "cellscale.fit.entropy", "entropy_bits_per_gene": "cellscale.fit.entropy",
+    "simulate_table": "cellscale.fit.simulate", "simulate_branches": "cellscale.fit.simulate",
+    "fit_data_axis": "cellscale.fit.data_axis", "predict_json": "cellscale.fit.data_axis",
+    "DataAxisFit": "cellscale.fit.data_axis",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'cellscale.fit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from cellscale.errors import FitError
+from cellscale.fit import defaults
 from cellscale.fit.cells import CellDraws, cell_shift, run_cell_draws, sweep_cell_paths
 from cellscale.fit.compare import information_criteria, r_squared, residuals
 from cellscale.fit.compute_optimal import compute_optimal
@@ -183,15 +184,15 @@ def fit_table(
     df: pd.DataFrame,
     *,
     law: str,
-    method: str = "huber-log",
+    method: str = defaults.METHOD,
     x: list[str] | None = None,
     y: str | None = None,
-    bootstrap: int = 1000,
-    seed: int = 0,
+    bootstrap: int = defaults.BOOTSTRAP,
+    seed: int = defaults.SEED,
     groups: list[str] | None = None,
     per_gene_mse=None,
     weights: str | None = None,
-    gain_tolerance: float = 0.01,
+    gain_tolerance: float = defaults.GAIN_TOLERANCE,
     n_jobs: int | None = 1,
     interval: str | None = None,
     blocked: bool = False,
@@ -243,7 +244,7 @@ def _eval_cells(law: Law, noise, draws, lowest: float) -> dict | None:
 
 
 def _fit_table(df, *, law, method, x, y, bootstrap, seed, groups, per_gene_mse, weights,
-               gain_tolerance, n_jobs, interval, blocked=False, cell_draws=None) -> FitResult:
+               gain_tolerance, n_jobs, interval, blocked, cell_draws) -> FitResult:
     law_obj, method_obj = _lookup(law, method)
     if bootstrap < 0:
         raise FitError(f"bootstrap must be >= 0, got {bootstrap}")
@@ -319,12 +320,12 @@ def _sweep_cell_draws(path: Path, df: pd.DataFrame, kwargs: dict) -> CellDraws |
         return None
     if "run_id" not in df.columns:
         raise FitError("the table has no run_id column to find each run's cells")
-    n_boot = int(kwargs.get("bootstrap", fit_table.__kwdefaults__["bootstrap"]))
+    n_boot = int(kwargs.get("bootstrap", defaults.BOOTSTRAP))
     if n_boot <= 0:
         raise FitError("bootstrap = 0: the evaluation cells were not resampled")
     y, unit, _ = _resolve_y(df, kwargs.get("y"))
     paths = [p if ok else None for p, ok in zip(sweep_cell_paths(path.parent, df["run_id"]), finished_mask(df))]
-    return run_cell_draws(paths, y=y, unit=unit, n_boot=n_boot, seed=int(kwargs.get("seed", 0)))
+    return run_cell_draws(paths, y=y, unit=unit, n_boot=n_boot, seed=int(kwargs.get("seed", defaults.SEED)))
 
 
 def fit_csv(path, *, cells: bool = True, **kwargs) -> FitResult:

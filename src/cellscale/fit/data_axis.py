@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from cellscale.errors import FitError
+from cellscale.fit import defaults
 from cellscale.fit.cells import CellDraws
 from cellscale.fit.core import fit_table, floor_shifted
 from cellscale.fit.intervals import residual_levels
@@ -259,9 +260,10 @@ def _sizes(frame: pd.DataFrame, y: str) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values(["params", "train_cells"]).reset_index(drop=True)
 
 
-def fit_data_axis(branches: pd.DataFrame, *, law: str | None = None, y: str = Y_DATA, method: str = "huber-log",
-                  bootstrap: int = 1000, seed: int = 0, interval: str | None = None,
-                  n_jobs: int | None = 1, gain_tolerance: float = 0.01, cell_draws=None) -> DataAxisFit:
+def fit_data_axis(branches: pd.DataFrame, *, law: str | None = None, y: str = Y_DATA,
+                  method: str = defaults.METHOD, bootstrap: int = defaults.BOOTSTRAP, seed: int = defaults.SEED,
+                  interval: str | None = None, n_jobs: int | None = 1,
+                  gain_tolerance: float = defaults.GAIN_TOLERANCE, cell_draws=None) -> DataAxisFit:
     """Fit the joint law to the ok branch points of ``branches`` (``cellscale.schema.BRANCH_FIELDS``
     columns); ``law`` None chooses by :func:`data_law`. FitError when they cannot carry it.
     ``cell_draws`` (aligned with the rows of ``branches``; ``fit_table``) puts the evaluation cells'

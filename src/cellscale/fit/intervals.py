@@ -49,29 +49,14 @@ from cellscale.fit.bootstrap import (
     resample_weights,
     run_bootstrap,
 )
+
+# the interval methods' names, descriptions and default live in fit.defaults (stdlib, read by the command line)
+from cellscale.fit.defaults import DEFAULT_INTERVAL, DESCRIPTIONS, INTERVALS, default_interval  # noqa: F401
 from cellscale.fit.laws.base import Law
 
-DEFAULT_INTERVAL = "profile"
 LEVEL = 0.95
 # More failed resamples than this share marks a fit's intervals as unreliable.
 FAILED_FRACTION_FLAG = 0.05
-
-DESCRIPTIONS = {
-    "profile": "profile likelihood of a Gaussian in the method's space, t_{n-k} calibrated (Bates & Watts 1988)",
-    "wald-t": "estimate +- t_{n-k} asymptotic standard errors (log amplitudes), Gaussian in the method's space",
-    "residual-t": "studentized (percentile-t) residual bootstrap of the method's estimator (Davison & Hinkley 1997)",
-    "residual": "percentile residual bootstrap of the method's estimator (leverage-adjusted residuals)",
-    "bca-groups": "BCa bootstrap over resampling units (bias-corrected, jackknife acceleration)",
-}
-INTERVALS = tuple(DESCRIPTIONS)
-
-
-def default_interval(method_name: str) -> str:
-    """The interval used when none is named: ``DEFAULT_INTERVAL``, except for the seed study's
-    ``paper`` method. Its estimate is a grid search that lands on the grid's edge, not a smooth
-    optimum: no standard error or likelihood profile describes it, so its intervals are the
-    group bootstrap's (BCa), as before."""
-    return "bca-groups" if method_name == "paper" else DEFAULT_INTERVAL
 
 
 def check_interval(name: str) -> str:

@@ -13,6 +13,7 @@ import numpy as np
 from scipy.optimize import least_squares, minimize
 
 from cellscale.errors import FitError
+from cellscale.fit.defaults import METHOD_NAMES
 from cellscale.fit.laws.base import Law
 
 HUBER_DELTA = 1e-3
@@ -207,4 +208,5 @@ def paper_on_edge(c: float, y: np.ndarray) -> bool:
     return c <= grid[0] or c >= grid[-1]
 
 
-METHODS: dict[str, Method] = {m.name: m for m in (HuberLog(), NLS(), Paper())}
+# by name, in the order of cellscale.fit.defaults.METHOD_NAMES (where the command line reads the names)
+METHODS: dict[str, Method] = dict(zip(METHOD_NAMES, (HuberLog(), NLS(), Paper())))

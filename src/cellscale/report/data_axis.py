@@ -95,7 +95,7 @@ def run_data_fit(sd: SweepData) -> DataOutcome | None:
     if pts.empty:
         out.error = "no branch point of a finished run at its chosen learning rate"
         return out
-    law = None if cfg.get("data_law", "auto") == "auto" else str(cfg["data_law"])
+    law = None if cfg["data_law"] == "auto" else str(cfg["data_law"])  # sd.fit_config holds every default
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

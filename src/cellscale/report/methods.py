@@ -310,7 +310,9 @@ def _lr_search_seed(sweep: Mapping[str, Any]) -> int | None:
 def _optim_text(train: Mapping[str, Any], sweep: Mapping[str, Any], runs: pd.DataFrame | None) -> str:
     betas = train.get("betas", (0.9, 0.95))
     text = (
-        f"Optimiser: AdamW (betas {tuple(betas)}, weight decay {fmt_num(train.get('weight_decay'))}), "
+        f"Optimiser: AdamW (betas {tuple(betas)}, weight decay {fmt_num(train.get('weight_decay'))} on the parameters "
+        "of two or more dimensions: the weight matrices, the gene embedding and the head; none on biases, LayerNorms "
+        "or the mask embedding), "
         f"gradient clipping at norm {fmt_num(train.get('grad_clip'))}, {_schedule_text(train)}; "
         f"{_lr_text(train, runs)}{lr_grid_text(list(sweep.get('lr_multipliers') or [1.0]), first_seed=_lr_search_seed(sweep))}"
         f"{averaging_text(train.get('ema_decay'))}"

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cellscale.bits import count_weighted_bits
 from cellscale.config import FitConfig
 from cellscale.data.manifest import Manifest, Scores, finite_or_none
 from cellscale.fit.entropy import entropy_bits
@@ -37,12 +38,9 @@ def gaussian_bits(mse: float | None) -> float | None:
 
 
 def weighted_bits(mse: np.ndarray, n: np.ndarray) -> float | None:
-    """Count-weighted mean over genes of their Gaussian entropies (the run's result.json figure)."""
-    ok = np.isfinite(mse) & (mse > 0) & (n > 0)
-    if not ok.any():
-        return None
-    w = n[ok].astype(float)
-    return float(np.sum(w * entropy_bits(mse[ok])) / w.sum())
+    """Count-weighted mean over genes of their Gaussian entropies (the run's result.json figure,
+    ``cellscale.bits.count_weighted_bits``), over the genes whose MSE is a finite positive number."""
+    return count_weighted_bits(mse, n, partial=True)
 
 
 def first_finite(col: pd.Series | None) -> float | None:

@@ -52,7 +52,7 @@ def score_run(run_dir: str | os.PathLike, ds: Dataset, *, label: str = dn.LABEL_
     if isinstance(cells, str):
         return _empty(f"skipped: {cells}", label=label)
     try:
-        from cellscale.embed import embed_dataset, load_run_model
+        from cellscale.embedding import embed_dataset, load_run_model
 
         rm = load_run_model(run_dir)
         return _scores(embed_dataset(rm, ds, cells.all_rows), cells)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from cellscale import objectives
-from cellscale.bits import gaussian_bits
+from cellscale.bits import count_weighted_bits
 from cellscale.config import TrainConfig
 from cellscale.data.loader import eval_batches
 from cellscale.data.store import Dataset
@@ -217,7 +217,8 @@ def write_cell_sums(path: Path, val: EvalResult, test: EvalResult) -> None:
 def per_gene_summary(sse: np.ndarray, counts: np.ndarray) -> tuple[list[float | None], dict[str, float | None]]:
     """Per-gene MSE (None for a gene never masked) and the run-level numbers of result.json.
 
-    ``entropy_bits_per_gene`` is the heteroscedastic Gaussian entropy WEIGHTED BY MASKED COUNTS:
+    ``entropy_bits_per_gene`` is the heteroscedastic Gaussian entropy WEIGHTED BY MASKED COUNTS
+    (``cellscale.bits.count_weighted_bits``; None where a masked gene's MSE is 0 or not finite):
     sum_g n_g 0.5 log2(2 pi e mse_g) / sum_g n_g, i.e. the mean over masked positions of the
     entropy of that position's gene. With the same weights the test MSE is the count-weighted
     mean of the mse_g, so by Jensen (log is concave) it is never above 0.5 log2(2 pi e test_mse).
@@ -230,7 +231,5 @@ def per_gene_summary(sse: np.ndarray, counts: np.ndarray) -> tuple[list[float | 
     out: dict[str, float | None] = {"per_gene_mse_spread": None, "entropy_bits_per_gene": None}
     if seen.any():
         out["per_gene_mse_spread"] = float(np.std(mse[seen]))
-        m, w = mse[seen], counts[seen].astype(np.float64)
-        if np.all(m > 0) and np.all(np.isfinite(m)):
-            out["entropy_bits_per_gene"] = float(np.sum(w * gaussian_bits(m)) / np.sum(w))
+        out["entropy_bits_per_gene"] = count_weighted_bits(mse, counts)
     return values, out

@@ -65,7 +65,8 @@ def train_run(
     with stop_on_signals() as stop:
         try:
             with torch_threads(run_threads(model_cfg, train_cfg, device)), frozen_gc():
-                prev = claim_shared(out, identity, ident_hash, overwrite=overwrite, dist=dist)
+                prev = claim_shared(out, identity, ident_hash, overwrite=overwrite, dist=dist,
+                                    registry=ds.registry())
                 if prev is not None:
                     return prev
                 run = build_run(ds, model_cfg, train_cfg, out=out, train_cells=train_cells, seed=seed,

@@ -14,7 +14,7 @@ from cellscale.data.store import Dataset
 from cellscale.distributed import DistContext
 from cellscale.errors import RunError
 from cellscale.io import DamagedFile, atomic_write_json, atomic_write_text, read_json_checked, warn
-from cellscale.schema import FINISHED
+from cellscale.schema import FINISHED, RUN_REGISTRY
 
 
 def run_identity(
@@ -69,11 +69,13 @@ def _clear_unless_same(out: Path, ident_hash: str) -> None:
 
 
 def claim_run_dir(
-    out: Path, identity: dict[str, Any], ident_hash: str, *, overwrite: bool = False
+    out: Path, identity: dict[str, Any], ident_hash: str, *, overwrite: bool = False,
+    registry: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """Check ``out`` for this run: the finished result (returned), a resumable or new run
-    (None, config.json written), or a RunError for a directory that holds something else
-    (replaced instead when ``overwrite``)."""
+    (None, config.json written, and ``registry`` as registry.json: what embedding new cells with
+    the run needs), or a RunError for a directory that holds something else (replaced instead when
+    ``overwrite``)."""
     result_path = out / "result.json"
     config_path = out / "config.json"
     if overwrite:
@@ -90,6 +92,8 @@ def claim_run_dir(
         raise RunError(f"{out} is not empty and holds no cellscale run; choose another --out, or --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(config_path, {"hash": ident_hash, **identity, "cellscale_version": __version__})
+    if registry is not None:
+        atomic_write_json(out / RUN_REGISTRY, registry)
     return None
 
 
@@ -112,15 +116,15 @@ def finished_result(path: Path, *, quiet: bool = False) -> dict[str, Any] | None
 
 
 def claim_shared(out: Path, identity: dict[str, Any], ident_hash: str, *, overwrite: bool,
-                 dist: DistContext) -> dict[str, Any] | None:
+                 dist: DistContext, registry: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """:func:`claim_run_dir` under DDP: rank 0 alone inspects and claims the run dir, and every
     rank follows its verdict (the finished result, go on, or the same RunError)."""
     if not dist.active:
-        return claim_run_dir(out, identity, ident_hash, overwrite=overwrite)
+        return claim_run_dir(out, identity, ident_hash, overwrite=overwrite, registry=registry)
     verdict: tuple[str, Any] = ("go", None)
     if dist.is_main:
         try:
-            prev = claim_run_dir(out, identity, ident_hash, overwrite=overwrite)
+            prev = claim_run_dir(out, identity, ident_hash, overwrite=overwrite, registry=registry)
             verdict = ("done", prev) if prev is not None else ("go", None)
         except RunError as err:
             verdict = ("error", str(err))

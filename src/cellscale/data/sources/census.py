@@ -6,7 +6,8 @@ fetch only the kept genes' raw counts in chunks.
 writer and baseline are the same code as for every other source:
 
 1. open the Census: ``cellxgene_census.open_soma(census_version=...)`` (default the pinned
-   LTS release 2025-01-30, the study's) or ``open_soma(uri=...)`` for a local/mirrored copy;
+   LTS release the study used, ``CensusConfig.version``'s default) or ``open_soma(uri=...)``
+   for a local/mirrored copy;
 2. read obs ``soma_joinid, tissue_general, raw_sum`` of the cells matching
    ``obs_filter and tissue_general in tissues``; sample at most ``per_tissue_cap`` cells per
    tissue (seeded); these are the candidate rows (ascending soma_joinid);
@@ -30,14 +31,14 @@ import numpy as np
 import pandas as pd
 import tiledbsoma as soma
 
-from cellscale.config import DataConfig
+from cellscale.config import CENSUS_ORGANISMS, CensusConfig, DataConfig, field_default
 from cellscale.data.mask import seed_sequence
 from cellscale.errors import DataError
 
 __all__ = ["load_census", "CensusSource", "KNOWN_ORGANISMS", "DEFAULT_CENSUS_VERSION", "joinid_checksum"]
 
-DEFAULT_CENSUS_VERSION = "2025-01-30"  # an LTS release, the one the seed study used
-KNOWN_ORGANISMS = ("homo_sapiens", "mus_musculus")
+DEFAULT_CENSUS_VERSION = field_default(CensusConfig, "version")  # the pinned LTS release, the seed study's
+KNOWN_ORGANISMS = CENSUS_ORGANISMS
 MEASUREMENT = "RNA"
 X_LAYER = "raw"
 FETCH_CELLS = 8192  # cells per read of the kept genes

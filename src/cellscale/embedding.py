@@ -18,7 +18,15 @@ input takes the values as given. A model gene the file lacks is a ``DataError`` 
 ``allow_missing`` fills it with zeros (the count is returned). A cell whose library is empty
 keeps values 0 (as ``data.thin`` does).
 
-``embed_run(run_dir, ...)``: the CLI's ``cellscale embed``. Batches run on CUDA when it is present.
+**A run is enough.** Every run keeps ``registry.json`` (``cellscale.data.store.Dataset.registry``):
+its genes in the model's order, the counts per cell and whether the values were made from counts,
+so embedding new cells needs the run directory and nothing else. A dataset that is given is checked
+against it; a run from before the registry finds its dataset through the sweep above it.
+
+``embed(adata, run)``: the notebook API (scanpy style: ``obsm[key_added]`` and ``uns[key_added]``
+written in memory, or on a copy); ``RunModel.load(run_dir)`` and ``RunModel.embed(adata)`` give the
+latent representation itself. ``embed_run(run_dir, ...)``: the CLI's ``cellscale embed``, a thin
+wrapper. Batches run on CUDA when it is present.
 """
 
 from __future__ import annotations
@@ -40,10 +48,10 @@ from cellscale.data.preprocess import library_size, normalize_log1p
 from cellscale.data.store import Dataset
 from cellscale.errors import DataError, RunError
 from cellscale.model import CellTransformer
-from cellscale.schema import sweep_datasets
+from cellscale.schema import RUN_REGISTRY, sweep_datasets
 
-__all__ = ["EMBED_KEY", "RunModel", "load_run_model", "embed_values", "embed_dataset", "find_dataset",
-           "match_genes", "preprocess_cells", "embed_run"]
+__all__ = ["EMBED_KEY", "RunModel", "Preprocessing", "embed", "load_run_model", "embed_values", "embed_dataset",
+           "find_dataset", "run_preprocessing", "match_genes", "preprocess_cells", "embed_run"]
 
 EMBED_KEY = "X_cellscale"  # scanpy's convention: obsm["X_pca"], obsm["X_scvi"], ...
 BEST_FILE = "best.safetensors"
@@ -61,10 +69,34 @@ class RunModel:
     config: ModelConfig
     dataset_checksum: str | None
     device: torch.device
+    registry: dict[str, Any] | None = None  # RUN_DIR/registry.json (None: a run from before it)
 
     @property
     def dim(self) -> int:
         return int(self.config.d_model)
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike, *, device: str | torch.device | None = None) -> RunModel:
+        """The run's model at its best checkpoint (:func:`load_run_model`)."""
+        return load_run_model(run_dir, device=device)
+
+    def embed(self, adata, *, layer: str | None = None, allow_missing: bool = False,
+              dataset: str | os.PathLike | None = None) -> np.ndarray:
+        """The latent representation [n_obs, d] (float32) of an AnnData's raw counts (``X``, or
+        ``layer``), preprocessed as the run's training values were (:func:`embed`)."""
+        pre = run_preprocessing(self, dataset)
+        return _embed_adata(self, adata, layer=layer, allow_missing=allow_missing, pre=pre)[0]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a run's values were made: its genes (the model's order), the counts per cell, whether
+    they were stored as given (normalised input), and where these facts came from."""
+
+    genes: list[str]
+    target_sum: float
+    normalized: bool
+    source: str  # "registry.json" or the dataset's path
 
 
 def _read_run_config(run_dir: Path) -> dict[str, Any]:
@@ -95,7 +127,21 @@ def load_run_model(run_dir: str | os.PathLike, *, device: str | torch.device | N
         raise RunError(f"{best} is unreadable ({str(err).splitlines()[0]}): retrain the run") from None
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(dev).eval()
-    return RunModel(run_dir, model, model_cfg, cfg.get("dataset_checksum"), dev)
+    return RunModel(run_dir, model, model_cfg, cfg.get("dataset_checksum"), dev, _read_registry(run_dir, model_cfg))
+
+
+def _read_registry(run_dir: Path, model_cfg: ModelConfig) -> dict[str, Any] | None:
+    path = run_dir / RUN_REGISTRY
+    if not path.is_file():
+        return None
+    try:
+        reg = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise RunError(f"{path} is unreadable ({err}): the run directory is damaged") from None
+    if len(reg.get("genes") or []) != model_cfg.n_genes:
+        raise RunError(f"{path} names {len(reg.get('genes') or [])} genes but the model knows {model_cfg.n_genes}: "
+                       "the run directory is damaged")
+    return reg
 
 
 def _rows_per_batch(rm: RunModel, n_genes: int) -> int:
@@ -216,10 +262,6 @@ def preprocess_cells(X, var: pd.DataFrame, *, genes: list[str], target_sum: floa
     return out, {"n_missing_genes": int((cols < 0).sum()), "gene_key": key, "n_empty_cells": n_empty}
 
 
-def _normalized_input(ds: Dataset) -> bool:
-    return bool((ds.manifest.get("preprocessing") or {}).get("normalized_input", False)) or ds.counts is None
-
-
 def dataset_values(ds: Dataset, genes: list[str], rows: np.ndarray | None = None, *,
                    allow_missing: bool = False) -> tuple[np.ndarray, int]:
     """A dataset's stored values in the model's gene order (its own genes: as stored), and how
@@ -248,37 +290,102 @@ def _model_genes(rm: RunModel, ds: Dataset) -> list[str]:
     return ds.genes
 
 
+# ----------------------------------------------------------------------------- what the run needs
+def run_preprocessing(rm: RunModel, dataset: str | os.PathLike | None = None) -> Preprocessing:
+    """How the run's values were made: from its ``registry.json``, or from ``dataset`` when given
+    (it must be the run's own dataset, and hold the registry's genes), or, for a run from before the
+    registry, from the dataset the sweep above the run names (:func:`find_dataset`)."""
+    reg = rm.registry
+    if dataset is None and reg is not None:
+        return Preprocessing([str(g) for g in reg["genes"]], float(reg["target_sum"]), bool(reg["normalized_input"]),
+                             RUN_REGISTRY)
+    ds = find_dataset(rm, dataset)
+    genes = _model_genes(rm, ds)
+    if reg is not None and [str(g) for g in reg["genes"]] != list(genes):
+        raise DataError(f"dataset {ds.path} holds other genes than {rm.run_dir / RUN_REGISTRY} records: pass the run's "
+                        "own dataset, or none (the registry is enough)")
+    return Preprocessing(list(genes), ds.target_sum, ds.normalized_input, str(ds.path))
+
+
+def _matrix(adata, layer: str | None):
+    if layer is None:
+        return adata.X
+    if layer not in adata.layers:
+        shown = ", ".join(map(str, adata.layers)) or "none"
+        raise DataError(f"the AnnData has no layer '{layer}' (layers: {shown}): pass the layer of raw counts")
+    return adata.layers[layer]
+
+
+def _embed_adata(rm: RunModel, adata, *, layer: str | None, allow_missing: bool,
+                 pre: Preprocessing, where: str | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    from cellscale.data.sources.h5ad import check_values
+
+    X = _matrix(adata, layer)
+    where = where or "the AnnData's " + ("X" if layer is None else f"layer '{layer}'")
+    check_values(X, normalized=pre.normalized, where=where)
+    values, info = preprocess_cells(X, adata.var, genes=pre.genes, target_sum=pre.target_sum,
+                                    normalized=pre.normalized, allow_missing=allow_missing, where=where)
+    return embed_values(rm, values), {"layer": layer, **info}
+
+
+def _uns(prov: dict[str, Any]) -> dict[str, Any]:
+    return {k: ("" if v is None else v) for k, v in prov.items()}  # h5ad stores no None
+
+
+def embed(adata, run: RunModel | str | os.PathLike, *, layer: str | None = None, key_added: str = EMBED_KEY,
+          copy: bool = False, allow_missing: bool = False, dataset: str | os.PathLike | None = None,
+          device: str | None = None):
+    """Embed the cells of ``adata`` with a run's best checkpoint, in memory (scanpy style).
+
+    ``run``: a run directory or a loaded :class:`RunModel`. The raw counts in ``adata.X`` (or
+    ``layer``) are preprocessed as the run's training values were (its genes picked by name, in the
+    model's order; library size over all of ``adata``'s genes; log1p at the run's counts per cell).
+    Writes ``adata.obsm[key_added]`` ([n_obs, d], float32) and the provenance to
+    ``adata.uns["cellscale"]`` for the default key (as ``cellscale embed`` does), ``uns[key_added]``
+    for another, so that two runs' embeddings keep their own. Returns the AnnData when ``copy``
+    (``adata`` itself is untouched then), else None. ``dataset``: the run's training dataset, for a
+    run from before ``registry.json`` that no sweep above names."""
+    rm = run if isinstance(run, RunModel) else load_run_model(run, device=device)
+    pre = run_preprocessing(rm, dataset)
+    emb, info = _embed_adata(rm, adata, layer=layer, allow_missing=allow_missing, pre=pre)
+    target = adata.copy() if copy else adata
+    target.obsm[key_added] = emb
+    prov = _provenance(rm, pre, {**info, "key": key_added, "n_cells": int(emb.shape[0])})
+    target.uns["cellscale" if key_added == EMBED_KEY else key_added] = _uns(prov)
+    return target if copy else None
+
+
 # ----------------------------------------------------------------------------- the command
-def _provenance(rm: RunModel, ref: Dataset, info: dict[str, Any]) -> dict[str, Any]:
+def _provenance(rm: RunModel, pre: Preprocessing, info: dict[str, Any]) -> dict[str, Any]:
     return {"run_dir": str(rm.run_dir.resolve()), "checkpoint": BEST_FILE, "key": EMBED_KEY,
             "pooling": "mean over the V gene tokens of the final hidden state, no mask",
             "size": rm.config.name, "d_model": rm.dim, "n_genes": rm.config.n_genes,
-            "dataset": str(ref.path), "dataset_checksum": rm.dataset_checksum, "target_sum": ref.target_sum,
+            "dataset": pre.source, "dataset_checksum": rm.dataset_checksum, "target_sum": pre.target_sum,
             "cellscale_version": __version__, **info}
 
 
-def _embed_h5ad(rm: RunModel, ref: Dataset, path: Path, *, layer: str | None, allow_missing: bool):
+def _embed_h5ad(rm: RunModel, path: Path, *, layer: str | None, allow_missing: bool,
+                dataset: str | os.PathLike | None):
     import anndata as ad
 
     from cellscale.data.sources.h5ad import read_counts_h5ad
 
-    normalized = _normalized_input(ref)
-    counts = read_counts_h5ad(path, layer=layer, normalized=normalized)  # validated values
-    values, info = preprocess_cells(counts.X, counts.var, genes=_model_genes(rm, ref), target_sum=ref.target_sum,
-                                    normalized=normalized, allow_missing=allow_missing, where=str(path))
+    pre = run_preprocessing(rm, dataset)
+    counts = read_counts_h5ad(path, layer=layer, normalized=pre.normalized)  # validated, one-line errors
     adata = ad.read_h5ad(path)  # the whole file (layers, obsm, ...) goes to the output
-    return adata, embed_values(rm, values), {"input": str(path.resolve()), "layer": layer, **info}
+    emb, info = _embed_adata(rm, counts, layer=None, allow_missing=allow_missing, pre=pre, where=str(path))
+    return adata, emb, pre, {"input": str(path.resolve()), **info, "layer": layer}
 
 
-def _embed_dataset_dir(rm: RunModel, ref: Dataset, data: str | os.PathLike, *, allow_missing: bool):
+def _embed_dataset_dir(rm: RunModel, pre: Preprocessing, data: str | os.PathLike, *, allow_missing: bool):
     import anndata as ad
 
     ds = Dataset.open(data, verify="quick")
-    if ds.path.resolve() != ref.path.resolve() and (abs(ds.target_sum - ref.target_sum) > 1e-9 * ref.target_sum
-                                                    or _normalized_input(ds) != _normalized_input(ref)):
+    if _checksum(ds) != rm.dataset_checksum and (abs(ds.target_sum - pre.target_sum) > 1e-9 * pre.target_sum
+                                                 or ds.normalized_input != pre.normalized):
         raise DataError(f"dataset {ds.path} was normalised differently from the run's ({ds.target_sum:g} vs "
-                        f"{ref.target_sum:g} counts per cell, or normalised input): embed its source file with --input")
-    values, n_missing = dataset_values(ds, _model_genes(rm, ref), allow_missing=allow_missing)
+                        f"{pre.target_sum:g} counts per cell, or normalised input): embed its source file with --input")
+    values, n_missing = dataset_values(ds, pre.genes, allow_missing=allow_missing)
     obs = ds.obs.copy()
     obs.index = pd.Index(obs.pop("cell_id").astype(str)) if "cell_id" in obs else obs.index.astype(str)
     split = np.full(ds.n_cells, "", dtype=object)
@@ -295,9 +402,10 @@ def embed_run(run_dir: str | os.PathLike, *, out: str | os.PathLike, input: str 
               layer: str | None = None, allow_missing: bool = False,
               device: str | None = None) -> dict[str, Any]:
     """Embed an .h5ad file (``input``) or a dataset dir (``data``) with the run's best checkpoint and
-    write ``out`` (.h5ad) with ``obsm["X_cellscale"]`` and ``uns["cellscale"]`` (provenance).
-    ``dataset``: the run's training dataset when no sweep.json above the run dir names it.
-    Returns the provenance (``n_cells``, ``n_missing_genes``, ...)."""
+    write ``out`` (.h5ad) with ``obsm["X_cellscale"]`` and ``uns["cellscale"]`` (provenance): the
+    CLI's ``cellscale embed``, around :func:`embed`'s parts. ``dataset``: the run's training dataset,
+    checked against its registry (needed only for a run from before ``registry.json`` that no sweep
+    above names). Returns the provenance (``n_cells``, ``n_missing_genes``, ...)."""
     from cellscale.io import atomic_write_with
 
     if (input is None) == (data is None):
@@ -306,13 +414,13 @@ def embed_run(run_dir: str | os.PathLike, *, out: str | os.PathLike, input: str 
     if data is not None and dataset is None:
         given = Dataset.open(data, verify="none")
         dataset = data if _checksum(given) == rm.dataset_checksum else None
-    ref = find_dataset(rm, dataset)
     if input is not None:
-        adata, emb, info = _embed_h5ad(rm, ref, Path(input), layer=layer, allow_missing=allow_missing)
+        adata, emb, pre, info = _embed_h5ad(rm, Path(input), layer=layer, allow_missing=allow_missing, dataset=dataset)
     else:
-        adata, emb, info = _embed_dataset_dir(rm, ref, data, allow_missing=allow_missing)
+        pre = run_preprocessing(rm, dataset)
+        adata, emb, info = _embed_dataset_dir(rm, pre, data, allow_missing=allow_missing)
     adata.obsm[EMBED_KEY] = emb
-    prov = _provenance(rm, ref, {**info, "n_cells": int(emb.shape[0])})
-    adata.uns["cellscale"] = {k: ("" if v is None else v) for k, v in prov.items()}  # h5ad stores no None
+    prov = _provenance(rm, pre, {**info, "n_cells": int(emb.shape[0])})
+    adata.uns["cellscale"] = _uns(prov)
     atomic_write_with(Path(out), lambda tmp: adata.write_h5ad(tmp))
     return prov

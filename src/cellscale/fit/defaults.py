@@ -1,0 +1,38 @@
+"""The fit's defaults, in one place: ``fit_table``, ``fit_data_axis`` and a study's fit section
+(``cellscale.config.FitConfig``, and through it ``cellscale fit``) all read them from here.
+
+The fit package imports no configuration (it runs on any machine that has a results table), so the
+configuration reads the fit's defaults, never the other way round. Stdlib only: the command line
+reads these to build its help without loading numpy, scipy or pandas.
+"""
+
+from __future__ import annotations
+
+# the laws and the fitting methods by name (cellscale.fit.laws.LAWS, cellscale.fit.methods.METHODS are
+# built from these, in this order)
+LAW_NAMES = ("power", "power-floor", "chinchilla", "data-constrained")
+METHOD_NAMES = ("huber-log", "nls", "paper")
+METHOD = "huber-log"  # the fitting method
+BOOTSTRAP = 1000  # resamples behind the intervals and prediction bands
+SEED = 0  # of the resamples
+# the relative gain per doubling of N below which the compute-optimal block calls a size sufficient
+GAIN_TOLERANCE = 0.01
+
+# the interval methods (cellscale.fit.intervals), by name, with what each is; measured in docs/intervals.md
+DESCRIPTIONS = {
+    "profile": "profile likelihood of a Gaussian in the method's space, t_{n-k} calibrated (Bates & Watts 1988)",
+    "wald-t": "estimate +- t_{n-k} asymptotic standard errors (log amplitudes), Gaussian in the method's space",
+    "residual-t": "studentized (percentile-t) residual bootstrap of the method's estimator (Davison & Hinkley 1997)",
+    "residual": "percentile residual bootstrap of the method's estimator (leverage-adjusted residuals)",
+    "bca-groups": "BCa bootstrap over resampling units (bias-corrected, jackknife acceleration)",
+}
+INTERVALS = tuple(DESCRIPTIONS)
+DEFAULT_INTERVAL = "profile"
+
+
+def default_interval(method_name: str) -> str:
+    """The interval used when none is named: ``DEFAULT_INTERVAL``, except for the seed study's
+    ``paper`` method. Its estimate is a grid search that lands on the grid's edge, not a smooth
+    optimum: no standard error or likelihood profile describes it, so its intervals are the
+    group bootstrap's (BCa), as before."""
+    return "bca-groups" if method_name == "paper" else DEFAULT_INTERVAL
