@@ -21,7 +21,7 @@ from pathlib import Path
 
 from cellscale.config import DataConfig, TrainConfig, load_run_config, preset_path
 from cellscale.data.build import build_dataset
-from cellscale.ladder import get_size
+from cellscale.model.ladder import get_size
 from cellscale.train import train_run
 
 

@@ -15,9 +15,9 @@ the machine); the target is 2.5x or less.
 Two ways of running the job are measured side by side in the same session:
 
 - ``cellscale``: the command line as shipped, which sets passive OpenMP waits and one thread
-  per usable CPU before torch loads (``cellscale.cpus``);
+  per usable CPU before torch loads (``cellscale.runtime.cpus``);
 - ``torch defaults``: the same command with torch imported first, so its OpenMP and thread
-  pools keep their defaults (libgomp's spinning waits): the behaviour before ``cellscale.cpus``.
+  pools keep their defaults (libgomp's spinning waits): the behaviour before ``cellscale.runtime.cpus``.
 
     python benchmarks/contention.py                    # about 5-10 minutes on 2 cores
     python benchmarks/contention.py --cells 4000       # a quick look

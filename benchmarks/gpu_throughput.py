@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import matmul_peak_gflops, setup_threads  # noqa: E402
 
-from cellscale.ladder import get_size  # noqa: E402
 from cellscale.model import CellTransformer, flops_per_cell  # noqa: E402
+from cellscale.model.ladder import get_size  # noqa: E402
 
 MASK_PROB = 0.15
 

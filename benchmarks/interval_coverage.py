@@ -12,7 +12,7 @@ residual bootstrap. Designs:
 - ``study``: the seed study's six sizes (533 to 1e8 parameters at V = 512) x 3 seeds, its
   published fit a 2.153, alpha 0.266, c 1.444;
 - ``demo``: configs/demo.yaml's five sizes at V = 64 (parameter counts from
-  ``cellscale.ladder``) x 1 seed, the law the demo itself fitted (a 1.070, alpha 0.0976,
+  ``cellscale.model.ladder``) x 1 seed, the law the demo itself fitted (a 1.070, alpha 0.0976,
   c 0.340);
 - ``chinchilla``: 4 model sizes x 4 data sizes x 1 seed, Besiroglu et al.'s estimates.
 
@@ -42,7 +42,7 @@ from cellscale.fit.intervals import (
     wald_t_ci,
 )
 from cellscale.fit.threads import blas_single_thread
-from cellscale.ladder import ladder_table
+from cellscale.model.ladder import ladder_table
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY_P = [533, 9_953, 132_993, 859_137, 19_178_497, 100_510_801]

@@ -22,9 +22,9 @@ import numpy as np
 
 from cellscale.config import load_run_config
 from cellscale.data.store import Dataset
-from cellscale.lrgrid import select_lr
 from cellscale.report.data_axis import run_data_fit
 from cellscale.report.load import load_sweep
+from cellscale.rules.lrgrid import select_lr
 from cellscale.sweep.plan import resolve_run
 from cellscale.train import train_run
 
@@ -94,7 +94,7 @@ def converged_check(sd, size: str, rows: list[dict], *, lr_scale: float, train_c
     """For each sweep run of ``size`` at the longer run's rate and training set that the rule called
     converged at D: what the longer run (the same recipe and seed, so the same path to D) bought from
     D to 2 D, cooled down, on validation cells (the loss the rule reads) and on test cells."""
-    from cellscale.plateau import doubling_gain
+    from cellscale.rules.plateau import doubling_gain
 
     at = {int(r["cells_seen"]): r for r in rows}
     runs = sd.runs.assign(train_cells=sd.runs["train_cells"].fillna(sd.full_train or np.nan))

@@ -28,10 +28,10 @@ from cellscale.config import load_run_config
 from cellscale.errors import FitError
 from cellscale.fit import fit_table
 from cellscale.fit.data_axis import fit_data_axis
-from cellscale.lrgrid import select_lr
 from cellscale.report.data_axis import branch_points
 from cellscale.report.fitting import fit_subset
 from cellscale.report.load import load_sweep
+from cellscale.rules.lrgrid import select_lr
 
 
 def _rel(frame: pd.DataFrame, col: str, gm: str) -> pd.Series:

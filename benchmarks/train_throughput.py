@@ -30,9 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_description, load_average, matmul_peak_gflops, setup_threads, time_steps  # noqa: E402
 
-from cellscale.ladder import get_size  # noqa: E402
 from cellscale.model import CellTransformer, flops_per_cell  # noqa: E402
-from cellscale.reference import ReferenceCellTransformer  # noqa: E402
+from cellscale.model.ladder import get_size  # noqa: E402
+from cellscale.model.reference import ReferenceCellTransformer  # noqa: E402
 
 MASK_PROB = 0.15
 LR = 2.5e-4 * 32 / 256  # the study's rule: 2.5e-4 x (effective batch / 256)

@@ -231,7 +231,7 @@ def add_branches(sweep: Path, *, seed: int = 5) -> pd.DataFrame:
     results.csv: each run's points at BRANCH_CELLS follow the chinchilla-shaped law
     L = C + A / N^ALPHA + B2 / D^BETA2 (D = cells seen) with a shared run offset and point noise."""
     from cellscale.fit import simulate_branches
-    from cellscale.io import atomic_write_text_checked
+    from cellscale.runtime.io import atomic_write_text_checked
     from cellscale.schema import BRANCH_FIELDS
 
     runs = pd.read_csv(sweep / "results.csv")

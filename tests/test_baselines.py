@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cellscale.baselines import (
+from cellscale.data.baselines import (
     BASELINES_FILE,
     bayes_linear_predict,
     compute_baselines,

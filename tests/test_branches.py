@@ -16,9 +16,9 @@ import yaml
 
 from cellscale.config import TrainConfig
 from cellscale.data.store import Dataset
-from cellscale.ladder import get_size
-from cellscale.plateau import converged_at, gains
-from cellscale.schedule import BranchPoint, plan_points
+from cellscale.model.ladder import get_size
+from cellscale.rules.plateau import converged_at, gains
+from cellscale.rules.schedule import BranchPoint, plan_points
 from cellscale.schema import BRANCH_FIELDS
 from cellscale.train import train_run
 
@@ -114,7 +114,7 @@ def learnable(tmp_path_factory) -> Dataset:
 
 
 def test_the_run_stops_at_the_first_branch_the_rule_calls_converged(learnable: Dataset, tmp_path: Path):
-    from cellscale.plateau import has_learned
+    from cellscale.rules.plateau import has_learned
 
     cfg = BRANCHED.model_copy(update={"plateau_min_cells": 0, "plateau_tol": 0.3, "branch_min_cells": 0,
                                       "plateau_patience": 1, "cells_seen": B * 640})

@@ -110,7 +110,7 @@ def test_quiet_data_build_turns_off_build_progress(monkeypatch, tmp_path, tiny_d
 @pytest.mark.parametrize("quiet", [False, True])
 def test_quiet_run_hushes_the_work_but_prints_the_summary(monkeypatch, tmp_path, capsys, quiet):
     import cellscale.pipeline as pipeline
-    from cellscale.progress import console
+    from cellscale.runtime.progress import console
 
     calls = []
 
@@ -133,7 +133,7 @@ def test_silenced_restores_the_consoles():
     import rich
 
     from cellscale.cli import _silenced
-    from cellscale.progress import console
+    from cellscale.runtime.progress import console
 
     with _silenced(True):
         assert console.quiet and rich.get_console().quiet
@@ -158,7 +158,7 @@ def test_data_info_table_and_json(tiny_dataset_dir, capsys):
 
 
 def test_data_info_shows_cached_baselines(tiny_dataset_dir, tmp_path, capsys):
-    from cellscale.baselines import load_or_compute_baselines
+    from cellscale.data.baselines import load_or_compute_baselines
     from cellscale.data.store import Dataset
 
     ds_dir = tmp_path / "ds"
@@ -217,8 +217,8 @@ LAZY = {
     "run_study": ("cellscale.pipeline", "run_study"),
     "resolve_config": ("cellscale.pipeline", "resolve_config"),
     "load_run_config": ("cellscale.config", "load_run_config"),
-    "ladder_table": ("cellscale.ladder", "ladder_table"),
-    "get_size": ("cellscale.ladder", "get_size"),
+    "ladder_table": ("cellscale.model.ladder", "ladder_table"),
+    "get_size": ("cellscale.model.ladder", "get_size"),
 }
 
 

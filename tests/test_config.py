@@ -17,7 +17,7 @@ from cellscale.config import (
     parse_config,
     preset_path,
 )
-from cellscale.ladder import get_size
+from cellscale.model.ladder import get_size
 from cellscale.sweep.plan import plan_runs
 
 REQUIRED_PRESETS = {"smoke", "demo", "paper-rich", "paper-limited", "matched-v", "noise", "compute-optimal"}

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from cellscale import cpus
+from cellscale.runtime import cpus
 
 
 def _cgroup_v2(tmp_path, text):

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from cellscale.cli import main
-from cellscale.io import DamagedFile, atomic_write_text_checked, checksum_path, verify_checksum
+from cellscale.runtime.io import DamagedFile, atomic_write_text_checked, checksum_path, verify_checksum
 
 STUDY = {"train": {"cells_seen": 32 * 40, "batch_size": 32, "eval_every": 8, "checkpoint_every": 8,
                    "eval_batch_size": 64, "num_threads": 1, "device": "cpu"}}
@@ -104,7 +104,7 @@ def test_the_checkpoint_before_is_kept(finished_run):
 def test_the_rotation_survives_a_kill_and_never_keeps_an_incomplete_checkpoint(tmp_path: Path):
     import torch
 
-    from cellscale.checkpoint import clean_stale, find_checkpoint, save_checkpoint
+    from cellscale.runtime.checkpoint import clean_stale, find_checkpoint, save_checkpoint
 
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.Adam(model.parameters())
@@ -368,7 +368,7 @@ def test_every_dataset_file_damaged_is_named(capsys, tiny_dataset_dir: Path, tmp
 
 
 def test_a_damaged_baselines_cache_of_a_dataset_is_recomputed(capsys, tiny_dataset_dir: Path, tmp_path: Path):
-    from cellscale.baselines import load_or_compute_baselines
+    from cellscale.data.baselines import load_or_compute_baselines
     from cellscale.data.store import Dataset
 
     ds = Dataset.open(shutil.copytree(tiny_dataset_dir, tmp_path / "ds"))

@@ -150,8 +150,8 @@ def test_a_capped_evaluation_represents_a_split_whose_file_order_is_grouped_by_t
 
     from cellscale.config import DataConfig, TrainConfig
     from cellscale.data.build import build_dataset
-    from cellscale.ladder import get_size
     from cellscale.model import CellTransformer
+    from cellscale.model.ladder import get_size
     from cellscale.train.evaluate import evaluate
 
     rng = np.random.default_rng(0)

@@ -24,7 +24,7 @@ from cellscale.config import load_run_config
 from cellscale.data.loader import RankBatches, TrainBatches
 from cellscale.data.store import Dataset
 from cellscale.errors import RunError
-from cellscale.ladder import get_size
+from cellscale.model.ladder import get_size
 from cellscale.train import train_run
 
 REL = 1e-4

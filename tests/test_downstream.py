@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 from conftest import counts_matrix, train_probe_run
 
-from cellscale import downstream as dn
 from cellscale.config import DataConfig, RunConfig, parse_config
 from cellscale.data.store import Dataset
+from cellscale.downstream import scores as dn
 from cellscale.schema import DOWNSTREAM_FIELDS, RESULT_FIELDS
 from cellscale.sweep import run_sweep
 from cellscale.sweep.scoring import score_run
@@ -219,7 +219,7 @@ def test_the_reference_comparison_is_the_best_models_not_the_best_f1_of_any_run(
 
 
 def test_macro_f1_averages_over_the_scored_cells_labels_only():
-    from cellscale.downstream import _macro_f1
+    from cellscale.downstream.scores import _macro_f1
 
     y = np.array(["a", "a", "b", "b"])
     # predicting a label the cells lack ("c") adds no class to the average: F1(a) = 2/3, F1(b) = 1

@@ -11,8 +11,8 @@ import torch
 
 from cellscale.config import TrainConfig
 from cellscale.data.store import Dataset
-from cellscale.ladder import get_size
-from cellscale.schedule import averaging_text, warm_decay
+from cellscale.model.ladder import get_size
+from cellscale.rules.schedule import averaging_text, warm_decay
 from cellscale.train import train_run
 from cellscale.train.ema import WeightAverage
 

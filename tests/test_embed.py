@@ -1,5 +1,5 @@
 """`cellscale embed`: a run's cell embedding written to obsm["X_cellscale"], new cells preprocessed as
-the dataset was; and the TensorBoard view of a run's curves (cellscale.embedding, cellscale.tblog)."""
+the dataset was; and the TensorBoard view of a run's curves (cellscale.downstream.embedding, cellscale.runtime.tblog)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from conftest import PROBE_DATA, require
 from cellscale.cli import main
 from cellscale.data.build import load_source
 from cellscale.data.store import Dataset
-from cellscale.embedding import EMBED_KEY, embed_dataset, load_run_model
+from cellscale.downstream.embedding import EMBED_KEY, embed_dataset, load_run_model
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_a_run_alone_is_enough_to_embed_new_cells(trained_run_dir, probe_dataset
 
 def test_the_notebook_api_writes_obsm_and_uns_in_memory(trained_run_dir, probe_dataset_dir, own_embedding):
     import cellscale
-    from cellscale.embedding import RunModel
+    from cellscale.downstream.embedding import RunModel
 
     ds = Dataset.open(probe_dataset_dir)
     rows = np.arange(0, ds.n_cells, 9)
@@ -157,7 +157,7 @@ def test_tensorboard_events_read_back(trained_run_dir):
 def test_tensorboard_absent_is_one_line(trained_run_dir, tmp_path, monkeypatch, capsys):
     import sys
 
-    from cellscale import tblog
+    from cellscale.runtime import tblog
 
     run = tmp_path / "run"
     run.mkdir()

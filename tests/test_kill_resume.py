@@ -4,7 +4,7 @@ Real subprocesses, real SIGKILLs. Kills sent from outside are timed by polling t
 directory (after the first checkpoint appears; mid-run between two checkpoints; when a
 checkpoint temp dir is seen, if the poll catches one). Kills inside a checkpoint write or
 just before result.json are made exact with ``CELLSCALE_CRASHPOINT`` (the process SIGKILLs
-itself at that line, see ``cellscale.checkpoint.crashpoint``).
+itself at that line, see ``cellscale.runtime.checkpoint.crashpoint``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import yaml
 
 from cellscale.config import load_run_config
 from cellscale.data.store import Dataset
-from cellscale.ladder import get_size
+from cellscale.model.ladder import get_size
 from cellscale.schema import RESULT_FIELDS
 from cellscale.sweep import run_sweep
 from cellscale.train import train_run

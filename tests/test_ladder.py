@@ -7,8 +7,8 @@ import torch
 
 from cellscale.config import ConfigError
 from cellscale.errors import CellscaleError
-from cellscale.ladder import LADDER, STUDY_PARAMS, get_size, ladder_table
 from cellscale.model import CellTransformer, count_params, non_embedding_params
+from cellscale.model.ladder import LADDER, STUDY_PARAMS, get_size, ladder_table
 
 # the study's table (reference/README.md), written out here so the test cannot drift with code
 EXPECTED = {

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cellscale.config import DataConfig, SimulateConfig, TrainConfig
-from cellscale.ladder import get_size
+from cellscale.model.ladder import get_size
 from cellscale.train import train_run
 
 # cell types that move half the genes by e^3, little NB noise: a model that reads a cell's other

@@ -5,7 +5,7 @@ import dataclasses
 import pandas as pd
 import pytest
 
-from cellscale.lrgrid import select_lr
+from cellscale.rules.lrgrid import select_lr
 
 
 def _grid(val: dict[str, list[float]], test: dict[str, list[float]], scales=(0.5, 1.0, 2.0), seeds=(0, 1)):
@@ -54,7 +54,7 @@ def test_runs_without_a_grid_are_kept_as_they_are():
 
 def test_the_sweep_plans_each_size_at_each_multiple():
     from cellscale.config import RunConfig
-    from cellscale.schedule import resolve_lr
+    from cellscale.rules.schedule import resolve_lr
     from cellscale.sweep.plan import plan_runs
 
     cfg = RunConfig.model_validate({"sweep": {"sizes": ["TINY", "XS"], "seeds": [0], "lr_multipliers": [0.5, 1.0, 2.0],

@@ -8,7 +8,7 @@ from cellscale.config import ModelConfig, TrainConfig
 from cellscale.fit.entropy import entropy_summary, reaches_zero
 from cellscale.report.meaning import meaning_paragraph
 from cellscale.report.methods import methods_paragraph
-from cellscale.schedule import resolve_lr
+from cellscale.rules.schedule import resolve_lr
 
 
 def _text(train: dict, runs: pd.DataFrame | None = None, model: dict | None = None) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cellscale.ladder import get_size
 from cellscale.model import (
     CellTransformer,
     count_params,
@@ -15,7 +14,8 @@ from cellscale.model import (
     non_embedding_params,
     reference_to_fast_state_dict,
 )
-from cellscale.reference import ReferenceCellTransformer, copy_from_fast, copy_to_fast
+from cellscale.model.ladder import get_size
+from cellscale.model.reference import ReferenceCellTransformer, copy_from_fast, copy_to_fast
 
 SIZES = [  # (name, custom spec or None, V)
     ("XXS", None, 48),

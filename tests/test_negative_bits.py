@@ -10,13 +10,13 @@ import pandas as pd
 import pytest
 import torch
 
-from cellscale import objectives
-from cellscale.bits import gaussian_bits
 from cellscale.errors import FitError
 from cellscale.fit import fit_data_axis, fit_table
 from cellscale.fit.simulate import simulate_branches
-from cellscale.lossbounds import LOG_VAR_RANGE, lowest_loss
-from cellscale.plateau import doubling_gain
+from cellscale.rules import objectives
+from cellscale.rules.bits import gaussian_bits
+from cellscale.rules.lossbounds import LOG_VAR_RANGE, lowest_loss
+from cellscale.rules.plateau import doubling_gain
 
 GNLL_LOWEST = 0.5 * (math.log(2 * math.pi) - 12.0) / math.log(2.0)
 
@@ -117,8 +117,8 @@ def test_the_data_axis_fits_negative_bits_branches():
 def test_evaluation_counts_the_positions_on_the_clamp(tiny_dataset_dir, bias, share):
     from cellscale.config import TrainConfig
     from cellscale.data.store import Dataset
-    from cellscale.ladder import get_size
     from cellscale.model import CellTransformer
+    from cellscale.model.ladder import get_size
     from cellscale.train import evaluate
 
     ds = Dataset.open(tiny_dataset_dir)

@@ -13,14 +13,14 @@ import pytest
 import scipy.stats
 import torch
 
-from cellscale import objectives
-from cellscale.baselines import compute_baselines, nb_nats
 from cellscale.config import DataConfig, ModelConfig, SimulateConfig, TrainConfig
+from cellscale.data.baselines import compute_baselines, nb_nats
 from cellscale.data.build import build_dataset
 from cellscale.data.loader import RankBatches, TrainBatches, eval_batches
 from cellscale.data.store import Dataset
-from cellscale.ladder import get_size
 from cellscale.model import CellTransformer, count_params, flops_per_cell
+from cellscale.model.ladder import get_size
+from cellscale.rules import objectives
 from cellscale.train import evaluate, train_run
 
 

@@ -15,7 +15,6 @@ from conftest import require
 from pydantic import BaseModel
 
 import cellscale.config as config
-from cellscale.bits import count_weighted_bits, gaussian_bits
 from cellscale.cli import build_parser, main
 from cellscale.config import (
     CensusConfig,
@@ -27,6 +26,7 @@ from cellscale.config import (
     field_default,
     literal_values,
 )
+from cellscale.rules.bits import count_weighted_bits, gaussian_bits
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "cellscale"
 SOURCES = {p: p.read_text() for p in sorted(SRC.rglob("*.py"))}
@@ -140,7 +140,7 @@ def test_bad_interval_is_still_one_line(tmp_path, capsys):
 
 
 def test_objectives_module_reads_the_config_list():
-    from cellscale import objectives
+    from cellscale.rules import objectives
 
     assert objectives.OBJECTIVES == literal_values(ModelConfig, "objective")
     with pytest.raises(ValueError, match="use one of " + ", ".join(objectives.OBJECTIVES)):

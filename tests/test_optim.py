@@ -11,7 +11,7 @@ import torch
 
 from cellscale.config import ModelConfig, TrainConfig
 from cellscale.data.store import Dataset
-from cellscale.distributed import DistContext
+from cellscale.runtime.distributed import DistContext
 from cellscale.train.setup import Run, build_run
 from cellscale.train.step import train_step
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from cellscale.checkpoint import load_weights
 from cellscale.config import TrainConfig
 from cellscale.data.store import Dataset
-from cellscale.ladder import get_size
 from cellscale.model import CellTransformer
+from cellscale.model.ladder import get_size
+from cellscale.runtime.checkpoint import load_weights
 from cellscale.train import per_gene_summary, train_run
 
 TRAIN = TrainConfig(cells_seen=32 * 12, batch_size=32, eval_every=4, eval_batch_size=4,

@@ -1,4 +1,4 @@
-"""The convergence rule on cooled-down points (cellscale.plateau), for losses of either sign."""
+"""The convergence rule on cooled-down points (cellscale.rules.plateau), for losses of either sign."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cellscale.config import TrainConfig
-from cellscale.plateau import (
+from cellscale.rules.plateau import (
     converged_at,
     doubling_gain,
     gains,
@@ -123,7 +123,7 @@ def test_wsd_schedule_warms_up_holds_and_cools_down_as_its_shape_says():
 
 
 def test_a_warmup_in_cells_does_not_depend_on_the_maximum():
-    from cellscale.schedule import warmup_steps
+    from cellscale.rules.schedule import warmup_steps
 
     frac = TrainConfig(batch_size=32, warmup_frac=0.05)
     assert (warmup_steps(frac, 1000), warmup_steps(frac, 4000)) == (50, 200)

@@ -15,8 +15,8 @@ import torch
 import yaml
 from test_preempt import _assert_interrupted, _lines_at_least, _signal_when
 
-from cellscale import cpus
 from cellscale.config import ConfigError, RunConfig, load_run_config, parse_config
+from cellscale.runtime import cpus
 from cellscale.schema import RESULT_FIELDS
 from cellscale.sweep import run_sweep
 from cellscale.sweep.plan import plan_runs

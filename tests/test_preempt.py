@@ -28,12 +28,12 @@ import test_kill_resume
 import yaml
 from test_kill_resume import _ckpt_loop, _close, _env, _metric_lines, _metrics, _same_result, _train_cmd
 
-from cellscale.checkpoint import find_checkpoint, load_checkpoint
 from cellscale.config import RunConfig, TrainConfig, load_run_config, parse_config
 from cellscale.data.store import Dataset
-from cellscale.ladder import get_size
 from cellscale.model import CellTransformer
-from cellscale.preempt import Preempted, stop_on_signals
+from cellscale.model.ladder import get_size
+from cellscale.runtime.checkpoint import find_checkpoint, load_checkpoint
+from cellscale.runtime.preempt import Preempted, stop_on_signals
 from cellscale.schema import RESULT_FIELDS
 from cellscale.sweep import run_sweep
 from cellscale.sweep import runner as sweep_runner
@@ -110,7 +110,7 @@ def test_sigterm_and_sigint_at_random_points_resume_identical(tiny_dataset_dir: 
 
 _WRAP_WRITES = """
 import os, signal, sys
-import cellscale.checkpoint as ck
+import cellscale.runtime.checkpoint as ck
 from cellscale.cli import main
 
 real_save, real_replace = ck.save_file, os.replace
@@ -255,7 +255,7 @@ def test_checkpoint_minutes_config_and_flag():
 
 _FLAG_ONLY = """
 import os, pickle, signal
-from cellscale.preempt import Preempted, stop_on_signals
+from cellscale.runtime.preempt import Preempted, stop_on_signals
 before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
 with stop_on_signals() as flag:
     os.kill(os.getpid(), signal.SIGTERM)

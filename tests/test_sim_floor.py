@@ -7,8 +7,8 @@ import pytest
 import scipy.sparse as sp
 from test_baselines import write_dataset
 
-from cellscale.baselines import check_not_below_floor, compute_baselines
 from cellscale.config import DataConfig, SimulateConfig
+from cellscale.data.baselines import check_not_below_floor, compute_baselines
 from cellscale.data.mask import draw_mask
 from cellscale.data.sources.simulate import bayes_floor_mse, gaussian_params, gene_names, simulate
 from cellscale.data.store import Dataset

@@ -10,8 +10,8 @@ import torch
 from cellscale.config import ModelConfig, TrainConfig
 from cellscale.data.store import Dataset
 from cellscale.errors import RunError
-from cellscale.ladder import get_size
 from cellscale.model import CellTransformer, count_params, flops_per_cell, non_embedding_params
+from cellscale.model.ladder import get_size
 from cellscale.train import frozen_gc, lr_at, resolve_lr, run_threads, train_run
 
 TRAIN = TrainConfig(cells_seen=32 * 24, batch_size=32, eval_every=6, eval_batch_size=64,

@@ -52,16 +52,16 @@ _EXPORTS = {
     "RunConfig": "cellscale.config",
     "DataConfig": "cellscale.config",
     "TrainConfig": "cellscale.config",
-    "ladder_table": "cellscale.ladder",
-    "get_size": "cellscale.ladder",
+    "ladder_table": "cellscale.model.ladder",
+    "get_size": "cellscale.model.ladder",
     "CellscaleError": "cellscale.errors",
-    "embed": "cellscale.embedding",
-    "RunModel": "cellscale.embedding",
+    "embed": "cellscale.downstream.embedding",
+    "RunModel": "cellscale.downstream.embedding",
 }
 
 # submodules reachable as attributes without an explicit ``import cellscale.<name>``
-_SUBMODULES = {"config", "data", "train", "sweep", "fit", "report", "pipeline", "ladder", "model",
-               "baselines", "errors", "cli", "progress", "io", "checkpoint", "distributed", "reference"}
+_SUBMODULES = {"config", "data", "model", "train", "sweep", "fit", "report", "downstream", "pipeline", "rules",
+               "runtime", "schema", "errors", "cli", "kernels"}
 
 __all__ = [
     "CellscaleError",

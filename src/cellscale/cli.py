@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from cellscale import __version__
-from cellscale.cpus import prepare_threads
 from cellscale.errors import CellscaleError
-from cellscale.preempt import Preempted, ignore_stop_signals
+from cellscale.runtime.cpus import prepare_threads
+from cellscale.runtime.preempt import Preempted, ignore_stop_signals
 
 EPILOG = """examples:
   cellscale run                                   # the demo study, offline, a few minutes on a laptop
@@ -425,7 +425,7 @@ def _silenced(quiet: bool) -> Iterator[None]:
         return
     import rich
 
-    from cellscale.progress import set_quiet
+    from cellscale.runtime.progress import set_quiet
 
     glob = rich.get_console()
     before = glob.quiet
@@ -492,7 +492,7 @@ def cmd_data_info(a: argparse.Namespace) -> int:
 
     info = dataset_info(a.dataset_dir)
     if a.json:
-        from cellscale.io import to_json
+        from cellscale.runtime.io import to_json
 
         print(to_json(info, indent=None))
         return 0
@@ -501,7 +501,7 @@ def cmd_data_info(a: argparse.Namespace) -> int:
 
 
 def cmd_ladder(a: argparse.Namespace) -> int:
-    from cellscale.ladder import ladder_table
+    from cellscale.model.ladder import ladder_table
 
     rows = ladder_table(a.genes)
     if a.json:
@@ -524,7 +524,7 @@ def _train_flags(a: argparse.Namespace) -> dict[str, Any]:
 
 def _is_main_rank() -> bool:
     """False on the other ranks under torchrun: only rank 0 reports."""
-    from cellscale.distributed import dist_env
+    from cellscale.runtime.distributed import dist_env
 
     env = dist_env()
     return env is None or env[1] == 0
@@ -532,7 +532,7 @@ def _is_main_rank() -> bool:
 
 def _train_with_progress(ds: Any, spec: Any, *, out: str, overwrite: bool, progress: bool) -> dict[str, Any]:
     """``train_run`` of one resolved run, with the sweep's progress bar for one run."""
-    from cellscale.progress import SweepProgress
+    from cellscale.runtime.progress import SweepProgress
     from cellscale.train import train_run
 
     with SweepProgress(1, enabled=progress) as bar:
@@ -549,7 +549,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     # a bad config is refused before torch and the data layer are even imported
     study = load_run_config(a.config) if a.config else RunConfig()
     from cellscale.data.store import Dataset
-    from cellscale.progress import console, score_line
+    from cellscale.runtime.progress import console, score_line
     from cellscale.sweep.plan import resolve_run
 
     ds = Dataset.open(a.data)
@@ -582,7 +582,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 
 def cmd_fit(a: argparse.Namespace) -> int:
     from cellscale.fit import fit_csv
-    from cellscale.io import to_json
+    from cellscale.runtime.io import to_json
 
     x = [c.strip() for c in a.x.split(",")] if a.x else None
     res = fit_csv(a.table, law=a.law, method=a.method, x=x, y=a.y, bootstrap=a.bootstrap,
@@ -609,7 +609,7 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 def cmd_embed(a: argparse.Namespace) -> int:
-    from cellscale.embedding import embed_run
+    from cellscale.downstream.embedding import embed_run
 
     with _silenced(_quiet(a)):
         prov = embed_run(a.run_dir, out=a.out, input=a.input, data=a.data, dataset=a.dataset, layer=a.layer,
@@ -671,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, PermissionError, IsADirectoryError) as err:
         print(f"error: {err.strerror}: {err.filename}", file=sys.stderr)
         return 2
-    except Preempted as err:  # SIGTERM or SIGINT: the work is checkpointed (cellscale.preempt)
+    except Preempted as err:  # SIGTERM or SIGINT: the work is checkpointed (cellscale.runtime.preempt)
         ignore_stop_signals()
         if _is_main_rank():
             print(err, file=sys.stderr)

@@ -6,7 +6,7 @@ file is an error that names the key, never a silently ignored setting.
 One fact, one place: the allowed values of a setting are its ``Literal`` here and its default is
 its default here; the command line's ``choices=``, defaults and the value lists of its help are
 generated from these models (:func:`literal_values`, :func:`field_default`), and modules that check
-a name (``cellscale.objectives``) read their list from here too. The fit's own defaults and interval
+a name (``cellscale.rules.objectives``) read their list from here too. The fit's own defaults and interval
 methods live in ``cellscale.fit`` (``fit.defaults``, ``fit.intervals``), which imports no config:
 ``FitConfig`` reads them from there.
 """
@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationErro
 from cellscale.errors import CellscaleError
 from cellscale.fit import defaults as fit_defaults
 from cellscale.fit.defaults import INTERVALS
-from cellscale.io import json_digest
+from cellscale.runtime.io import json_digest
 
 __all__ = [
     "ConfigError",
@@ -151,7 +151,7 @@ class ModelConfig(_Frozen):
     # on the attention probabilities; None = the same as dropout (the study's single rate)
     attention_dropout: float | None = Field(None, ge=0, lt=1)
     n_genes: int = Field(512, ge=1)
-    # what the head predicts and is scored by (cellscale.objectives): the study's MSE, or a
+    # what the head predicts and is scored by (cellscale.rules.objectives): the study's MSE, or a
     # likelihood whose loss is bits per masked gene
     objective: Literal["mse", "gaussian-nll", "nb"] = "mse"
 
@@ -184,7 +184,7 @@ class TrainConfig(_Frozen):
     # warmup-stable-decay with cooldown branches (cellscale.train.branches): at every doubling of
     # cells seen up to the maximum cells_seen, a short cooldown branches off the stable phase and
     # its cooled-down weights are scored; the run ends at the first branch whose cooled-down loss
-    # gained at most plateau_tol over the doubling before it (cellscale.plateau), for
+    # gained at most plateau_tol over the doubling before it (cellscale.rules.plateau), for
     # plateau_patience branches in a row, or at its maximum (the last branch)
     budget: Literal["fixed", "plateau"] = "fixed"
     plateau_tol: float = Field(0.01, gt=0, lt=1)
@@ -245,7 +245,7 @@ class FitConfig(_Frozen):
     # the interval method (cellscale.fit.intervals.INTERVALS; None: profile, or bca-groups for method
     # paper; coverage measured in docs/intervals.md)
     interval: Literal[INTERVALS] | None = None  # type: ignore[valid-type]
-    # a law is fitted to converged runs (result "converged", cellscale.plateau's rule); True fits the
+    # a law is fitted to converged runs (result "converged", cellscale.rules.plateau's rule); True fits the
     # unconverged ones too (the report still names them)
     keep_unconverged: bool = False
     # the data axis (cellscale.fit.data_axis), fitted to the cooldown branch points of a plateau-budget
@@ -266,7 +266,7 @@ class SweepConfig(_Frozen):
     # this fraction of the reads (1.0 = the dataset as built; see cellscale.data.thin)
     depths: list[float] = Field(default_factory=lambda: [1.0])
     # the learning-rate axis: each run also trains at these multiples of its peak rate, and the
-    # law is fitted to each size's best multiple on validation loss (cellscale.lrgrid)
+    # law is fitted to each size's best multiple on validation loss (cellscale.rules.lrgrid)
     lr_multipliers: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
     # "every-seed": every seed trains at every multiple. "first-seed": the first seed of ``seeds``
     # trains at every multiple, and the other seeds only at the multiple chosen on its validation

@@ -11,10 +11,10 @@ import pandas as pd
 
 from cellscale.config import RunConfig, load_run_config, preset_path
 from cellscale.fit.text import format_fit
-from cellscale.io import read_json
-from cellscale.lrgrid import loss_column
-from cellscale.progress import console
 from cellscale.report.writer import write_report
+from cellscale.rules.lrgrid import loss_column
+from cellscale.runtime.io import read_json
+from cellscale.runtime.progress import console
 from cellscale.sweep import run_sweep
 
 __all__ = ["format_fit", "print_summary", "resolve_config", "run_study", "summarize"]

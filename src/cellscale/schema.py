@@ -22,10 +22,10 @@ RESULT_FIELDS = (
     # how many validation cells the run's choices were made on (train/result.py, choice_cells)
     "choice_cells", "best_val_mse", "test_mse", "best_val_loss", "test_loss",
     # the share of the test split's masked positions whose predicted variance (dispersion) sits on
-    # the head's clamp (cellscale.lossbounds): the bits there are the clamp's; empty for mse
+    # the head's clamp (cellscale.rules.lossbounds): the bits there are the clamp's; empty for mse
     "clamp_share",
     "gene_mean_val_mse", "gene_mean_test_mse", "wall_seconds", "status", "error",
-    # was the run converged (cellscale.plateau, on its cooled-down branches), and the gain behind the verdict
+    # was the run converged (cellscale.rules.plateau, on its cooled-down branches), and the gain behind the verdict
     "budget", "converged", "plateau_gain", "dropout", "attention_dropout", "attention_impl",
     # the best checkpoint's cell embedding scored downstream (cellscale.downstream; a sweep step)
     *DOWNSTREAM_FIELDS,
@@ -40,7 +40,7 @@ NUMERIC_FIELDS = tuple(c for c in RESULT_FIELDS if c not in TEXT_FIELDS)
 # axis), the training FLOPs of a run scheduled to end there, the cooled-down weights' validation and
 # test scores (loss in the objective's unit, and MSE), the cooldown's mean train loss, the gain over
 # the branch at half its cells and that gain's standard error over the validation cells
-# (cellscale.plateau), whether the run counts as converged there, its status and seconds
+# (cellscale.rules.plateau), whether the run counts as converged there, its status and seconds
 BRANCH_FIELDS = (
     "run_id", "size", "params", "seed", "lr", "lr_scale", "train_cells", "depth", "objective", "loss_unit",
     "step", "stable_step", "cells_seen", "stable_cells", "flops", "val_loss", "val_mse", "test_loss", "test_mse",

@@ -40,7 +40,7 @@ from cellscale.data.store import (
     target_state,
 )
 from cellscale.errors import DataError
-from cellscale.io import warn
+from cellscale.runtime.io import warn
 
 __all__ = ["build_dataset", "load_source", "open_source", "AnnDataSource", "CellSource", "gene_mean_baseline",
            "gene_mean_baselines", "EVAL_MASK_PROB"]

@@ -35,7 +35,7 @@ import pandas as pd
 from cellscale.data.manifest import FORMAT, FORMAT_VERSION, Manifest
 from cellscale.data.mask import draw_mask, seed_sequence
 from cellscale.errors import DataError
-from cellscale.io import to_json
+from cellscale.runtime.io import to_json
 
 __all__ = ["Dataset", "DatasetWriter", "FORMAT", "FORMAT_VERSION", "Manifest", "is_dataset_dir", "sha256_file", "target_state"]
 

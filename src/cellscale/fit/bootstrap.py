@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import norm
 
-from cellscale.cpus import usable_cpus
 from cellscale.fit.laws.base import Law
 from cellscale.fit.methods import METHODS
 from cellscale.fit.threads import blas_single_thread, single_thread_env
+from cellscale.runtime.cpus import usable_cpus
 
 TOO_FEW_CONFIGS = "fewer distinct configurations than parameters"
 NON_POSITIVE = "a simulated loss is not positive"

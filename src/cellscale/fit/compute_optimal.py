@@ -41,7 +41,7 @@ def _loss(theta: np.ndarray, N, D):
 
 def sufficient_size(theta: np.ndarray, D: float, tol: float, unit: str = "mse") -> np.ndarray:
     """Smallest N at which doubling N gains less than tol, a gain read as the convergence rule
-    reads one (``cellscale.plateau.doubling_gain``).
+    reads one (``cellscale.rules.plateau.doubling_gain``).
 
     The fall of a doubling is A N^-alpha (1 - 2^-alpha). For an MSE, setting it equal to tol
     times the loss it falls towards gives N in closed form (NaN where every doubling already gains

@@ -21,10 +21,10 @@ from cellscale.fit.laws.base import Law
 from cellscale.fit.methods import METHODS, Method, paper_fit, paper_on_edge
 from cellscale.fit.result import FitResult
 from cellscale.fit.threads import blas_single_thread
-from cellscale.io import verify_checksum
-from cellscale.lossbounds import lowest_loss
-from cellscale.lrgrid import CHOICE_COLUMN, FITTED_COLUMN, fitted_column
-from cellscale.plateau import doubling_gain
+from cellscale.rules.lossbounds import lowest_loss
+from cellscale.rules.lrgrid import CHOICE_COLUMN, FITTED_COLUMN, fitted_column
+from cellscale.rules.plateau import doubling_gain
+from cellscale.runtime.io import verify_checksum
 from cellscale.schema import RUNS_DIR
 
 
@@ -79,7 +79,7 @@ def _no_floor(law: Law, method: Method, data: FitData, aic: float, bic: float) -
 
 def _leave_largest_out(law: Law, method: Method, data: FitData, unit: str = "mse", lowest: float = 0.0) -> dict:
     """Refit without the largest x and predict it. The errors are read as the convergence rule reads
-    a change (``cellscale.plateau.doubling_gain``): relative for an MSE, sign-free for bits;
+    a change (``cellscale.rules.plateau.doubling_gain``): relative for an MSE, sign-free for bits;
     ``lowest`` (subtracted from the fitted y) is added back to the numbers shown."""
     largest = data.X[:, 0].max()
     held = data.X[:, 0] == largest
@@ -139,9 +139,9 @@ LIKELIHOOD_Y = tuple(c for c in (*CHOICE_COLUMN.values(), *FITTED_COLUMN.values(
 
 def _resolve_y(df: pd.DataFrame, y: str | None) -> tuple[str, str, float]:
     """The loss column, its unit and the least loss the objective can score there
-    (``cellscale.lossbounds.lowest_loss``). A table of a likelihood objective (its ``objective``
+    (``cellscale.rules.lossbounds.lowest_loss``). A table of a likelihood objective (its ``objective``
     column) is fitted in bits per masked gene, an MSE table on the MSE; by default on the test loss
-    at the validation-chosen checkpoint, which chose nothing (``cellscale.lrgrid.fitted_column``);
+    at the validation-chosen checkpoint, which chose nothing (``cellscale.rules.lrgrid.fitted_column``);
     rows of different objectives are refused (their losses are in different units), and so
     are rows of different sequencing depths."""
     objectives = set()

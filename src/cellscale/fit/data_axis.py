@@ -9,7 +9,7 @@ repeated epochs; Muennighoff et al. 2023) to every point, then reads from the fi
 - the **size law on the converged losses**, L(N, D -> inf) as a function of N, whose floor (E, plus
   the data-limited term under ``data-constrained``) does not depend on where any budget ended;
 - the **regime** of each size at its largest cells seen: the share by which 10x more cells seen, and
-  10x more parameters, would lower its loss (``cellscale.plateau.relative_fall``, so that a loss in
+  10x more parameters, would lower its loss (``cellscale.rules.plateau.relative_fall``, so that a loss in
   bits is judged as an MSE is), each with an interval, and which is larger;
 - a **prediction** at any (N, D) with an interval that holds both the law's uncertainty and the
   scatter of single runs about it (bootstrap draws of the law, times a resampled residual);
@@ -33,8 +33,8 @@ from cellscale.fit.core import fit_table, floor_shifted
 from cellscale.fit.intervals import residual_levels
 from cellscale.fit.methods import METHODS
 from cellscale.fit.result import FitResult
-from cellscale.io import jsonable
-from cellscale.plateau import gains, relative_fall
+from cellscale.rules.plateau import gains, relative_fall
+from cellscale.runtime.io import jsonable
 
 Y_DATA = "test_loss"  # the branch column fitted by default: scored on cells that chose nothing
 FACTOR = 10.0  # the regime's "more": 10x the cells seen, 10x the parameters
@@ -64,7 +64,7 @@ class DataAxisFit:
     """A joint L(N, D) on branch points and the answers read from it (see the module doc)."""
 
     result: FitResult
-    unit: str  # "mse" or "bits": how relative falls are read (cellscale.plateau.relative_fall)
+    unit: str  # "mse" or "bits": how relative falls are read (cellscale.rules.plateau.relative_fall)
     sizes: pd.DataFrame  # one row per size: size, params, train_cells, last cells seen, last loss
     # the fit's log residuals in two levels: each run's mean (centred), and each point's deviation from it
     run_residuals: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0))

@@ -12,8 +12,8 @@ import math
 
 import numpy as np
 
-from cellscale.bits import gaussian_bits
 from cellscale.errors import FitError
+from cellscale.rules.bits import gaussian_bits
 
 HOMOSCEDASTIC_LABEL = "homoscedastic Gaussian: 0.5 log2(2 pi e c) bits per masked gene, c = fitted floor"
 PER_GENE_LABEL = (
@@ -23,7 +23,7 @@ PER_GENE_LABEL = (
 
 
 def entropy_bits(c):
-    """0.5 log2(2 pi e c) (:func:`cellscale.bits.gaussian_bits`); -inf at c = 0. Accepts
+    """0.5 log2(2 pi e c) (:func:`cellscale.rules.bits.gaussian_bits`); -inf at c = 0. Accepts
     scalars (returns a float) and arrays."""
     h = gaussian_bits(c)
     return float(h) if np.ndim(h) == 0 else h

@@ -8,7 +8,7 @@ import numpy as np
 
 from cellscale.errors import FitError
 from cellscale.fit.laws.base import Law
-from cellscale.io import jsonable
+from cellscale.runtime.io import jsonable
 
 
 @dataclass

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from cellscale.cpus import THREAD_VARS
+from cellscale.runtime.cpus import THREAD_VARS
 
 
 @contextlib.contextmanager

@@ -17,13 +17,13 @@ import pandas as pd
 
 from cellscale.errors import FitError
 from cellscale.fit.data_axis import Y_DATA, DataAxisFit, fit_data_axis, law_x, learned_points
-from cellscale.lossbounds import lowest_loss
-from cellscale.lrgrid import select_lr
 from cellscale.report import plots
 from cellscale.report.doc import Callout, Fig, Figure, Para, Section, Table
 from cellscale.report.fitting import FitOutcome, eval_cell_draws, headline_depth
 from cellscale.report.fmt import fmt_int, fmt_num
 from cellscale.report.records import SweepData
+from cellscale.rules.lossbounds import lowest_loss
+from cellscale.rules.lrgrid import select_lr
 
 DATA_FILE = "data_fit.json"
 _CONVERGED_HEADER = ["size", "params", "cells seen (last)", "loss there", "L(N, D -> inf)", "95% CI",

@@ -27,13 +27,13 @@ import numpy as np
 import pandas as pd
 
 from cellscale.config import FitConfig, depth_label
-from cellscale.lrgrid import loss_column, select_lr
 from cellscale.report import plots, plots_downstream
 from cellscale.report.doc import Fig, Figure, Para, Section, Table
 from cellscale.report.fitting import FitOutcome, fit_into, fit_subset, headline_depth
 from cellscale.report.fmt import fmt_int, fmt_num
 from cellscale.report.meaning import LOSS_WORDS, best_model
 from cellscale.report.records import SweepData
+from cellscale.rules.lrgrid import loss_column, select_lr
 
 REFS_FILE = "downstream.json"  # written by cellscale.sweep.scoring
 ERROR_FLOOR = 1e-3

@@ -10,12 +10,12 @@ import pandas as pd
 
 from cellscale.data.manifest import finite_or_none
 from cellscale.errors import FitError
-from cellscale.lrgrid import select_lr
 from cellscale.report import plots, plots_genes
 from cellscale.report.doc import Figure
 from cellscale.report.fitting import ONE_D_LAWS, FitOutcome, eval_curve, headline_depth
 from cellscale.report.fmt import floor_name, fmt_num
 from cellscale.report.records import GeneBest, SweepData, gaussian_bits, weighted_bits
+from cellscale.rules.lrgrid import select_lr
 
 _PALETTE = {"gene_mean": "#ff7f0e", "bayes_linear": "#2ca02c", "knn": "#8c564b"}
 _FLOOR_COLOR = "#d62728"

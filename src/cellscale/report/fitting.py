@@ -18,11 +18,11 @@ from cellscale.config import FitConfig, depth_label
 from cellscale.errors import FitError
 from cellscale.fit.cells import CellDraws, run_cell_draws, sweep_cell_paths
 from cellscale.fit.result import FitResult
-from cellscale.lossbounds import lowest_loss
-from cellscale.lrgrid import fitted_column, loss_column, loss_unit, select_lr
 from cellscale.report import plots
 from cellscale.report.fmt import fmt_int
 from cellscale.report.records import SweepData
+from cellscale.rules.lossbounds import lowest_loss
+from cellscale.rules.lrgrid import fitted_column, loss_column, loss_unit, select_lr
 
 # laws of model size alone: runs of different training-set sizes must not be mixed in them
 ONE_D_LAWS = {"power", "power-floor"}
@@ -59,7 +59,7 @@ def headline_depth(runs: pd.DataFrame) -> float | None:
     return 1.0 if (depths == 1.0).any() else float(depths.max())
 
 
-fitted_loss_column = fitted_column  # the one rule (cellscale.lrgrid), under the report's name
+fitted_loss_column = fitted_column  # the one rule (cellscale.rules.lrgrid), under the report's name
 
 
 def _and(note: str | None, more: str) -> str:

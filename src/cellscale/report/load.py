@@ -3,7 +3,7 @@
 Each reader fills one part and says in ``notes`` what is missing or unreadable; a path that
 is no sweep directory at all raises. So does a damaged file that a rerun of ``cellscale sweep``
 writes again (results.csv, against its checksum; sweep.json; the baselines.json files): one
-line names it (``cellscale.io.DamagedFile``). A run's own logs (metrics.jsonl, per_gene.json),
+line names it (``cellscale.runtime.io.DamagedFile``). A run's own logs (metrics.jsonl, per_gene.json),
 which only training again would remake, are used as far as they read, with a note and a
 warning line.
 """
@@ -23,8 +23,8 @@ import yaml
 from cellscale.config import ConfigError, FitConfig, RunConfig, parse_config
 from cellscale.data.manifest import Manifest
 from cellscale.errors import DataError, RunError
-from cellscale.io import DamagedFile, read_json_checked, read_jsonl, verify_checksum, warn
 from cellscale.report.records import SWEEP_BASELINES, PerGene, SweepData, scores
+from cellscale.runtime.io import DamagedFile, read_json_checked, read_jsonl, verify_checksum, warn
 from cellscale.schema import BRANCH_FIELDS, BRANCH_TEXT_FIELDS, DOWNSTREAM_FIELDS, NUMERIC_FIELDS, RESULT_FIELDS
 
 # columns an older results.csv may lack without anything being missing: their value then

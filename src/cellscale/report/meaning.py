@@ -13,17 +13,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cellscale.baselines import check_not_below_floor
 from cellscale.fit.judge import flag_lines
-from cellscale.lrgrid import LRChoice, fitted_column, loss_column, select_lr
 from cellscale.report.fmt import floor_name, fmt_int, fmt_num
+from cellscale.rules.lossbounds import check_not_below_floor
+from cellscale.rules.lrgrid import LRChoice, fitted_column, loss_column, select_lr
 
 __all__ = ["meaning_paragraph", "best_model", "floor_beaten_by"]
 
 
 def best_model(runs: pd.DataFrame) -> dict[str, Any] | None:
     """The best size (same train_cells) and its loss: chosen on the mean validation loss in the
-    objective's unit (``cellscale.lrgrid.loss_column``) at each size's chosen learning rate (other
+    objective's unit (``cellscale.rules.lrgrid.loss_column``) at each size's chosen learning rate (other
     rates' runs are not more seeds of it), and scored by the mean of the loss that chose nothing
     (``fitted_column``: the test loss; ``column`` names it)."""
     if runs is None or runs.empty:
@@ -142,7 +142,7 @@ def _baseline_sentences(best: dict[str, Any], baselines: Mapping[str, float],
 
 
 def chosen_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
-    """The finished runs at each size's chosen learning rate (``cellscale.lrgrid``), and whether runs
+    """The finished runs at each size's chosen learning rate (``cellscale.rules.lrgrid``), and whether runs
     at other rates were set aside: they are not more points of the ladder."""
     ok = runs[runs["status"] == "ok"] if "status" in runs else runs
     if ok.empty:
@@ -225,7 +225,7 @@ def _best_sentences(best: dict[str, Any] | None, baselines: Mapping[str, float],
 def _bayes_sentence(best: float, known: KnownFloor) -> str:
     """The best model against the simulator's exact floor. Evaluation cells are a sample, so their
     loss scatters around the floor's expectation: below it is leakage only beyond that scatter
-    (``baselines.check_not_below_floor``, the test suite's own check, for squared errors)."""
+    (``rules.lossbounds.check_not_below_floor``, the test suite's own check, for squared errors)."""
     floor, n_masked, where = known.value, known.n_masked, SPLIT_WORDS.get(known.split, known.split)
     apart = differ(best, floor, known.unit)
     if best >= floor:

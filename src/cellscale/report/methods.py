@@ -16,10 +16,10 @@ from cellscale.config import FitConfig, ModelConfig, TrainConfig
 from cellscale.data.manifest import Manifest
 from cellscale.fit.intervals import DESCRIPTIONS, default_interval
 from cellscale.fit.laws import LAWS
-from cellscale.lrgrid import FITTED_COLUMN
-from cellscale.plateau import budget_text
 from cellscale.report.fmt import fmt_int, fmt_num, resample_failures
-from cellscale.schedule import averaging_text, lr_grid_text, lr_rule_text, schedule_text
+from cellscale.rules.lrgrid import FITTED_COLUMN
+from cellscale.rules.plateau import budget_text
+from cellscale.rules.schedule import averaging_text, lr_grid_text, lr_rule_text, schedule_text
 
 __all__ = ["methods_paragraph"]
 
@@ -173,7 +173,7 @@ def _dropout_text(runs: pd.DataFrame | None, model_defaults: Mapping[str, Any]) 
     return f"dropout {res_t} on the residual branches and FFN and {att_t} on the attention probabilities"
 
 
-# what the head predicts and what it is scored by, per training objective (cellscale.objectives)
+# what the head predicts and what it is scored by, per training objective (cellscale.rules.objectives)
 _OBJECTIVE_TEXT = {
     "mse": "a linear head predicting one value per gene; the loss is the MSE on masked positions",
     "gaussian-nll": ("a linear head predicting a mean and a log-variance of each gene's log1p value; the loss "

@@ -13,14 +13,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cellscale.bits import count_weighted_bits
 from cellscale.config import FitConfig
 from cellscale.data.manifest import Manifest, Scores, finite_or_none
 from cellscale.fit.entropy import entropy_bits
-from cellscale.lrgrid import CHOICE_COLUMN, FITTED_COLUMN, fitted_column
+from cellscale.rules.bits import count_weighted_bits
+from cellscale.rules.lrgrid import CHOICE_COLUMN, FITTED_COLUMN, fitted_column
 from cellscale.schema import RESULT_FIELDS
 
-# the reference predictors a sweep scores itself (cellscale.baselines), besides the gene mean
+# the reference predictors a sweep scores itself (cellscale.data.baselines), besides the gene mean
 SWEEP_BASELINES = ("bayes_linear", "knn")
 
 
@@ -39,7 +39,7 @@ def gaussian_bits(mse: float | None) -> float | None:
 
 def weighted_bits(mse: np.ndarray, n: np.ndarray) -> float | None:
     """Count-weighted mean over genes of their Gaussian entropies (the run's result.json figure,
-    ``cellscale.bits.count_weighted_bits``), over the genes whose MSE is a finite positive number."""
+    ``cellscale.rules.bits.count_weighted_bits``), over the genes whose MSE is a finite positive number."""
     return count_weighted_bits(mse, n, partial=True)
 
 
@@ -81,7 +81,7 @@ class SweepData:
 
     @functools.cached_property
     def baselines_json(self) -> dict[str, Any]:
-        """SWEEP_DIR/baselines.json (written by the sweep, cellscale.baselines), read once; {}
+        """SWEEP_DIR/baselines.json (written by the sweep, cellscale.data.baselines), read once; {}
         when missing or unreadable."""
         try:
             cached = json.loads((self.sweep_dir / "baselines.json").read_text())
@@ -105,7 +105,7 @@ class SweepData:
 
     @property
     def objective(self) -> str:
-        """The sweep's objective (cellscale.objectives): ``mse`` unless its runs say otherwise."""
+        """The sweep's objective (cellscale.rules.objectives): ``mse`` unless its runs say otherwise."""
         col = self.runs.get("objective") if not self.runs.empty else None
         names = sorted({str(o) for o in col.dropna().unique()}) if col is not None else []
         return names[0] if len(names) == 1 else "mse"
@@ -113,7 +113,7 @@ class SweepData:
     @property
     def loss_col(self) -> str:
         """The results column the law is fitted to and losses are reported in: the test loss at the
-        validation-chosen checkpoint and rate, in MSE or a likelihood's bits (``cellscale.lrgrid``)."""
+        validation-chosen checkpoint and rate, in MSE or a likelihood's bits (``cellscale.rules.lrgrid``)."""
         return fitted_column(self.runs) if not self.runs.empty else FITTED_COLUMN[self.unit]
 
     @property

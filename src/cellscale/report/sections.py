@@ -11,8 +11,6 @@ import numpy as np
 import pandas as pd
 
 from cellscale.config import depth_label
-from cellscale.lossbounds import LOG_VAR_RANGE
-from cellscale.lrgrid import select_lr
 from cellscale.report import data_axis, downstream, tables
 from cellscale.report.data_axis import DataOutcome
 from cellscale.report.doc import Bullets, Callout, Code, Document, Fig, Figure, Para, Section
@@ -22,6 +20,8 @@ from cellscale.report.meaning import meaning_paragraph
 from cellscale.report.methods import methods_paragraph
 from cellscale.report.records import GeneBest, SweepData
 from cellscale.report.verdicts import verdict_lines
+from cellscale.rules.lossbounds import LOG_VAR_RANGE
+from cellscale.rules.lrgrid import select_lr
 
 BITS_NOTE = ("Bits are the differential entropy of a Gaussian with variance equal to the MSE (0.5 log2(2 pi e MSE)): "
              "the homoscedastic-Gaussian figure, which depends on the units of the normalised log1p values and is an "
@@ -81,7 +81,7 @@ CLAMP_WARN = 0.01  # a share of masked positions on the head's clamp worth a war
 
 def _clamp_warning(runs: pd.DataFrame) -> list[str]:
     """Runs whose likelihood head puts more than ``CLAMP_WARN`` of the test split's masked positions
-    on its clamp (``cellscale.lossbounds``): their bits report the clamp there, not the data."""
+    on its clamp (``cellscale.rules.lossbounds``): their bits report the clamp there, not the data."""
     if "clamp_share" not in runs:
         return []
     share = pd.to_numeric(runs["clamp_share"], errors="coerce")

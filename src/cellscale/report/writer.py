@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cellscale.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from cellscale.report import data_axis, downstream, render
 from cellscale.report.figures import loss_refs, make_figures
 from cellscale.report.fitting import (
@@ -27,6 +26,7 @@ from cellscale.report.fitting import (
 from cellscale.report.load import load_sweep
 from cellscale.report.records import SweepData, gene_best
 from cellscale.report.sections import Findings, document
+from cellscale.runtime.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 # callers import these from here too (cellscale.pipeline, the report tests)
 __all__ = ["write_report", "load_sweep", "run_fit", "run_depth_fits", "SweepData", "FitOutcome",

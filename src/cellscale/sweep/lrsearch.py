@@ -3,7 +3,7 @@
 "every-seed" trains every seed at every multiple of ``sweep.lr_multipliers``. "first-seed"
 trains the first seed of ``sweep.seeds`` at every multiple, chooses each group's multiple (size,
 training subset, depth) on those runs' validation losses with the report's own rule and loss
-column (``cellscale.lrgrid``), and then trains the other seeds at that multiple only.
+column (``cellscale.rules.lrgrid``), and then trains the other seeds at that multiple only.
 
 A group's choice is made once every one of its first-seed runs has finished (ok or diverged, which
 no rerun changes), so a rerun makes the same choice; while one of them has failed (a rerun retries
@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 
 from cellscale.config import RunConfig
-from cellscale.lrgrid import loss_column, select_lr
+from cellscale.rules.lrgrid import loss_column, select_lr
 from cellscale.schema import FINISHED
 from cellscale.sweep.plan import RunSpec
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cellscale.config import ConfigError, ModelConfig, RunConfig, TrainConfig, depth_label, parse_config
-from cellscale.ladder import get_size
+from cellscale.model.ladder import get_size
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ def planned_flops(spec: RunSpec) -> tuple[float, float]:
     """(the training FLOPs of ``spec`` at its maximum cells seen, those of its cooldown branches
     besides its own end): what the run costs at most; a plateau run that converges stops sooner."""
     from cellscale.model import flops_per_cell
-    from cellscale.schedule import run_branch_points
+    from cellscale.rules.schedule import run_branch_points
 
     per_cell = flops_per_cell(spec.model, mask_prob=spec.train.mask_prob)["train"]
     points = run_branch_points(spec.train)

@@ -6,7 +6,7 @@ Two single-thread processes, one run each, keep both cores busy. Measured on thi
 demo-sized training step on one thread beside a second one lost no speed (benchmarks/README.md).
 
 Each worker is a fresh ``spawn`` process with ``threads`` torch threads. It keeps one stop flag
-for its whole life (``cellscale.preempt.hold_stop_flag``), so a signal that reaches it between
+for its whole life (``cellscale.runtime.preempt.hold_stop_flag``), so a signal that reaches it between
 two runs is kept for the next one and does not kill it. The parent's SIGTERM or SIGINT is also
 passed on through an event, for a ``kill`` that only reaches the parent. Each running run then
 checkpoints and stops, a queued run does not start, and ``Preempted`` is raised once all of
@@ -26,10 +26,10 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from pathlib import Path
 from typing import Any
 
-from cellscale.cpus import usable_cpus
-from cellscale.io import read_jsonl
 from cellscale.model import flops_per_cell
-from cellscale.preempt import Preempted, StopFlag, hold_stop_flag, stop_on_signals
+from cellscale.runtime.cpus import usable_cpus
+from cellscale.runtime.io import read_jsonl
+from cellscale.runtime.preempt import Preempted, StopFlag, hold_stop_flag, stop_on_signals
 from cellscale.sweep.plan import RunSpec
 from cellscale.sweep.runner import dataset_for, execute_run, finished_and_todo, record_failure, threads_per_run
 

@@ -1,6 +1,6 @@
 """Collect finished runs into results.csv (one row per run) and their cooldown branches into
 branches.csv (one row per branch point), each written atomically with its checksum in
-``<name>.sha256.json`` (``cellscale.io.verify_checksum``)."""
+``<name>.sha256.json`` (``cellscale.runtime.io.verify_checksum``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cellscale.io import DamagedFile, atomic_write_text_checked, read_json_checked
+from cellscale.runtime.io import DamagedFile, atomic_write_text_checked, read_json_checked
 from cellscale.schema import BRANCH_FIELDS, BRANCH_TABLE, RESULT_FIELDS
 
 

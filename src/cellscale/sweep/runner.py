@@ -2,7 +2,7 @@
 
 A run that raises is recorded with status ``failed`` and its error, and the sweep goes on;
 finished runs (``ok`` or ``diverged``) are never redone; an interrupted run resumes. SIGTERM or
-SIGINT (``cellscale.preempt``) stops the sweep once its current run is checkpointed, and no run
+SIGINT (``cellscale.runtime.preempt``) stops the sweep once its current run is checkpointed, and no run
 starts after one: ``Preempted`` is raised, and nothing is recorded for the stopped run.
 """
 
@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from cellscale.errors import CellscaleError, RunError
-from cellscale.io import atomic_write_json
-from cellscale.preempt import Preempted, StopFlag, stop_on_signals
+from cellscale.runtime.io import atomic_write_json
+from cellscale.runtime.preempt import Preempted, StopFlag, stop_on_signals
 from cellscale.schema import failed_record
 from cellscale.sweep.plan import RunSpec
 from cellscale.train import train_run

@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from cellscale import downstream as dn
 from cellscale import schema
 from cellscale.config import depth_label
 from cellscale.data.store import Dataset
+from cellscale.downstream import scores as dn
 from cellscale.errors import CellscaleError, RunError
-from cellscale.io import atomic_write_json, read_json, read_json_checked
+from cellscale.runtime.io import atomic_write_json, read_json, read_json_checked
 from cellscale.schema import DOWNSTREAM_FIELDS
 
 __all__ = ["REFS_FILE", "score_run", "score_result", "score_sweep", "sweep_datasets", "read_references",
@@ -52,7 +52,7 @@ def score_run(run_dir: str | os.PathLike, ds: Dataset, *, label: str = dn.LABEL_
     if isinstance(cells, str):
         return _empty(f"skipped: {cells}", label=label)
     try:
-        from cellscale.embedding import embed_dataset, load_run_model
+        from cellscale.downstream.embedding import embed_dataset, load_run_model
 
         rm = load_run_model(run_dir)
         return _scores(embed_dataset(rm, ds, cells.all_rows), cells)

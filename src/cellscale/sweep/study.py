@@ -7,15 +7,15 @@ import functools
 import shutil
 from pathlib import Path
 
-from cellscale.baselines import load_or_compute_baselines
 from cellscale.config import ConfigError, RunConfig, config_hash, depth_label, dump_yaml, identity_dump, load_run_config
+from cellscale.data.baselines import load_or_compute_baselines
 from cellscale.data.build import build_dataset
 from cellscale.data.store import Dataset
 from cellscale.data.thin import check_thinnable, is_thinned_from, thin_dataset
 from cellscale.errors import RunError
-from cellscale.io import DamagedFile, atomic_write_json, atomic_write_text, read_json_checked, warn
-from cellscale.preempt import stop_on_signals
-from cellscale.progress import SweepProgress, console
+from cellscale.runtime.io import DamagedFile, atomic_write_json, atomic_write_text, read_json_checked, warn
+from cellscale.runtime.preempt import stop_on_signals
+from cellscale.runtime.progress import SweepProgress, console
 from cellscale.sweep.lrsearch import later_runs, planned_count, search_runs, searches_first_seed, waiting_groups
 from cellscale.sweep.plan import plan_runs
 from cellscale.sweep.pool import run_pool, worker_count

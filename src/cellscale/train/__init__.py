@@ -4,16 +4,20 @@ Batches are a pure function of (seed, step) (see ``data.loader``); the optimiser
 torch RNG state are checkpointed, so a run killed at any moment and started again with the same
 call ends with the same numbers. The rooms:
 
-- ``settings``: device, precision, optimiser, threads, gc (the rate: ``cellscale.schedule``);
+- ``settings``: device, precision, optimiser, threads, gc (the rate: ``cellscale.rules.schedule``);
 - ``rundir``: the run's identity hash and claiming its directory;
 - ``setup``: the model, optimiser, loss and batches (``Run``), the loop state, resuming;
-- ``loop``: the training loop and what it does when due (log, validate, checkpoint);
-- ``evaluate``: scores of a held-out split under the fixed evaluation mask;
+- ``step``: one optimiser step (clipping; the stable phase's and a cooldown branch's alike);
+- ``budget``: when a run stops (fixed, or the plateau budget's verdict on its branches);
+- ``branches``: the cooldown branches that give the data axis its points;
+- ``ema``: the weights' moving average;
+- ``loop``: the training loop and what it does when due (log, validate, checkpoint, branch);
+- ``evaluate``: scores of a held-out split under the fixed evaluation mask (and per-cell sums);
 - ``result``: the best checkpoint's final scores and the result record;
 - ``run``: ``train_run``, which chains them.
 """
 
-from cellscale.schedule import lr_at, resolve_lr
+from cellscale.rules.schedule import lr_at, resolve_lr
 from cellscale.train.evaluate import EvalResult, evaluate, per_gene_summary
 from cellscale.train.run import train_run
 from cellscale.train.settings import frozen_gc, run_threads, torch_threads

@@ -1,7 +1,7 @@
 """Cooldown branches: the data axis, and the convergence verdict, from one run.
 
 A plateau-budget run trains at its peak rate (warmup-stable-decay). At every doubling of cells
-seen up to its maximum, D_max / 2^j (``cellscale.schedule.plan_points``), it branches: the weights, optimiser state and
+seen up to its maximum, D_max / 2^j (``cellscale.rules.schedule.plan_points``), it branches: the weights, optimiser state and
 RNG are kept aside, a cooldown of ``cooldown_frac`` x the stable steps so far is trained on the
 batches the stable phase would have drawn next (``cooldown_shape``), the cooled-down weights are
 scored on the whole validation and test splits (totals and per-cell sums), the point is recorded,
@@ -10,7 +10,7 @@ step T is therefore exactly the end of a run scheduled to T with its cooldown at
 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations").
 
 The branch decides when it acts (``due``), as torchtitan's validator and checkpointer do; the loop
-only asks. The run ends at a branch: the first at which ``cellscale.plateau``'s rule calls it
+only asks. The run ends at a branch: the first at which ``cellscale.rules.plateau``'s rule calls it
 converged (past ``plateau_min_cells``), or the last one, at the maximum. That branch's weights are
 then the run's own: they are not put back.
 
@@ -30,13 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from cellscale import objectives
-from cellscale.checkpoint import crashpoint, save_weights
-from cellscale.io import atomic_write_json, atomic_write_with
 from cellscale.model import count_params, flops_per_cell
-from cellscale.plateau import HALF, converged_at, gains, has_learned, paired_gain_se
-from cellscale.preempt import StopFlag
-from cellscale.schedule import BranchPoint, lr_at, run_branch_points
+from cellscale.rules import objectives
+from cellscale.rules.plateau import HALF, converged_at, gains, has_learned, paired_gain_se
+from cellscale.rules.schedule import BranchPoint, lr_at, run_branch_points
+from cellscale.runtime.checkpoint import crashpoint, save_weights
+from cellscale.runtime.io import atomic_write_json, atomic_write_with
+from cellscale.runtime.preempt import StopFlag
 from cellscale.schema import BRANCH_CELLS_DIR, BRANCH_TABLE
 from cellscale.train.evaluate import EvalResult, evaluate, write_cell_sums
 from cellscale.train.setup import LoopState, Run

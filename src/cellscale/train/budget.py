@@ -3,7 +3,7 @@
 Budget "fixed": exactly ``cells_seen``, on ``train.schedule``; its convergence is not judged
 (the rule reads cooled-down points, which a fixed schedule has one of). Budget "plateau":
 warmup-stable-decay with cooldown branches (``cellscale.train.branches``), ending at the first
-branch that ``cellscale.plateau``'s rule calls converged, or at the last one, at the maximum.
+branch that ``cellscale.rules.plateau``'s rule calls converged, or at the last one, at the maximum.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ stopping the run. Its curve is smooth, so it falls as long as training still hel
 flat once training no longer helps (Polyak averaging; on averaging against cooldowns, see
 Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations").
 
-The decay warms up (``cellscale.schedule.warm_decay``, beside the words the methods paragraph uses
+The decay warms up (``cellscale.rules.schedule.warm_decay``, beside the words the methods paragraph uses
 for it), so that the first steps are not held back by the random initial weights.
 """
 
@@ -20,7 +20,7 @@ from contextlib import contextmanager
 
 import torch
 
-from cellscale.schedule import warm_decay
+from cellscale.rules.schedule import warm_decay
 
 PREFIX = "__ema."  # the checkpoint's extra tensors (names start with "__")
 

@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cellscale import objectives
-from cellscale.bits import count_weighted_bits
 from cellscale.config import TrainConfig
 from cellscale.data.loader import eval_batches
 from cellscale.data.store import Dataset
-from cellscale.distributed import DistContext
-from cellscale.io import atomic_write_with
 from cellscale.model import CellTransformer
+from cellscale.rules import objectives
+from cellscale.rules.bits import count_weighted_bits
+from cellscale.runtime.distributed import DistContext
+from cellscale.runtime.io import atomic_write_with
 
 
 @dataclass(frozen=True)
@@ -218,7 +218,7 @@ def per_gene_summary(sse: np.ndarray, counts: np.ndarray) -> tuple[list[float | 
     """Per-gene MSE (None for a gene never masked) and the run-level numbers of result.json.
 
     ``entropy_bits_per_gene`` is the heteroscedastic Gaussian entropy WEIGHTED BY MASKED COUNTS
-    (``cellscale.bits.count_weighted_bits``; None where a masked gene's MSE is 0 or not finite):
+    (``cellscale.rules.bits.count_weighted_bits``; None where a masked gene's MSE is 0 or not finite):
     sum_g n_g 0.5 log2(2 pi e mse_g) / sum_g n_g, i.e. the mean over masked positions of the
     entropy of that position's gene. With the same weights the test MSE is the count-weighted
     mean of the mse_g, so by Jensen (log is concave) it is never above 0.5 log2(2 pi e test_mse).

@@ -4,7 +4,7 @@ ends with it; ``budget`` says where a run ends).
 
 Train losses stay on the device between the loop's due points (log, eval, checkpoint): they are
 read there, all at once, and a non-finite one ends the run as diverged at its own step. At
-every step boundary the loop also polls a stop flag (``cellscale.preempt``) and the wall clock
+every step boundary the loop also polls a stop flag (``cellscale.runtime.preempt``) and the wall clock
 (``train.checkpoint_minutes``); either one writes a checkpoint there, after the pending losses
 have been read into the loop state, and a stop raises ``Preempted`` after it. One step
 (``cellscale.train.step``) serves one process and W ranks.
@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
-from cellscale import objectives
-from cellscale.checkpoint import crashpoint, rng_key, save_checkpoint, save_weights
-from cellscale.io import atomic_write_with, to_json
-from cellscale.preempt import Preempted, StopFlag
-from cellscale.schedule import lr_at
+from cellscale.rules import objectives
+from cellscale.rules.schedule import lr_at
+from cellscale.runtime.checkpoint import crashpoint, rng_key, save_checkpoint, save_weights
+from cellscale.runtime.io import atomic_write_with, to_json
+from cellscale.runtime.preempt import Preempted, StopFlag
 from cellscale.train import budget
 from cellscale.train.branches import Brancher, BranchInterrupted, BranchPoint
 from cellscale.train.evaluate import evaluate

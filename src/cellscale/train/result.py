@@ -10,12 +10,12 @@ from typing import Any
 
 import torch
 
-from cellscale import objectives
-from cellscale.checkpoint import crashpoint, load_weights
-from cellscale.io import atomic_write_json
 from cellscale.model import attention_impl, count_params, flops_per_cell, non_embedding_params
+from cellscale.rules import objectives
+from cellscale.runtime.checkpoint import crashpoint, load_weights
+from cellscale.runtime.io import atomic_write_json
+from cellscale.runtime.tblog import write_events
 from cellscale.schema import RUN_CELLS
-from cellscale.tblog import write_events
 from cellscale.train.budget import end_step, verdict
 from cellscale.train.evaluate import EvalResult, evaluate, per_gene_summary, write_cell_sums
 from cellscale.train.loop import Clock

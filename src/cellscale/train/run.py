@@ -7,12 +7,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cellscale import objectives
 from cellscale.config import ModelConfig, TrainConfig, config_hash
 from cellscale.data.loader import CountsView
 from cellscale.data.store import Dataset
-from cellscale.distributed import from_env, shard_device
-from cellscale.preempt import stop_on_signals
+from cellscale.rules import objectives
+from cellscale.runtime.distributed import from_env, shard_device
+from cellscale.runtime.preempt import stop_on_signals
 from cellscale.train.loop import train_loop
 from cellscale.train.result import finalise
 from cellscale.train.rundir import claim_shared, run_identity
@@ -43,10 +43,10 @@ def train_run(
     ``loss`` is the newest train loss read from the device, None before the first);
     ``stop_after_steps`` ends the process's work early without finishing the run (tests).
     SIGTERM or SIGINT during the run ends it at the next step boundary, with a checkpoint at
-    that step, by raising ``cellscale.preempt.Preempted``. If the signal comes during the
+    that step, by raising ``cellscale.runtime.preempt.Preempted``. If the signal comes during the
     final scoring, the run is finished first. ``now`` is the clock for the run's wall times
     and ``train.checkpoint_minutes``; the default is ``time.perf_counter``, and tests pass a fake.
-    Launched by torchrun (``WORLD_SIZE`` > 1) the run is data parallel (``cellscale.distributed``).
+    Launched by torchrun (``WORLD_SIZE`` > 1) the run is data parallel (``cellscale.runtime.distributed``).
     """
     t_start = time.perf_counter()
     ds = dataset if isinstance(dataset, Dataset) else Dataset.open(dataset)

@@ -11,9 +11,9 @@ from typing import Any
 from cellscale import __version__
 from cellscale.config import ModelConfig, TrainConfig, identity_dump
 from cellscale.data.store import Dataset
-from cellscale.distributed import DistContext
 from cellscale.errors import RunError
-from cellscale.io import DamagedFile, atomic_write_json, atomic_write_text, read_json_checked, warn
+from cellscale.runtime.distributed import DistContext
+from cellscale.runtime.io import DamagedFile, atomic_write_json, atomic_write_text, read_json_checked, warn
 from cellscale.schema import FINISHED, RUN_REGISTRY
 
 
@@ -43,7 +43,7 @@ def _stored_hash(config_path: Path, *, strict: bool = False) -> str | None:
 def _damage(out: Path) -> DamagedFile | None:
     """What stops the run in ``out`` from going on: every checkpoint damaged, or the best
     weights (None when it can resume)."""
-    from cellscale.checkpoint import checkpoint_damage, read_tensors
+    from cellscale.runtime.checkpoint import checkpoint_damage, read_tensors
 
     damage = checkpoint_damage(out / "checkpoint")
     if damage is None and (out / "best.safetensors").is_file():

@@ -1,5 +1,5 @@
 """A run's process knobs: device, precision, optimiser, torch's thread count, the garbage
-collector (the learning rate and its schedule are ``cellscale.schedule``'s)."""
+collector (the learning rate and its schedule are ``cellscale.rules.schedule``'s)."""
 
 from __future__ import annotations
 

@@ -12,14 +12,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from cellscale import objectives
-from cellscale.checkpoint import clean_stale, find_checkpoint, load_checkpoint
 from cellscale.config import ModelConfig, TrainConfig
 from cellscale.data.loader import RankBatches
 from cellscale.data.store import Dataset
-from cellscale.distributed import DistContext
 from cellscale.model import CellTransformer
-from cellscale.schedule import resolve_lr
+from cellscale.rules import objectives
+from cellscale.rules.schedule import resolve_lr
+from cellscale.runtime.checkpoint import clean_stale, find_checkpoint, load_checkpoint
+from cellscale.runtime.distributed import DistContext
 from cellscale.train.ema import WeightAverage
 from cellscale.train.rundir import truncate_lines
 from cellscale.train.settings import autocast_for, make_optimizer

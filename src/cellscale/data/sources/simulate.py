@@ -48,10 +48,10 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from cellscale.bits import gaussian_bits
 from cellscale.config import SimulateConfig
 from cellscale.data.mask import draw_mask, seed_sequence
 from cellscale.errors import DataError
+from cellscale.rules.bits import gaussian_bits
 
 __all__ = [
     "simulate",
@@ -358,7 +358,7 @@ def _simulate_gaussian(n_cells: int, cfg: SimulateConfig, seed: int) -> AnnData:
         "bayes_floor_mask_prob": FLOOR_MASK_PROB,
         "bayes_floor_n_masks": FLOOR_N_MASKS,
         "bayes_floor_note": "for all simulated genes; a dataset keeping fewer genes has its own "
-        "floor (cellscale.baselines recomputes it for the kept genes on the eval masks)",
+        "floor (cellscale.data.baselines recomputes it for the kept genes on the eval masks)",
     }
     return adata
 

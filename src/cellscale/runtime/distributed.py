@@ -14,7 +14,7 @@ DistributedDataParallel (see ``docs/DISTRIBUTED.md``):
 * only rank 0 writes ``metrics.jsonl``, checkpoints, ``best.safetensors`` and ``result.json``;
   every rank reads the checkpoint on resume (the run directory must be on a filesystem all
   nodes share);
-* a stop signal (``cellscale.preempt``) is agreed at every step: the ranks all-reduce their
+* a stop signal (``cellscale.runtime.preempt``) is agreed at every step: the ranks all-reduce their
   stop flags on the CPU (gloo), so all of them save at the same step and exit together;
 * gloo on CPU, nccl on CUDA (``cuda:LOCAL_RANK``).
 

@@ -10,7 +10,7 @@ their tensors (in their metadata), ``state.json`` the sha256 of its own content.
 before the newest is kept (``checkpoint.prev``), so that a resume that finds the newest one
 damaged (a full disk, a copy broken off, a hand edit) goes on from the one before, saying so
 in one line; with no good one left it stops with one line naming the damaged file
-(:class:`cellscale.io.DamagedFile`) and how to start over.
+(:class:`cellscale.runtime.io.DamagedFile`) and how to start over.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from cellscale.io import DamagedFile, first_line, json_digest, read_json_checked, warn
+from cellscale.runtime.io import DamagedFile, first_line, json_digest, read_json_checked, warn
 
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optim.safetensors"

@@ -1,6 +1,6 @@
 """The masked-reconstruction transformer of the seed study, written for speed.
 
-Architecture (as in the study, ``../shared/reference/README.md``):
+Architecture (as in the study, docs/study.md):
 
 * token ``i`` of a cell = ``gene_embed[i]`` (learned gene identity, ``nn.Embedding(V, d)``)
   + ``value_proj(log1p value)`` (``nn.Linear(1, d)``); at a masked position the value
@@ -10,7 +10,7 @@ Architecture (as in the study, ``../shared/reference/README.md``):
   ``x = x + drop(out_proj(attn(LN1(x))))``; ``x = x + drop(ff2(drop(gelu(ff1(LN2(x))))))``,
   with dropout also on the attention probabilities. No final LayerNorm.
 * a linear head ``d -> 1``; the loss is the MSE over masked positions only. With a likelihood
-  objective (``ModelConfig.objective``, :mod:`cellscale.objectives`) the head is ``d -> 2``
+  objective (``ModelConfig.objective``, :mod:`cellscale.rules.objectives`) the head is ``d -> 2``
   (a mean and a log-variance, or an NB log-rate and log inverse dispersion).
 
 The fast path differs from the stock module only in *how* it computes:
@@ -45,7 +45,7 @@ gene embedding ~ N(0, 0.02), biases 0, LayerNorm weight 1 / bias 0, the mask vec
 ``1/sqrt(2 * n_layers)`` (GPT-2 style) so that deep sizes start with a bounded residual stream.
 
 This module imports only torch, :mod:`cellscale.config` and the torch-only
-:mod:`cellscale.objectives` and :mod:`cellscale.kernels`.
+:mod:`cellscale.rules.objectives` and :mod:`cellscale.kernels`.
 """
 
 from __future__ import annotations
@@ -57,8 +57,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cellscale import kernels, objectives
+from cellscale import kernels
 from cellscale.config import ModelConfig
+from cellscale.rules import objectives
 
 __all__ = [
     "CellTransformer",
@@ -302,7 +303,7 @@ class CellTransformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    # -- weight exchange with the study-style reference (cellscale.reference) ---------
+    # -- weight exchange with the study-style reference (cellscale.model.reference) ---------
     def load_reference_state(self, ref_state: dict[str, Tensor] | nn.Module) -> None:
         """Copy the weights of a study-style reference model (or its state dict) into self."""
         if isinstance(ref_state, nn.Module):
@@ -311,7 +312,7 @@ class CellTransformer(nn.Module):
 
 
 # -- state-dict mapping ----------------------------------------------------------------
-# reference names (cellscale.reference.ReferenceCellTransformer, stock TransformerEncoder)
+# reference names (cellscale.model.reference.ReferenceCellTransformer, stock TransformerEncoder)
 _LAYER_MAP = {
     "norm1.weight": "norm1.weight",
     "norm1.bias": "norm1.bias",

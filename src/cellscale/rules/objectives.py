@@ -1,5 +1,5 @@
 """Training objectives for masked reconstruction: what the head predicts at a masked gene and
-what it is scored by. Imports torch, the standard-library ``cellscale.lossbounds`` (``model.py``
+what it is scored by. Imports torch, the standard-library ``cellscale.rules.lossbounds`` (``model.py``
 uses it) and, for the objectives' names, the torch-free ``cellscale.config``.
 
 * ``mse`` (the seed study's): one output, the log1p-normalised value; loss = squared error.
@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from cellscale.config import ModelConfig, literal_values
-from cellscale.lossbounds import LOG_THETA_RANGE, LOG_VAR_RANGE
+from cellscale.rules.lossbounds import LOG_THETA_RANGE, LOG_VAR_RANGE
 
 __all__ = [
     "OBJECTIVES",

@@ -112,7 +112,7 @@ def _read_run_config(run_dir: Path) -> dict[str, Any]:
 def load_run_model(run_dir: str | os.PathLike, *, device: str | torch.device | None = None) -> RunModel:
     """The run's model with its best checkpoint's weights, in eval mode on ``device``
     (default: CUDA when present, else CPU)."""
-    from cellscale.checkpoint import load_weights
+    from cellscale.runtime.checkpoint import load_weights
 
     run_dir = Path(run_dir)
     cfg = _read_run_config(run_dir)
@@ -406,7 +406,7 @@ def embed_run(run_dir: str | os.PathLike, *, out: str | os.PathLike, input: str 
     CLI's ``cellscale embed``, around :func:`embed`'s parts. ``dataset``: the run's training dataset,
     checked against its registry (needed only for a run from before ``registry.json`` that no sweep
     above names). Returns the provenance (``n_cells``, ``n_missing_genes``, ...)."""
-    from cellscale.io import atomic_write_with
+    from cellscale.runtime.io import atomic_write_with
 
     if (input is None) == (data is None):
         raise DataError("give the cells to embed with --input FILE.h5ad or --data DATASET_DIR (one of them)")

@@ -1,6 +1,6 @@
 """Named model sizes: the seed study's ladder (XXS..XL) plus custom sizes from a config.
 
-The study's parameter counts (``../shared/reference/README.md``) are reproduced exactly by
+The study's parameter counts (docs/study.md) are reproduced exactly by
 :func:`cellscale.model.count_params`; ``tests/test_ladder.py`` asserts all 14.
 """
 

@@ -18,7 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
-from cellscale.io import read_jsonl
+from cellscale.runtime.io import read_jsonl
 
 __all__ = ["EVENTS_DIR", "SCALARS", "write_events"]
 
@@ -32,7 +32,7 @@ _NOTED: list[str] = []  # the one "not installed" line is printed once per proce
 def _note_once(text: str) -> None:
     if not _NOTED:
         _NOTED.append(text)
-        from cellscale.progress import console
+        from cellscale.runtime.progress import console
 
         console.print(text, highlight=False, markup=False, soft_wrap=True)
 
@@ -87,7 +87,7 @@ def write_events(run_dir: str | os.PathLike) -> Path | None:
         return target
     except Exception as err:  # noqa: BLE001 - the curves are in metrics.jsonl whatever happens here
         shutil.rmtree(tmp, ignore_errors=True)
-        from cellscale.progress import console
+        from cellscale.runtime.progress import console
 
         console.print(f"TensorBoard logs of {run_dir.name} not written ({type(err).__name__}: {err})",
                       highlight=False, markup=False, soft_wrap=True)

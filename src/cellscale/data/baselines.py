@@ -26,7 +26,7 @@ masked positions (a ratio of sums, not a mean of per-cell means).
   training row first).
 
 Likelihood baselines (``"likelihood"``), in bits per masked gene under the same masks, for the
-likelihood objectives (``cellscale.objectives``):
+likelihood objectives (``cellscale.rules.objectives``):
 
 * ``gaussian-nll``: ``gene_mean`` = each gene's training mean and (maximum-likelihood) variance;
   ``bayes_linear`` = the Gaussian conditional mean above with its conditional variance
@@ -50,7 +50,6 @@ import hashlib
 import json
 import math
 import warnings
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -61,7 +60,8 @@ from cellscale.data.build import gene_mean_baseline
 from cellscale.data.mask import seed_sequence
 from cellscale.data.store import Dataset
 from cellscale.errors import DataError
-from cellscale.io import DamagedFile, atomic_write_json, read_json_checked, warn
+from cellscale.rules.lossbounds import FloorCheck, check_not_below_floor  # noqa: F401
+from cellscale.runtime.io import DamagedFile, atomic_write_json, read_json_checked, warn
 
 __all__ = [
     "compute_baselines",
@@ -216,42 +216,9 @@ def knn_predict(x: np.ndarray, mask: np.ndarray, train: np.ndarray, *, k: int) -
 
 
 # --------------------------------------------------------------------------- floor check
-@dataclass(frozen=True)
-class FloorCheck:
-    """Outcome of ``check_not_below_floor``; truthy when the MSE is NOT significantly below."""
-
-    ok: bool
-    mse: float
-    floor: float
-    se: float
-    z: float
-    threshold: float
-
-    def __bool__(self) -> bool:
-        return self.ok
-
-
-def check_not_below_floor(
-    mse: float, floor: float, n_masked: int, *, z: float = 4.0, design_effect: float = 2.0,
-    floor_se: float = 0.0,
-) -> FloorCheck:
-    """Is ``mse`` (measured on ``n_masked`` masked positions) consistent with being at or
-    above the Bayes floor ``floor``? An MSE significantly BELOW the Bayes-optimal MSE of the
-    true generative model is impossible for an honest predictor: it means leakage (the model
-    saw the masked values, or trained on the evaluation cells).
-
-    Tolerance: at the floor, squared errors of Gaussian residuals have variance 2 v^2, so the
-    MSE has standard error ``floor * sqrt(2 * design_effect / n_masked)``; ``design_effect``
-    (default 2) allows for the correlation of errors within a cell (shared latent factors) and
-    for heavier-than-Gaussian tails. ``floor_se`` (Monte-Carlo error of the floor) is added in
-    quadrature. ``ok`` is False when ``mse < floor - z * se`` (default z = 4)."""
-    if n_masked < 1:
-        raise ValueError(f"n_masked must be >= 1, got {n_masked}")
-    se = math.sqrt((floor * math.sqrt(2.0 * design_effect / n_masked)) ** 2 + float(floor_se) ** 2)
-    threshold = floor - z * se
-    score = (mse - floor) / se if se > 0 else (math.inf if mse >= floor else -math.inf)
-    return FloorCheck(ok=bool(mse >= threshold), mse=float(mse), floor=float(floor), se=se, z=score, threshold=threshold)
-
+# check_not_below_floor and FloorCheck live with the loss's other bounds (cellscale.rules.lossbounds),
+# torch- and anndata-free, so that the report reads them without this module; imported here for
+# the tests and callers that know them from here
 
 # --------------------------------------------------------------------------- driver
 def _settings(splits: Sequence[str], knn_k: int, max_train_cells: int | None, ridge: float, seed: int) -> dict[str, Any]:
