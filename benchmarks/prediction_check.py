@@ -2,7 +2,7 @@
 
     python benchmarks/prediction_check.py SWEEP_DIR --size XS --factor 4     # the demo: ~10 minutes on 2 cores
 
-Trains one run of SWEEP_DIR's study (``cellscale.sweep.plan.resolve_run``: the same model, recipe and
+Trains one run of SWEEP_DIR's study (``cellscale.train.spec.resolve_run``: the same model, recipe and
 seed, at the size's learning rate chosen in the sweep) for ``--factor`` times the sweep's maximum
 cells seen, with no early stop, into ``SWEEP_DIR/checks/<size>-x<factor>``; then fits the sweep's
 data axis as its report does (``cellscale.report.data_axis.run_data_fit``) and prints, for every
@@ -25,8 +25,8 @@ from cellscale.data.store import Dataset
 from cellscale.report.data_axis import run_data_fit
 from cellscale.report.load import load_sweep
 from cellscale.rules.lrgrid import select_lr
-from cellscale.sweep.plan import resolve_run
 from cellscale.train import train_run
+from cellscale.train.spec import resolve_run
 
 
 def chosen_multiple(sd, size: str) -> float:

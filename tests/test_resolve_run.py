@@ -1,6 +1,6 @@
 """One run's settings have one source: `cellscale train --config X` trains what `cellscale sweep X` does.
 
-``cellscale.sweep.plan.resolve_run`` gives both commands a run's model and training settings
+``cellscale.train.spec.resolve_run`` gives both commands a run's model and training settings
 (model defaults, per-size overrides, ``sweep.epochs``); ``train``'s flags go on top.
 """
 

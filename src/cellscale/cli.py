@@ -550,7 +550,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     study = load_run_config(a.config) if a.config else RunConfig()
     from cellscale.data.store import Dataset
     from cellscale.runtime.progress import console, score_line
-    from cellscale.sweep.plan import resolve_run
+    from cellscale.train.spec import resolve_run
 
     ds = Dataset.open(a.data)
     # the settings the sweep of --config gives this run, then the flags on top

@@ -25,7 +25,14 @@ from cellscale.data.manifest import Manifest
 from cellscale.errors import DataError, RunError
 from cellscale.report.records import SWEEP_BASELINES, PerGene, SweepData, scores
 from cellscale.runtime.io import DamagedFile, read_json_checked, read_jsonl, verify_checksum, warn
-from cellscale.schema import BRANCH_FIELDS, BRANCH_TEXT_FIELDS, DOWNSTREAM_FIELDS, NUMERIC_FIELDS, RESULT_FIELDS
+from cellscale.schema import (
+    BRANCH_FIELDS,
+    BRANCH_TEXT_FIELDS,
+    DOWNSTREAM_FIELDS,
+    NUMERIC_FIELDS,
+    RESULT_FIELDS,
+    RUNS_DIR,
+)
 
 # columns an older results.csv may lack without anything being missing: their value then
 # (a sweep without a depth axis ran at full depth; one before the objectives trained on the MSE)
@@ -47,7 +54,7 @@ def load_sweep(sweep_dir: str | os.PathLike) -> SweepData:
     _read_manifest(data)
     _read_results(data)
     _read_branches(data)
-    runs_dir = data.sweep_dir / "runs"
+    runs_dir = data.sweep_dir / RUNS_DIR
     _read_all_metrics(data, runs_dir)
     _read_per_gene(data, runs_dir)
     _check_baselines(data.sweep_dir / "baselines.json")
@@ -60,7 +67,7 @@ def _sweep_path(sweep_dir: str | os.PathLike) -> Path:
     sd = Path(sweep_dir)
     if not sd.is_dir():
         raise RunError(f"sweep directory not found: {sd}")
-    known = [sd / n for n in ("config.yaml", "sweep.json", "results.csv", "runs")]
+    known = [sd / n for n in ("config.yaml", "sweep.json", "results.csv", RUNS_DIR)]
     if not any(p.exists() for p in known):
         raise RunError(f"{sd} is not a sweep directory (no config.yaml, sweep.json, results.csv or runs/)")
     return sd

@@ -30,6 +30,7 @@ from cellscale.model import flops_per_cell
 from cellscale.runtime.cpus import usable_cpus
 from cellscale.runtime.io import read_jsonl
 from cellscale.runtime.preempt import Preempted, StopFlag, hold_stop_flag, stop_on_signals
+from cellscale.schema import RUNS_DIR
 from cellscale.sweep.plan import RunSpec
 from cellscale.sweep.runner import dataset_for, execute_run, finished_and_todo, record_failure, threads_per_run
 
@@ -76,7 +77,7 @@ def _run_in_worker(spec: RunSpec, dataset: str, sweep_dir: str,
         raise Preempted(_flag.signum, f"the sweep stopped before run {spec.run_id}")
     result = execute_run(spec, dataset, sweep_dir)
     if finish is not None and result.get("status") == "ok":
-        result = finish(Path(sweep_dir) / "runs" / spec.run_id) or result
+        result = finish(Path(sweep_dir) / RUNS_DIR / spec.run_id) or result
     return result
 
 
@@ -144,7 +145,7 @@ def _collect(pending: dict[Future, RunSpec], sweep_dir: str, stop: StopFlag, sto
 
 def _show_progress(progress: Any, spec: RunSpec, sweep_dir: str) -> None:
     """The run's newest train line (its metrics.jsonl, written by the worker) on the progress display."""
-    path = Path(sweep_dir) / "runs" / spec.run_id / "metrics.jsonl"
+    path = Path(sweep_dir) / RUNS_DIR / spec.run_id / "metrics.jsonl"
     if not path.is_file():
         return  # queued, or building its model
     lines, _ = read_jsonl(path)

@@ -9,14 +9,14 @@ from pathlib import Path
 import pandas as pd
 
 from cellscale.runtime.io import DamagedFile, atomic_write_text_checked, read_json_checked
-from cellscale.schema import BRANCH_FIELDS, BRANCH_TABLE, RESULT_FIELDS
+from cellscale.schema import BRANCH_FIELDS, BRANCH_TABLE, RESULT_FIELDS, RUNS_DIR
 
 
 def collect_results(sweep_dir: Path, run_ids: list[str] | None = None) -> pd.DataFrame:
     """Every run with a result.json, in plan order when ``run_ids`` is given. A result.json of a
     cellscale before the depth axis has no ``depth``: it ran at full depth (1.0). A damaged one
     is left out: its run is unfinished (the sweep redoes it, and says so)."""
-    runs_dir = Path(sweep_dir) / "runs"
+    runs_dir = Path(sweep_dir) / RUNS_DIR
     ids = run_ids if run_ids is not None else sorted(p.name for p in runs_dir.glob("*") if p.is_dir())
     rows = []
     for rid in ids:
@@ -41,7 +41,7 @@ def collect_branches(sweep_dir: Path, run_ids: list[str]) -> pd.DataFrame:
     that have a readable branches.json; a damaged one is left out (its run redoes or rewrites it)."""
     rows = []
     for rid in run_ids:
-        path = Path(sweep_dir) / "runs" / rid / BRANCH_TABLE
+        path = Path(sweep_dir) / RUNS_DIR / rid / BRANCH_TABLE
         if path.is_file():
             try:
                 rows += read_json_checked(path, keys=("branches",))["branches"]

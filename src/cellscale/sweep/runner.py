@@ -22,7 +22,7 @@ from typing import Any
 from cellscale.errors import CellscaleError, RunError
 from cellscale.runtime.io import atomic_write_json
 from cellscale.runtime.preempt import Preempted, StopFlag, stop_on_signals
-from cellscale.schema import failed_record
+from cellscale.schema import RUNS_DIR, failed_record
 from cellscale.sweep.plan import RunSpec
 from cellscale.train import train_run
 from cellscale.train.rundir import finished_result as rundir_finished_result
@@ -51,7 +51,7 @@ def record_failure(spec: RunSpec, sweep_dir: str, error: str, **extra: Any) -> d
     next sweep redoes: a run that raised, or one whose worker died."""
     result = failed_record(run_id=spec.run_id, size=spec.size, seed=spec.seed,
                            train_cells=spec.train_cells, depth=spec.depth, error=error, **extra)
-    run_dir = Path(sweep_dir) / "runs" / spec.run_id
+    run_dir = Path(sweep_dir) / RUNS_DIR / spec.run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "result.json", result)
     return result
@@ -66,7 +66,7 @@ def execute_run(
     spec: RunSpec, dataset: str, sweep_dir: str, on_step: Callable[[dict], None] | None = None
 ) -> dict[str, Any]:
     """Train one spec; never raises for a failure of the run itself."""
-    run_dir = Path(sweep_dir) / "runs" / spec.run_id
+    run_dir = Path(sweep_dir) / RUNS_DIR / spec.run_id
     # a failure record is the sweep's, not the run's: drop it so the retry starts clean
     (run_dir / "result.json").unlink(missing_ok=True)
     try:
@@ -98,7 +98,7 @@ def _run_local(
 ) -> list[dict[str, Any]]:
     results = []
     for spec in specs:
-        done = finished_result(Path(sweep_dir) / "runs" / spec.run_id)
+        done = finished_result(Path(sweep_dir) / RUNS_DIR / spec.run_id)
         if done is not None:
             results.append(done)
             if progress is not None:
@@ -182,7 +182,7 @@ def finished_and_todo(
     results: dict[str, dict[str, Any]] = {}
     todo = []
     for spec in specs:
-        done = finished_result(Path(sweep_dir) / "runs" / spec.run_id)
+        done = finished_result(Path(sweep_dir) / RUNS_DIR / spec.run_id)
         if done is None:
             todo.append(spec)
             continue

@@ -24,7 +24,7 @@ from cellscale.data.store import Dataset
 from cellscale.downstream import scores as dn
 from cellscale.errors import CellscaleError, RunError
 from cellscale.runtime.io import atomic_write_json, read_json, read_json_checked
-from cellscale.schema import DOWNSTREAM_FIELDS
+from cellscale.schema import DOWNSTREAM_FIELDS, RUNS_DIR
 
 __all__ = ["REFS_FILE", "score_run", "score_result", "score_sweep", "sweep_datasets", "read_references",
            "rewrite_results"]
@@ -148,7 +148,7 @@ def score_sweep(sweep_dir: str | os.PathLike, datasets: Mapping[float, str] | No
     sweep_dir = Path(sweep_dir)
     datasets = dict(datasets) if datasets is not None else sweep_datasets(sweep_dir)
     cache: dict[float, Dataset] = {}
-    runs = sweep_dir / "runs"
+    runs = sweep_dir / RUNS_DIR
     ids = run_ids if run_ids is not None else sorted(p.name for p in runs.glob("*") if p.is_dir())
     done = [rid for rid in ids
             if score_result(runs / rid, datasets, label=label, batch_key=batch_key, force=force, cache=cache)]

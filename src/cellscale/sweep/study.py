@@ -16,6 +16,7 @@ from cellscale.errors import RunError
 from cellscale.runtime.io import DamagedFile, atomic_write_json, atomic_write_text, read_json_checked, warn
 from cellscale.runtime.preempt import stop_on_signals
 from cellscale.runtime.progress import SweepProgress, console
+from cellscale.schema import RUNS_DIR
 from cellscale.sweep.lrsearch import later_runs, planned_count, search_runs, searches_first_seed, waiting_groups
 from cellscale.sweep.plan import plan_runs
 from cellscale.sweep.pool import run_pool, worker_count
@@ -141,7 +142,7 @@ def ensure_depth_datasets(cfg: RunConfig, out: Path, base: Dataset, *, progress:
 def _finished(out: Path, specs: list) -> list[dict]:
     """The finished results on disk of ``specs`` (a rerun's starting point), read quietly: the
     runner names a damaged one when it redoes the run."""
-    return [r for s in specs if (r := finished_result(out / "runs" / s.run_id / "result.json", quiet=True))]
+    return [r for s in specs if (r := finished_result(out / RUNS_DIR / s.run_id / "result.json", quiet=True))]
 
 
 def _listed(specs: list, *batches: list) -> list[str]:
@@ -201,7 +202,7 @@ def run_sweep(
 
     def on_result(result: dict) -> None:
         # the downstream step: the run's embedding scored into its result.json (train stays model-only)
-        score_result(out / "runs" / str(result.get("run_id")), datasets, cache=ds_cache)
+        score_result(out / RUNS_DIR / str(result.get("run_id")), datasets, cache=ds_cache)
         write_results(out, ids)
 
     def train(batch: list) -> list[dict]:

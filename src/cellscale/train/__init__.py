@@ -5,6 +5,7 @@ torch RNG state are checkpointed, so a run killed at any moment and started agai
 call ends with the same numbers. The rooms:
 
 - ``settings``: device, precision, optimiser, threads, gc (the rate: ``cellscale.rules.schedule``);
+- ``spec``: one run of a study, resolved (``resolve_run``: its model and training settings, its id);
 - ``rundir``: the run's identity hash and claiming its directory;
 - ``setup``: the model, optimiser, loss and batches (``Run``), the loop state, resuming;
 - ``step``: one optimiser step (clipping; the stable phase's and a cooldown branch's alike);
