@@ -36,7 +36,12 @@ def require(module: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as err:  # the reason is raised outside the handler: no chained traceback
         first = (str(err).splitlines() or [type(err).__name__])[0]
-    why = f"optional module '{module}' is not installed ({first}); bash scripts/install.sh installs every extra"
+    missing(f"optional module '{module}' is not installed ({first}); bash scripts/install.sh installs every extra")
+
+
+def missing(why: str) -> None:
+    """Something a test needs and .ci/run provides (an extra, Chromium, the shared reference) is
+    absent: a failure under CI (:func:`ci_requires_extras`), a skip with ``why`` elsewhere."""
     if ci_requires_extras():
         pytest.fail(f"CI is set: {why}", pytrace=False)
     pytest.skip(why)

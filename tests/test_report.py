@@ -6,7 +6,6 @@ import base64
 import io
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import missing
 from fixtures_report import DIVERGED_ERROR, FAILED_ERROR, LADDER_512, make_sweep
 from matplotlib.figure import Figure
 from PIL import Image
@@ -332,10 +332,7 @@ def _blank_figures(html: str) -> str:
 def test_report_renders_in_headless_chromium_with_figures_drawn(report, tmp_path):
     exe = _chromium()
     if exe is None:
-        why = "Chromium is not installed (Debian: apt-get install -y chromium); the headless screenshot test needs it"
-        if os.environ.get("CI"):  # .ci/run installs it: there a missing browser is a failure
-            pytest.fail(why)
-        pytest.skip(why)
+        missing("Chromium is not installed (Debian: apt-get install -y chromium); the headless screenshot test needs it")
     _, html_path, _ = report
     control_html = tmp_path / "control.html"  # same layout, figures blanked
     control_html.write_text(_blank_figures(html_path.read_text()))
