@@ -22,8 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from cellscale.errors import FitError
+from cellscale.fit.data import finished_mask
 from cellscale.schema import BRANCH_CELLS_DIR, RUN_CELLS, RUNS_DIR
 
 SPLITS = ("val", "test")
@@ -155,14 +157,18 @@ CELL_COLUMNS = {"best_val_mse": ("val", "sse"), "test_mse": ("test", "sse"),
                 "best_val_loss": ("val", "loss"), "test_loss": ("test", "loss")}
 
 
+def _cell_column(y: str) -> tuple[str, str]:
+    if y not in CELL_COLUMNS:
+        raise FitError(f"'{y}' is not scored from per-cell sums (only {', '.join(CELL_COLUMNS)})")
+    return CELL_COLUMNS[y]
+
+
 def run_cell_draws(paths: list, *, y: str, unit: str, n_boot: int, seed: int) -> CellDraws:
     """:class:`CellDraws` for the rows of a results table from their runs' per-cell sums: ``paths``
     has one .npz per row (``RUN_DIR/cells.npz``), None for a row that is not fitted (its values are
     NaN). ``y`` is the fitted column (``CELL_COLUMNS``: its split, and loss or squared-error sums);
     a FitError when it is not one a resample of the cells can score, or when a file is missing."""
-    if y not in CELL_COLUMNS:
-        raise FitError(f"'{y}' is not scored from per-cell sums (only {', '.join(CELL_COLUMNS)})")
-    split, measure = CELL_COLUMNS[y]
+    split, measure = _cell_column(y)
     rows = [i for i, p in enumerate(paths) if p is not None]
     sums, counts = read_point_sums([paths[i] for i in rows], split, measure)
     values = np.full((n_boot, len(paths)), np.nan)
@@ -180,3 +186,40 @@ def sweep_cell_paths(sweep_dir, run_ids, cells_seen=None) -> list[Path]:
     if cells_seen is None:
         return [runs / str(r) / RUN_CELLS for r in run_ids]
     return [runs / str(r) / BRANCH_CELLS_DIR / f"{int(c)}.npz" for r, c in zip(run_ids, cells_seen)]
+
+
+class NotResampled(FitError):
+    """No resamples asked for (bootstrap = 0): there is nothing to draw the cells for."""
+
+
+class CellsMissing(FitError):
+    """Points without per-cell sums on disk (a sweep written before cellscale kept them, or files
+    removed): ``missing``, of the ``n_points`` fitted rows."""
+
+    def __init__(self, missing: list[Path], n_points: int):
+        super().__init__(f"per-cell sums not found: {missing[0]}")
+        self.missing, self.n_points = missing, n_points
+
+
+def sweep_cell_draws(sweep_dir, frame: pd.DataFrame, *, y: str | None, n_boot: int, seed: int,
+                     branches: bool = False) -> CellDraws:
+    """:func:`run_cell_draws` for the rows of ``frame``, a sweep's results table (or with ``branches``
+    its cooldown-branch points, by ``run_id`` and ``cells_seen``), from the per-cell sums in
+    ``sweep_dir`` (:func:`sweep_cell_paths`): ``n_boot`` resamples seeded by ``seed``, of the fitted
+    column ``y`` (None: the table's own) in its unit (``cellscale.fit.core.fitted_unit``). Rows that
+    are not fitted (``cellscale.fit.data.finished_mask``) are NaN. A FitError says why there are
+    none: :class:`NotResampled`, :class:`CellsMissing`, or the first bad file or column."""
+    from cellscale.fit.core import fitted_unit  # the fit's unit rule; core imports this module
+
+    if "run_id" not in frame.columns:
+        raise FitError("the table has no run_id column to find each run's cells")
+    if n_boot <= 0:
+        raise NotResampled("bootstrap = 0: the evaluation cells were not resampled")
+    y, unit, _ = fitted_unit(frame, y)
+    _cell_column(y)  # a column no resample scores is said before any file is looked for
+    paths = sweep_cell_paths(sweep_dir, frame["run_id"], frame["cells_seen"] if branches else None)
+    paths = [p if ok else None for p, ok in zip(paths, finished_mask(frame))]
+    missing = [p for p in paths if p is not None and not p.is_file()]
+    if missing:
+        raise CellsMissing(missing, sum(p is not None for p in paths))
+    return run_cell_draws(paths, y=y, unit=unit, n_boot=n_boot, seed=seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -9,12 +10,12 @@ import pandas as pd
 
 from cellscale.errors import FitError
 from cellscale.fit import defaults
-from cellscale.fit.cells import CellDraws, cell_shift, run_cell_draws, sweep_cell_paths
+from cellscale.fit.cells import CellDraws, cell_shift, sweep_cell_draws
 from cellscale.fit.compare import information_criteria, r_squared, residuals
 from cellscale.fit.compute_optimal import compute_optimal
 from cellscale.fit.data import FitData, finished_mask, n_distinct_rows, prepare
 from cellscale.fit.entropy import entropy_summary, reaches_zero
-from cellscale.fit.intervals import check_interval, compute_intervals, default_interval
+from cellscale.fit.intervals import Intervals, check_interval, compute_intervals, default_interval
 from cellscale.fit.judge import judge
 from cellscale.fit.laws import LAWS
 from cellscale.fit.laws.base import Law
@@ -134,19 +135,36 @@ def _judgement(law: Law, method: Method, data: FitData, theta: np.ndarray, pred:
     return out
 
 
+# the likelihood objectives' loss columns, in bits per masked gene; their MSE columns stay an MSE
 LIKELIHOOD_Y = tuple(c for c in (*CHOICE_COLUMN.values(), *FITTED_COLUMN.values()) if c.endswith("_loss"))
 
 
+def _objectives(df: pd.DataFrame) -> list[str]:
+    """The table's objectives (its ``objective`` column), in the order of their first rows."""
+    if "objective" not in df.columns:
+        return []
+    return list(dict.fromkeys(str(o) for o in df["objective"].dropna()))
+
+
+def fitted_unit(df: pd.DataFrame, y: str | None = None) -> tuple[str, str, float]:
+    """The loss column a table is fitted on, its unit and the least loss the objective can score
+    there (``cellscale.rules.lossbounds.lowest_loss``). ``y`` defaults to the test loss at the
+    validation-chosen checkpoint, which chose nothing (``cellscale.rules.lrgrid.fitted_column``). A
+    likelihood objective's ``*_loss`` column is in bits per masked gene, anything else an MSE. The
+    objective is the first row's: refusing a table that mixes objectives is ``fit_table``'s, so
+    that the report can ask before it has split its runs by depth (``cellscale.report.fitting``)."""
+    objectives = _objectives(df)
+    if y is None:
+        y = fitted_column(df)
+    likelihood = any(o != "mse" for o in objectives)
+    unit = "bits" if likelihood and y in LIKELIHOOD_Y else "mse"
+    return y, unit, lowest_loss(objectives[0] if objectives else "mse", unit)
+
+
 def _resolve_y(df: pd.DataFrame, y: str | None) -> tuple[str, str, float]:
-    """The loss column, its unit and the least loss the objective can score there
-    (``cellscale.rules.lossbounds.lowest_loss``). A table of a likelihood objective (its ``objective``
-    column) is fitted in bits per masked gene, an MSE table on the MSE; by default on the test loss
-    at the validation-chosen checkpoint, which chose nothing (``cellscale.rules.lrgrid.fitted_column``);
-    rows of different objectives are refused (their losses are in different units), and so
-    are rows of different sequencing depths."""
-    objectives = set()
-    if "objective" in df.columns:
-        objectives = {str(o) for o in df["objective"].dropna().unique()}
+    """:func:`fitted_unit` for a table the fit takes whole: rows of different objectives are refused
+    (their losses are in different units), and so are rows of different sequencing depths."""
+    objectives = _objectives(df)
     if len(objectives) > 1:
         raise FitError(f"the table mixes objectives ({', '.join(sorted(objectives))}): "
                        "fit each objective's rows on their own")
@@ -155,11 +173,7 @@ def _resolve_y(df: pd.DataFrame, y: str | None) -> tuple[str, str, float]:
         raise FitError(f"the table mixes sequencing depths ({', '.join(f'{d:g}' for d in depths)}): no law here "
                        "has a depth term, so fit "
                        "each depth's rows on their own (the report's fit.json has them under by_depth)")
-    likelihood = bool(objectives) and objectives != {"mse"}
-    if y is None:
-        y = fitted_column(df)
-    unit = "bits" if likelihood and y in LIKELIHOOD_Y else "mse"
-    return y, unit, lowest_loss(next(iter(objectives), "mse"), unit)
+    return fitted_unit(df, y)
 
 
 def _excess(df: pd.DataFrame, y: str, lowest: float) -> pd.DataFrame:
@@ -180,6 +194,76 @@ def floor_shifted(law: Law, arr: np.ndarray, delta: float) -> np.ndarray:
     return out
 
 
+def _one_blas_thread(fit):
+    """``fit`` with BLAS held to one thread (``cellscale.fit.threads``): a fit is thousands of tiny
+    LAPACK calls, which a multi-threaded BLAS on busy cores turns from milliseconds into seconds."""
+
+    @functools.wraps(fit)
+    def wrapped(*args, **kwargs):
+        with blas_single_thread():
+            return fit(*args, **kwargs)
+
+    return wrapped
+
+
+def _eval_cells(law: Law, noise, draws, lowest: float) -> dict | None:
+    """fit.json's ``eval_cells``: how the evaluation cells' noise entered the intervals
+    (``cellscale.fit.intervals.CellNoise``), the floor's sd due to it and the intervals without it."""
+    if draws is None or noise is None:
+        return None
+    meta = draws if isinstance(draws, CellDraws) else CellDraws(values=np.empty((0, 0)))
+    lo, hi = (floor_shifted(law, a, lowest) for a in (noise.lo, noise.hi))
+    out = {"n_cells": meta.n_cells, "split": meta.split, "resamples": int(noise.resamples), "how": noise.how,
+           "floor_sd": noise.floor_sd,
+           "ci95_without_cells": {n: [float(a), float(b)] for n, a, b in zip(law.param_names, lo, hi)}}
+    if noise.failed:
+        out["cell_refits_failed"] = int(noise.failed)
+    return out
+
+
+def _quality(law: Law, method: Method, data: FitData, theta: np.ndarray, ivals: Intervals, lowest: float,
+             unit: str, objective: float) -> tuple[float, bool, dict]:
+    """R^2, whether the floor is on its bound, and fit.json's blocks on how well the law fits
+    (``r2_definition`` to ``leave_largest_out``), from the fit on the excess over ``lowest`` and its
+    intervals ``ivals``: the floor's bounds and the losses shown are shifted back by ``lowest``."""
+    pred = law.predict(theta, data.X)
+    r2, r2_definition, at_boundary, floor_bounds = _goodness(law, method, data, theta, pred, lowest)
+    fidx = law.floor_index()
+    judgement = _judgement(law, method, data, theta, pred, r2, at_boundary,
+                           None if fidx is None else (ivals.lo[fidx], ivals.hi[fidx]))
+    aic, bic = _criteria(law, method, data, theta)
+    return r2, at_boundary, {
+        "r2_definition": r2_definition,
+        "floor_bounds": floor_bounds if fidx is not None else None,
+        # both measured from lowest_loss
+        "floor_over_best_loss": float(theta[fidx]) / float(data.y.min()) if fidx is not None else None,
+        "lowest_loss": lowest,
+        "objective": objective,
+        "method_description": method.description,
+        "aic": aic,
+        "bic": bic,
+        "aic_space": "log(y)" if method.space == "log" else "y",
+        "no_floor": _no_floor(law, method, data, aic, bic),
+        "judgement": judgement,
+        "leave_largest_out": _leave_largest_out(law, method, data, unit, lowest),
+    }
+
+
+def _frontier(law: Law, theta: np.ndarray, samples: np.ndarray, data: FitData, x: list[str], tolerance: float,
+              unit: str) -> dict:
+    """fit.json's ``compute_optimal`` for a law of model and data size ({} for the others)."""
+    if law.name not in ("chinchilla", "data-constrained"):
+        return {}
+    # data-constrained shares chinchilla's (A, B, E, alpha, beta): its frontier is chinchilla's
+    # with fresh cells (no epoch repeated), on the (N, D) columns
+    out = compute_optimal(theta[:5], samples[:, :5], X=data.X[:, :2], frame=data.frame, x_cols=x[:2],
+                          tolerance=tolerance, unit=unit)
+    if law.name == "data-constrained":
+        out["note"] = "with fresh cells: no training cell seen twice (R_D = 0)"
+    return {"compute_optimal": out}
+
+
+@_one_blas_thread
 def fit_table(
     df: pd.DataFrame,
     *,
@@ -220,31 +304,7 @@ def fit_table(
     them for the bootstrap intervals; ``cellscale.fit.intervals``) and ``extra["eval_cells"]``
     records how (None without them).
     """
-    with blas_single_thread():
-        return _fit_table(df, law=law, method=method, x=x, y=y, bootstrap=bootstrap, seed=seed,
-                          groups=groups, per_gene_mse=per_gene_mse, weights=weights,
-                          gain_tolerance=gain_tolerance, n_jobs=n_jobs,
-                          interval=check_interval(interval or default_interval(method)), blocked=blocked,
-                          cell_draws=cell_draws)
-
-
-def _eval_cells(law: Law, noise, draws, lowest: float) -> dict | None:
-    """fit.json's ``eval_cells``: how the evaluation cells' noise entered the intervals
-    (``cellscale.fit.intervals.CellNoise``), the floor's sd due to it and the intervals without it."""
-    if draws is None or noise is None:
-        return None
-    meta = draws if isinstance(draws, CellDraws) else CellDraws(values=np.empty((0, 0)))
-    lo, hi = (floor_shifted(law, a, lowest) for a in (noise.lo, noise.hi))
-    out = {"n_cells": meta.n_cells, "split": meta.split, "resamples": int(noise.resamples), "how": noise.how,
-           "floor_sd": noise.floor_sd,
-           "ci95_without_cells": {n: [float(a), float(b)] for n, a, b in zip(law.param_names, lo, hi)}}
-    if noise.failed:
-        out["cell_refits_failed"] = int(noise.failed)
-    return out
-
-
-def _fit_table(df, *, law, method, x, y, bootstrap, seed, groups, per_gene_mse, weights,
-               gain_tolerance, n_jobs, interval, blocked, cell_draws) -> FitResult:
+    interval = check_interval(interval or default_interval(method))
     law_obj, method_obj = _lookup(law, method)
     if bootstrap < 0:
         raise FitError(f"bootstrap must be >= 0, got {bootstrap}")
@@ -257,40 +317,20 @@ def _fit_table(df, *, law, method, x, y, bootstrap, seed, groups, per_gene_mse, 
     data = prepare(_excess(df, y, lowest), law_name=law, n_params=law_obj.n_params, variables=law_obj.variables,
                    x=x, y=y, groups=groups, weights=weights)
     shift = None if cell_draws is None else cell_shift(cell_draws, finished_mask(df), data.y, lowest)
-
     outcome = _fit(law_obj, method_obj, data)
     theta = law_obj.to_natural(outcome.u)
-    pred = law_obj.predict(theta, data.X)
-
-    r2, r2_definition, at_boundary, floor_bounds = _goodness(law_obj, method_obj, data, theta, pred, lowest)
-
     ivals = compute_intervals(interval, method_obj, law_obj, data, outcome.u, outcome.candidates[:1],
                               n_boot=bootstrap, seed=seed, n_jobs=n_jobs, blocked=blocked, cell_shift=shift)
     interval_fields = ivals.summary(interval, bootstrap, law_obj, theta)
-    fidx = law_obj.floor_index()
-    judgement = _judgement(law_obj, method_obj, data, theta, pred, r2, at_boundary,
-                           None if fidx is None else (ivals.lo[fidx], ivals.hi[fidx]))
-    aic, bic = _criteria(law_obj, method_obj, data, theta)
-    floor_over_best = float(theta[fidx]) / float(data.y.min()) if fidx is not None else None
+    r2, at_boundary, quality = _quality(law_obj, method_obj, data, theta, ivals, lowest, loss_unit, outcome.objective)
     theta, samples, ci_lo, ci_hi = (floor_shifted(law_obj, a, lowest) for a in (theta, ivals.samples, ivals.lo, ivals.hi))
     if lowest and "interval_centre" in interval_fields:
         interval_fields["interval_centre"][law_obj.floor] += lowest
-
+    fidx = law_obj.floor_index()
     floor = float(theta[fidx]) if fidx is not None else None
     floor_ci = (float(ci_lo[fidx]), float(ci_hi[fidx])) if fidx is not None and np.isfinite(ci_lo[fidx]) else None
     extra = {
-        "r2_definition": r2_definition,
-        "floor_bounds": floor_bounds if fidx is not None else None,
-        "floor_over_best_loss": floor_over_best,  # both measured from lowest_loss
-        "lowest_loss": lowest,
-        "objective": outcome.objective,
-        "method_description": method_obj.description,
-        "aic": aic,
-        "bic": bic,
-        "aic_space": "log(y)" if method_obj.space == "log" else "y",
-        "no_floor": _no_floor(law_obj, method_obj, data, aic, bic),
-        "judgement": judgement,
-        "leave_largest_out": _leave_largest_out(law_obj, method_obj, data, loss_unit, lowest),
+        **quality,
         "loss_unit": loss_unit,
         "entropy_bits": entropy_summary(floor, floor_ci, None if loss_unit == "bits" else per_gene_mse,
                                         loss_unit=loss_unit),
@@ -300,32 +340,10 @@ def _fit_table(df, *, law, method, x, y, bootstrap, seed, groups, per_gene_mse, 
         "n_units": int(data.groups.max()) + 1,
         "seed": int(seed),
         "eval_cells": _eval_cells(law_obj, ivals.cells, cell_draws, lowest),
+        **_frontier(law_obj, theta, samples, data, x, gain_tolerance, loss_unit),
     }
-    if law_obj.name in ("chinchilla", "data-constrained"):
-        # data-constrained shares chinchilla's (A, B, E, alpha, beta): its frontier is chinchilla's
-        # with fresh cells (no epoch repeated), on the (N, D) columns
-        extra["compute_optimal"] = compute_optimal(theta[:5], samples[:, :5], X=data.X[:, :2], frame=data.frame,
-                                                   x_cols=x[:2], tolerance=gain_tolerance, unit=loss_unit)
-        if law_obj.name == "data-constrained":
-            extra["compute_optimal"]["note"] = "with fresh cells: no training cell seen twice (R_D = 0)"
-    return FitResult(law=law_obj, method=method_obj.name, x=x, y=y, theta=theta, samples=samples,
-                     ci_lo=ci_lo, ci_hi=ci_hi, n_points=data.n, r2=r2,
-                     floor_at_boundary=at_boundary, extra=extra)
-
-
-def _sweep_cell_draws(path: Path, df: pd.DataFrame, kwargs: dict) -> CellDraws | None:
-    """The evaluation cells' draws for a sweep's results table (``fit_csv``): None outside a sweep
-    directory (no ``runs/`` beside the table), a FitError saying why where they cannot be had."""
-    if not (path.parent / RUNS_DIR).is_dir():
-        return None
-    if "run_id" not in df.columns:
-        raise FitError("the table has no run_id column to find each run's cells")
-    n_boot = int(kwargs.get("bootstrap", defaults.BOOTSTRAP))
-    if n_boot <= 0:
-        raise FitError("bootstrap = 0: the evaluation cells were not resampled")
-    y, unit, _ = _resolve_y(df, kwargs.get("y"))
-    paths = [p if ok else None for p, ok in zip(sweep_cell_paths(path.parent, df["run_id"]), finished_mask(df))]
-    return run_cell_draws(paths, y=y, unit=unit, n_boot=n_boot, seed=int(kwargs.get("seed", defaults.SEED)))
+    return FitResult(law=law_obj, method=method_obj.name, x=x, y=y, theta=theta, samples=samples, ci_lo=ci_lo,
+                     ci_hi=ci_hi, n_points=data.n, r2=r2, floor_at_boundary=at_boundary, extra=extra)
 
 
 def fit_csv(path, *, cells: bool = True, **kwargs) -> FitResult:
@@ -344,9 +362,12 @@ def fit_csv(path, *, cells: bool = True, **kwargs) -> FitResult:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise FitError(f"{path}: not a readable CSV ({str(err).splitlines()[0]})") from None
     note = None
-    if cells and kwargs.get("cell_draws") is None:
+    # a sweep directory has runs/ beside its table; elsewhere there are no cells to look for
+    if cells and kwargs.get("cell_draws") is None and (path.parent / RUNS_DIR).is_dir():
         try:
-            kwargs["cell_draws"] = _sweep_cell_draws(path, df, kwargs)
+            kwargs["cell_draws"] = sweep_cell_draws(path.parent, df, y=kwargs.get("y"),
+                                                    n_boot=int(kwargs.get("bootstrap", defaults.BOOTSTRAP)),
+                                                    seed=int(kwargs.get("seed", defaults.SEED)))
         except FitError as err:
             note = f"fitted without the evaluation cells' noise: {err}"
     fit = fit_table(df, **kwargs)

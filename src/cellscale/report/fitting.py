@@ -16,13 +16,13 @@ import pandas as pd
 import cellscale.fit  # called as cellscale.fit.fit_table, so that a test may stand in for it
 from cellscale.config import FitConfig, depth_label
 from cellscale.errors import FitError
-from cellscale.fit.cells import CellDraws, run_cell_draws, sweep_cell_paths
+from cellscale.fit.cells import CellDraws, CellsMissing, NotResampled, sweep_cell_draws
+from cellscale.fit.core import fitted_unit
 from cellscale.fit.result import FitResult
 from cellscale.report import plots
 from cellscale.report.fmt import fmt_int
 from cellscale.report.records import SweepData
-from cellscale.rules.lossbounds import lowest_loss
-from cellscale.rules.lrgrid import fitted_column, loss_column, loss_unit, select_lr
+from cellscale.rules.lrgrid import fitted_column, loss_column, select_lr
 
 # laws of model size alone: runs of different training-set sizes must not be mixed in them
 ONE_D_LAWS = {"power", "power-floor"}
@@ -78,10 +78,9 @@ def _usable(ok: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
 
 def lowest_of(runs: pd.DataFrame) -> float:
     """The least loss the runs' objective can score in the fitted column's unit (0 but for
-    gaussian-nll bits, which may be negative): the laws are fitted to the excess over it."""
-    likelihood = fitted_loss_column(runs).endswith("_loss")
-    objective = str(runs["objective"].dropna().iloc[0]) if likelihood and runs["objective"].notna().any() else "mse"
-    return lowest_loss(objective, "bits" if likelihood else "mse")
+    gaussian-nll bits, which may be negative): the laws are fitted to the excess over it
+    (``cellscale.fit.core.fitted_unit``, which refuses nothing: the runs may still span depths)."""
+    return fitted_unit(runs)[2]
 
 
 def _headline_only(ok: pd.DataFrame, note: str | None) -> tuple[pd.DataFrame, str | None]:
@@ -188,20 +187,17 @@ def eval_cell_draws(frame: pd.DataFrame, sweep_dir: Path | None, settings: Mappi
     drawn ``bootstrap`` times with the fit's seed; or None and why not (the fit goes on without)."""
     if sweep_dir is None:
         return None, None
-    n_boot = int(settings["bootstrap"])
-    if n_boot <= 0:
-        return None, "the intervals leave out the evaluation cells' noise: fit.bootstrap is 0"
-    ids = frame["run_id"].astype(str)
-    paths = sweep_cell_paths(sweep_dir, ids, frame["cells_seen"] if branches else None)
-    missing = [p for p in paths if not p.is_file()]
-    if missing:  # a sweep written before cellscale kept them, or files removed
-        return None, (f"the intervals leave out the evaluation cells' noise: {len(missing)} of {len(paths)} points "
-                      f"have no per-cell sums (e.g. {missing[0].relative_to(sweep_dir)})")
+    left_out = "the intervals leave out the evaluation cells' noise"
     try:
-        unit = loss_unit(frame) if y.endswith("_loss") else "mse"
-        return run_cell_draws(paths, y=y, unit=unit, n_boot=n_boot, seed=int(settings["seed"])), None
+        return sweep_cell_draws(sweep_dir, frame, y=y, n_boot=int(settings["bootstrap"]), seed=int(settings["seed"]),
+                                branches=branches), None
+    except NotResampled:
+        return None, f"{left_out}: fit.bootstrap is 0"  # the report's setting, by its name in config.yaml
+    except CellsMissing as err:
+        return None, (f"{left_out}: {len(err.missing)} of {err.n_points} points have no per-cell sums "
+                      f"(e.g. {err.missing[0].relative_to(sweep_dir)})")
     except FitError as err:
-        return None, f"the intervals leave out the evaluation cells' noise ({err})"
+        return None, f"{left_out} ({err})"
 
 
 def run_fit(runs: pd.DataFrame, fit_config: dict[str, Any], *, full_train: float | None = None,

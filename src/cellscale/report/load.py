@@ -27,11 +27,12 @@ from cellscale.report.records import SWEEP_BASELINES, PerGene, SweepData, scores
 from cellscale.runtime.io import DamagedFile, read_json_checked, read_jsonl, verify_checksum, warn
 from cellscale.schema import (
     BRANCH_FIELDS,
-    BRANCH_TEXT_FIELDS,
     DOWNSTREAM_FIELDS,
     NUMERIC_FIELDS,
     RESULT_FIELDS,
     RUNS_DIR,
+    BranchRecord,
+    fields_of,
 )
 
 # columns an older results.csv may lack without anything being missing: their value then
@@ -43,6 +44,8 @@ _OPTIONAL_DEFAULTS = {"depth": 1.0, "objective": "mse", "best_val_loss": np.nan,
                       # a sweep before the downstream step scored no embedding
                       **dict.fromkeys(DOWNSTREAM_FIELDS, np.nan)}
 _METRIC_NUMBERS = ("step", "cells_seen", "lr", "loss", "val_mse", "val_bits", "wall")
+# the branch columns read as numbers, from BranchRecord's types: converged (a bool) is kept as read
+_BRANCH_NUMBERS = fields_of(BranchRecord, int, float)
 REWRITE = "rerun `cellscale sweep` with the same config and --out to write it again"
 
 
@@ -154,16 +157,16 @@ def _read_branches(data: SweepData) -> None:
     if missing:
         data.notes.append("branches.csv lacks the columns " + ", ".join(missing) + ": the data axis is not fitted.")
         return
-    for c in BRANCH_FIELDS:
-        if c not in BRANCH_TEXT_FIELDS and c != "converged":
-            frame[c] = pd.to_numeric(frame[c], errors="coerce")
+    for c in _BRANCH_NUMBERS:
+        frame[c] = pd.to_numeric(frame[c], errors="coerce")
     frame["run_id"] = frame["run_id"].astype(str)
     frame["status"] = frame["status"].fillna("unknown").astype(str)
     data.branches = frame
 
 
 def _typed_results(runs: pd.DataFrame, missing: list[str]) -> pd.DataFrame:
-    """Every result column present, numbers numeric, text normalised, optional defaults filled."""
+    """Every result column present, numbers numeric (``RunRecord``'s non-text fields), the text
+    the report keys on normalised, optional defaults filled."""
     for c in missing:
         runs[c] = np.nan
     for c in NUMERIC_FIELDS:

@@ -37,7 +37,7 @@ from cellscale.rules.schedule import BranchPoint, lr_at, run_branch_points
 from cellscale.runtime.checkpoint import crashpoint, save_weights
 from cellscale.runtime.io import atomic_write_json, atomic_write_with
 from cellscale.runtime.preempt import StopFlag
-from cellscale.schema import BRANCH_CELLS_DIR, BRANCH_TABLE
+from cellscale.schema import BRANCH_CELLS_DIR, BRANCH_TABLE, BranchRecord
 from cellscale.train.evaluate import EvalResult, evaluate, write_cell_sums
 from cellscale.train.setup import LoopState, Run
 from cellscale.train.step import train_step
@@ -112,8 +112,7 @@ class Brancher:
             val = evaluate(run.model, run.ds, "val", per_cell=True, **run.eval_kw())
             test = evaluate(run.model, run.ds, "test", per_cell=True, **run.eval_kw())
             finite = math.isfinite(val.loss) and math.isfinite(test.loss)
-        row = self._row(point, state, val if finite else None, test if finite else None, losses)
-        row["wall"] = time.perf_counter() - t0
+        row = self._row(point, state, val if finite else None, test if finite else None, losses, t0=t0)
         if finite:
             self._save_cells(row["cells_seen"], val, test)
         state.branches.append(row)
@@ -149,7 +148,9 @@ class Brancher:
         return [(s / n_global, n_global) for s, (_, _, n_global) in zip(sums, pending)]
 
     def _row(self, point: BranchPoint, state: LoopState, val: EvalResult | None, test: EvalResult | None,
-             losses: list[tuple[float, int]]) -> dict[str, Any]:
+             losses: list[tuple[float, int]], *, t0: float) -> dict[str, Any]:
+        """The branch's row of branches.json, a ``BranchRecord`` (validated) kept as the dict the
+        loop state checkpoints; ``t0`` is when the branch began."""
         run, cfg, mcfg = self.run, self.run.cfg, self.run.model_cfg
         unit = objectives.loss_unit(mcfg.objective)
         cells = point.end * cfg.batch_size
@@ -165,7 +166,7 @@ class Brancher:
                            min_cells=cfg.plateau_min_cells, ses=[b.get("gain_se") for b in ladder],
                            learned=[has_learned(b["val_mse"], gene_mean, cfg.plateau_tol) for b in ladder])
         train_loss = sum(v for v, _ in losses) / max(1, len(losses))
-        return {
+        return BranchRecord.model_validate({
             "run_id": run.run_id, "size": mcfg.name, "params": count_params(mcfg), "seed": run.seed,
             "lr": run.peak_lr, "lr_scale": cfg.lr_scale, "train_cells": run.n_train,
             "depth": float(run.ds.manifest.get("depth_fraction", 1.0)), "objective": mcfg.objective,
@@ -177,8 +178,8 @@ class Brancher:
             "cooldown_train_loss": objectives.to_report_units(mcfg.objective, train_loss)
             if math.isfinite(train_loss) else None,
             "gain": gain, "gain_se": se, "converged": hit is not None,
-            "status": "ok" if val is not None else "diverged",
-        }
+            "status": "ok" if val is not None else "diverged", "wall": time.perf_counter() - t0,
+        }).model_dump()
 
     def _gain_se(self, before: list[dict[str, Any]], cells: int, val: EvalResult | None, unit: str) -> float | None:
         """The standard error of this branch's gain over the validation cells, paired with the branch

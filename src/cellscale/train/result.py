@@ -1,5 +1,5 @@
 """The end of a run: the best checkpoint scored on the full validation and test splits, the
-per-gene file, and the result record (``cellscale.schema`` names its table columns)."""
+per-gene file, and the result record (``cellscale.schema.RunRecord``: its fields are the table's columns)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from cellscale.rules import objectives
 from cellscale.runtime.checkpoint import crashpoint, load_weights
 from cellscale.runtime.io import atomic_write_json
 from cellscale.runtime.tblog import write_events
-from cellscale.schema import RUN_CELLS
+from cellscale.schema import RUN_CELLS, RunRecord
 from cellscale.train.budget import end_step, verdict
 from cellscale.train.evaluate import EvalResult, evaluate, per_gene_summary, write_cell_sums
 from cellscale.train.loop import Clock
@@ -73,15 +73,15 @@ def choice_cells(run: Run) -> int:
 
 
 def result_record(run: Run, state: LoopState, scores: FinalScores, *, clock: Clock,
-                  t_start: float) -> dict[str, Any]:
-    """result.json: the schema's fields first, then the run's own details."""
+                  t_start: float) -> RunRecord:
+    """result.json, validated: the schema's fields first, then the run's own details (its extra keys)."""
     cfg, mcfg = run.cfg, run.model_cfg
     status = "ok" if state.status == "running" else state.status
     baselines = run.ds.manifest.get("baselines", {}).get("gene_mean", {})
     cells = state.step * cfg.batch_size
     converged, gain = verdict(run, state)
     per_gene = scores.per_gene or {"per_gene_mse_spread": None, "entropy_bits_per_gene": None}
-    return {
+    return RunRecord.model_validate({
         "run_id": run.run_id,
         "size": mcfg.name,
         "params": count_params(mcfg),
@@ -91,14 +91,12 @@ def result_record(run: Run, state: LoopState, scores: FinalScores, *, clock: Clo
         "n_heads": mcfg.n_heads,
         "n_genes": mcfg.n_genes,
         "objective": mcfg.objective,
-        "loss_unit": objectives.loss_unit(mcfg.objective),
         "train_cells": run.n_train,
         "depth": float(run.ds.manifest.get("depth_fraction", 1.0)),
         "seed": run.seed,
         "steps": state.step,
         "cells_seen": cells,
         "tokens_seen": cells * mcfg.n_genes,
-        "masked_tokens_seen": state.masked_tokens,
         "flops": flops_per_cell(mcfg, mask_prob=cfg.mask_prob)["train"] * cells,
         # the cooldown branches' own training, beyond the schedule that made the run's end point
         "branch_flops": flops_per_cell(mcfg, mask_prob=cfg.mask_prob)["train"] * state.branch_cells,
@@ -125,6 +123,8 @@ def result_record(run: Run, state: LoopState, scores: FinalScores, *, clock: Clo
         "dropout": mcfg.dropout,
         "attention_dropout": mcfg.attn_dropout,
         "attention_impl": attention_impl(mcfg, run.device, dtype=compute_dtype(run.device, cfg.precision)),
+        "loss_unit": objectives.loss_unit(mcfg.objective),
+        "masked_tokens_seen": state.masked_tokens,
         "plateau_tol": cfg.plateau_tol,
         "ema_decay": cfg.ema_decay,
         "decay_start": state.decay_start,
@@ -139,7 +139,7 @@ def result_record(run: Run, state: LoopState, scores: FinalScores, *, clock: Clo
         "resumed_at": state.resumes,
         "num_threads": torch.get_num_threads(),
         "total_wall_seconds": time.perf_counter() - t_start,
-    }
+    })
 
 
 def finalise(run: Run, state: LoopState, *, clock: Clock, t_start: float) -> dict[str, Any]:
@@ -148,7 +148,9 @@ def finalise(run: Run, state: LoopState, *, clock: Clock, t_start: float) -> dic
     if state.status == "running" and state.step < end_step(run, state):
         return {"status": "incomplete", "step": state.step}
     scores = final_scores(run, state)
-    result = result_record(run, state, scores, clock=clock, t_start=t_start)
+    # the fields a run sets, as a dict as a resumed call reads result.json back: the downstream
+    # scores are the sweep's to add (cellscale.sweep.scoring), absent until then
+    result = result_record(run, state, scores, clock=clock, t_start=t_start).model_dump(exclude_unset=True)
     if run.dist.is_main:
         write_events(run.out)  # the TensorBoard view of metrics.jsonl; one line and no files without the extra
         crashpoint("before-result")
