@@ -19,14 +19,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from cellscale.config import DataConfig, TrainConfig, load_run_config, preset_path
+from cellscale.config import DataConfig, TrainConfig, load_study_config, preset_path
 from cellscale.data.build import build_dataset
 from cellscale.model.ladder import get_size
 from cellscale.train import train_run
 
 
 def demo_model(size: str, n_genes: int):
-    cfg = load_run_config(preset_path("demo"))
+    cfg = load_study_config(preset_path("demo"))
     return get_size(size, n_genes=n_genes, custom=cfg.sweep.custom_sizes, **cfg.model)
 
 
@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--cells", type=int, default=120_000, help="the runs' maximum cells seen")
     ap.add_argument("--rounds", type=int, default=2)
     a = ap.parse_args()
-    demo = load_run_config(preset_path("demo"))
+    demo = load_study_config(preset_path("demo"))
     base = demo.train.model_copy(update={"cells_seen": a.cells, "plateau_min_cells": 10**12, "num_threads": 1})
     arms = {"final cooldown only": base.model_copy(update={"branch_min_cells": a.cells}), "branched": base}
     with tempfile.TemporaryDirectory() as tmp:

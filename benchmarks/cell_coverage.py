@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cellscale.config import load_run_config
+from cellscale.config import load_study_config
 from cellscale.fit import fit_table
 from cellscale.fit.cells import CellDraws, cell_draws, observed, read_point_sums, sweep_cell_paths
 from cellscale.report.fitting import fit_subset
@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--resamples", type=int, default=200, help="cell resamples per fit (default 200)")
     args = ap.parse_args()
     sd = load_sweep(args.sweep)
-    law = load_run_config(args.sweep / "config.yaml").fit.law
+    law = load_study_config(args.sweep / "config.yaml").fit.law
     used, _ = fit_subset(sd.runs, law, sd.full_train, keep_unconverged=True)
     sums, counts = read_point_sums(sweep_cell_paths(args.sweep, used["run_id"]), "test")
     frame = used.assign(test_mse=observed(sums, counts))

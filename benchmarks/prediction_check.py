@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cellscale.config import load_run_config
+from cellscale.config import load_study_config
 from cellscale.data.store import Dataset
 from cellscale.report.data_axis import run_data_fit
 from cellscale.report.load import load_sweep
@@ -38,7 +38,7 @@ def chosen_multiple(sd, size: str) -> float:
 
 def longer_run(sweep: Path, size: str, factor: float, lr_multiple: float | None = None,
                train_cells: int | None = None) -> tuple[Path, dict]:
-    cfg = load_run_config(sweep / "config.yaml")
+    cfg = load_study_config(sweep / "config.yaml")
     meta = json.loads((sweep / "sweep.json").read_text())
     ds = Dataset.open(meta["dataset"])
     sd = load_sweep(sweep)

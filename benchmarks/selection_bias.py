@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cellscale.config import load_run_config
+from cellscale.config import load_study_config
 from cellscale.errors import FitError
 from cellscale.fit import fit_table
 from cellscale.fit.data_axis import fit_data_axis
@@ -99,7 +99,7 @@ def main() -> None:
     ap.add_argument("sweep", type=Path)
     args = ap.parse_args()
     sd = load_sweep(args.sweep)
-    cfg = load_run_config(args.sweep / "config.yaml")
+    cfg = load_study_config(args.sweep / "config.yaml")
     print(f"# {args.sweep}")
     choice_gaps(sd)
     size_law(sd, cfg)

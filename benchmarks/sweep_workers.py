@@ -25,13 +25,13 @@ from pathlib import Path
 
 import yaml
 
-from cellscale.config import load_run_config, preset_path
+from cellscale.config import load_study_config, preset_path
 
 CLI = "import sys; from cellscale.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 def study(dataset: Path, cells: int) -> dict:
-    cfg = load_run_config(preset_path("demo")).model_dump(mode="json")
+    cfg = load_study_config(preset_path("demo")).model_dump(mode="json")
     cfg["dataset"] = str(dataset)
     cfg["train"].update({"cells_seen": cells, "budget": "fixed"})
     cfg["sweep"]["lr_multipliers"] = [1.0]
@@ -59,7 +59,7 @@ def main() -> None:
     a = ap.parse_args()
     workdir = Path(a.workdir)
     workdir.mkdir(exist_ok=True)
-    data = load_run_config(preset_path("demo")).data
+    data = load_study_config(preset_path("demo")).data
     ds = workdir / "dataset"
     if not (ds / "manifest.json").exists():
         subprocess.run([sys.executable, "-c", CLI, "-q", "data", "build", "--source", "simulate",

@@ -1,7 +1,7 @@
 """Fabricate a small sweep directory for the report tests (no training involved).
 
 ``make_sweep(root)`` writes, as the sweep and data modules would: a dataset dir with a
-``manifest.json``, and a sweep dir with ``config.yaml`` (a dumped RunConfig), ``sweep.json``,
+``manifest.json``, and a sweep dir with ``config.yaml`` (a dumped StudyConfig), ``sweep.json``,
 ``results.csv`` and ``runs/<run_id>/metrics.jsonl``. Losses follow a known power-floor law
 ``L = A P^-ALPHA + C`` with small multiplicative noise; optionally one run diverged and one failed.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cellscale.config import RunConfig, dump_yaml
+from cellscale.config import StudyConfig, dump_yaml
 
 # the seed study's ladder at V = 512 (reference README)
 LADDER_512 = {
@@ -84,7 +84,7 @@ def _write_config(sweep: Path, *, source: str, sizes: list[str], seeds, train_ce
     data_cfg = {"source": source, "genes": 512, "cells": 2000, "seed": 0}
     if source == "census":
         data_cfg["census"] = {"version": "2025-01-30", "tissues": ["blood", "lung"], "per_tissue_cap": 1000}
-    cfg = RunConfig.model_validate({
+    cfg = StudyConfig.model_validate({
         "name": "report-test",
         "description": "fabricated sweep for the report tests",
         "data": data_cfg,

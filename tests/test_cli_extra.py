@@ -216,7 +216,7 @@ LAZY = {
     "write_report": ("cellscale.report", "write_report"),
     "run_study": ("cellscale.pipeline", "run_study"),
     "resolve_config": ("cellscale.pipeline", "resolve_config"),
-    "load_run_config": ("cellscale.config", "load_run_config"),
+    "load_study_config": ("cellscale.config", "load_study_config"),
     "ladder_table": ("cellscale.model.ladder", "ladder_table"),
     "get_size": ("cellscale.model.ladder", "get_size"),
 }

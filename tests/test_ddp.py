@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from cellscale.config import load_run_config
+from cellscale.config import load_study_config
 from cellscale.data.loader import RankBatches, TrainBatches
 from cellscale.data.store import Dataset
 from cellscale.errors import RunError
@@ -73,7 +73,7 @@ def study(tmp_path: Path) -> Path:
 
 
 def _single(tiny_dataset_dir: Path, study: Path, out: Path, **kw) -> dict:
-    cfg = load_run_config(study)
+    cfg = load_study_config(study)
     ds = Dataset.open(tiny_dataset_dir)
     model = get_size("TINY", n_genes=ds.n_genes, **cfg.model)
     return train_run(ds, model, cfg.train, out=out, seed=1, **kw)

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from conftest import counts_matrix, train_probe_run
 
-from cellscale.config import DataConfig, RunConfig, parse_config
+from cellscale.config import DataConfig, StudyConfig, parse_config
 from cellscale.data.store import Dataset
 from cellscale.downstream import scores as dn
 from cellscale.schema import DOWNSTREAM_FIELDS, RESULT_FIELDS
@@ -122,8 +122,8 @@ def test_no_labels_is_a_reason_not_an_error():
     assert isinstance(reason, str) and "no 'cell_type' labels" in reason
 
 
-def _sweep_cfg(dataset: Path) -> RunConfig:
-    return parse_config(RunConfig, {
+def _sweep_cfg(dataset: Path) -> StudyConfig:
+    return parse_config(StudyConfig, {
         "name": "ds", "dataset": str(dataset),
         "train": {"cells_seen": 640, "batch_size": 32, "num_threads": 1, "device": "cpu"},
         "sweep": {"sizes": ["XXS", "TINY", "XS"], "seeds": [0]},
@@ -173,7 +173,7 @@ def test_data_without_labels_skip_the_section(tmp_path, write_h5ad):
     path = write_h5ad(counts_matrix(200, 40, seed=1), name="nolabels.h5ad")
     ds = build_dataset(DataConfig(source="h5ad", input=str(path), cells=180, genes=16, hvg_flavor="variance"),
                        out=tmp_path / "ds", progress=False)
-    cfg = parse_config(RunConfig, {"name": "nl", "dataset": str(ds),
+    cfg = parse_config(StudyConfig, {"name": "nl", "dataset": str(ds),
                                    "train": {"cells_seen": 64, "batch_size": 32, "num_threads": 1},
                                    "sweep": {"sizes": ["XXS", "TINY"]}, "fit": {"bootstrap": 0}})
     table = pd.read_csv(run_sweep(cfg, out=tmp_path / "sw", progress=False))

@@ -23,7 +23,7 @@ def pf_fit(pf_table):
 
 def test_registries():
     assert set(LAWS) == {"power", "power-floor", "chinchilla", "data-constrained"}
-    assert set(METHODS) == {"paper", "huber-log", "nls"}
+    assert set(METHODS) == {"paper", "huber-log", "ls-log", "nls"}
 
 
 def test_to_dict_is_plain_json(pf_fit):

@@ -36,7 +36,7 @@ def test_unknown_law():
 
 
 def test_unknown_method():
-    check("unknown method 'lsq' (available: huber-log, nls, paper)", method="lsq")
+    check("unknown method 'lsq' (available: huber-log, ls-log, nls, paper)", method="lsq")
 
 
 def test_paper_only_for_power_laws():

@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from cellscale.config import load_run_config
+from cellscale.config import load_study_config
 from cellscale.data.store import Dataset
 from cellscale.model.ladder import get_size
 from cellscale.schema import RESULT_FIELDS
@@ -125,7 +125,7 @@ def _same_result(got: dict, ref: dict) -> None:
 
 @pytest.fixture()
 def reference(tiny_dataset_dir: Path, study: Path, tmp_path: Path) -> tuple[Path, dict]:
-    cfg = load_run_config(study)
+    cfg = load_study_config(study)
     ds = Dataset.open(tiny_dataset_dir)
     ref = train_run(ds, get_size("XS", n_genes=ds.n_genes), cfg.train, out=tmp_path / "ref", seed=2)
     return tmp_path / "ref", ref
@@ -226,7 +226,7 @@ def test_killed_sweep_resumes_without_losing_or_duplicating_rows(tiny_dataset_di
     assert xs["resumed_at"] and xs["resumed_at"][0] > 0  # resumed, not restarted
 
     # the same numbers as a sweep never killed
-    ref = pd.read_csv(run_sweep(load_run_config(cfg_path), out=tmp_path / "ref", progress=False))
+    ref = pd.read_csv(run_sweep(load_study_config(cfg_path), out=tmp_path / "ref", progress=False))
     num = ["best_val_mse", "test_mse"]
     exact = [c for c in RESULT_FIELDS if c not in num + ["wall_seconds"]]
     pd.testing.assert_frame_equal(table[exact], ref[exact])

@@ -53,11 +53,11 @@ def test_runs_without_a_grid_are_kept_as_they_are():
 
 
 def test_the_sweep_plans_each_size_at_each_multiple():
-    from cellscale.config import RunConfig
+    from cellscale.config import StudyConfig
     from cellscale.rules.schedule import resolve_lr
     from cellscale.sweep.plan import plan_runs
 
-    cfg = RunConfig.model_validate({"sweep": {"sizes": ["TINY", "XS"], "seeds": [0], "lr_multipliers": [0.5, 1.0, 2.0],
+    cfg = StudyConfig.model_validate({"sweep": {"sizes": ["TINY", "XS"], "seeds": [0], "lr_multipliers": [0.5, 1.0, 2.0],
                                               "overrides": {"XS": {"lr_scale": 0.8}}}})
     specs = plan_runs(cfg, n_genes=64)
     assert [s.run_id for s in specs] == ["TINY-dall-s0-lr0.5", "TINY-dall-s0", "TINY-dall-s0-lr2",
@@ -79,9 +79,9 @@ def test_multiples_are_compared_on_the_seeds_they_all_have():
 
 
 def _seed_search_cfg(**sweep):
-    from cellscale.config import RunConfig
+    from cellscale.config import StudyConfig
 
-    return RunConfig.model_validate({"sweep": {"sizes": ["TINY", "XS"], "seeds": [3, 4, 5], "lr_multipliers": [0.5, 1.0],
+    return StudyConfig.model_validate({"sweep": {"sizes": ["TINY", "XS"], "seeds": [3, 4, 5], "lr_multipliers": [0.5, 1.0],
                                                "lr_search": "first-seed", **sweep}})
 
 

@@ -163,7 +163,7 @@ def _blocks_study(write_h5ad, tmp_path, *, sizes: list[str], cells_seen: int):
     """A gaussian-nll study on counts with structural zeros: two groups of cells, each expressing one
     half of 40 genes and none of the other, so a masked gene of the silent half is an exact zero the
     visible genes give away, and its predicted variance heads for the clamp: the bits fall below zero."""
-    from cellscale.config import RunConfig
+    from cellscale.config import StudyConfig
     from cellscale.pipeline import run_study
 
     rng = np.random.default_rng(0)
@@ -174,7 +174,7 @@ def _blocks_study(write_h5ad, tmp_path, *, sizes: list[str], cells_seen: int):
         on = slice(0, 20) if grp == 0 else slice(20, 40)
         X[i, on] = rng.poisson(lam[on])
     path = write_h5ad(X)
-    cfg = RunConfig.model_validate({
+    cfg = StudyConfig.model_validate({
         "name": "blocks", "data": {"source": "h5ad", "input": str(path), "genes": 40, "cells": 1600,
                                    "hvg_flavor": "all"},
         "model": {"objective": "gaussian-nll"},

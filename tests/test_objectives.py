@@ -234,10 +234,10 @@ def test_fit_of_a_likelihood_table_is_in_bits():
 def test_likelihood_sweep_report_is_in_bits_and_sets_the_true_floor_beside_the_fit(tmp_path):
     """A gaussian-nll sweep on data with a known floor: fitted on bits, baselines in bits, and the
     report's fit table sets the exact floor (in bits) beside the fitted one."""
-    from cellscale.config import RunConfig
+    from cellscale.config import StudyConfig
     from cellscale.pipeline import run_study
 
-    cfg = RunConfig.model_validate({
+    cfg = StudyConfig.model_validate({
         "name": "lik", "data": {"source": "simulate", "genes": 12, "cells": 900,
                                  "simulate": {"mode": "gaussian", "n_genes": 12, "n_programs": 2}},
         "model": {"objective": "gaussian-nll"},

@@ -109,10 +109,12 @@ def test_fit_defaults_are_the_config_defaults_and_the_fit_functions():
     for flag in ("law", "method", "interval", "bootstrap", "seed"):
         assert parser.get_default(flag) == getattr(cfg, flag), flag
     assert (cfg.method, cfg.bootstrap, cfg.seed) == (defaults.METHOD, defaults.BOOTSTRAP, defaults.SEED)
-    for fn in (fit_table, fit_data_axis):
+    # the data axis has its own method (least squares in log space: it predicts a longer run best)
+    assert cfg.data_method == defaults.DATA_METHOD == "ls-log"
+    for fn, method in ((fit_table, defaults.METHOD), (fit_data_axis, defaults.DATA_METHOD)):
         sig = inspect.signature(fn).parameters
         assert (sig["method"].default, sig["bootstrap"].default, sig["seed"].default) == (
-            defaults.METHOD, defaults.BOOTSTRAP, defaults.SEED), fn.__name__
+            method, defaults.BOOTSTRAP, defaults.SEED), fn.__name__
         assert sig["gain_tolerance"].default == defaults.GAIN_TOLERANCE
 
 
@@ -125,7 +127,7 @@ def test_fit_help_lists_the_interval_methods_laws_and_methods():
     assert f"one of {', '.join(literal_values(FitConfig, 'interval'))} (default {DEFAULT_INTERVAL};" in text
     assert literal_values(FitConfig, "interval") == INTERVALS
     assert f"one of {', '.join(LAWS)} (default {FitConfig().law})" in text.replace("- ", "-")
-    assert f"one of {', '.join(METHODS)} (default {FitConfig().method})" in text
+    assert f"one of {', '.join(METHODS)} (default {FitConfig().method})" in text.replace("- ", "-")
     # no choices=: a bad name is still the fit's own one-line error, which lists the methods
     assert _action(("fit",), "--interval").choices is None
 
@@ -185,12 +187,16 @@ def _string_collections(tree: ast.AST):
 def test_each_literal_list_is_written_in_one_file():
     """The allowed values of every config Literal are written as a list once, in config.py; the interval
     methods' names are the keys of ``cellscale.fit.intervals.DESCRIPTIONS`` (the fit imports no config,
-    so FitConfig's Literal is built from ``INTERVALS``) and written as a list nowhere."""
+    so FitConfig's Literal is built from ``INTERVALS``) and written as a list nowhere; the data axis's
+    fit methods likewise come from the keys of ``cellscale.fit.defaults.METHOD_DESCRIPTIONS``."""
+    from cellscale.fit.defaults import DATA_METHOD_NAMES, METHOD_DESCRIPTIONS
     from cellscale.fit.intervals import DESCRIPTIONS, INTERVALS
 
     assert INTERVALS == tuple(DESCRIPTIONS)
+    assert set(DATA_METHOD_NAMES) < set(METHOD_DESCRIPTIONS)
     home = {name: {"config.py"} for name in LITERALS}
     home["FitConfig.interval"] = set()
+    home["FitConfig.data_method"] = set()
     wanted = {frozenset(v): name for name, v in LITERALS.items()}
     found: dict[str, set[str]] = {name: set() for name in LITERALS}
     for path, text in SOURCES.items():

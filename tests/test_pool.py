@@ -15,7 +15,7 @@ import torch
 import yaml
 from test_preempt import _assert_interrupted, _lines_at_least, _signal_when
 
-from cellscale.config import ConfigError, RunConfig, load_run_config, parse_config
+from cellscale.config import ConfigError, StudyConfig, load_study_config, parse_config
 from cellscale.runtime import cpus
 from cellscale.schema import RESULT_FIELDS
 from cellscale.sweep import run_sweep
@@ -43,7 +43,7 @@ def test_worker_count_and_threads(monkeypatch):
 
 
 def test_the_longest_run_is_submitted_first(tiny_dataset_dir: Path):
-    cfg = parse_config(RunConfig, {**_cfg(tiny_dataset_dir), "sweep": {
+    cfg = parse_config(StudyConfig, {**_cfg(tiny_dataset_dir), "sweep": {
         "sizes": ["XXS", "XS", "TINY"], "seeds": [0], "overrides": {"TINY": {"cells_seen": 10**7}}}})
     specs = plan_runs(cfg, n_genes=64)
     # TINY's budget x FLOPs per cell outweighs XS's; XXS is cheapest
@@ -54,15 +54,15 @@ def test_workers_config_is_checked_and_not_part_of_the_sweep_identity(tiny_datas
     from cellscale.sweep.study import sweep_hash
 
     with pytest.raises(ConfigError, match="workers"):
-        parse_config(RunConfig, _cfg(tiny_dataset_dir, workers=0))
+        parse_config(StudyConfig, _cfg(tiny_dataset_dir, workers=0))
     with pytest.raises(ConfigError, match="workers"):
-        parse_config(RunConfig, _cfg(tiny_dataset_dir, workers="many"))
-    one, auto = (parse_config(RunConfig, _cfg(tiny_dataset_dir, workers=w)) for w in (1, "auto"))
+        parse_config(StudyConfig, _cfg(tiny_dataset_dir, workers="many"))
+    one, auto = (parse_config(StudyConfig, _cfg(tiny_dataset_dir, workers=w)) for w in (1, "auto"))
     assert sweep_hash(one) == sweep_hash(auto)  # a sweep resumes with another worker count
 
 
 def test_pool_matches_one_after_another(tiny_dataset_dir: Path, tmp_path: Path):
-    cfg = parse_config(RunConfig, _cfg(tiny_dataset_dir, workers=2))
+    cfg = parse_config(StudyConfig, _cfg(tiny_dataset_dir, workers=2))
     pool_csv = run_sweep(cfg, out=tmp_path / "pool", progress=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one after another in this process, on one thread like each worker
@@ -84,7 +84,7 @@ def test_pool_matches_one_after_another(tiny_dataset_dir: Path, tmp_path: Path):
 
 @pytest.mark.slow
 def test_a_dead_worker_is_recorded_and_the_rerun_resumes(tiny_dataset_dir: Path, tmp_path: Path, monkeypatch):
-    cfg = parse_config(RunConfig, {**_cfg(tiny_dataset_dir, workers=2),
+    cfg = parse_config(StudyConfig, {**_cfg(tiny_dataset_dir, workers=2),
                                    "sweep": {"sizes": ["XXS"], "seeds": [0, 1], "workers": 2}})
     monkeypatch.setenv("CELLSCALE_CRASHPOINT", "before-result")  # the workers inherit it and die
     table = pd.read_csv(run_sweep(cfg, out=tmp_path / "sw", progress=False))
@@ -121,7 +121,7 @@ def test_sigterm_to_the_parent_checkpoints_every_running_run(tiny_dataset_dir: P
     assert not runs[2].exists()
     assert "the sweep stopped runs" in err
 
-    table = pd.read_csv(run_sweep(load_run_config(cfg_path), out=out, progress=False))
+    table = pd.read_csv(run_sweep(load_study_config(cfg_path), out=out, progress=False))
     assert (table["status"] == "ok").all()
     for run, loop in zip(runs, loops):
         assert json.loads((run / "result.json").read_text())["resumed_at"] == [loop["step"]]

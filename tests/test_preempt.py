@@ -28,7 +28,7 @@ import test_kill_resume
 import yaml
 from test_kill_resume import _ckpt_loop, _close, _env, _metric_lines, _metrics, _same_result, _train_cmd
 
-from cellscale.config import RunConfig, TrainConfig, load_run_config, parse_config
+from cellscale.config import StudyConfig, TrainConfig, load_study_config, parse_config
 from cellscale.data.store import Dataset
 from cellscale.model import CellTransformer
 from cellscale.model.ladder import get_size
@@ -144,7 +144,7 @@ def test_sigterm_during_checkpoint_writes_leaves_a_loadable_checkpoint(tiny_data
     assert loop["step"] == 9
     assert not list(run.glob(".checkpoint.*")) and not (run / "checkpoint.old").exists()
     ds = Dataset.open(tiny_dataset_dir)
-    cfg = load_run_config(study)
+    cfg = load_study_config(study)
     model = CellTransformer(get_size("XS", n_genes=ds.n_genes))
     saved = load_checkpoint(find_checkpoint(run / "checkpoint"), model=model,
                             optimizer=make_optimizer(model, cfg.train, 1e-3))
@@ -176,10 +176,10 @@ def test_sweep_sigterm_checkpoints_its_run_and_resumes(tiny_dataset_dir: Path, t
     assert not (out / "runs" / "XXS-dall-s0").exists()  # no run starts after the signal
     assert not (out / "results.csv").exists() or pd.read_csv(out / "results.csv").empty
 
-    table = pd.read_csv(run_sweep(load_run_config(cfg_path), out=out, progress=False))
+    table = pd.read_csv(run_sweep(load_study_config(cfg_path), out=out, progress=False))
     assert list(table["run_id"]) == ["TINY-dall-s0", "XXS-dall-s0"] and (table["status"] == "ok").all()
     assert json.loads((tiny / "result.json").read_text())["resumed_at"] == [loop["step"]]
-    ref = pd.read_csv(run_sweep(load_run_config(cfg_path), out=tmp_path / "ref", progress=False))
+    ref = pd.read_csv(run_sweep(load_study_config(cfg_path), out=tmp_path / "ref", progress=False))
     num = ["best_val_mse", "test_mse"]
     exact = [c for c in RESULT_FIELDS if c not in num + ["wall_seconds"]]
     pd.testing.assert_frame_equal(table[exact], ref[exact])
@@ -245,7 +245,7 @@ def test_checkpoint_minutes_config_and_flag():
     # never part of a run's identity: it changes when checkpoints are written, not the numbers
     assert identity_dump("train", TrainConfig(checkpoint_minutes=5)) == identity_dump("train", TrainConfig())
     with pytest.raises(ConfigError, match="checkpoint_minutes"):
-        parse_config(RunConfig, {"train": {"checkpoint_minutes": -1}})
+        parse_config(StudyConfig, {"train": {"checkpoint_minutes": -1}})
     from cellscale.cli import _train_flags, build_parser
 
     args = build_parser().parse_args(["train", "--data", "d", "--size", "XS", "--out", "o",
@@ -350,7 +350,7 @@ def test_ddp_sigterm_to_one_rank_stops_both_at_one_step(tiny_dataset_dir: Path, 
 
     study_path = tmp_path / "study.yaml"
     study_path.write_text(yaml.safe_dump({**DDP_STUDY, "train": {**DDP_STUDY["train"], "cells_seen": 32 * 24}}))
-    cfg = load_run_config(study_path)
+    cfg = load_study_config(study_path)
     ds = Dataset.open(tiny_dataset_dir)
     train_run(ds, get_size("TINY", n_genes=ds.n_genes, **cfg.model), cfg.train, out=tmp_path / "one", seed=1)
     run = tmp_path / "two"

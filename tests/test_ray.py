@@ -19,7 +19,7 @@ import torch
 # skipped without ray, failed under CI (conftest.require)
 pytestmark = pytest.mark.needs("ray")
 
-from cellscale.config import RunConfig, parse_config
+from cellscale.config import StudyConfig, parse_config
 from cellscale.schema import RESULT_FIELDS
 from cellscale.sweep import run_sweep
 
@@ -27,8 +27,8 @@ WALL = ["wall_seconds"]
 NUMERIC = ["best_val_mse", "test_mse"]
 
 
-def _cfg(dataset: Path) -> RunConfig:
-    return parse_config(RunConfig, {
+def _cfg(dataset: Path) -> StudyConfig:
+    return parse_config(StudyConfig, {
         "name": "ray", "dataset": str(dataset),
         "train": {"cells_seen": 128, "batch_size": 32, "eval_every": 2, "device": "cpu"},
         "sweep": {"sizes": ["XXS", "TINY"], "seeds": [0, 1], "train_cells": [None, 100000],
@@ -88,7 +88,7 @@ def test_ray_matches_local(tiny_dataset_dir: Path, tmp_path: Path):
 def test_ray_worker_killed_mid_run_is_recorded(tiny_dataset_dir: Path, tmp_path: Path, monkeypatch):
     """A task whose worker process dies (here: SIGKILL before result.json) is recorded as
     failed with the Ray error; the rerun (without the kill) resumes it from its checkpoint."""
-    cfg = parse_config(RunConfig, {
+    cfg = parse_config(StudyConfig, {
         "name": "ray-kill", "dataset": str(tiny_dataset_dir),
         "train": {"cells_seen": 128, "batch_size": 32, "eval_every": 2, "device": "cpu"},
         "sweep": {"sizes": ["XXS"], "seeds": [0, 1]},
@@ -122,14 +122,14 @@ def test_plateau_runs_take_the_same_branches_on_every_backend(tiny_dataset_dir: 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # like one Ray task, or one pool worker, of 1 CPU
     try:
-        local = run_sweep(parse_config(RunConfig, base), out=tmp_path / "local", backend="local", progress=False)
+        local = run_sweep(parse_config(StudyConfig, base), out=tmp_path / "local", backend="local", progress=False)
     finally:
         torch.set_num_threads(threads)
     if backend == "ray":
-        other = run_sweep(parse_config(RunConfig, base), out=tmp_path / "ray", backend="ray", ray_num_cpus=2,
+        other = run_sweep(parse_config(StudyConfig, base), out=tmp_path / "ray", backend="ray", ray_num_cpus=2,
                           progress=False)
     else:
-        cfg = parse_config(RunConfig, {**base, "sweep": {**base["sweep"], "workers": 2}})
+        cfg = parse_config(StudyConfig, {**base, "sweep": {**base["sweep"], "workers": 2}})
         other = run_sweep(cfg, out=tmp_path / "pool", progress=False)
     a, b = _branch_table(local.parent / "branches.csv"), _branch_table(other.parent / "branches.csv")
     assert list(a["cells_seen"]) == [128, 256, 512] * 2 and list(a.columns) == list(BRANCH_FIELDS)

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from cellscale.config import RunConfig
+from cellscale.config import StudyConfig
 from cellscale.pipeline import run_study
 from cellscale.report.fmt import fmt_num
 
@@ -18,7 +18,7 @@ def _meaning(md: str) -> str:
 
 
 def _study(tmp_path, objective: str, mode: str):
-    cfg = RunConfig.model_validate({
+    cfg = StudyConfig.model_validate({
         "name": objective, "data": {"source": "simulate", "genes": 12, "cells": 900,
                                     "simulate": {"mode": mode, "n_genes": 12, "n_programs": 2}},
         "model": {"objective": objective},

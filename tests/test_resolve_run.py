@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from cellscale.cli import main
-from cellscale.config import ConfigError, RunConfig, parse_config
+from cellscale.config import ConfigError, StudyConfig, parse_config
 from cellscale.sweep.plan import plan_runs, resolve_run
 
 # sweep.epochs sets cells_seen (not train.cells_seen) and TINY has its own batch size and lr:
@@ -51,7 +51,7 @@ def test_train_with_config_is_the_same_run_as_in_the_sweep(tiny_dataset_dir: Pat
 
 
 def test_plan_runs_is_resolve_run_over_the_grid():
-    cfg = parse_config(RunConfig, {**STUDY, "sweep": {**STUDY["sweep"], "sizes": ["XXS", "TINY"],
+    cfg = parse_config(StudyConfig, {**STUDY, "sweep": {**STUDY["sweep"], "sizes": ["XXS", "TINY"],
                                                       "train_cells": [None, 100], "seeds": [0, 1]}})
     for spec in plan_runs(cfg, n_genes=64, n_train=270):
         alone = resolve_run(cfg, size=spec.size, n_genes=64, n_train=270, train_cells=spec.train_cells,
@@ -62,7 +62,7 @@ def test_plan_runs_is_resolve_run_over_the_grid():
 
 
 def test_flags_go_on_top_and_a_flag_not_given_changes_nothing():
-    cfg = parse_config(RunConfig, STUDY)
+    cfg = parse_config(StudyConfig, STUDY)
     sweep_run = resolve_run(cfg, size="TINY", n_genes=64, train_cells=100)
     assert resolve_run(cfg, size="TINY", n_genes=64, train_cells=100, train_flags={}, model_flags={}) == sweep_run
     flagged = resolve_run(cfg, size="TINY", n_genes=64, train_cells=100, run_name="mine",

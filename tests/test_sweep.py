@@ -6,14 +6,14 @@ import pandas as pd
 import pytest
 
 import cellscale.sweep.runner as runner
-from cellscale.config import RunConfig, parse_config
+from cellscale.config import StudyConfig, parse_config
 from cellscale.errors import RunError
 from cellscale.schema import RESULT_FIELDS
 from cellscale.sweep import run_sweep
 
 
-def _cfg(dataset: Path, **sweep) -> RunConfig:
-    return parse_config(RunConfig, {
+def _cfg(dataset: Path, **sweep) -> StudyConfig:
+    return parse_config(StudyConfig, {
         "name": "t", "dataset": str(dataset),
         "train": {"cells_seen": 256, "batch_size": 32, "eval_every": 4, "num_threads": 1},
         "sweep": {"sizes": ["XXS", "TINY"], "seeds": [0, 1], "train_cells": [None, 50], **sweep},
@@ -113,7 +113,7 @@ def test_depth_axis_sweep_trains_each_depth_on_its_thinned_dataset(tiny_dataset_
     from cellscale.data.store import Dataset
     from cellscale.report.writer import write_report
 
-    cfg = parse_config(RunConfig, {
+    cfg = parse_config(StudyConfig, {
         "name": "depth", "dataset": str(tiny_dataset_dir),
         "train": {"cells_seen": 256, "batch_size": 32, "eval_every": 4, "num_threads": 1},
         "sweep": {"sizes": ["XXS", "TINY"], "depths": [1.0, 0.5]},
@@ -158,7 +158,7 @@ def test_depth_axis_sweep_trains_each_depth_on_its_thinned_dataset(tiny_dataset_
 def test_depth_axis_on_data_without_counts_is_refused_before_anything_is_written(tmp_path: Path):
     from cellscale.config import ConfigError
 
-    cfg = parse_config(RunConfig, {"data": {"simulate": {"mode": "gaussian"}}, "sweep": {"depths": [1.0, 0.5]}})
+    cfg = parse_config(StudyConfig, {"data": {"simulate": {"mode": "gaussian"}}, "sweep": {"depths": [1.0, 0.5]}})
     with pytest.raises(ConfigError, match="sweep.depths thins raw counts, but the data section builds from the "
                                           "gaussian simulator mode"):
         run_sweep(cfg, out=tmp_path / "sw", progress=False)
@@ -169,7 +169,7 @@ def test_dataset_for_picks_each_depths_dataset():
     from cellscale.sweep.plan import plan_runs
     from cellscale.sweep.runner import dataset_for
 
-    cfg = parse_config(RunConfig, {"sweep": {"sizes": ["XXS"], "depths": [1.0, 0.5]}})
+    cfg = parse_config(StudyConfig, {"sweep": {"sizes": ["XXS"], "depths": [1.0, 0.5]}})
     full, half = plan_runs(cfg, n_genes=16)
     assert dataset_for(full, "/ds") == "/ds" and dataset_for(half, {1.0: "/ds", 0.5: "/half"}) == "/half"
     with pytest.raises(RunError, match="run XXS-dall-s0-f0.5 needs the dataset thinned to depth 0.5"):
@@ -183,7 +183,7 @@ def test_sweep_hash_ignores_new_axes_left_off():
     from cellscale.config import ADDED_SETTINGS_OFF, NOT_IDENTITY, config_hash
     from cellscale.sweep.study import sweep_hash
 
-    cfg = parse_config(RunConfig, {"sweep": {"sizes": ["XXS"]}})
+    cfg = parse_config(StudyConfig, {"sweep": {"sizes": ["XXS"]}})
     old_style = cfg.model_dump(mode="json")
     del old_style["sweep"]["depths"], old_style["sweep"]["epochs"]
     for section in ("train", "sweep", "fit"):  # the settings added after depths and epochs
@@ -191,7 +191,7 @@ def test_sweep_hash_ignores_new_axes_left_off():
             old_style[section].pop(key, None)
     assert sweep_hash(cfg) == config_hash(old_style)
     for axis in ({"depths": [1.0, 0.5]}, {"epochs": 2}, {"lr_multipliers": [0.5, 1.0]}):
-        other = parse_config(RunConfig, {"sweep": {"sizes": ["XXS"], **axis}})
+        other = parse_config(StudyConfig, {"sweep": {"sizes": ["XXS"], **axis}})
         assert sweep_hash(other) != sweep_hash(cfg)
 
 

@@ -11,7 +11,7 @@ command line                           Python
 ``cellscale data thin DIR ...``        ``cellscale.thin_dataset(DIR, fraction=F, out=...)``
 ``cellscale ladder``                   ``cellscale.ladder_table(n_genes)``
 ``cellscale train ...``                ``cellscale.train_run(dataset, get_size(...), TrainConfig(), out=...)``
-``cellscale sweep CONFIG --out D``     ``cellscale.run_sweep(load_run_config(CONFIG), out=D)``
+``cellscale sweep CONFIG --out D``     ``cellscale.run_sweep(load_study_config(CONFIG), out=D)``
 ``cellscale fit RESULTS.csv``          ``cellscale.fit_csv(path)`` / ``cellscale.fit_table(df)``
 ``cellscale report D``                 ``cellscale.write_report(D)``
 ``cellscale run --preset NAME``        ``cellscale.run_study(resolve_config(preset=NAME), out=D)``
@@ -46,10 +46,10 @@ _EXPORTS = {
     "write_report": "cellscale.report.writer",
     "run_study": "cellscale.pipeline",
     "resolve_config": "cellscale.pipeline",
-    "load_run_config": "cellscale.config",
+    "load_study_config": "cellscale.config",
     "parse_config": "cellscale.config",
     "list_presets": "cellscale.config",
-    "RunConfig": "cellscale.config",
+    "StudyConfig": "cellscale.config",
     "DataConfig": "cellscale.config",
     "TrainConfig": "cellscale.config",
     "ladder_table": "cellscale.model.ladder",
@@ -58,6 +58,10 @@ _EXPORTS = {
     "embed": "cellscale.downstream.embedding",
     "RunModel": "cellscale.downstream.embedding",
 }
+
+# the names before 0.2 (a study's config was called RunConfig): cellscale.config resolves them, with a
+# DeprecationWarning, on every use
+_RENAMED = ("RunConfig", "load_run_config")
 
 # submodules reachable as attributes without an explicit ``import cellscale.<name>``
 _SUBMODULES = {"config", "data", "model", "train", "sweep", "fit", "report", "downstream", "pipeline", "rules",
@@ -68,8 +72,8 @@ __all__ = [
     "DataConfig",
     "Dataset",
     "FitResult",
-    "RunConfig",
     "RunModel",
+    "StudyConfig",
     "TrainConfig",
     "__version__",
     "build_dataset",
@@ -79,7 +83,7 @@ __all__ = [
     "get_size",
     "ladder_table",
     "list_presets",
-    "load_run_config",
+    "load_study_config",
     "parse_config",
     "resolve_config",
     "run_study",
@@ -95,6 +99,8 @@ def __getattr__(name: str) -> Any:
         value = getattr(import_module(_EXPORTS[name]), name)
         globals()[name] = value  # cache: later look-ups skip this hook
         return value
+    if name in _RENAMED:
+        return getattr(import_module("cellscale.config"), name)
     if name in _SUBMODULES:
         return import_module(f"cellscale.{name}")  # the import binds it on this package
     raise AttributeError(f"module 'cellscale' has no attribute {name!r}")

@@ -455,7 +455,7 @@ def _data_build_flags(a: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
 
 
 def cmd_data_build(a: argparse.Namespace) -> int:
-    from cellscale.config import DataConfig, data_config_with, load_run_config
+    from cellscale.config import DataConfig, data_config_with, load_study_config
     from cellscale.data.build import build_dataset
     from cellscale.data.store import Dataset
 
@@ -463,7 +463,7 @@ def cmd_data_build(a: argparse.Namespace) -> int:
         missing = [f"--{k}" for k in ("source", "genes", "cells") if getattr(a, k) is None]
         if missing:
             raise CellscaleError(f"data build needs {', '.join(missing)} (or --config with a data section)")
-    base = load_run_config(a.config).data if a.config else DataConfig()
+    base = load_study_config(a.config).data if a.config else DataConfig()
     cfg = data_config_with(base, *_data_build_flags(a))
     path = build_dataset(cfg, out=Path(a.out), overwrite=a.overwrite, progress=not _quiet(a))
     m = Dataset.open(path).manifest
@@ -544,10 +544,10 @@ def _train_with_progress(ds: Any, spec: Any, *, out: str, overwrite: bool, progr
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from cellscale.config import RunConfig, load_run_config
+    from cellscale.config import StudyConfig, load_study_config
 
     # a bad config is refused before torch and the data layer are even imported
-    study = load_run_config(a.config) if a.config else RunConfig()
+    study = load_study_config(a.config) if a.config else StudyConfig()
     from cellscale.data.store import Dataset
     from cellscale.runtime.progress import console, score_line
     from cellscale.train.spec import resolve_run
@@ -568,9 +568,9 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_sweep(a: argparse.Namespace) -> int:
-    from cellscale.config import load_run_config
+    from cellscale.config import load_study_config
 
-    cfg = load_run_config(a.config)  # refused before torch and the data layer are imported
+    cfg = load_study_config(a.config)  # refused before torch and the data layer are imported
     from cellscale.sweep import run_sweep
 
     with _silenced(_quiet(a)):

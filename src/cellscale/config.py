@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import types
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
@@ -36,8 +37,8 @@ __all__ = [
     "TrainConfig",
     "SweepConfig",
     "FitConfig",
-    "RunConfig",
-    "load_run_config",
+    "StudyConfig",
+    "load_study_config",
     "data_config_with",
     "dump_yaml",
     "config_hash",
@@ -252,6 +253,9 @@ class FitConfig(_Frozen):
     # sweep: the joint law ("auto": data-constrained when the runs differ in training cells, else
     # chinchilla)
     data_law: Literal["auto", "chinchilla", "data-constrained"] = "auto"
+    # the data axis's fitting method: least squares in log space, the one that predicts a longer run
+    # best (cellscale.fit.defaults.DATA_METHOD)
+    data_method: Literal[fit_defaults.DATA_METHOD_NAMES] = fit_defaults.DATA_METHOD  # type: ignore[valid-type]
 
 
 class SweepConfig(_Frozen):
@@ -305,7 +309,7 @@ class SweepConfig(_Frozen):
         return v
 
 
-class RunConfig(_Frozen):
+class StudyConfig(_Frozen):
     """A whole study: data -> sweep of trainings -> fit -> report (a preset file)."""
 
     name: str = "study"
@@ -375,7 +379,7 @@ def parse_config(model: type[BaseModel], data: dict[str, Any], origin: str = "co
         raise ConfigError(_format_validation_error(err, origin)) from None
 
 
-def load_run_config(path: str | Path) -> RunConfig:
+def load_study_config(path: str | Path) -> StudyConfig:
     """Read and validate a study YAML; a bad key or type is a ConfigError naming it."""
     path = Path(path)
     if not path.is_file():
@@ -386,7 +390,7 @@ def load_run_config(path: str | Path) -> RunConfig:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    return parse_config(RunConfig, data, origin=str(path))
+    return parse_config(StudyConfig, data, origin=str(path))
 
 
 def dump_yaml(cfg: BaseModel) -> str:
@@ -445,3 +449,16 @@ def preset_path(name: str) -> Path:
     if not path.is_file():
         raise ConfigError(f"unknown preset '{name}' (available: {', '.join(list_presets())})")
     return path
+
+
+# names before 0.2: a whole study's config was called RunConfig, next to Run, RunSpec and run_id,
+# which are one run; the old names still resolve, with a DeprecationWarning
+_RENAMED = {"RunConfig": "StudyConfig", "load_run_config": "load_study_config"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _RENAMED:
+        warnings.warn(f"cellscale.config.{name} is deprecated: use {_RENAMED[name]}", DeprecationWarning,
+                      stacklevel=2)
+        return globals()[_RENAMED[name]]
+    raise AttributeError(f"module 'cellscale.config' has no attribute {name!r}")

@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from cellscale.config import RunConfig, load_run_config, preset_path
+from cellscale.config import StudyConfig, load_study_config, preset_path
 from cellscale.fit.text import format_fit
 from cellscale.report.writer import write_report
 from cellscale.rules.lrgrid import loss_column
@@ -20,15 +20,15 @@ from cellscale.sweep import run_sweep
 __all__ = ["format_fit", "print_summary", "resolve_config", "run_study", "summarize"]
 
 
-def resolve_config(*, preset: str | None = None, config: str | Path | None = None) -> RunConfig:
+def resolve_config(*, preset: str | None = None, config: str | Path | None = None) -> StudyConfig:
     """The study config of a YAML file, else of a named preset (default ``demo``)."""
     if config is not None:
-        return load_run_config(config)
-    return load_run_config(preset_path(preset or "demo"))
+        return load_study_config(config)
+    return load_study_config(preset_path(preset or "demo"))
 
 
 def run_study(
-    cfg: RunConfig, *, out: str | Path, backend: str | None = None, ray_address: str | None = None,
+    cfg: StudyConfig, *, out: str | Path, backend: str | None = None, ray_address: str | None = None,
     overwrite: bool = False, progress: bool = True, workers: int | str | None = None,
 ) -> dict[str, Any]:
     """The whole flow into ``out``: dataset, sweep, ``results.csv``, fit, report; returns a

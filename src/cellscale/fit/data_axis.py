@@ -33,7 +33,7 @@ from cellscale.fit.core import fit_table, floor_shifted
 from cellscale.fit.intervals import residual_levels
 from cellscale.fit.methods import METHODS
 from cellscale.fit.result import FitResult
-from cellscale.rules.plateau import gains, relative_fall
+from cellscale.rules.plateau import gains, got_worse, relative_fall
 from cellscale.runtime.io import jsonable
 
 Y_DATA = "test_loss"  # the branch column fitted by default: scored on cells that chose nothing
@@ -221,21 +221,31 @@ def learned_points(branches: pd.DataFrame, *, baseline: float | None = None,
       cells seen has gains that shrink, so it describes a run from the doubling after its steepest
       one (measured on the demo: with the steepest point kept, the law bent to the takeoff and
       predicted 4x the cells 8% high; docs/ablations.md);
+    - a run's points from the first doubling that made it worse (``rules.plateau.got_worse``: by more
+      than the gain's standard error, ``gain_se``, after a point below ``baseline``) are left out: the
+      run has overfitted its training cells, and the laws, in which every cell seen helps, do not
+      describe it there;
     - points whose loss is not below ``baseline`` (the gene-mean baseline on the same cells) are
       left out: they have learned nothing beyond each gene's mean."""
-    keep, notes, early = [], [], 0
+    keep, notes, early, worse = [], [], 0, []
     for _, run in branches.groupby("run_id", sort=False):
         run = run.sort_values("cells_seen")
         unit = str(run["loss_unit"].iloc[0]) if "loss_unit" in run else "mse"
         g = gains(run["cells_seen"].tolist(), run[choose_on].tolist(), unit)
         g = np.array([np.nan if v is None else v for v in g], dtype=float)
         start = int(np.nanargmax(g)) + 1 if np.isfinite(g).any() and np.nanmax(g) > 0 else 0
+        stop = _first_worse(run, g, start, baseline, choose_on)
         early += start
-        keep.append(run.iloc[start:])
+        if stop < len(run):
+            worse.append((str(run["size"].iloc[0]), len(run) - stop))
+        keep.append(run.iloc[start:stop])
     out = pd.concat(keep) if keep else branches.iloc[:0]
     if early:
         notes.append(f"{_points(early)} up to their run's steepest doubling (the takeoff from the gene-mean "
                      "plateau) left out")
+    if worse:
+        notes.append(f"{_points(sum(n for _, n in worse))} from the doubling that made their run worse "
+                     f"(overfitting its training cells: {', '.join(sorted({s for s, _ in worse}))}) left out")
     if baseline is not None and np.isfinite(baseline):
         flat = out[choose_on] >= baseline
         if flat.any():
@@ -244,6 +254,19 @@ def learned_points(branches: pd.DataFrame, *, baseline: float | None = None,
                          f"({', '.join(names)})")
             out = out[~flat]
     return out.sort_index(), notes
+
+
+def _first_worse(run: pd.DataFrame, g: np.ndarray, start: int, baseline: float | None, choose_on: str) -> int:
+    """Index of a run's first point past ``start`` whose doubling made it worse (``got_worse``) after
+    a point below ``baseline``; the run's length when there is none."""
+    ses = run["gain_se"].to_numpy(float) if "gain_se" in run else np.full(len(run), np.nan)
+    loss = run[choose_on].to_numpy(float)
+    for i in range(max(start, 1), len(run)):
+        learned = baseline is None or not np.isfinite(baseline) or loss[i - 1] < baseline
+        se = float(ses[i]) if np.isfinite(ses[i]) else None
+        if learned and np.isfinite(g[i]) and got_worse(float(g[i]), se):
+            return i
+    return len(run)
 
 
 def _points(n: int) -> str:
@@ -261,7 +284,7 @@ def _sizes(frame: pd.DataFrame, y: str) -> pd.DataFrame:
 
 
 def fit_data_axis(branches: pd.DataFrame, *, law: str | None = None, y: str = Y_DATA,
-                  method: str = defaults.METHOD, bootstrap: int = defaults.BOOTSTRAP, seed: int = defaults.SEED,
+                  method: str = defaults.DATA_METHOD, bootstrap: int = defaults.BOOTSTRAP, seed: int = defaults.SEED,
                   interval: str | None = None, n_jobs: int | None = 1,
                   gain_tolerance: float = defaults.GAIN_TOLERANCE, cell_draws=None) -> DataAxisFit:
     """Fit the joint law to the ok branch points of ``branches`` (``cellscale.schema.BRANCH_FIELDS``

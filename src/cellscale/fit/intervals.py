@@ -2,8 +2,8 @@
 
 Measured against each other in ``docs/intervals.md`` (``benchmarks/interval_coverage.py``):
 
-- ``profile``: profile likelihood of a Gaussian in the method's space (log L for huber-log
-  and paper, L for nls), calibrated by t on n - k degrees of freedom (Bates & Watts 1988,
+- ``profile``: profile likelihood of a Gaussian in the method's space (log L for huber-log,
+  ls-log and paper, L for nls), calibrated by t on n - k degrees of freedom (Bates & Watts 1988,
   ch. 6: the profile-t interval; exact for a linear model). No resampling; follows the
   curvature of the law, so a floor or exponent that the data pin down only on one side gets
   a one-sided long interval, running to the bound where the data never exclude it.

@@ -13,7 +13,7 @@ import numpy as np
 from scipy.optimize import least_squares, minimize
 
 from cellscale.errors import FitError
-from cellscale.fit.defaults import METHOD_NAMES
+from cellscale.fit.defaults import METHOD_DESCRIPTIONS, METHOD_NAMES
 from cellscale.fit.laws.base import Law
 
 HUBER_DELTA = 1e-3
@@ -88,10 +88,7 @@ class Method:
 
 class HuberLog(Method):
     name = "huber-log"
-    description = (
-        "Huber loss (delta 1e-3) on log-residuals, L-BFGS-B from the best points of a start "
-        "grid (Hoffmann et al. 2022; Besiroglu et al. 2024)"
-    )
+    description = METHOD_DESCRIPTIONS[name]
 
     def _value_grad(self, law, logX, logy, w, u):
         pred, jac = law.log_predict_jac(u, logX)
@@ -125,9 +122,32 @@ class HuberLog(Method):
         return res.x, float(res.fun)
 
 
+class LSLog(Method):
+    """Least squares on log L: the Gaussian fit in log space that the profile and Wald intervals
+    assume, so that the estimate and its interval come from one likelihood."""
+
+    name = "ls-log"
+    description = METHOD_DESCRIPTIONS[name]
+
+    def objective_many(self, law, logX, y, logy, w, U):
+        r = law.log_predict_many(U, logX) - logy
+        return (r * r * w).sum(axis=1)
+
+    def local(self, law, logX, y, logy, w, u0, bounds):
+        sw = np.sqrt(w)
+
+        def jac(u):
+            return sw[:, None] * law.log_predict_jac(u, logX)[1]
+
+        res = least_squares(lambda u: sw * (law.log_predict(u, logX) - logy), u0, jac=jac,
+                            bounds=([b[0] for b in bounds], [b[1] for b in bounds]), method="trf",
+                            ftol=1e-12, xtol=1e-12, gtol=1e-12, max_nfev=2000)
+        return res.x, float(2 * res.cost)
+
+
 class NLS(Method):
     name = "nls"
-    description = "least squares on L itself (optionally weighted), trust-region reflective from several starts"
+    description = METHOD_DESCRIPTIONS[name]
     space = "linear"
 
     def objective(self, law, logX, y, logy, w, u):
@@ -161,10 +181,7 @@ class Paper(Method):
     """The seed study's fit, for reproduction: it is biased towards the grid's upper edge."""
 
     name = "paper"
-    description = (
-        "seed study's method: grid of 1000 floors c in [0, 0.99 min L], least squares of "
-        "log(L - c) on log P for each, keep the best R^2 (reproduction only)"
-    )
+    description = METHOD_DESCRIPTIONS[name]
 
     def supports(self, law):
         return law.name in ("power", "power-floor")
@@ -209,4 +226,4 @@ def paper_on_edge(c: float, y: np.ndarray) -> bool:
 
 
 # by name, in the order of cellscale.fit.defaults.METHOD_NAMES (where the command line reads the names)
-METHODS: dict[str, Method] = dict(zip(METHOD_NAMES, (HuberLog(), NLS(), Paper())))
+METHODS: dict[str, Method] = dict(zip(METHOD_NAMES, (HuberLog(), LSLog(), NLS(), Paper())))

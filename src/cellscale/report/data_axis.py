@@ -104,7 +104,8 @@ def run_data_fit(sd: SweepData) -> DataOutcome | None:
             draws, why = eval_cell_draws(pts, sd.sweep_dir, cfg, Y_DATA, branches=True)
             if why:
                 out.note = "; ".join(n for n in (out.note, why) if n)
-            out.fit = fit_data_axis(pts, law=law, bootstrap=int(cfg["bootstrap"]), seed=int(cfg["seed"]),
+            out.fit = fit_data_axis(pts, law=law, method=str(cfg["data_method"]), bootstrap=int(cfg["bootstrap"]),
+                                    seed=int(cfg["seed"]),
                                     interval=cfg.get("interval"), n_jobs=None, cell_draws=draws)
         out.record = out.fit.to_dict()
     except FitError as err:

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from cellscale.config import ConfigError, FitConfig, RunConfig, parse_config
+from cellscale.config import ConfigError, FitConfig, StudyConfig, parse_config
 from cellscale.data.manifest import Manifest
 from cellscale.errors import DataError, RunError
 from cellscale.report.records import SWEEP_BASELINES, PerGene, SweepData, scores
@@ -91,10 +91,10 @@ def _read_config(data: SweepData) -> None:
         data.notes.append(f"config.yaml could not be read ({str(err).splitlines()[0]}).")
         return
     try:  # validate and fill defaults; a config that no longer validates only degrades the text
-        data.config = parse_config(RunConfig, raw, origin=str(path)).model_dump(mode="json")
+        data.config = parse_config(StudyConfig, raw, origin=str(path)).model_dump(mode="json")
     except ConfigError as err:
         data.config = raw
-        data.notes.append(f"config.yaml does not validate against this version's RunConfig ({err}); "
+        data.notes.append(f"config.yaml does not validate against this version's StudyConfig ({err}); "
                           "its raw values are used.")
 
 

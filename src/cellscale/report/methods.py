@@ -1,6 +1,6 @@
 """The generated methods paragraph of a sweep (its plain-language summary is ``report.meaning``).
 
-It is built from the dumped RunConfig (a dict), the dataset manifest (``Manifest``, or its
+It is built from the dumped StudyConfig (a dict), the dataset manifest (``Manifest``, or its
 dict), the results table and the fit dictionary, and returns plain text; the renderers escape it.
 Every fact comes from those inputs: what is missing is said to be missing, never guessed.
 """
@@ -14,6 +14,7 @@ import pandas as pd
 
 from cellscale.config import FitConfig, ModelConfig, TrainConfig
 from cellscale.data.manifest import Manifest
+from cellscale.fit.defaults import METHOD_DESCRIPTIONS
 from cellscale.fit.intervals import DESCRIPTIONS, default_interval
 from cellscale.fit.laws import LAWS
 from cellscale.report.fmt import fmt_int, fmt_num, resample_failures
@@ -387,11 +388,7 @@ def _fit_text(fitcfg: Mapping[str, Any], fit: Mapping[str, Any] | None, fit_note
         "power": "L = a P^-alpha",
         "chinchilla": "L = E + A / N^alpha + B / D^beta",
     }.get(law, law)
-    methdesc = {
-        "huber-log": "Huber loss (delta 1e-3) on log-residuals minimised with L-BFGS from a grid of starts",
-        "paper": "the seed study's grid over c with least squares of log(L - c) on log P (reproduction only)",
-        "nls": "nonlinear least squares on L",
-    }.get(method, method)
+    methdesc = METHOD_DESCRIPTIONS.get(method, method)
     if fit:
         lawdesc = str(fit.get("formula") or lawdesc).split("  (")[0]
         methdesc = str(fit.get("method_description") or methdesc)
@@ -439,7 +436,7 @@ def methods_paragraph(
     fit_note: str | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> str:
-    """Methods text sufficient to reproduce the sweep, from the dumped RunConfig, the dataset
+    """Methods text sufficient to reproduce the sweep, from the dumped StudyConfig, the dataset
     manifest and the results table. Missing inputs are named as missing."""
     cfg = dict(config or {})
     man = _manifest(manifest)

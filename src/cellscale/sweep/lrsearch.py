@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from cellscale.config import RunConfig
+from cellscale.config import StudyConfig
 from cellscale.rules.lrgrid import loss_column, select_lr
 from cellscale.schema import FINISHED
 from cellscale.sweep.plan import RunSpec
@@ -28,7 +28,7 @@ from cellscale.sweep.plan import RunSpec
 Group = tuple[str, int | None, float]
 
 
-def searches_first_seed(cfg: RunConfig) -> bool:
+def searches_first_seed(cfg: StudyConfig) -> bool:
     s = cfg.sweep
     return s.lr_search == "first-seed" and len(s.lr_multipliers) > 1 and len(s.seeds) > 1
 
@@ -37,14 +37,14 @@ def _group(spec: RunSpec) -> Group:
     return spec.size, spec.train_cells, float(spec.depth)
 
 
-def search_runs(cfg: RunConfig, specs: Sequence[RunSpec]) -> list[RunSpec]:
+def search_runs(cfg: StudyConfig, specs: Sequence[RunSpec]) -> list[RunSpec]:
     """The runs trained before any rate is chosen: all of them, or the first seed's."""
     if not searches_first_seed(cfg):
         return list(specs)
     return [s for s in specs if s.seed == cfg.sweep.seeds[0]]
 
 
-def planned_count(cfg: RunConfig, specs: Sequence[RunSpec]) -> int:
+def planned_count(cfg: StudyConfig, specs: Sequence[RunSpec]) -> int:
     """How many runs the sweep trains in all (known before any is trained)."""
     if not searches_first_seed(cfg):
         return len(specs)
@@ -76,7 +76,7 @@ def chosen_scales(specs: Sequence[RunSpec], results: Sequence[dict[str, Any]]) -
     return {groups[(c.size, str(c.train_cells), c.depth)]: c.best for c in choices}
 
 
-def _settled(cfg: RunConfig, specs: Sequence[RunSpec], results: Sequence[dict[str, Any]]) -> set[Group]:
+def _settled(cfg: StudyConfig, specs: Sequence[RunSpec], results: Sequence[dict[str, Any]]) -> set[Group]:
     """The groups whose first-seed runs have all finished for good."""
     final = {str(r.get("run_id")) for r in results if r.get("status") in FINISHED}
     first = [s for s in specs if s.seed == cfg.sweep.seeds[0]]
@@ -84,7 +84,7 @@ def _settled(cfg: RunConfig, specs: Sequence[RunSpec], results: Sequence[dict[st
     return {_group(s) for s in first} - open_groups
 
 
-def later_runs(cfg: RunConfig, specs: Sequence[RunSpec], results: Sequence[dict[str, Any]]) -> list[RunSpec]:
+def later_runs(cfg: StudyConfig, specs: Sequence[RunSpec], results: Sequence[dict[str, Any]]) -> list[RunSpec]:
     """The other seeds' runs of each settled group: at its chosen rate, at every rate where it has
     nothing to choose from (no ok run, or a single one: that one's rate)."""
     if not searches_first_seed(cfg):
@@ -105,7 +105,7 @@ def later_runs(cfg: RunConfig, specs: Sequence[RunSpec], results: Sequence[dict[
     return out
 
 
-def waiting_groups(cfg: RunConfig, specs: Sequence[RunSpec], results: Sequence[dict[str, Any]]) -> list[str]:
+def waiting_groups(cfg: StudyConfig, specs: Sequence[RunSpec], results: Sequence[dict[str, Any]]) -> list[str]:
     """The sizes whose later seeds wait for a first-seed run that failed."""
     if not searches_first_seed(cfg):
         return []

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import itertools
 
-from cellscale.config import ConfigError, RunConfig
+from cellscale.config import ConfigError, StudyConfig
 from cellscale.train.spec import RunSpec, check_override_sizes, n_train_of_config, resolve_run, run_id  # noqa: F401
 
 
-def plan_runs(cfg: RunConfig, *, n_genes: int, n_train: int | None = None) -> list[RunSpec]:
+def plan_runs(cfg: StudyConfig, *, n_genes: int, n_train: int | None = None) -> list[RunSpec]:
     """Sizes x train_cells x depths x learning-rate multiples x seeds, largest data first within a size so nested
     subsets share nothing but the dataset; ids do not depend on the order of the grid.
 

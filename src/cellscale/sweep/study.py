@@ -7,7 +7,15 @@ import functools
 import shutil
 from pathlib import Path
 
-from cellscale.config import ConfigError, RunConfig, config_hash, depth_label, dump_yaml, identity_dump, load_run_config
+from cellscale.config import (
+    ConfigError,
+    StudyConfig,
+    config_hash,
+    depth_label,
+    dump_yaml,
+    identity_dump,
+    load_study_config,
+)
 from cellscale.data.baselines import load_or_compute_baselines
 from cellscale.data.build import build_dataset
 from cellscale.data.store import Dataset
@@ -26,7 +34,7 @@ from cellscale.sweep.scoring import score_result, score_sweep
 from cellscale.train.rundir import finished_result
 
 
-def sweep_hash(cfg: RunConfig) -> str:
+def sweep_hash(cfg: StudyConfig) -> str:
     """The config hash a sweep dir is claimed with. A setting added since sweeps were first
     written and left at its "as before" value is not hashed (``config.ADDED_SETTINGS_OFF``), so
     a sweep written before it existed still resumes."""
@@ -36,7 +44,7 @@ def sweep_hash(cfg: RunConfig) -> str:
     return config_hash(payload)
 
 
-def _marker_hash(out: Path, cfg: RunConfig, *, overwrite: bool) -> str | None:
+def _marker_hash(out: Path, cfg: StudyConfig, *, overwrite: bool) -> str | None:
     """The config hash ``out/sweep.json`` records. A damaged sweep.json stands for this config
     when ``config.yaml`` is this config's (one line says so); otherwise it is refused
     (DamagedFile), or, with ``overwrite``, taken as another config's (None)."""
@@ -52,7 +60,7 @@ def _marker_hash(out: Path, cfg: RunConfig, *, overwrite: bool) -> str | None:
         raise err.with_fix("use another --out, or --overwrite to start the sweep over") from None
 
 
-def prepare_sweep_dir(cfg: RunConfig, out: Path, *, overwrite: bool = False) -> None:
+def prepare_sweep_dir(cfg: StudyConfig, out: Path, *, overwrite: bool = False) -> None:
     """Claim ``out`` for this config: refuse a directory that holds something else."""
     marker = out / "sweep.json"
     if out.exists() and not out.is_dir():
@@ -87,7 +95,7 @@ def _baselines_readable(path: Path) -> bool:
     return True
 
 
-def ensure_dataset(cfg: RunConfig, out: Path) -> Path:
+def ensure_dataset(cfg: StudyConfig, out: Path) -> Path:
     if cfg.dataset:
         path = Path(cfg.dataset).expanduser().resolve()
         Dataset.open(path)  # refuses a missing, changed or truncated dataset
@@ -104,7 +112,7 @@ def depth_dataset_dir(out: Path, depth: float) -> Path:
     return out / "datasets" / f"depth-{depth_label(depth)}"
 
 
-def check_depth_axis(cfg: RunConfig, given: Dataset | None) -> None:
+def check_depth_axis(cfg: StudyConfig, given: Dataset | None) -> None:
     """Refuse, before anything is written, a depth axis on data that has no counts to thin."""
     if all(float(d) == 1.0 for d in cfg.sweep.depths):
         return
@@ -116,7 +124,7 @@ def check_depth_axis(cfg: RunConfig, given: Dataset | None) -> None:
                           "which has none: drop sweep.depths or build from counts")
 
 
-def ensure_depth_datasets(cfg: RunConfig, out: Path, base: Dataset, *, progress: bool = False) -> dict[float, str]:
+def ensure_depth_datasets(cfg: StudyConfig, out: Path, base: Dataset, *, progress: bool = False) -> dict[float, str]:
     """{depth: dataset dir} for every depth of the sweep: the base dataset at 1.0, each other
     depth thinned from it once (a complete one from an earlier, interrupted sweep is reused)
     with its baselines cached in its own ``baselines.json``. Thinning is seeded by the base
@@ -152,7 +160,7 @@ def _listed(specs: list, *batches: list) -> list[str]:
 
 
 def run_sweep(
-    cfg: RunConfig | str | Path, *, out: str | Path, backend: str | None = None,
+    cfg: StudyConfig | str | Path, *, out: str | Path, backend: str | None = None,
     ray_address: str | None = None, overwrite: bool = False, progress: bool = True,
     ray_num_cpus: int | None = None, workers: int | str | None = None,
 ) -> Path:
@@ -163,8 +171,8 @@ def run_sweep(
     rerun skips those runs and resumes the interrupted one from its checkpoint.
     ``ray_num_cpus`` caps a local Ray cluster (default: every core); ``workers`` replaces
     ``sweep.workers`` (local runs at once)."""
-    if not isinstance(cfg, RunConfig):
-        cfg = load_run_config(cfg)
+    if not isinstance(cfg, StudyConfig):
+        cfg = load_study_config(cfg)
     out = Path(out)
     # refuse a bad config before anything is written: sizes, overrides, an existing dataset
     # (opened and verified once, here)

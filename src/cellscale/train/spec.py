@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cellscale.config import ConfigError, ModelConfig, RunConfig, TrainConfig, depth_label, parse_config
+from cellscale.config import ConfigError, ModelConfig, StudyConfig, TrainConfig, depth_label, parse_config
 from cellscale.model.ladder import get_size
 
 
@@ -36,21 +36,21 @@ def run_id(size: str, train_cells: int | None, seed: int, depth: float = 1.0, lr
     return rid if float(lr_scale) == 1.0 else f"{rid}-lr{float(lr_scale):g}"
 
 
-def n_train_of_config(cfg: RunConfig) -> int:
+def n_train_of_config(cfg: StudyConfig) -> int:
     """The train split the config's data section builds (exact without ``split_by``)."""
     from cellscale.data.split import split_sizes
 
     return split_sizes(cfg.data.cells, cfg.data.split)[0]
 
 
-def check_override_sizes(cfg: RunConfig) -> None:
+def check_override_sizes(cfg: StudyConfig) -> None:
     """An override for a size the sweep never trains is a typo, not a setting."""
     stray = set(cfg.sweep.overrides) - set(cfg.sweep.sizes)
     if stray:
         raise ConfigError(f"sweep.overrides names size '{sorted(stray)[0]}' which is not in sweep.sizes")
 
 
-def _size_train_config(cfg: RunConfig, size: str) -> TrainConfig:
+def _size_train_config(cfg: StudyConfig, size: str) -> TrainConfig:
     """``cfg.train`` with ``sweep.overrides[size]`` on top."""
     over = dict(cfg.sweep.overrides.get(size, {}))
     unknown = set(over) - set(TrainConfig.model_fields)
@@ -59,7 +59,7 @@ def _size_train_config(cfg: RunConfig, size: str) -> TrainConfig:
     return parse_config(TrainConfig, {**cfg.train.model_dump(), **over}, origin=f"sweep.overrides.{size}")
 
 
-def _with_epochs(train: TrainConfig, cfg: RunConfig, size: str, n_train_cells: int) -> TrainConfig:
+def _with_epochs(train: TrainConfig, cfg: StudyConfig, size: str, n_train_cells: int) -> TrainConfig:
     if cfg.sweep.epochs is None:
         return train
     if "cells_seen" in cfg.sweep.overrides.get(size, {}):
@@ -69,7 +69,7 @@ def _with_epochs(train: TrainConfig, cfg: RunConfig, size: str, n_train_cells: i
 
 
 def resolve_run(
-    cfg: RunConfig, *, size: str, n_genes: int, n_train: int | None = None, train_cells: int | None = None,
+    cfg: StudyConfig, *, size: str, n_genes: int, n_train: int | None = None, train_cells: int | None = None,
     seed: int = 0, depth: float = 1.0, lr_multiple: float = 1.0, run_name: str | None = None,
     model_flags: Mapping[str, Any] | None = None, train_flags: Mapping[str, Any] | None = None,
 ) -> RunSpec:

@@ -1,0 +1,57 @@
+"""A run that learned and then got worse over a doubling has overfitted its training cells: the rule
+(cellscale.rules.plateau.got_worse) and the data axis leaving its points out from there on
+(cellscale.fit.data_axis.learned_points)."""
+
+import pandas as pd
+import pytest
+
+from cellscale.fit.data_axis import learned_points
+from cellscale.rules.plateau import doubling_gain, got_worse
+
+
+def test_worse_only_beyond_one_standard_error():
+    rise = doubling_gain(1.00, 1.05)  # the loss rose 5%: gain -0.0476
+    assert got_worse(rise) and got_worse(rise, se=0.04)
+    assert not got_worse(rise, se=0.05)  # within its noise
+    assert not got_worse(doubling_gain(1.05, 1.00)) and not got_worse(None)
+    assert not got_worse(0.0) and got_worse(-1e-9)
+
+
+def test_worse_in_bits_is_a_rise_of_the_entropy():
+    assert got_worse(doubling_gain(-0.50, -0.40, "bits")) and not got_worse(doubling_gain(-0.40, -0.50, "bits"))
+
+
+def _run(run_id: str, size: str, losses, ses) -> pd.DataFrame:
+    cells = [15000 * 2**i for i in range(len(losses))]
+    return pd.DataFrame({"run_id": run_id, "size": size, "cells_seen": cells, "val_loss": losses,
+                         "gain_se": ses, "loss_unit": "mse"})
+
+
+def test_points_from_the_first_worse_doubling_are_left_out():
+    # takeoff at the second point (its steepest doubling), then falling, then up 8% (se 2%), then down again
+    over = _run("XS-d210-s0", "XS", [1.60, 1.00, 0.90, 0.85, 0.92, 0.80], [None, 0.05, 0.02, 0.02, 0.02, 0.02])
+    fine = _run("XS-dall-s0", "XS", [1.60, 1.00, 0.90, 0.86, 0.85, 0.849], [None, 0.05, 0.02, 0.02, 0.02, 0.02])
+    pts, notes = learned_points(pd.concat([over, fine], ignore_index=True), baseline=1.5)
+    assert pts.groupby("run_id")["cells_seen"].apply(list).to_dict() == {
+        "XS-d210-s0": [60000, 120000], "XS-dall-s0": [60000, 120000, 240000, 480000]}
+    assert notes == ["4 points up to their run's steepest doubling (the takeoff from the gene-mean plateau) left out",
+                     "2 points from the doubling that made their run worse (overfitting its training cells: XS) "
+                     "left out"]
+
+
+@pytest.mark.parametrize(("se", "kept"), [(0.09, 4), (None, 2)])
+def test_a_rise_within_its_standard_error_is_kept(se, kept):
+    run = _run("S-dall-s0", "SMALL", [1.6, 1.0, 0.90, 0.85, 0.92, 0.80], [None, 0.05, 0.02, 0.02, se, 0.02])
+    assert len(learned_points(run, baseline=1.5)[0]) == kept
+
+
+def test_a_rise_on_the_gene_mean_plateau_is_not_overfitting():
+    # still at the gene mean (1.60) when it rose: the plateau's wobble, not a run past its best
+    run = _run("XXS-dall-s0", "XXS", [1.70, 1.605, 1.610, 1.600], [None, 0.001, 0.001, 0.001])
+    pts, notes = learned_points(run, baseline=1.599)
+    assert pts.empty
+    assert notes == ["2 points up to their run's steepest doubling (the takeoff from the gene-mean plateau) left out",
+                     "2 points not below the gene-mean baseline (1.599) left out (XXS)"]
+    # the same rise after a point below the baseline is a run past its best
+    notes = learned_points(run.assign(val_loss=[1.70, 1.59, 1.595, 1.58]), baseline=1.599)[1]
+    assert notes[1] == "2 points from the doubling that made their run worse (overfitting its training cells: XXS) left out"
