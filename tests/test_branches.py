@@ -92,7 +92,7 @@ def test_the_run_records_its_branches_and_ends_with_its_last(branched):
                                                             [r["val_loss"] for r in rows]), nan_ok=True)
     assert rows[0]["gain_se"] is None and all(r["gain_se"] > 0 for r in rows[1:])  # paired with the point at half
     assert not any(r["converged"] for r in rows) and res["converged"] is False  # plateau_min_cells: never
-    assert res["plateau_gain"] == rows[-1]["gain"]
+    assert res["plateau_gain"] == rows[-1]["gain"] and res["plateau_gain_se"] == rows[-1]["gain_se"]
     assert res["best_val_mse"] == pytest.approx(rows[-1]["val_mse"], rel=1e-9)
     assert res["test_mse"] == pytest.approx(rows[-1]["test_mse"], rel=1e-9)
     cells = np.load(out / "branches" / "2560.npz")

@@ -55,3 +55,32 @@ def test_a_rise_on_the_gene_mean_plateau_is_not_overfitting():
     # the same rise after a point below the baseline is a run past its best
     notes = learned_points(run.assign(val_loss=[1.70, 1.59, 1.595, 1.58]), baseline=1.599)[1]
     assert notes[1] == "2 points from the doubling that made their run worse (overfitting its training cells: XXS) left out"
+
+
+def _ladder(converged, gain, se) -> pd.DataFrame:
+    return pd.DataFrame({"run_id": ["a-s0", "b-s0", "c-s0"], "size": ["XXS", "TINY", "XS"], "status": "ok",
+                         "params": [100, 1_000, 10_000], "best_val_mse": [1.3, 1.2, 1.1],
+                         "test_mse": [1.3, 1.2, 1.1], "budget": "plateau", "converged": converged,
+                         "plateau_gain": gain, "plateau_gain_se": se})
+
+
+def test_the_report_names_the_converged_runs_that_got_worse():
+    from cellscale.report.meaning import meaning_paragraph
+    from cellscale.report.verdicts import verdict_lines
+
+    # b rose 6% (se 2%): past its best; c rose 1% within its se; a rose 5% but never counted as converged
+    runs = _ladder([False, True, True], [-0.05, -0.06, -0.01], [0.01, 0.02, 0.02])
+    assert verdict_lines(runs, None, {})[1] == (
+        "Trained: 2 of 3 runs converged, 1 of them past their best (overfitting: their last doubling made them "
+        "worse); the others were still improving when their budget ended.")
+    assert ("Only 2 of 3 finished runs converged; the others were still improving, cooled down, when their budget "
+            "ended. One of the converged runs ended past its best (b-s0): its last doubling of cells seen made it "
+            "worse, overfitting its training cells; training longer would not help, more training cells might."
+            ) in meaning_paragraph(runs, None)
+    both = _ladder([True, True, True], [0.001, -0.06, -0.1], [0.002, 0.02, 0.02])
+    assert verdict_lines(both, None, {})[1] == (
+        "Trained: all 3 runs converged (their last doubling of cells seen bought under the tolerance), 2 of them "
+        "past their best (overfitting: their last doubling made them worse).")
+    assert "2 of the converged runs ended past their best (b-s0, c-s0): their last" in meaning_paragraph(both, None)
+    none = _ladder([True, True, True], [0.001, 0.002, -0.01], [0.002, 0.002, 0.02])
+    assert "past" not in verdict_lines(none, None, {})[1] and "past its best" not in meaning_paragraph(none, None)

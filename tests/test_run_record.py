@@ -44,7 +44,7 @@ OLD_RESULT = (
     "choice_cells", "best_val_mse", "test_mse", "best_val_loss", "test_loss",
     "clamp_share",
     "gene_mean_val_mse", "gene_mean_test_mse", "wall_seconds", "status", "error",
-    "budget", "converged", "plateau_gain", "dropout", "attention_dropout", "attention_impl",
+    "budget", "converged", "plateau_gain", "plateau_gain_se", "dropout", "attention_dropout", "attention_impl",
     *OLD_DOWNSTREAM,
 )
 OLD_TEXT = ("run_id", "size", "objective", "status", "error", "budget", "attention_impl",

@@ -56,9 +56,11 @@ class _Trained(BaseModel):
     status: str
     error: str | None = None
     budget: str | None = None
-    # was the run converged (cellscale.rules.plateau, on its cooled-down branches), and the gain behind the verdict
+    # was the run converged (cellscale.rules.plateau, on its cooled-down branches), the gain behind the verdict
+    # and its standard error over the validation cells (with the gain: did the last doubling make it worse?)
     converged: bool | None = None
     plateau_gain: float | None = None
+    plateau_gain_se: float | None = None
     dropout: float | None = None
     attention_dropout: float | None = None
     attention_impl: str | None = None

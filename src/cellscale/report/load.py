@@ -39,7 +39,8 @@ from cellscale.schema import (
 # (a sweep without a depth axis ran at full depth; one before the objectives trained on the MSE)
 _OPTIONAL_DEFAULTS = {"depth": 1.0, "objective": "mse", "best_val_loss": np.nan, "test_loss": np.nan,
                       # before the plateau criterion every run had a fixed budget, its verdict unknown
-                      "budget": "fixed", "converged": np.nan, "plateau_gain": np.nan, "dropout": np.nan,
+                      "budget": "fixed", "converged": np.nan, "plateau_gain": np.nan, "plateau_gain_se": np.nan,
+                      "dropout": np.nan,
                       "attention_dropout": np.nan, "attention_impl": np.nan, "lr_scale": 1.0,
                       # a sweep before the downstream step scored no embedding
                       **dict.fromkeys(DOWNSTREAM_FIELDS, np.nan)}

@@ -17,6 +17,7 @@ from cellscale.fit.judge import flag_lines
 from cellscale.report.fmt import floor_name, fmt_int, fmt_num
 from cellscale.rules.lossbounds import check_not_below_floor
 from cellscale.rules.lrgrid import LRChoice, fitted_column, loss_column, select_lr
+from cellscale.rules.plateau import got_worse
 
 __all__ = ["meaning_paragraph", "best_model", "floor_beaten_by"]
 
@@ -151,6 +152,28 @@ def chosen_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
     return (sel.kept, len(sel.dropped) > 0) if sel.choices else (ok, False)
 
 
+def worse_runs(ok: pd.DataFrame) -> list[str]:
+    """The runs whose last doubling made them worse by more than its standard error
+    (``rules.plateau.got_worse``): they ended past their best, overfitting their training cells."""
+    if "plateau_gain" not in ok:
+        return []
+    gain = pd.to_numeric(ok["plateau_gain"], errors="coerce")
+    se = pd.to_numeric(ok["plateau_gain_se"], errors="coerce") if "plateau_gain_se" in ok else gain * np.nan
+    return [str(r) for r, g, s in zip(ok["run_id"], gain, se)
+            if math.isfinite(g) and got_worse(float(g), float(s) if math.isfinite(s) else None)]
+
+
+def worse_words(worse: list[str]) -> str:
+    """The converged runs :func:`worse_runs` names, as a sentence (empty without any)."""
+    if not worse:
+        return ""
+    one = len(worse) == 1
+    return (f" {'One' if one else len(worse)} of the converged runs ended past {'its' if one else 'their'} best "
+            f"({', '.join(worse)}): {'its' if one else 'their'} last doubling of cells seen made "
+            f"{'it' if one else 'them'} worse, overfitting {'its' if one else 'their'} training cells; training "
+            "longer would not help, more training cells might.")
+
+
 def _plateau_sentence(runs: pd.DataFrame, best: dict[str, Any]) -> list[str]:
     if "converged" not in runs:
         return []
@@ -161,13 +184,14 @@ def _plateau_sentence(runs: pd.DataFrame, best: dict[str, Any]) -> list[str]:
         return ["Whether the runs converged is not judged: that is read on cooldown branches, which only the plateau "
                 "budget takes (or the results table is from before the check)."]
     n_ok, n_conv = len(ok), int((flag == 1).sum())
+    past = worse_words(worse_runs(ok[flag == 1]))
     if n_conv == n_ok:
         return [f"All {n_ok} finished runs{at} converged: their last doublings of cells seen, cooled down, bought at most "
-                "the tolerance (rule in the methods)."]
+                "the tolerance (rule in the methods)." + past]
     mine = ok[ok["size"] == best["size"]]
     best_conv = bool((pd.to_numeric(mine["converged"], errors="coerce") == 1).all())
     return [f"Only {n_conv} of {n_ok} finished runs{at} converged; the others were still improving, cooled down, when "
-            f"their budget ended" + ("" if best_conv else ", the best size among them") + "."]
+            f"their budget ended" + ("" if best_conv else ", the best size among them") + "." + past]
 
 
 def _sizes(choices: list[LRChoice]) -> str:

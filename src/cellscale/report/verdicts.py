@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 
 from cellscale.report.fmt import floor_name, fmt_num
-from cellscale.report.meaning import BASELINE_NAMES, best_model, chosen_runs, loss_words
+from cellscale.report.meaning import BASELINE_NAMES, best_model, chosen_runs, loss_words, worse_runs
 
 __all__ = ["verdict_lines"]
 
@@ -37,9 +37,12 @@ def _trained(runs: pd.DataFrame) -> str:
     if flag.isna().all():
         return "Trained: not judged (convergence is read on the cooldown branches of the plateau budget)."
     n, conv = len(ok), int((flag == 1).sum())
+    worse = len(worse_runs(ok[flag == 1]))
+    past = f", {worse} of them past their best (overfitting: their last doubling made them worse)" if worse else ""
     if conv == n:
-        return f"Trained: all {n} runs{at} converged (their last doubling of cells seen bought under the tolerance)."
-    return f"Trained: {conv} of {n} runs{at} converged; the others were still improving when their budget ended."
+        return (f"Trained: all {n} runs{at} converged (their last doubling of cells seen bought under the "
+                f"tolerance){past}.")
+    return f"Trained: {conv} of {n} runs{at} converged{past}; the others were still improving when their budget ended."
 
 
 def _law(fit: Mapping[str, Any]) -> str:

@@ -16,10 +16,10 @@ def end_step(run: Run, state: LoopState) -> int:
     return state.end_step or run.cadence.total_steps
 
 
-def verdict(run: Run, state: LoopState) -> tuple[bool | None, float | None]:
-    """(converged, the gain over the last doubling behind it): for a plateau run, the verdict of
-    the branch it ended at; for a fixed budget (None, None): not judged."""
+def verdict(run: Run, state: LoopState) -> tuple[bool | None, float | None, float | None]:
+    """(converged, the gain over the last doubling behind it, that gain's standard error): for a
+    plateau run, the verdict of the branch it ended at; for a fixed budget (None, None, None): not judged."""
     if run.cfg.budget != "plateau" or not state.branches:
-        return None, None
+        return None, None, None
     last = state.branches[-1]
-    return bool(last["converged"]), last["gain"]
+    return bool(last["converged"]), last["gain"], last.get("gain_se")

@@ -79,7 +79,7 @@ def result_record(run: Run, state: LoopState, scores: FinalScores, *, clock: Clo
     status = "ok" if state.status == "running" else state.status
     baselines = run.ds.manifest.get("baselines", {}).get("gene_mean", {})
     cells = state.step * cfg.batch_size
-    converged, gain = verdict(run, state)
+    converged, gain, gain_se = verdict(run, state)
     per_gene = scores.per_gene or {"per_gene_mse_spread": None, "entropy_bits_per_gene": None}
     return RunRecord.model_validate({
         "run_id": run.run_id,
@@ -120,6 +120,7 @@ def result_record(run: Run, state: LoopState, scores: FinalScores, *, clock: Clo
         "budget": cfg.budget,
         "converged": converged,
         "plateau_gain": gain,
+        "plateau_gain_se": gain_se,
         "dropout": mcfg.dropout,
         "attention_dropout": mcfg.attn_dropout,
         "attention_impl": attention_impl(mcfg, run.device, dtype=compute_dtype(run.device, cfg.precision)),
