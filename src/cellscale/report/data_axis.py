@@ -16,13 +16,13 @@ import numpy as np
 import pandas as pd
 
 from cellscale.errors import FitError
+from cellscale.fit.core import fitted_unit
 from cellscale.fit.data_axis import Y_DATA, DataAxisFit, fit_data_axis, law_x, learned_points
 from cellscale.report import plots
 from cellscale.report.doc import Callout, Fig, Figure, Para, Section, Table
 from cellscale.report.fitting import FitOutcome, eval_cell_draws, headline_depth
 from cellscale.report.fmt import fmt_int, fmt_num
 from cellscale.report.records import SweepData
-from cellscale.rules.lossbounds import lowest_loss
 from cellscale.rules.lrgrid import select_lr
 
 DATA_FILE = "data_fit.json"
@@ -71,7 +71,7 @@ def branch_points(sd: SweepData) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]
                      "rates left out)")
     chosen = b[b["run_id"].isin(set(kept["run_id"].astype(str))) & (b["status"] == "ok")]
     y = pd.to_numeric(chosen[Y_DATA], errors="coerce")
-    lowest = lowest_loss(sd.objective, str(chosen["loss_unit"].iloc[0]) if len(chosen) else "mse")
+    lowest = fitted_unit(chosen, Y_DATA)[2]  # the fit's own rule: it fits the excess over this
     bad = ~np.isfinite(y) | (y <= lowest)  # the laws are fitted in log space, to the excess over it
     if bad.any():
         notes.append(f"{int(bad.sum())} points without a finite loss above {lowest:g} left out")
