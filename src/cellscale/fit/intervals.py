@@ -53,6 +53,7 @@ from cellscale.fit.bootstrap import (
 # the interval methods' names, descriptions and default live in fit.defaults (stdlib, read by the command line)
 from cellscale.fit.defaults import DEFAULT_INTERVAL, DESCRIPTIONS, INTERVALS, default_interval  # noqa: F401
 from cellscale.fit.laws.base import Law
+from cellscale.fit.methods import least_squares_from, residuals_jac
 
 LEVEL = 0.95
 # More failed resamples than this share marks a fit's intervals as unreliable.
@@ -67,16 +68,6 @@ def check_interval(name: str) -> str:
 
 # ---- the Gaussian fit in the method's space -------------------------------------------------
 
-def _resid_jac(law: Law, space: str, logX, y, w, u):
-    """Weighted residuals and their Jacobian in u: sqrt(w) (f(u) - y) in ``space``."""
-    lp, J = law.log_predict_jac(u, logX)
-    sw = np.sqrt(w)
-    if space == "log":
-        return sw * (lp - np.log(y)), sw[:, None] * J
-    p = np.exp(lp)
-    return sw * (p - y), (sw * p)[:, None] * J
-
-
 def _n_dof(law: Law, w) -> tuple[float, int]:
     """(effective n, residual degrees of freedom): the sum of the resampling counts/weights
     where they are counts, the number of used rows otherwise."""
@@ -86,7 +77,7 @@ def _n_dof(law: Law, w) -> tuple[float, int]:
 
 def standard_errors(law: Law, space: str, logX, y, w, u) -> np.ndarray:
     """s sqrt(diag (J'J)^-1) in u, with s^2 = RSS / (n - k); NaN where not identified."""
-    r, J = _resid_jac(law, space, logX, y, w, u)
+    r, J = residuals_jac(law, space, logX, y, w, u)
     _, dof = _n_dof(law, w)
     if dof <= 0:
         return np.full(law.n_params, np.nan)
@@ -115,12 +106,9 @@ def gaussian_fit(law: Law, space: str, logX, y, w, starts) -> tuple[np.ndarray, 
     for s in starts:
         u0 = np.clip(np.asarray(s, float), lo + 1e-9 * (hi - lo), hi - 1e-9 * (hi - lo))
         with np.errstate(all="ignore"):
-            res = least_squares(lambda u: _resid_jac(law, space, logX, y, w, u)[0], u0,
-                                jac=lambda u: _resid_jac(law, space, logX, y, w, u)[1],
-                                bounds=(lo, hi), method="trf", ftol=1e-12, xtol=1e-12, gtol=1e-12,
-                                max_nfev=2000)
-        if np.isfinite(res.cost) and 2 * res.cost < best_s:
-            best_u, best_s = res.x, 2 * float(res.cost)
+            u, rss = least_squares_from(law, space, logX, y, w, u0, lo, hi)
+        if np.isfinite(rss) and rss < best_s:
+            best_u, best_s = u, rss
     if best_u is None:
         raise FitError("the least-squares fit behind the intervals found no finite solution")
     return best_u, best_s
@@ -151,8 +139,8 @@ class _Profile:
 
         v0 = np.clip(self.warm[free], self.lo[free] + 1e-12, self.hi[free] - 1e-12)
         with np.errstate(all="ignore"):
-            res = least_squares(lambda v: _resid_jac(law, space, logX, y, w, full(v))[0], v0,
-                                jac=lambda v: _resid_jac(law, space, logX, y, w, full(v))[1][:, free],
+            res = least_squares(lambda v: residuals_jac(law, space, logX, y, w, full(v))[0], v0,
+                                jac=lambda v: residuals_jac(law, space, logX, y, w, full(v))[1][:, free],
                                 bounds=(self.lo[free], self.hi[free]), method="trf",
                                 ftol=1e-10, xtol=1e-10, gtol=1e-10, max_nfev=500)
         if np.isfinite(res.cost):
@@ -264,7 +252,7 @@ def residual_draws(law: Law, space: str, logX, y, w, u_hat, n_boot: int, seed: i
     used = w > 0
     rng = np.random.default_rng(seed)
     if blocks is None:
-        r, J = _resid_jac(law, space, logX, y, w, u_hat)
+        r, J = residuals_jac(law, space, logX, y, w, u_hat)
         with np.errstate(all="ignore"):
             hat = np.einsum("ij,jk,ik->i", J, np.linalg.pinv(J.T @ J), J)
         e = -r[used] / np.sqrt(np.clip(1.0 - hat[used], 1e-3, None))
@@ -288,7 +276,7 @@ def residual_levels(law: Law, space: str, logX, y, w, u_hat, blocks) -> tuple[np
     over the block's pairs of rows: a fit with few blocks absorbs much of their shared offsets, and
     this gives them back their spread, as a row's leverage does for its residual); and each row's
     deviation from its block's mean."""
-    r, J = _resid_jac(law, space, logX, y, w, u_hat)
+    r, J = residuals_jac(law, space, logX, y, w, u_hat)
     used = w > 0
     e, J = -r[used], J[used]
     with np.errstate(all="ignore"):

@@ -51,6 +51,29 @@ def _distinct(us: list[np.ndarray], objs: list[float]) -> tuple[np.ndarray, floa
     return us[best], float(objs[best]), np.array(kept[:2])
 
 
+def _lo_hi(bounds) -> tuple[list[float], list[float]]:
+    return [b[0] for b in bounds], [b[1] for b in bounds]
+
+
+def residuals_jac(law: Law, space: str, logX, y, w, u) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted residuals and their Jacobian in u: sqrt(w) (f(u) - y) in ``space`` ("log": log L)."""
+    lp, J = law.log_predict_jac(u, logX)
+    sw = np.sqrt(w)
+    if space == "log":
+        return sw * (lp - np.log(y)), sw[:, None] * J
+    p = np.exp(lp)
+    return sw * (p - y), (sw * p)[:, None] * J
+
+
+def least_squares_from(law: Law, space: str, logX, y, w, u0, lo, hi) -> tuple[np.ndarray, float]:
+    """The least-squares fit in ``space`` from ``u0`` within [lo, hi] (trust-region reflective):
+    (u, residual sum of squares). The step every Gaussian fit here takes: ls-log, nls, the intervals."""
+    res = least_squares(lambda u: residuals_jac(law, space, logX, y, w, u)[0], u0,
+                        jac=lambda u: residuals_jac(law, space, logX, y, w, u)[1], bounds=(lo, hi), method="trf",
+                        ftol=1e-12, xtol=1e-12, gtol=1e-12, max_nfev=2000)
+    return res.x, float(2 * res.cost)
+
+
 class Method:
     name = ""
     description = ""
@@ -122,7 +145,23 @@ class HuberLog(Method):
         return res.x, float(res.fun)
 
 
-class LSLog(Method):
+class _LeastSquares(Method):
+    """A Gaussian fit in ``space``: the sum of squared weighted residuals, minimised from each start
+    by :func:`least_squares_from`."""
+
+    def residuals(self, law, logX, y, w, u):
+        """sqrt(w) (f(u) - y) in ``space``: the residuals whose squares are summed."""
+        return residuals_jac(law, self.space, logX, y, w, u)[0]
+
+    def jacobian(self, law, logX, y, w, u):
+        """d residuals / d u, shape (n, k)."""
+        return residuals_jac(law, self.space, logX, y, w, u)[1]
+
+    def local(self, law, logX, y, logy, w, u0, bounds):
+        return least_squares_from(law, self.space, logX, y, w, u0, *_lo_hi(bounds))
+
+
+class LSLog(_LeastSquares):
     """Least squares on log L: the Gaussian fit in log space that the profile and Wald intervals
     assume, so that the estimate and its interval come from one likelihood."""
 
@@ -133,19 +172,8 @@ class LSLog(Method):
         r = law.log_predict_many(U, logX) - logy
         return (r * r * w).sum(axis=1)
 
-    def local(self, law, logX, y, logy, w, u0, bounds):
-        sw = np.sqrt(w)
 
-        def jac(u):
-            return sw[:, None] * law.log_predict_jac(u, logX)[1]
-
-        res = least_squares(lambda u: sw * (law.log_predict(u, logX) - logy), u0, jac=jac,
-                            bounds=([b[0] for b in bounds], [b[1] for b in bounds]), method="trf",
-                            ftol=1e-12, xtol=1e-12, gtol=1e-12, max_nfev=2000)
-        return res.x, float(2 * res.cost)
-
-
-class NLS(Method):
+class NLS(_LeastSquares):
     name = "nls"
     description = METHOD_DESCRIPTIONS[name]
     space = "linear"
@@ -156,25 +184,6 @@ class NLS(Method):
     def objective_many(self, law, logX, y, logy, w, U):
         r = np.exp(law.log_predict_many(U, logX)) - y
         return (r * r * w).sum(axis=1)
-
-    @staticmethod
-    def residuals(law, logX, y, w, u):
-        """sqrt(w) (L(u) - y): the residuals whose squares are summed."""
-        return np.sqrt(w) * (np.exp(law.log_predict(u, logX)) - y)
-
-    @staticmethod
-    def jacobian(law, logX, y, w, u):
-        """d residuals / d u, shape (n, k)."""
-        logp, dlog = law.log_predict_jac(u, logX)
-        return (np.sqrt(w) * np.exp(logp))[:, None] * dlog
-
-    def local(self, law, logX, y, logy, w, u0, bounds):
-        lo = [b[0] for b in bounds]
-        hi = [b[1] for b in bounds]
-        res = least_squares(lambda u: self.residuals(law, logX, y, w, u), u0,
-                            jac=lambda u: self.jacobian(law, logX, y, w, u), bounds=(lo, hi), method="trf",
-                            ftol=1e-12, xtol=1e-12, gtol=1e-12, max_nfev=2000)
-        return res.x, float(2 * res.cost)
 
 
 class Paper(Method):

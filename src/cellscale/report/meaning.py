@@ -153,12 +153,13 @@ def chosen_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
 
 
 def worse_runs(ok: pd.DataFrame) -> list[str]:
-    """The runs whose last doubling made them worse by more than its standard error
-    (``rules.plateau.got_worse``): they ended past their best, overfitting their training cells."""
-    if "plateau_gain" not in ok:
+    """The converged runs of ``ok`` whose last doubling made them worse by more than its standard
+    error (``rules.plateau.got_worse``): they ended past their best, overfitting their training cells."""
+    if "plateau_gain" not in ok or "converged" not in ok:
         return []
+    ok = ok[pd.to_numeric(ok["converged"], errors="coerce") == 1]
     gain = pd.to_numeric(ok["plateau_gain"], errors="coerce")
-    se = pd.to_numeric(ok["plateau_gain_se"], errors="coerce") if "plateau_gain_se" in ok else gain * np.nan
+    se = pd.to_numeric(ok.get("plateau_gain_se", pd.Series(np.nan, index=ok.index)), errors="coerce")
     return [str(r) for r, g, s in zip(ok["run_id"], gain, se)
             if math.isfinite(g) and got_worse(float(g), float(s) if math.isfinite(s) else None)]
 
@@ -184,7 +185,7 @@ def _plateau_sentence(runs: pd.DataFrame, best: dict[str, Any]) -> list[str]:
         return ["Whether the runs converged is not judged: that is read on cooldown branches, which only the plateau "
                 "budget takes (or the results table is from before the check)."]
     n_ok, n_conv = len(ok), int((flag == 1).sum())
-    past = worse_words(worse_runs(ok[flag == 1]))
+    past = worse_words(worse_runs(ok))
     if n_conv == n_ok:
         return [f"All {n_ok} finished runs{at} converged: their last doublings of cells seen, cooled down, bought at most "
                 "the tolerance (rule in the methods)." + past]

@@ -37,7 +37,7 @@ def _trained(runs: pd.DataFrame) -> str:
     if flag.isna().all():
         return "Trained: not judged (convergence is read on the cooldown branches of the plateau budget)."
     n, conv = len(ok), int((flag == 1).sum())
-    worse = len(worse_runs(ok[flag == 1]))
+    worse = len(worse_runs(ok))
     past = f", {worse} of them past their best (overfitting: their last doubling made them worse)" if worse else ""
     if conv == n:
         return (f"Trained: all {n} runs{at} converged (their last doubling of cells seen bought under the "
