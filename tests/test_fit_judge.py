@@ -112,7 +112,8 @@ def test_the_verdicts_open_with_at_most_five_lines():
     lines = verdict_lines(issue, fit_table(issue, law="power-floor", bootstrap=50).to_dict(), {"gene_mean": 2.5})
     assert lines == [
         "Best model: P20000000, test MSE 1.558, below every baseline (the gene-mean baseline).",
-        "Trained: all 18 runs converged (their last doubling of cells seen bought under the tolerance).",
+        "Trained: all 18 runs converged (their last doublings of cells seen, cooled down, bought under the "
+        "tolerance; rule in the methods).",
         "Law: misses its points by more than the seeds' own spread (R^2 0.999, lack-of-fit test).",
         "Floor: not identified (lack of fit, top not falling, floor above best).",
         "Bits: none, as there is no identified floor to read them from.",

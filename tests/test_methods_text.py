@@ -59,7 +59,8 @@ def test_schedule_and_budget_text_follow_the_budget_mode():
     assert "none counted before" not in plateau and "1-sqrt" in _text({"budget": "plateau"})
     held = _text({"budget": "plateau", "plateau_min_cells": 40000, "cells_seen": 500000})
     assert ("improved by at most 1% over the doubling before it, by at least that gain's standard error over the "
-            "validation cells, none counted before 40,000 cells seen, with its validation MSE below the gene-mean "
+            "validation cells, for 2 doublings in a row, none counted before 40,000 cells seen, with its "
+            "validation MSE below the gene-mean "
             "baseline's by more than 1% (converged)") in held
 
 

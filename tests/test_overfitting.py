@@ -79,7 +79,8 @@ def test_the_report_names_the_converged_runs_that_got_worse():
             ) in meaning_paragraph(runs, None)
     both = _ladder([True, True, True], [0.001, -0.06, -0.1], [0.002, 0.02, 0.02])
     assert verdict_lines(both, None, {})[1] == (
-        "Trained: all 3 runs converged (their last doubling of cells seen bought under the tolerance), 2 of them "
+        "Trained: all 3 runs converged (their last doublings of cells seen, cooled down, bought under the tolerance; "
+        "rule in the methods), 2 of them "
         "past their best (overfitting: their last doubling made them worse).")
     assert "2 of the converged runs ended past their best (b-s0, c-s0): their last" in meaning_paragraph(both, None)
     none = _ladder([True, True, True], [0.001, 0.002, -0.01], [0.002, 0.002, 0.02])

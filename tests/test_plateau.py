@@ -100,6 +100,25 @@ def test_no_point_on_the_gene_mean_plateau_counts_towards_convergence():
     assert has_learned(0.99, None) and has_learned(None, 1.0)
 
 
+# TINY, seed 0, on the demo's data trained to 1.92M cells (docs/ablations.md, "Does converged hold up?"):
+# cooled-down validation losses and their paired gains' standard errors from 120k cells seen on
+TINY_S0_CELLS = [120_000, 240_000, 480_000, 960_000, 1_920_000]
+TINY_S0_LOSSES = [1.128197, 1.104218, 1.093837, 1.088582, 1.075123]
+TINY_S0_SES = [0.00642, 0.00531, 0.00445, 0.00405, 0.00470]
+
+
+def test_one_flat_doubling_is_not_enough_by_default():
+    gain = gains(TINY_S0_CELLS, TINY_S0_LOSSES)
+    assert [round(100 * g, 2) for g in gain[1:]] == [2.17, 0.95, 0.48, 1.25]
+    # one doubling within 1% by one standard error at 960k, and the next one bought 1.25%:
+    assert converged_at(TINY_S0_CELLS, TINY_S0_LOSSES, ses=TINY_S0_SES, patience=1) == 3
+    patience = TrainConfig().plateau_patience
+    assert patience == 2
+    assert converged_at(TINY_S0_CELLS, TINY_S0_LOSSES, ses=TINY_S0_SES, patience=patience) is None
+    flat = TINY_S0_LOSSES[:4] + [TINY_S0_LOSSES[3] / 1.004]  # had it bought 0.4% instead
+    assert converged_at(TINY_S0_CELLS, flat, ses=TINY_S0_SES, patience=patience) == 4
+
+
 def test_a_denser_ladder_reads_each_gain_over_a_whole_doubling():
     cells = [1000, 1414, 2000, 2828, 4000]
     losses = [2.0, 1.8, 1.5, 1.49, 1.485]

@@ -40,8 +40,8 @@ def _trained(runs: pd.DataFrame) -> str:
     worse = len(worse_runs(ok))
     past = f", {worse} of them past their best (overfitting: their last doubling made them worse)" if worse else ""
     if conv == n:
-        return (f"Trained: all {n} runs{at} converged (their last doubling of cells seen bought under the "
-                f"tolerance){past}.")
+        return (f"Trained: all {n} runs{at} converged (their last doublings of cells seen, cooled down, bought under the "
+                f"tolerance; rule in the methods){past}.")
     return f"Trained: {conv} of {n} runs{at} converged{past}; the others were still improving when their budget ended."
 
 
