@@ -141,6 +141,13 @@ def test_the_regime_sentence_follows_the_fitted_numbers(fitted):
                              f", not by {'its parameters' if 'data' in limited.values() else 'the cells it has seen'}.")
     else:
         assert all(n in text for n in named)
+    assert out.record["judgement"]["floor_identified"] and "do not identify where the law levels off" not in text
+    unknown = _outcome(fit)
+    unknown.record["judgement"] = {**unknown.record["judgement"], "floor_identified": False}
+    assert regime_sentence(unknown).endswith(
+        "These points do not identify where the law levels off (its floor E), so what more cells seen would buy, "
+        "and each size's converged loss, extend the fitted curve past the points rather than measure its level: a "
+        "run that flattens sooner falls short of them (measured on real PBMCs, docs/ablations.md).")
     conv = converged_sentence(out)
     assert all(f"{c['size']} {c['loss']:.4g}" in conv for c in out.record["converged"])
     law = size_law_sentence(out)

@@ -240,7 +240,16 @@ def regime_sentence(out: DataOutcome) -> str:
                  for k in ("data", "parameters", "both")}
         verdict = "; ".join(f"limited by {'data' if k == 'data' else k}: {', '.join(v)}" if k != "both" else
                             f"no clear limit (intervals overlap): {', '.join(v)}" for k, v in named.items() if v)
-    return "Regime, from the joint law: " + "; ".join(parts) + f". So {verdict}."
+    return "Regime, from the joint law: " + "; ".join(parts) + f". So {verdict}." + _floor_caveat(out)
+
+
+def _floor_caveat(out: DataOutcome) -> str:
+    """Where the law levels off is what a longer run would meet; unidentified, it is the fit's guess."""
+    if (out.record.get("judgement") or {}).get("floor_identified", True):
+        return ""
+    return (" These points do not identify where the law levels off (its floor E), so what more cells seen would "
+            "buy, and each size's converged loss, extend the fitted curve past the points rather than measure its "
+            "level: a run that flattens sooner falls short of them (measured on real PBMCs, docs/ablations.md).")
 
 
 def converged_sentence(out: DataOutcome) -> str:
