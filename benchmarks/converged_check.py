@@ -6,11 +6,12 @@ SWEEP_DIR is a sweep whose runs were *not* stopped early (``train.plateau_min_ce
 ``train.cells_seen``, so every run trains to its maximum with a cooldown branch at every doubling):
 a run's branches at D and 2 D are then exactly a run stopped at D and a run twice as long (the
 same recipe and seed follow the same stable path; ``cellscale.train.branches``). For each run this
-applies the convergence rule (``cellscale.rules.plateau.converged_at``, with the study's
-``plateau_min_cells`` or ``--min-cells``, and optionally another patience or number of standard
-errors) to its branch table, and prints the point at which the run would have stopped and what the
-next doubling then bought, cooled down, on the validation cells (the loss the rule reads) and on
-the test cells; then the share of stopped runs whose next doubling bought under the tolerance.
+applies the convergence rule (``cellscale.rules.plateau.converged_at``, with no convergence called
+before ``--min-cells``, by default the demo's ``plateau_min_cells``, and the studies' default
+patience and tolerance unless given) to its branch table, and prints the point at which the run
+would have stopped and what the next doubling then bought, cooled down, on the validation cells
+(the loss the rule reads) and on the test cells, or that the rule fired only at its last branch;
+then the share of the stopped runs with a next doubling whose gain was under the tolerance.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 
 from cellscale.config import TrainConfig
 from cellscale.rules import plateau
-from cellscale.rules.plateau import converged_at, doubling_gain, has_learned
+from cellscale.rules.plateau import converged_at, doubling_gain, gains, has_learned
 
 
 def run_rows(sweep: Path) -> list[tuple[str, list[dict]]]:
@@ -32,22 +33,31 @@ def run_rows(sweep: Path) -> list[tuple[str, list[dict]]]:
 
 
 def stop_and_next(rows: list[dict], gene_mean: float, *, min_cells: float, patience: int,
-                  tol: float) -> tuple[int, float, float] | None:
-    """(cells seen where the rule stops the run, the next doubling's validation gain, its test gain);
-    None when the rule never fires or the run has no branch at twice that."""
+                  tol: float) -> tuple[int, float | None, float | None, float | None] | None:
+    """(the index of the branch where the rule stops the run, the gain it read there, the next
+    doubling's gain on the validation cells, on the test cells): the next doubling read against the first later branch with
+    at least about twice (``plateau.HALF``) its cells seen, as the rule reads its own; gains None when
+    the run has no such branch. None when the rule never fires."""
+    rows = [r for r in rows if r.get("status", "ok") == "ok"]
+    unit = str(rows[0].get("loss_unit", "mse")) if rows else "mse"
     cells = [float(r["cells_seen"]) for r in rows]
     val = [r["val_loss"] for r in rows]
-    learned = [has_learned(v, gene_mean, tol) for v in val]
-    i = converged_at(cells, val, tol=tol, min_cells=min_cells, patience=patience,
+    learned = [has_learned(r.get("val_mse", r["val_loss"]), gene_mean, tol) for r in rows]
+    i = converged_at(cells, val, unit=unit, tol=tol, min_cells=min_cells, patience=patience,
                      ses=[r.get("gain_se") for r in rows], learned=learned)
     if i is None:
         return None
-    at = {int(r["cells_seen"]): r for r in rows}
-    d = int(cells[i])
-    if 2 * d not in at:
-        return None
-    nxt = at[2 * d]
-    return d, doubling_gain(val[i], nxt["val_loss"]), doubling_gain(rows[i]["test_loss"], nxt["test_loss"])
+    later = [j for j in range(i + 1, len(rows)) if cells[i] <= plateau.HALF * cells[j]]
+    own = gains(cells, val, unit)[i]
+    if not later:
+        return i, own, None, None
+    nxt = rows[later[0]]
+    return (i, own, doubling_gain(val[i], nxt["val_loss"], unit),
+            doubling_gain(rows[i]["test_loss"], nxt["test_loss"], unit))
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:+.2f}%"
 
 
 def main() -> None:
@@ -66,16 +76,20 @@ def main() -> None:
     for name, rows in run_rows(a.sweep):
         got = stop_and_next(rows, gene_mean, min_cells=a.min_cells, patience=a.patience, tol=a.tol)
         if got is None:
-            print(f"| {name} | never (or no branch at twice it) | | | |")
+            print(f"| {name} | never | | | |")
             continue
-        d, g_val, g_test = got
-        last = next(r for r in rows if int(r["cells_seen"]) == d)
+        i, own, g_val, g_test = got
+        last = [r for r in rows if r.get("status", "ok") == "ok"][i]
+        se = "" if last.get("gain_se") is None else f" +- {100 * last['gain_se']:.2f}%"
+        if g_val is None:
+            print(f"| {name} | {int(last['cells_seen']):,} (its last branch) | {_pct(own)}{se} | "
+                  "no later branch | |")
+            continue
         nexts.append(g_val)
-        print(f"| {name} | {d:,} | {100 * last['gain']:+.2f}% +- {100 * last['gain_se']:.2f}% | "
-              f"{100 * g_val:+.2f}% | {100 * g_test:+.2f}% |")
+        print(f"| {name} | {int(last['cells_seen']):,} | {_pct(own)}{se} | {_pct(g_val)} | {_pct(g_test)} |")
     if nexts:
         v = np.array(nexts)
-        print(f"\n{len(v)} runs stopped; next doubling (val) under {100 * a.tol:g}%: "
+        print(f"\n{len(v)} stopped runs with a next doubling; it bought (val) under {100 * a.tol:g}% in "
               f"{int((v < a.tol).sum())} of {len(v)}; mean {100 * v.mean():+.2f}%, max {100 * v.max():+.2f}%")
 
 

@@ -95,9 +95,14 @@ def test_converged_check_reads_the_next_doubling_of_every_run_the_rule_stops(tmp
     (tmp_path / "baselines.json").write_text(json.dumps({"gene_mean": {"val": 1.6, "test": 1.6}}))
     one = _run("converged_check.py", str(tmp_path), "--patience", "1")
     assert "| TINY-dall-s0 | 960,000 | +0.48% +- 0.40% | +1.25% | +1.22% |" in one
-    assert one.strip().endswith("1 runs stopped; next doubling (val) under 1%: 0 of 1; mean +1.25%, max +1.25%")
+    assert one.strip().endswith("1 stopped runs with a next doubling; it bought (val) under 1% in 0 of 1; "
+                                "mean +1.25%, max +1.25%")
     two = _run("converged_check.py", str(tmp_path))  # the default: two flat doublings in a row
-    assert "| TINY-dall-s0 | never (or no branch at twice it) | | | |" in two and "runs stopped" not in two
+    assert "| TINY-dall-s0 | never | | | |" in two and "stopped runs" not in two
+    rows[-1]["val_loss"] = rows[-2]["val_loss"] / 1.004  # flat at 1.92M too: called converged at its last branch
+    (tmp_path / "runs" / "TINY-dall-s0" / "branches.json").write_text(json.dumps({"branches": rows}))
+    last = _run("converged_check.py", str(tmp_path))
+    assert "| TINY-dall-s0 | 1,920,000 (its last branch) | +0.40% +- 0.47% | no later branch | |" in last
 
 
 def test_real_counts_reads_a_gene_by_cell_table_whose_header_names_the_cells_only(tmp_path: Path):

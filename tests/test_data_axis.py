@@ -141,9 +141,10 @@ def test_the_regime_sentence_follows_the_fitted_numbers(fitted):
                              f", not by {'its parameters' if 'data' in limited.values() else 'the cells it has seen'}.")
     else:
         assert all(n in text for n in named)
-    assert out.record["judgement"]["floor_identified"] and "do not identify where the law levels off" not in text
+    assert not out.record["judgement"]["floor_interval_reaches_bound"] and not out.record["floor_at_boundary"]
+    assert "do not identify where the law levels off" not in text
     unknown = _outcome(fit)
-    unknown.record["judgement"] = {**unknown.record["judgement"], "floor_identified": False}
+    unknown.record["judgement"] = {**unknown.record["judgement"], "floor_interval_reaches_bound": True}
     assert regime_sentence(unknown).endswith(
         "These points do not identify where the law levels off (its floor E), so what more cells seen would buy, "
         "and each size's converged loss, extend the fitted curve past the points rather than measure its level: a "

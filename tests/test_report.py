@@ -567,6 +567,16 @@ def test_per_gene_plot_is_pure_and_tolerates_nothing_to_draw(tmp_path, monkeypat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_law_whose_size_term_vanishes_has_no_compute_optimum_to_draw():
+    # fitted on a gaussian-nll sweep below zero bits (tests/test_negative_bits.py, the slow one):
+    # alpha 2.7e-29 and A 1.4e-15 put N* at 0, which divided by zero before
+    iso = plots.IsoFlop(A=1.381e-15, B=18.22, E=-7.33, alpha=2.67e-29, beta=0.1, k=281.6, budgets=[1.6e9, 1.35e10])
+    assert all(math.isnan(v) for v in iso.optimum(1.6e9))
+    fig = plots.isoflop_profiles(iso)
+    assert [t.get_text() for t in fig.axes[0].texts] == ["the fitted law gives no finite compute-optimal size"]
+    assert not math.isnan(plots.IsoFlop(1.0, 1.0, 0.5, 0.3, 0.3, 6.0, [1e9]).optimum(1e9)[0])
+
+
 # ---------------------------------------------------------------------------------- sequencing depth
 
 

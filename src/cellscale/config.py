@@ -190,8 +190,8 @@ class TrainConfig(_Frozen):
     budget: Literal["fixed", "plateau"] = "fixed"
     plateau_tol: float = Field(0.01, gt=0, lt=1)
     # two doublings in a row, by measurement (docs/ablations.md, "Does converged hold up?"): a single
-    # flat doubling was a low draw as often as a plateau (4 seeds x MINI, TINY: 4 of 4 runs it stopped
-    # bought 1.2-1.5% over the next doubling; two in a row stopped none of the 8 within 1.92M cells)
+    # flat doubling is often a low draw (4 seeds x MINI, TINY: of 6 runs it stopped whose next doubling
+    # was measured, 4 then bought 1.2-1.5%; two in a row stopped none of the 8 within 1.92M cells)
     plateau_patience: int = Field(2, ge=1)
     # no plateau is called before this many cells seen: a run at a low rate can sit flat at the
     # gene-mean loss for its first tens of thousands of cells and would read as trained there

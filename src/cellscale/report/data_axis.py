@@ -245,7 +245,8 @@ def regime_sentence(out: DataOutcome) -> str:
 
 def _floor_caveat(out: DataOutcome) -> str:
     """Where the law levels off is what a longer run would meet; unidentified, it is the fit's guess."""
-    if (out.record.get("judgement") or {}).get("floor_identified", True):
+    judgement = out.record.get("judgement") or {}
+    if not (out.record.get("floor_at_boundary") or judgement.get("floor_interval_reaches_bound")):
         return ""
     return (" These points do not identify where the law levels off (its floor E), so what more cells seen would "
             "buy, and each size's converged loss, extend the fitted curve past the points rather than measure its "

@@ -8,6 +8,7 @@ in threads. ``figure_png(fig)`` turns a figure into PNG bytes for the writer.
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -507,9 +508,12 @@ class IsoFlop:
     span: float = 2.0  # decades of N drawn either side of N*(C)
 
     def optimum(self, C: float) -> tuple[float, float, float]:
-        """(N*, D*, L*) at budget C (Hoffmann et al. 2022, closed form)."""
+        """(N*, D*, L*) at budget C (Hoffmann et al. 2022, closed form); NaNs when the law has no
+        finite optimum (a fit whose size term vanishes, alpha or A near 0, puts N* at 0 or infinity)."""
         a, b = self.alpha, self.beta
         G = (a * self.A / (b * self.B)) ** (1.0 / (a + b))
+        if not (math.isfinite(G) and G > 0):
+            return math.nan, math.nan, math.nan
         n = G * (C / self.k) ** (b / (a + b))
         d = (C / self.k) ** (a / (a + b)) / G
         return n, d, self.loss(n, d)

@@ -15,8 +15,8 @@ of either sign and is the same number for an MSE and a Gaussian likelihood of th
 
 A run is converged at D_k when gain_k plus its standard error over the evaluation cells is at most
 ``tol`` (1% by default) at ``patience`` points in a row (none counted before ``min_cells``, nor while
-the run is still on the gene-mean plateau: ``has_learned``): its last doubling, cooled down, bought
-less than that, by at least one standard error. The standard error (``paired_gain_se``) pairs the
+the run is still on the gene-mean plateau: ``has_learned``): each of its last ``patience`` doublings,
+cooled down, bought less than that, by at least one standard error. The standard error (``paired_gain_se``) pairs the
 two points cell by cell (the same cells and masks score both): on 2,000 validation cells it is
 0.4-0.6% for a curve that has flattened (measured on the demo's MINI and TINY at 480k-960k cells), on
 35 several percent, so that a flat-looking curve on a handful of cells is not called converged
@@ -28,8 +28,8 @@ not converged.
 The standard error counts the evaluation cells only, not where each cooldown happens to land: a
 run's gains past its takeoff wander by more than it (measured, 4 seeds each of MINI and TINY to
 1.92M cells: successive gains of 0.46%, 1.46%, 0.84%, or 1.11%, 3.85%, 1.92%, against standard
-errors of 0.4-0.7%), so one flat doubling is as often a low draw as a plateau. With ``patience``
-1 the rule stopped 4 of those 8 runs, and each then bought 1.16-1.46% over its next doubling; the
+errors of 0.4-0.7%), so one flat doubling is often a low draw. With ``patience`` 1 the rule stopped
+7 of those 8 runs; of the 6 whose next doubling was measured, 4 then bought 1.16-1.46%. The
 studies' default (``TrainConfig.plateau_patience``) is therefore two flat doublings in a row.
 
 torch-free, so that the trainer, the sweep, the fit and the report all judge by this one rule.
