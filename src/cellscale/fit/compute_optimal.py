@@ -26,12 +26,20 @@ def flops_constant(frame: pd.DataFrame, X: np.ndarray, x_cols: list[str]) -> tup
     return DEFAULT_K, "6 (no usable 'flops' column: the standard 6 N D estimate)"
 
 
+def scale_g(A, B, alpha, beta):
+    """G of the module doc's closed form, elementwise."""
+    return (alpha * A / (beta * B)) ** (1.0 / (alpha + beta))
+
+
+def allocation(A, B, alpha, beta, C, k: float):
+    """(N*(C), D*(C)) of the module doc's closed form, elementwise (numpy broadcasting)."""
+    G = scale_g(A, B, alpha, beta)
+    return G * (C / k) ** (beta / (alpha + beta)), (C / k) ** (alpha / (alpha + beta)) / G
+
+
 def _allocation(theta: np.ndarray, C: np.ndarray, k: float):
-    A, B, _, alpha, beta = (theta[..., i] for i in range(5))
-    G = (alpha * A / (beta * B)) ** (1.0 / (alpha + beta))
-    n_opt = G[..., None] * (C / k) ** (beta / (alpha + beta))[..., None]
-    d_opt = (C / k) ** (alpha / (alpha + beta))[..., None] / G[..., None]
-    return n_opt, d_opt
+    A, B, _, alpha, beta = (theta[..., i, None] for i in range(5))
+    return allocation(A, B, alpha, beta, C, k)
 
 
 def _loss(theta: np.ndarray, N, D):
@@ -113,7 +121,7 @@ def compute_optimal(theta: np.ndarray, samples: np.ndarray, *, X: np.ndarray, fr
         "k_source": k_source,
         "N_opt_exponent": float(beta / (alpha + beta)),
         "D_opt_exponent": float(alpha / (alpha + beta)),
-        "G": float((alpha * A / (beta * B)) ** (1.0 / (alpha + beta))),
+        "G": float(scale_g(A, B, alpha, beta)),
         "table": rows,
         "fixed_data": fixed,
     }

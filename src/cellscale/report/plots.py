@@ -20,6 +20,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter
 
+from cellscale.fit.compute_optimal import allocation
+
 __all__ = [
     "Curve",
     "Floor",
@@ -510,13 +512,11 @@ class IsoFlop:
     def optimum(self, C: float) -> tuple[float, float, float]:
         """(N*, D*, L*) at budget C (Hoffmann et al. 2022, closed form); NaNs when the law has no
         finite optimum (a fit whose size term vanishes, alpha or A near 0, puts N* at 0 or infinity)."""
-        a, b = self.alpha, self.beta
-        G = (a * self.A / (b * self.B)) ** (1.0 / (a + b))
-        if not (math.isfinite(G) and G > 0):
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+            n, d = allocation(np.float64(self.A), self.B, self.alpha, self.beta, C, self.k)
+        if not (math.isfinite(n) and n > 0 and math.isfinite(d) and d > 0):
             return math.nan, math.nan, math.nan
-        n = G * (C / self.k) ** (b / (a + b))
-        d = (C / self.k) ** (a / (a + b)) / G
-        return n, d, self.loss(n, d)
+        return float(n), float(d), self.loss(n, d)
 
     def loss(self, N, D):
         N, D = np.asarray(N, float), np.asarray(D, float)
