@@ -6,7 +6,7 @@ SWEEP_DIR is a sweep whose runs were *not* stopped early (``train.plateau_min_ce
 ``train.cells_seen``, so every run trains to its maximum with a cooldown branch at every doubling):
 a run's branches at D and 2 D are then exactly a run stopped at D and a run twice as long (the
 same recipe and seed follow the same stable path; ``cellscale.train.branches``). For each run this
-applies the convergence rule (``cellscale.rules.plateau.converged_at``, with no convergence called
+applies the convergence rule (``cellscale.rules.plateau.ladder_converged_at``, as the trainer reads it, with no convergence called
 before ``--min-cells``, by default the demo's ``plateau_min_cells``, and the studies' default
 patience and tolerance unless given) to its branch table, and prints the point at which the run
 would have stopped and what the next doubling then bought, cooled down, on the validation cells
@@ -24,12 +24,14 @@ import numpy as np
 
 from cellscale.config import TrainConfig
 from cellscale.rules import plateau
-from cellscale.rules.plateau import converged_at, doubling_gain, gains, has_learned
+from cellscale.rules.plateau import doubling_gain, gains, ladder_converged_at
 
 
 def run_rows(sweep: Path) -> list[tuple[str, list[dict]]]:
+    """Each run's finished branch points, in order of cells seen."""
     runs = sorted(p for p in (sweep / "runs").iterdir() if (p / "branches.json").is_file())
-    return [(p.name, json.loads((p / "branches.json").read_text())["branches"]) for p in runs]
+    return [(p.name, [r for r in json.loads((p / "branches.json").read_text())["branches"]
+                      if r.get("status", "ok") == "ok"]) for p in runs]
 
 
 def stop_and_next(rows: list[dict], gene_mean: float, *, min_cells: float, patience: int,
@@ -38,13 +40,10 @@ def stop_and_next(rows: list[dict], gene_mean: float, *, min_cells: float, patie
     doubling's gain on the validation cells, on the test cells): the next doubling read against the first later branch with
     at least about twice (``plateau.HALF``) its cells seen, as the rule reads its own; gains None when
     the run has no such branch. None when the rule never fires."""
-    rows = [r for r in rows if r.get("status", "ok") == "ok"]
     unit = str(rows[0].get("loss_unit", "mse")) if rows else "mse"
     cells = [float(r["cells_seen"]) for r in rows]
     val = [r["val_loss"] for r in rows]
-    learned = [has_learned(r.get("val_mse", r["val_loss"]), gene_mean, tol) for r in rows]
-    i = converged_at(cells, val, unit=unit, tol=tol, min_cells=min_cells, patience=patience,
-                     ses=[r.get("gain_se") for r in rows], learned=learned)
+    i = ladder_converged_at(rows, gene_mean, unit=unit, tol=tol, patience=patience, min_cells=min_cells)
     if i is None:
         return None
     later = [j for j in range(i + 1, len(rows)) if cells[i] <= plateau.HALF * cells[j]]
@@ -79,7 +78,7 @@ def main() -> None:
             print(f"| {name} | never | | | |")
             continue
         i, own, g_val, g_test = got
-        last = [r for r in rows if r.get("status", "ok") == "ok"][i]
+        last = rows[i]
         se = "" if last.get("gain_se") is None else f" +- {100 * last['gain_se']:.2f}%"
         if g_val is None:
             print(f"| {name} | {int(last['cells_seen']):,} (its last branch) | {_pct(own)}{se} | "

@@ -12,6 +12,7 @@ from cellscale.rules.plateau import (
     gains,
     has_learned,
     is_converged,
+    ladder_converged_at,
     paired_gain_se,
     relative_fall,
 )
@@ -117,6 +118,14 @@ def test_one_flat_doubling_is_not_enough_by_default():
     assert converged_at(TINY_S0_CELLS, TINY_S0_LOSSES, ses=TINY_S0_SES, patience=patience) is None
     flat = TINY_S0_LOSSES[:4] + [TINY_S0_LOSSES[3] / 1.004]  # had it bought 0.4% instead
     assert converged_at(TINY_S0_CELLS, flat, ses=TINY_S0_SES, patience=patience) == 4
+
+
+def test_a_branch_table_is_judged_as_the_trainer_judges_it():
+    rows = [{"cells_seen": c, "val_loss": v, "val_mse": v, "gain_se": se}
+            for c, v, se in zip(TINY_S0_CELLS, TINY_S0_LOSSES, TINY_S0_SES)]
+    assert ladder_converged_at(rows, 1.6, patience=1) == 3  # well below the gene mean: every point counts
+    assert ladder_converged_at(rows, 1.6, patience=2) is None
+    assert ladder_converged_at(rows, 1.09, patience=1) is None  # 960k is within 1% of this gene mean
 
 
 def test_a_denser_ladder_reads_each_gain_over_a_whole_doubling():

@@ -38,7 +38,8 @@ torch-free, so that the trainer, the sweep, the fit and the report all judge by 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -141,6 +142,16 @@ def converged_at(cells: Sequence[float], losses: Sequence[float | None], *, unit
         if run >= patience:
             return i
     return None
+
+
+def ladder_converged_at(ladder: Sequence[Mapping[str, Any]], gene_mean: float | None, *, unit: str = "mse",
+                        tol: float = PLATEAU_TOL, patience: int = 1, min_cells: float = 0) -> int | None:
+    """:func:`converged_at` on a run's branch rows, in order of cells seen (``cells_seen``,
+    ``val_loss``, ``gain_se``, ``val_mse``: a ``BranchRecord``'s fields), with the gene-mean
+    plateau read off ``val_mse`` (:func:`has_learned`)."""
+    return converged_at([b["cells_seen"] for b in ladder], [b["val_loss"] for b in ladder], unit=unit, tol=tol,
+                        patience=patience, min_cells=min_cells, ses=[b.get("gain_se") for b in ladder],
+                        learned=[has_learned(b.get("val_mse"), gene_mean, tol) for b in ladder])
 
 
 def budget_text(*, budget: str, tol: float, patience: int, cooldown_frac: float, max_cells: int,

@@ -32,7 +32,7 @@ import torch
 
 from cellscale.model import count_params, flops_per_cell
 from cellscale.rules import objectives
-from cellscale.rules.plateau import HALF, converged_at, gains, has_learned, paired_gain_se
+from cellscale.rules.plateau import HALF, gains, ladder_converged_at, paired_gain_se
 from cellscale.rules.schedule import BranchPoint, lr_at, run_branch_points
 from cellscale.runtime.checkpoint import crashpoint, save_weights
 from cellscale.runtime.io import atomic_write_json, atomic_write_with
@@ -162,9 +162,8 @@ class Brancher:
         at, vals = [b["cells_seen"] for b in ladder], [b["val_loss"] for b in ladder]
         gain = gains(at, vals, unit)[-1]
         gene_mean = (run.ds.manifest.get("baselines", {}).get("gene_mean") or {}).get("val")
-        hit = converged_at(at, vals, unit=unit, tol=cfg.plateau_tol, patience=cfg.plateau_patience,
-                           min_cells=cfg.plateau_min_cells, ses=[b.get("gain_se") for b in ladder],
-                           learned=[has_learned(b["val_mse"], gene_mean, cfg.plateau_tol) for b in ladder])
+        hit = ladder_converged_at(ladder, gene_mean, unit=unit, tol=cfg.plateau_tol, patience=cfg.plateau_patience,
+                                  min_cells=cfg.plateau_min_cells)
         train_loss = sum(v for v, _ in losses) / max(1, len(losses))
         return BranchRecord.model_validate({
             "run_id": run.run_id, "size": mcfg.name, "params": count_params(mcfg), "seed": run.seed,
