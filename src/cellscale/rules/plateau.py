@@ -121,7 +121,8 @@ def has_learned(mse: float | None, gene_mean: float | None, tol: float = PLATEAU
     """Is a point's validation MSE below the gene-mean baseline's by more than ``tol``? A run can sit
     on the gene-mean plateau for doublings before it starts to learn (measured: MINI on the
     compute-optimal data, gains 0.46% and 0.35% at 40k and 80k cells, then 5.4% over the next doubling),
-    so no point there counts towards convergence. Without a baseline every point counts."""
+    so no point there counts towards convergence, nor towards the data axis's law
+    (``fit.data_axis.learned_points``). Without a baseline every point counts."""
     if gene_mean is None or not math.isfinite(gene_mean) or mse is None or not math.isfinite(mse):
         return True
     return mse < gene_mean * (1.0 - tol)
