@@ -46,11 +46,11 @@ def stop_and_next(rows: list[dict], gene_mean: float, *, min_cells: float, patie
     i = ladder_converged_at(rows, gene_mean, unit=unit, tol=tol, patience=patience, min_cells=min_cells)
     if i is None:
         return None
-    later = [j for j in range(i + 1, len(rows)) if cells[i] <= plateau.HALF * cells[j]]
+    j = plateau.next_doubling(cells, i)
     own = gains(cells, val, unit)[i]
-    if not later:
+    if j is None:
         return i, own, None, None
-    nxt = rows[later[0]]
+    nxt = rows[j]
     return (i, own, doubling_gain(val[i], nxt["val_loss"], unit),
             doubling_gain(rows[i]["test_loss"], nxt["test_loss"], unit))
 

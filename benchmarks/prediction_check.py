@@ -136,24 +136,28 @@ def converged_check(sd, size: str, rows: list[dict], *, lr_scale: float, train_c
     """For each sweep run of ``size`` at the longer run's rate, training set and seed that the rule called
     converged at D: what the longer run (the same recipe and seed, so the same path to D) bought from
     D to 2 D, cooled down, on validation cells (the loss the rule reads) and on test cells."""
-    from cellscale.rules.plateau import doubling_gain
+    from cellscale.rules.plateau import doubling_gain, next_doubling
 
-    at = {int(r["cells_seen"]): r for r in rows}
+    cells = [float(r["cells_seen"]) for r in rows]
     runs = sd.runs.assign(train_cells=sd.runs["train_cells"].fillna(sd.full_train or np.nan))
     ok = runs[(runs["size"] == size) & (runs["status"] == "ok") & np.isclose(runs["lr_scale"], lr_scale)
               & np.isclose(runs["train_cells"], train_cells) & (runs["seed"] == seed)]
     for r in ok.itertuples():
         if r.converged is not True and r.converged != 1:
             continue
-        d = int(r.cells_seen)
-        if d not in at or 2 * d not in at:
-            print(f"{r.run_id}: converged at {d:,} cells seen; the longer run has no branch at {2 * d:,}")
+        d = float(r.cells_seen)
+        i = next((k for k, c in enumerate(cells) if np.isclose(c, d)), None)
+        j = None if i is None else next_doubling(cells, i)
+        if j is None:
+            print(f"{r.run_id}: converged at {d:,.0f} cells seen; the longer run has no branch there and about "
+                  "twice as far")
             continue
-        unit = str(at[d].get("loss_unit", "mse"))
-        g_val = doubling_gain(at[d]["val_loss"], at[2 * d]["val_loss"], unit)
-        g_test = doubling_gain(at[d]["test_loss"], at[2 * d]["test_loss"], unit)
-        print(f"{r.run_id}: converged at {d:,} cells seen; 2x longer buys {100 * g_val:+.2f}% (validation), "
-              f"{100 * g_test:+.2f}% (test)")
+        at, nxt = rows[i], rows[j]
+        unit = str(at.get("loss_unit", "mse"))
+        g_val = doubling_gain(at["val_loss"], nxt["val_loss"], unit)
+        g_test = doubling_gain(at["test_loss"], nxt["test_loss"], unit)
+        print(f"{r.run_id}: converged at {d:,.0f} cells seen; {cells[j] / d:.2g}x longer buys {100 * g_val:+.2f}% "
+              f"(validation), {100 * g_test:+.2f}% (test)")
 
 
 if __name__ == "__main__":

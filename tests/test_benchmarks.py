@@ -137,6 +137,32 @@ def test_prediction_check_judges_each_seed_and_their_mean_beyond_the_sweeps_maxi
     assert rows[0]["factor"] == 2 and rows[-1]["factor"] == 4
 
 
+def test_prediction_check_reads_what_the_next_doubling_bought_each_converged_run(capsys):
+    import types
+
+    import pandas as pd
+
+    runs = pd.DataFrame([  # the sweep: XS converged at 120k (seed 0) and at 240k (seed 1, not judged here)
+        {"run_id": "XS-dall-s0", "size": "XS", "status": "ok", "lr_scale": 1.0, "train_cells": None, "seed": 0,
+         "converged": True, "cells_seen": 120_000},
+        {"run_id": "XS-d1600-s0", "size": "XS", "status": "ok", "lr_scale": 1.0, "train_cells": 1600, "seed": 0,
+         "converged": True, "cells_seen": 120_000},
+        {"run_id": "XS-dall-s1", "size": "XS", "status": "ok", "lr_scale": 1.0, "train_cells": None, "seed": 1,
+         "converged": True, "cells_seen": 240_000},
+        {"run_id": "TINY-dall-s0", "size": "TINY", "status": "ok", "lr_scale": 1.0, "train_cells": None, "seed": 0,
+         "converged": False, "cells_seen": 240_000}])
+    sd = types.SimpleNamespace(runs=runs, full_train=6400.0)
+    longer = [{"cells_seen": d, "val_loss": v, "test_loss": t, "loss_unit": "mse"}
+              for d, v, t in ((60_000, 0.30, 0.31), (120_000, 0.26, 0.27), (240_000, 0.2574, 0.2646))]
+    check = _bench_module("prediction_check").converged_check
+    check(sd, "XS", longer, lr_scale=1.0, train_cells=6400.0, seed=0)
+    assert capsys.readouterr().out == ("XS-dall-s0: converged at 120,000 cells seen; 2x longer buys +1.01% "
+                                       "(validation), +2.04% (test)\n")
+    check(sd, "XS", longer, lr_scale=1.0, train_cells=6400.0, seed=1)  # converged at the longer run's last
+    assert capsys.readouterr().out == ("XS-dall-s1: converged at 240,000 cells seen; the longer run has no branch "
+                                       "there and about twice as far\n")
+
+
 def test_real_counts_reads_a_gene_by_cell_table_whose_header_names_the_cells_only(tmp_path: Path):
     import gzip
 

@@ -70,6 +70,17 @@ def test_a_point_a_hair_below_the_gene_mean_has_not_learned():
     # the table's val_mse is what is read, whatever the fitted loss (here a loss in bits)
     bits = both.assign(val_loss=-both["val_loss"], loss_unit="bits", val_mse=both["val_loss"])
     assert set(learned_points(bits, gene_mean_mse=0.9283)[0]["run_id"]) == {"XS-dall-s0"}
+    # at the study's own tolerance (train.plateau_tol), as the trainer read it: 0.01% keeps XXS's last two
+    pts, notes = learned_points(both, gene_mean_mse=0.9283, tol=1e-4)
+    assert pts.groupby("run_id").size().to_dict() == {"XS-dall-s0": 4, "XXS-dall-s0": 2}
+    assert not any("gene-mean baseline" in n for n in notes)
+
+
+def test_the_report_reads_has_learned_at_the_study_tolerance(tmp_path):
+    from cellscale.report.records import SweepData
+
+    assert SweepData(sweep_dir=tmp_path).plateau_tol == 0.01  # no config: the rule's default
+    assert SweepData(sweep_dir=tmp_path, config={"train": {"plateau_tol": 0.005}}).plateau_tol == 0.005
 
 
 def _ladder(converged, gain, se) -> pd.DataFrame:

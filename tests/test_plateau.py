@@ -13,6 +13,7 @@ from cellscale.rules.plateau import (
     has_learned,
     is_converged,
     ladder_converged_at,
+    next_doubling,
     paired_gain_se,
     relative_fall,
 )
@@ -37,6 +38,15 @@ def test_a_loss_in_bits_is_judged_as_the_variance_of_a_gaussian_of_that_entropy(
     assert doubling_gain(-2.0, -2.0, "bits") == 0.0
     assert doubling_gain(0.3, 0.3 - 0.5 * math.log2(1.009), "bits") == pytest.approx(0.009)
     assert is_converged(doubling_gain(0.3, 0.3 - 0.5 * math.log2(1.009), "bits"))
+
+
+def test_the_next_doubling_is_read_where_gains_read_one():
+    doubling = [30_000, 60_000, 120_000, 240_000]
+    assert [next_doubling(doubling, i) for i in range(4)] == [1, 2, 3, None]
+    root2 = [30_000, 42_426, 60_000, 84_853, 120_000]  # sqrt(2) apart: two points on
+    assert [next_doubling(root2, i) for i in range(5)] == [2, 3, 4, None, None]
+    # a point 1.6x on is not a doubling, 1.7x is (HALF = 0.6)
+    assert next_doubling([100_000, 160_000, 170_000], 0) == 2
 
 
 def test_a_relative_fall_is_a_share_of_the_loss_before():

@@ -211,12 +211,13 @@ def _limited_by(d: float, d_ci: list, n: float, n_ci: list) -> str:
     return "both"
 
 
-def learned_points(branches: pd.DataFrame, *, gene_mean_mse: float | None = None,
-                   choose_on: str = "val_loss") -> tuple[pd.DataFrame, list[str]]:
+def learned_points(branches: pd.DataFrame, *, gene_mean_mse: float | None = None, choose_on: str = "val_loss",
+                   tol: float = PLATEAU_TOL) -> tuple[pd.DataFrame, list[str]]:
     """The branch points a law of cells seen describes, and what was left out and why. Read on
     validation cells (choices are made there): the gains on ``choose_on``, and whether a point has
     learned by ``rules.plateau.has_learned`` (its ``val_mse`` below ``gene_mean_mse``, the gene-mean
-    baseline's validation MSE, by more than the tolerance: the convergence rule's own test).
+    baseline's validation MSE, by more than ``tol``, the study's ``plateau_tol``: the convergence
+    rule's own test, at the tolerance the trainer read it at).
 
     - a run's points up to its steepest doubling are left out. A run starts on the gene-mean
       plateau and leaves it in a takeoff whose gains grow from doubling to doubling; a power law in
@@ -230,39 +231,47 @@ def learned_points(branches: pd.DataFrame, *, gene_mean_mse: float | None = None
     - points that have not learned are left out: they sit on the gene-mean plateau (measured on 8k
       real PBMCs: XXS's points 0.1% below the baseline, kept by a bare "below", set the size term's
       exponent to 1.09 and left the law 7-9% above the largest size's own points; docs/ablations.md)."""
-    keep, notes, early, worse = [], [], 0, []
+    keep, flat, early, worse = [], [], 0, []
     for _, run in branches.groupby("run_id", sort=False):
         run = run.sort_values("cells_seen")
         unit = str(run["loss_unit"].iloc[0]) if "loss_unit" in run else "mse"
         g = gains(run["cells_seen"].tolist(), run[choose_on].tolist(), unit)
         g = np.array([np.nan if v is None else v for v in g], dtype=float)
         start = int(np.nanargmax(g)) + 1 if np.isfinite(g).any() and np.nanmax(g) > 0 else 0
-        stop = _first_worse(run, g, start, _learned(run, gene_mean_mse, choose_on))
+        learned = _learned(run, gene_mean_mse, choose_on, tol)
+        stop = _first_worse(run, g, start, learned)
         early += start
         if stop < len(run):
             worse.append((str(run["size"].iloc[0]), len(run) - stop))
-        keep.append(run.iloc[start:stop])
+        keep.append(run.iloc[start:stop][learned[start:stop]])
+        flat.append(run.iloc[start:stop][~learned[start:stop]])
     out = pd.concat(keep) if keep else branches.iloc[:0]
+    return out.sort_index(), _left_out_notes(early, worse, pd.concat(flat) if flat else out.iloc[:0],
+                                             gene_mean_mse, tol)
+
+
+def _left_out_notes(early: int, worse: list[tuple[str, int]], flat: pd.DataFrame, gene_mean_mse: float | None,
+                    tol: float) -> list[str]:
+    notes = []
     if early:
         notes.append(f"{_points(early)} up to their run's steepest doubling (the takeoff from the gene-mean "
                      "plateau) left out")
     if worse:
         notes.append(f"{_points(sum(n for _, n in worse))} from the doubling that made their run worse "
                      f"(overfitting its training cells: {', '.join(sorted({s for s, _ in worse}))}) left out")
-    flat = ~_learned(out, gene_mean_mse, choose_on)
-    if flat.any():
-        names = sorted(set(out.loc[flat, "size"].astype(str)))
-        notes.append(f"{_points(int(flat.sum()))} not below the gene-mean baseline ({gene_mean_mse:.4g}) by more "
-                     f"than {PLATEAU_TOL:.0%} left out ({', '.join(names)})")
-        out = out[~flat]
-    return out.sort_index(), notes
+    if len(flat):
+        names = sorted(set(flat["size"].astype(str)))
+        notes.append(f"{_points(len(flat))} not below the gene-mean baseline ({gene_mean_mse:.4g}) by more "
+                     f"than {tol:.0%} left out ({', '.join(names)})")
+    return notes
 
 
-def _learned(run: pd.DataFrame, gene_mean_mse: float | None, choose_on: str) -> np.ndarray:
+def _learned(run: pd.DataFrame, gene_mean_mse: float | None, choose_on: str, tol: float) -> np.ndarray:
     """``has_learned`` of each point, on its validation MSE (``choose_on`` where the table has no
     ``val_mse``, as a table in MSE has none to add)."""
     mse = run["val_mse"] if "val_mse" in run else run[choose_on]
-    return np.array([has_learned(float(m), gene_mean_mse) for m in pd.to_numeric(mse, errors="coerce")], dtype=bool)
+    return np.array([has_learned(float(m), gene_mean_mse, tol) for m in pd.to_numeric(mse, errors="coerce")],
+                    dtype=bool)
 
 
 def _first_worse(run: pd.DataFrame, g: np.ndarray, start: int, learned: np.ndarray) -> int:

@@ -75,7 +75,7 @@ def branch_points(sd: SweepData) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]
     bad = ~np.isfinite(y) | (y <= lowest)  # the laws are fitted in log space, to the excess over it
     if bad.any():
         notes.append(f"{int(bad.sum())} points without a finite loss above {lowest:g} left out")
-    pts, learned = learned_points(chosen[~bad], gene_mean_mse=sd.gene_mean_val)
+    pts, learned = learned_points(chosen[~bad], gene_mean_mse=sd.gene_mean_val, tol=sd.plateau_tol)
     notes += learned
     full = sd.full_train
     if pts["train_cells"].isna().any() and full is not None:

@@ -18,6 +18,7 @@ from cellscale.data.manifest import Manifest, Scores, finite_or_none
 from cellscale.fit.entropy import entropy_bits
 from cellscale.rules.bits import count_weighted_bits
 from cellscale.rules.lrgrid import CHOICE_COLUMN, FITTED_COLUMN, fitted_column
+from cellscale.rules.plateau import PLATEAU_TOL
 from cellscale.schema import RESULT_FIELDS
 
 # the reference predictors a sweep scores itself (cellscale.data.baselines), besides the gene mean
@@ -173,6 +174,13 @@ class SweepData:
     def gene_mean(self) -> float | None:
         """The gene-mean baseline on the fitted loss's cells (``split``), in MSE."""
         return self.baselines.get("gene_mean", {}).get(self.split)
+
+    @property
+    def plateau_tol(self) -> float:
+        """The convergence rule's tolerance the study trained at (its config's ``train.plateau_tol``): the
+        data axis reads "has learned" at the same one (``fit.data_axis.learned_points``)."""
+        tol = ((self.config or {}).get("train") or {}).get("plateau_tol")
+        return float(tol) if isinstance(tol, (int, float)) and not isinstance(tol, bool) else PLATEAU_TOL
 
     @property
     def gene_mean_val(self) -> float | None:

@@ -81,6 +81,13 @@ def gains(cells: Sequence[float], losses: Sequence[float | None], unit: str = "m
     return out
 
 
+def next_doubling(cells: Sequence[float], i: int) -> int | None:
+    """Index of the first point after ``i`` with at least about twice its cells seen (``HALF``, as
+    :func:`gains` reads a doubling): where what the next doubling bought is read; None without one."""
+    later = [j for j in range(i + 1, len(cells)) if cells[i] <= HALF * cells[j]]
+    return later[0] if later else None
+
+
 def paired_gain_se(before: tuple[np.ndarray, np.ndarray], after: tuple[np.ndarray, np.ndarray],
                    unit: str = "mse") -> float | None:
     """The standard error of :func:`doubling_gain` over the evaluation cells, from each cell's loss
