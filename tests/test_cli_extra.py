@@ -286,3 +286,22 @@ def test_data_build_takes_source_genes_cells_and_seed_from_config(monkeypatch, t
     err = capsys.readouterr().err
     assert "error: data build needs --genes, --cells (or --config with a data section)" in err
     assert "Traceback" not in err
+
+
+def test_the_reports_resample_batches_are_shown_at_half_and_at_the_end():
+    from cellscale.runtime.progress import ResampleProgress, console
+
+    with console.capture() as cap:  # not a terminal: plain lines
+        with ResampleProgress() as bar:
+            for total in (1000, 40):  # a batch too small to mention
+                for done in range(total // 10, total + 1, total // 10):
+                    bar(done, total)
+            for done in (250, 500):  # a third batch of the same size as the first
+                bar(done, 1000)
+    lines = [line.split(" in ")[0] for line in cap.get().splitlines()]
+    assert lines == ["report: fitting: 500/1000 resamples of batch 1", "report: fitting: 1000/1000 resamples of batch 1",
+                     "report: fitting: 500/1000 resamples of batch 3"]
+    with console.capture() as cap:
+        with ResampleProgress(enabled=False) as bar:
+            bar(1000, 1000)
+    assert cap.get() == ""

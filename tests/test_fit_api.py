@@ -90,6 +90,22 @@ def test_seeded_and_independent_of_process_count(pf_table):
     assert not np.array_equal(one.samples, other.samples)
 
 
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_a_batch_of_resamples_reports_how_it_stands_and_fits_the_same(pf_table, n_jobs):
+    from cellscale.fit.bootstrap import CHUNKS_REPORTED, on_resamples
+
+    plain = fit_table(pf_table, law="power-floor", bootstrap=40, seed=7, n_jobs=n_jobs)
+    heard = []
+    with on_resamples(lambda done, total: heard.append((done, total))):
+        watched = fit_table(pf_table, law="power-floor", bootstrap=40, seed=7, n_jobs=n_jobs)
+    assert np.array_equal(plain.samples, watched.samples)
+    run = [d for d, t in heard if t == 40][:CHUNKS_REPORTED]  # the bootstrap's batch, chunk by chunk to its end
+    assert run == sorted(run) and run[-1] == 40 and len(run) == CHUNKS_REPORTED
+    heard.clear()
+    fit_table(pf_table, law="power-floor", bootstrap=40, seed=7, n_jobs=n_jobs)  # outside the block: no one hears
+    assert heard == []
+
+
 def test_seeds_of_one_configuration_resample_together(pf_table):
     from cellscale.fit.bootstrap import resample_weights
 
@@ -148,6 +164,26 @@ def test_data_constrained_reduces_to_chinchilla_without_repeats():
     fresh = np.column_stack([N, U * 8, U * 8])
     assert np.all(dc.predict(theta_dc, rep) > dc.predict(theta_dc, fresh))
     assert np.all(dc.predict(theta_dc, rep) < dc.predict(theta_dc, X))
+
+
+def test_data_constrained_predicts_a_batch_of_parameters_as_it_predicts_each():
+    # the start grid and the numerical Jacobian predict many parameter vectors in one broadcast pass
+    # (benchmarks/bench_data_fit.py: 3.3x on a real sweep's fit); it must be each vector's prediction
+    law = LAWS["data-constrained"]
+    rng = np.random.default_rng(0)
+    logX = np.log(np.column_stack([np.logspace(2, 5, 12), np.logspace(4, 6, 12), np.repeat([1600.0, 6400.0], 6)]))
+    U = np.column_stack([rng.uniform(-2, 10, 9), rng.uniform(-2, 10, 9), rng.uniform(-3, 0, 9),
+                         rng.uniform(0.05, 1, 9), rng.uniform(0.05, 1, 9), rng.uniform(-4, 9, 9), rng.uniform(-4, 9, 9)])
+    many = law.log_predict_many(U, logX)
+    assert many.shape == (9, 12)
+    np.testing.assert_allclose(many, np.stack([law.log_predict(u, logX) for u in U]), rtol=1e-13, atol=0)
+    u = U[0]
+    one_at_a_time = np.empty((12, 7))
+    for j in range(7):
+        h = 1e-6 * max(1.0, abs(u[j]))
+        step = np.eye(7)[j] * h
+        one_at_a_time[:, j] = (law.log_predict(u + step, logX) - law.log_predict(u - step, logX)) / (2 * h)
+    np.testing.assert_allclose(law.log_jac(u, logX), one_at_a_time, rtol=1e-9, atol=1e-12)
 
 
 def test_data_constrained_fit_recovers_decay():

@@ -599,11 +599,13 @@ def cmd_fit(a: argparse.Namespace) -> int:
 
 def cmd_report(a: argparse.Namespace) -> int:
     from cellscale.report.writer import write_report
+    from cellscale.runtime.progress import ResampleProgress
 
     sweep_dir = Path(a.sweep_dir)
     if not (sweep_dir / "results.csv").is_file():
         raise CellscaleError(f"{sweep_dir} has no results.csv; run `cellscale sweep` into it first")
-    html, md = write_report(sweep_dir)
+    with ResampleProgress() as bar:
+        html, md = write_report(sweep_dir, progress=bar)
     print(f"report: {html}\nreport: {md}")
     return 0
 

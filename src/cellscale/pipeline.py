@@ -14,7 +14,7 @@ from cellscale.fit.text import format_fit
 from cellscale.report.writer import write_report
 from cellscale.rules.lrgrid import loss_column
 from cellscale.runtime.io import read_json
-from cellscale.runtime.progress import console
+from cellscale.runtime.progress import ResampleProgress, console
 from cellscale.sweep import run_sweep
 
 __all__ = ["format_fit", "print_summary", "resolve_config", "run_study", "summarize"]
@@ -36,7 +36,8 @@ def run_study(
     out = Path(out)
     results = run_sweep(cfg, out=out, backend=backend, ray_address=ray_address,
                         overwrite=overwrite, progress=progress, workers=workers)
-    html, md = write_report(out)
+    with ResampleProgress(enabled=progress) as bar:
+        html, md = write_report(out, progress=bar)
     summary = summarize(out, results)
     summary.update({"report_html": str(html), "report_md": str(md), "results": str(results)})
     return summary

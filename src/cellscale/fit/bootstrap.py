@@ -16,10 +16,13 @@ exception the fit raised. Callers count them; nothing is dropped unseen.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import sys
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +36,24 @@ from cellscale.runtime.cpus import usable_cpus
 TOO_FEW_CONFIGS = "fewer distinct configurations than parameters"
 NON_POSITIVE = "a simulated loss is not positive"
 NON_FINITE = "the fit returned a non-finite estimate"
+
+
+# who hears how a batch of resamples stands (done, total): the report's progress bar (on_resamples)
+_ON_RESAMPLES: ContextVar[Callable[[int, int], None] | None] = ContextVar("on_resamples", default=None)
+CHUNKS_PER_JOB = 4  # chunks per worker process: load balance without much pickling
+CHUNKS_REPORTED = 16  # chunks per batch when someone hears its progress (finer steps for the ETA)
+
+
+@contextlib.contextmanager
+def on_resamples(callback: Callable[[int, int], None]) -> Iterator[None]:
+    """Within the block, every batch of resamples fitted in this process (:func:`fit_resamples`)
+    calls ``callback(done, total)`` as its chunks finish. The numbers do not change: each resample
+    is fitted alone, whatever the chunks."""
+    token = _ON_RESAMPLES.set(callback)
+    try:
+        yield
+    finally:
+        _ON_RESAMPLES.reset(token)
 
 
 @dataclass
@@ -124,12 +145,27 @@ def fit_resamples(method_name: str, law: Law, X: np.ndarray, Y: np.ndarray, W: n
     if n_jobs is None or n_jobs <= 0:
         n_jobs = usable_cpus()
     n_jobs = max(1, min(n_jobs, W.shape[0]))
-    if n_jobs == 1 or W.shape[0] < 2:
+    heard = _ON_RESAMPLES.get()
+    if W.shape[0] < 2 or (heard is None and n_jobs == 1):
         return _fit_chunk(method_name, law, X, Y, W, starts, se_fn)
-    splits = np.array_split(np.arange(W.shape[0]), n_jobs * 4)
-    jobs = [(method_name, law, X, Y[s] if Y.ndim == 2 else Y, W[s], starts, se_fn) for s in splits if s.size]
-    with single_thread_env(), ProcessPoolExecutor(max_workers=n_jobs, mp_context=_pool_context()) as pool:
-        parts = list(pool.map(_fit_chunk, *zip(*jobs)))
+    splits = [s for s in np.array_split(np.arange(W.shape[0]), max(n_jobs * CHUNKS_PER_JOB,
+                                                                    CHUNKS_REPORTED if heard else 1)) if s.size]
+    jobs = [(method_name, law, X, Y[s] if Y.ndim == 2 else Y, W[s], starts, se_fn) for s in splits]
+    hear = heard or (lambda done, total: None)
+    done = 0
+    if n_jobs == 1:
+        parts = []
+        for job, s in zip(jobs, splits):
+            parts.append(_fit_chunk(*job))
+            done += s.size
+            hear(done, W.shape[0])
+    else:
+        with single_thread_env(), ProcessPoolExecutor(max_workers=n_jobs, mp_context=_pool_context()) as pool:
+            futures = {pool.submit(_fit_chunk, *job): s.size for job, s in zip(jobs, splits)}
+            for f in as_completed(futures):
+                done += futures[f]
+                hear(done, W.shape[0])
+            parts = [f.result() for f in futures]  # in submission order: the resamples' own order
     extra = np.vstack([p.extra for p in parts]) if se_fn is not None else None
     return Resamples(np.vstack([p.samples for p in parts]), [e for p in parts for e in p.errors], extra)
 

@@ -53,7 +53,7 @@ from cellscale.fit.bootstrap import (
 # the interval methods' names, descriptions and default live in fit.defaults (stdlib, read by the command line)
 from cellscale.fit.defaults import DEFAULT_INTERVAL, DESCRIPTIONS, INTERVALS, default_interval  # noqa: F401
 from cellscale.fit.laws.base import Law
-from cellscale.fit.methods import least_squares_from, residuals_jac
+from cellscale.fit.methods import least_squares_from, residuals_jac, weighted_residuals
 
 LEVEL = 0.95
 # More failed resamples than this share marks a fit's intervals as unreliable.
@@ -139,7 +139,7 @@ class _Profile:
 
         v0 = np.clip(self.warm[free], self.lo[free] + 1e-12, self.hi[free] - 1e-12)
         with np.errstate(all="ignore"):
-            res = least_squares(lambda v: residuals_jac(law, space, logX, y, w, full(v))[0], v0,
+            res = least_squares(lambda v: weighted_residuals(law, space, logX, y, w, full(v)), v0,
                                 jac=lambda v: residuals_jac(law, space, logX, y, w, full(v))[1][:, free],
                                 bounds=(self.lo[free], self.hi[free]), method="trf",
                                 ftol=1e-10, xtol=1e-10, gtol=1e-10, max_nfev=500)

@@ -55,6 +55,14 @@ def _lo_hi(bounds) -> tuple[list[float], list[float]]:
     return [b[0] for b in bounds], [b[1] for b in bounds]
 
 
+def weighted_residuals(law: Law, space: str, logX, y, w, u) -> np.ndarray:
+    """sqrt(w) (f(u) - y) in ``space`` ("log": log L) without the Jacobian: what a trial step of the
+    optimiser needs (a law whose Jacobian is numerical costs 2k + 1 predictions with it, one without)."""
+    lp = law.log_predict(u, logX)
+    sw = np.sqrt(w)
+    return sw * (lp - np.log(y)) if space == "log" else sw * (np.exp(lp) - y)
+
+
 def residuals_jac(law: Law, space: str, logX, y, w, u) -> tuple[np.ndarray, np.ndarray]:
     """Weighted residuals and their Jacobian in u: sqrt(w) (f(u) - y) in ``space`` ("log": log L)."""
     lp, J = law.log_predict_jac(u, logX)
@@ -68,7 +76,7 @@ def residuals_jac(law: Law, space: str, logX, y, w, u) -> tuple[np.ndarray, np.n
 def least_squares_from(law: Law, space: str, logX, y, w, u0, lo, hi) -> tuple[np.ndarray, float]:
     """The least-squares fit in ``space`` from ``u0`` within [lo, hi] (trust-region reflective):
     (u, residual sum of squares). The step every Gaussian fit here takes: ls-log, nls, the intervals."""
-    res = least_squares(lambda u: residuals_jac(law, space, logX, y, w, u)[0], u0,
+    res = least_squares(lambda u: weighted_residuals(law, space, logX, y, w, u), u0,
                         jac=lambda u: residuals_jac(law, space, logX, y, w, u)[1], bounds=(lo, hi), method="trf",
                         ftol=1e-12, xtol=1e-12, gtol=1e-12, max_nfev=2000)
     return res.x, float(2 * res.cost)
@@ -151,7 +159,7 @@ class _LeastSquares(Method):
 
     def residuals(self, law, logX, y, w, u):
         """sqrt(w) (f(u) - y) in ``space``: the residuals whose squares are summed."""
-        return residuals_jac(law, self.space, logX, y, w, u)[0]
+        return weighted_residuals(law, self.space, logX, y, w, u)
 
     def jacobian(self, law, logX, y, w, u):
         """d residuals / d u, shape (n, k)."""

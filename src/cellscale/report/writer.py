@@ -9,9 +9,12 @@ is written atomically.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
+from cellscale.fit.bootstrap import on_resamples
 from cellscale.report import data_axis, downstream, render
 from cellscale.report.figures import loss_refs, make_figures
 from cellscale.report.fitting import (
@@ -35,13 +38,21 @@ __all__ = ["write_report", "load_sweep", "run_fit", "run_depth_fits", "SweepData
 _fit_subset = fit_subset  # the name the report tests use
 
 
-def write_report(sweep_dir: str | os.PathLike) -> tuple[Path, Path]:
+def write_report(sweep_dir: str | os.PathLike, *, progress: Callable[[int, int], None] | None = None
+                 ) -> tuple[Path, Path]:
     """Fit, draw and write ``report.html``, ``report.md``, ``figures/*.png`` and ``fit.json`` into
-    ``sweep_dir``; return ``(html_path, md_path)``.
+    ``sweep_dir``; return ``(html_path, md_path)``. ``progress(done, total)`` hears each batch of
+    the fits' bootstrap resamples as it goes (``cellscale.fit.bootstrap.on_resamples``; the data
+    axis's joint law on a real sweep takes minutes).
 
     Raises ``RunError`` only when ``sweep_dir`` is not a sweep directory at all; everything that
     is merely missing (metrics, manifest, baselines) or unfittable is stated in the report.
     """
+    with on_resamples(progress) if progress is not None else contextlib.nullcontext():
+        return _write_report(sweep_dir)
+
+
+def _write_report(sweep_dir: str | os.PathLike) -> tuple[Path, Path]:
     sd = load_sweep(sweep_dir)
     root = sd.sweep_dir
     best = gene_best(sd)

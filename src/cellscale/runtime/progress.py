@@ -149,3 +149,53 @@ class SweepProgress:
         else:
             msg = f"{status}: {result.get('error')}"
         self._say(f"[{self.done}/{self.n_runs}] {spec.run_id} ({result.get('params', '?')} params): {msg}")
+
+
+class ResampleProgress:
+    """Where the report's fits stand, fed ``(done, total)`` for each batch of bootstrap resamples
+    (``cellscale.fit.bootstrap.on_resamples``): a bar with an ETA per batch on a terminal, else a
+    line when a batch of at least ``PLAIN_MIN`` resamples is half done and when it is done."""
+
+    PLAIN_MIN = 200
+
+    def __init__(self, label: str = "report: fitting", *, enabled: bool = True):
+        self.label, self.enabled = label, enabled
+        self._bar = None
+        if enabled and sys.stderr.isatty():
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
+                                 transient=True)
+        self._task = None
+        self._batch, self._last, self._half = 0, (0, 0), False
+        self._t0 = time.perf_counter()
+
+    def __enter__(self) -> "ResampleProgress":
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if done <= self._last[0] or total != self._last[1]:  # a new batch
+            self._batch += 1
+            self._half, self._t0 = False, time.perf_counter()
+            if self._bar is not None:
+                description = f"{self.label}, batch {self._batch} of resamples"
+                if self._task is None:
+                    self._task = self._bar.add_task(description, total=total)
+                else:
+                    self._bar.reset(self._task, total=total, description=description)
+        self._last = (done, total)
+        if self._bar is not None:
+            self._bar.update(self._task, completed=done)
+        elif total >= self.PLAIN_MIN and (done == total or (not self._half and 2 * done >= total)):
+            self._half = self._half or 2 * done >= total
+            spent = time.perf_counter() - self._t0
+            eta = "" if done == total else f", about {spent * (total - done) / max(done, 1):.0f} s to go"
+            console.print(f"{self.label}: {done}/{total} resamples of batch {self._batch} in {spent:.0f} s{eta}",
+                          highlight=False)

@@ -61,7 +61,14 @@ class DataConstrained(Law):
         return a, b, e, alpha, beta, lrd, lrn
 
     def log_predict(self, u, logX):
-        a, b, e, alpha, beta, lrd, lrn = self._split(u)
+        return self.log_predict_many(np.asarray(u, dtype=float)[None, :], logX)[0]
+
+    def log_predict_many(self, U, logX):
+        """log L for every row of ``U`` in one broadcast pass (S, n): the start grid, and the 2k
+        shifted rows of the numerical Jacobian (``Law.log_jac``), cost one pass instead of S."""
+        U = np.asarray(U, dtype=float)
+        cols = [U[:, i:i + 1] for i in range(U.shape[1])]
+        a, b, e, alpha, beta, lrd, lrn = self._split(cols)
         log_n, log_d, log_u = logX[:, 0], logX[:, 1], logX[:, 2]
         log_d_eff = _effective(log_u, log_d, lrd)
         log_n_opt = (np.log(alpha) + a - np.log(beta) - b) / alpha + (beta / alpha) * log_u
@@ -69,7 +76,7 @@ class DataConstrained(Law):
         log_n_eff = _effective(log_un, log_n, lrn)
         terms = [a - alpha * log_n_eff, b - beta * log_d_eff]
         if e is not None:
-            terms.append(np.full(logX.shape[0], e))
+            terms.append(e)
         return softmax_terms(terms)[0]
 
     def to_natural(self, u):
