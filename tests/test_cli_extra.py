@@ -288,18 +288,27 @@ def test_data_build_takes_source_genes_cells_and_seed_from_config(monkeypatch, t
     assert "Traceback" not in err
 
 
-def test_the_reports_resample_batches_are_shown_at_half_and_at_the_end():
+def test_the_reports_resample_batches_are_shown_at_half_and_at_the_end(monkeypatch):
     from cellscale.runtime.progress import ResampleProgress, console
 
-    with console.capture() as cap:  # not a terminal: plain lines
+    def batches(bar):
+        for total in (1000, 40):
+            for done in range(total // 10, total + 1, total // 10):
+                bar(done, total)
+        for done in (250, 500):  # a third batch of the same size as the first
+            bar(done, 1000)
+
+    with console.capture() as cap:  # not a terminal: plain lines, none for batches done in a blink
         with ResampleProgress() as bar:
-            for total in (1000, 40):  # a batch too small to mention
-                for done in range(total // 10, total + 1, total // 10):
-                    bar(done, total)
-            for done in (250, 500):  # a third batch of the same size as the first
-                bar(done, 1000)
+            batches(bar)
+    assert cap.get() == ""
+    monkeypatch.setattr(ResampleProgress, "PLAIN_SECONDS", 0.0)  # every batch counts as long
+    with console.capture() as cap:
+        with ResampleProgress() as bar:
+            batches(bar)
     lines = [line.split(" in ")[0] for line in cap.get().splitlines()]
     assert lines == ["report: fitting: 500/1000 resamples of batch 1", "report: fitting: 1000/1000 resamples of batch 1",
+                     "report: fitting: 20/40 resamples of batch 2", "report: fitting: 40/40 resamples of batch 2",
                      "report: fitting: 500/1000 resamples of batch 3"]
     with console.capture() as cap:
         with ResampleProgress(enabled=False) as bar:
