@@ -74,6 +74,8 @@ def test_a_point_a_hair_below_the_gene_mean_has_not_learned():
     pts, notes = learned_points(both, gene_mean_mse=0.9283, tol=1e-4)
     assert pts.groupby("run_id").size().to_dict() == {"XS-dall-s0": 4, "XXS-dall-s0": 2}
     assert not any("gene-mean baseline" in n for n in notes)
+    notes = learned_points(both, gene_mean_mse=0.9283, tol=0.005)[1]  # half a percent: XXS is still out
+    assert notes[-1] == "2 points not below the gene-mean baseline (0.9283) by more than 0.5% left out (XXS)"
 
 
 def test_the_report_reads_has_learned_at_the_study_tolerance(tmp_path):

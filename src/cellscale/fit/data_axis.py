@@ -262,7 +262,7 @@ def _left_out_notes(early: int, worse: list[tuple[str, int]], flat: pd.DataFrame
     if len(flat):
         names = sorted(set(flat["size"].astype(str)))
         notes.append(f"{_points(len(flat))} not below the gene-mean baseline ({gene_mean_mse:.4g}) by more "
-                     f"than {tol:.0%} left out ({', '.join(names)})")
+                     f"than {100 * tol:g}% left out ({', '.join(names)})")
     return notes
 
 
