@@ -47,7 +47,29 @@ def _loss_text(info: dict[str, Any]) -> str:
     return "" if info.get("loss") is None else f" loss {info['loss']:.4f}"
 
 
-class SweepProgress:
+def _bars(*middle: Any, transient: bool) -> Progress:
+    """Rich bars on stderr: description, bar, done/total, ``middle``, elapsed time and the ETA."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *middle,
+                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
+                    transient=transient)
+
+
+class _Live:
+    """Bars (``_bar``, None off a terminal) shown for the length of a ``with`` block."""
+
+    _bar: Progress | None = None
+
+    def __enter__(self):
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+class SweepProgress(_Live):
     """Rich progress bars on stderr; plain lines when stderr is not a terminal (CI logs)."""
 
     def __init__(self, n_runs: int, *, enabled: bool = True):
@@ -57,23 +79,10 @@ class SweepProgress:
         self.done = 0
         self._bar = None
         if self.live:
-            self._bar = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
-                TimeRemainingColumn(), console=console, transient=False,
-            )
+            self._bar = _bars(TextColumn("{task.fields[info]}"), transient=False)
             self._sweep = self._bar.add_task("runs", total=n_runs, info="")
             self._run = None
         self._parallel: dict[str, Any] = {}  # run id -> its bar or its last plain quarter (runs in parallel)
-
-    def __enter__(self) -> "SweepProgress":
-        if self._bar is not None:
-            self._bar.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._bar is not None:
-            self._bar.stop()
 
     def _say(self, text: str) -> None:
         if self.enabled:
@@ -151,7 +160,7 @@ class SweepProgress:
         self._say(f"[{self.done}/{self.n_runs}] {spec.run_id} ({result.get('params', '?')} params): {msg}")
 
 
-class ResampleProgress:
+class ResampleProgress(_Live):
     """Where the report's fits stand, fed ``(done, total)`` for each batch of bootstrap resamples
     (``cellscale.fit.bootstrap.on_resamples``): a bar with an ETA per batch on a terminal, else a
     line when a batch is half done and when it is done, once it has taken ``PLAIN_SECONDS`` (the
@@ -163,21 +172,10 @@ class ResampleProgress:
         self.label, self.enabled = label, enabled
         self._bar = None
         if enabled and sys.stderr.isatty():
-            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
-                                 transient=True)
+            self._bar = _bars(transient=True)
         self._task = None
         self._batch, self._last, self._half, self._first = 0, (0, 0), False, 0
         self._t0 = time.perf_counter()
-
-    def __enter__(self) -> "ResampleProgress":
-        if self._bar is not None:
-            self._bar.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._bar is not None:
-            self._bar.stop()
 
     def __call__(self, done: int, total: int) -> None:
         if not self.enabled:
