@@ -86,8 +86,9 @@ def main() -> None:
     fit = data.fit
     print(f"{a.sweep}: law {fit.result.law.name} on {fit.result.n_points} points, params "
           + ", ".join(f"{k} {v:.4g}" for k, v in fit.result.params.items()))
-    table = judged_rows(fit, [(result, json.loads((out / "branches.json").read_text())["branches"])
-                              for out, result in runs], top=float(sd.branches["cells_seen"].max()))
+    branches = [json.loads((out / "branches.json").read_text())["branches"] for out, _ in runs]
+    table = judged_rows(fit, [(result, rows) for (_, result), rows in zip(runs, branches)],
+                        top=float(sd.branches["cells_seen"].max()))
     print("| seed | cells seen | x the sweep's max | predicted test loss | 95% prediction interval | measured | error "
           "| inside |")
     print("|---|---|---|---|---|---|---|---|")
@@ -95,8 +96,7 @@ def main() -> None:
         print(f"| {t['seed']} | {t['cells_seen']:,.0f} | {t['factor']:.3g} | {t['predicted']:.4f} | "
               f"[{t['lo']:.4f}, {t['hi']:.4f}] | {t['measured']:.4f}{t.get('pm', '')} | {t['error']:+.2f}% | "
               f"{'yes' if t['inside'] else 'NO'} |")
-    for out, result in runs:
-        rows = json.loads((out / "branches.json").read_text())["branches"]
+    for (out, result), rows in zip(runs, branches):
         converged_check(sd, a.size, rows, lr_scale=float(result["lr_scale"]),
                         train_cells=float(result["train_cells"]), seed=int(result["seed"]))
         if not np.isfinite(result.get("test_mse") or np.nan):
