@@ -29,7 +29,8 @@ import numpy as np
 
 from cellscale.config import load_study_config
 from cellscale.data.store import Dataset
-from cellscale.report.data_axis import run_data_fit
+from cellscale.fit.backtest import prediction_error
+from cellscale.report.data_axis import prediction_clause, run_data_fit
 from cellscale.report.load import load_sweep
 from cellscale.rules.lrgrid import select_lr
 from cellscale.train import train_run
@@ -96,6 +97,8 @@ def main() -> None:
         print(f"| {t['seed']} | {t['cells_seen']:,.0f} | {t['factor']:.3g} | {t['predicted']:.4f} | "
               f"[{t['lo']:.4f}, {t['hi']:.4f}] | {t['measured']:.4f}{t.get('pm', '')} | {t['error']:+.2f}% | "
               f"{'yes' if t['inside'] else 'NO'} |")
+    # what the report says of the same law from the sweep's own points, beside what the longer run says
+    print("the report's backtest:", prediction_clause(data))
     for (out, result), rows in zip(runs, branches):
         converged_check(sd, a.size, rows, lr_scale=float(result["lr_scale"]),
                         train_cells=float(result["train_cells"]), seed=int(result["seed"]))
@@ -129,7 +132,7 @@ def _judged(fit, n: float, d: float, u: float, got: float, top: float, **extra) 
     pred = float(fit.predict([n], [d], [u])[0])
     lo, hi = (float(v[0]) for v in fit.prediction_interval([n], [d], [u]))
     return {"cells_seen": d, "factor": d / top, "predicted": pred, "lo": lo, "hi": hi, "measured": got,
-            "error": 100 * (pred / got - 1), "inside": lo <= got <= hi, **extra}
+            "error": 100 * prediction_error(pred, got, fit.unit), "inside": lo <= got <= hi, **extra}
 
 
 def converged_check(sd, size: str, rows: list[dict], *, lr_scale: float, train_cells: float, seed: int) -> None:

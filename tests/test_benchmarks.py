@@ -116,6 +116,8 @@ def _bench_module(name: str):
 
 def test_prediction_check_judges_each_seed_and_their_mean_beyond_the_sweeps_maximum():
     class Law:  # predicts 0.25 everywhere, interval [0.2, 0.3]
+        unit = "mse"
+
         def predict(self, n, d, u):
             return np.array([0.25])
 

@@ -185,6 +185,16 @@ def test_a_plateau_sweep_reports_its_data_axis(tmp_path):
     meaning = md.split("## What this means")[1].split("##")[0]
     assert "Regime, from the joint law: XXS at 128,000 cells seen: 10x the cells seen lowers its loss by" in meaning
     assert "The size law on the converged losses" in meaning
+    # the backtest: the last doubling (128,000 cells seen) held out, predicted by the law of the other points
+    bt = rec["backtest"]
+    assert (bt["fitted_up_to"], bt["n"], bt["n_fitted"]) == (64_000.0, 5, rec["n_points"] - 5)
+    assert [p["cells_seen"] for p in bt["points"]] == [128_000.0] * 5 and bt["bootstrap"] == 200
+    verdicts = [line[2:] for line in meaning.splitlines() if line.startswith("- ")]
+    assert len(verdicts) == 5 and verdicts[2].startswith("Law: ") and verdicts[2].endswith(
+        f" The joint law L(N, D), refitted without the last doubling of cells seen, predicts it within "
+        f"{100 * bt['rms_error']:.1f}% rms (largest miss {100 * bt['largest_error']:+.1f}%, {bt['largest_size']}; "
+        f"{bt['inside']} of 5 inside their 95% prediction intervals).")
+    assert "Checked on its own points: refitted to the 13 points up to 64,000 cells seen" in md
     assert "cooldown-branch points (params, cells_seen against the test loss of the cooled-down weights)" in md
 
 

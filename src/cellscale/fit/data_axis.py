@@ -310,7 +310,7 @@ def fit_data_axis(branches: pd.DataFrame, *, law: str | None = None, y: str = Y_
     keep = (branches["status"].astype(str) == "ok").to_numpy() if "status" in branches else np.ones(len(branches), bool)
     ok = branches[keep]
     if cell_draws is not None:  # aligned with the points kept
-        cell_draws = _rows(cell_draws, keep)
+        cell_draws = rows_of(cell_draws, keep)
     if ok.empty:
         raise FitError("no cooldown branch point to fit (a plateau-budget sweep writes them to branches.csv)")
     law = law or data_law(ok)
@@ -334,12 +334,14 @@ def fit_data_axis(branches: pd.DataFrame, *, law: str | None = None, y: str = Y_
                        run_residuals=runs, point_residuals=points)
 
 
-def _rows(draws, keep: np.ndarray):
-    """``draws`` (a (B, n) array or ``CellDraws``) at the rows ``keep``."""
+def rows_of(draws, keep: np.ndarray, resamples: int | None = None):
+    """``draws`` (a (B, n) array or ``CellDraws``) at the rows ``keep``, and only its first ``resamples``
+    resamples when given (a fit refits every resample of the cells it is handed)."""
+    first = slice(None) if resamples is None else slice(0, resamples)
     if isinstance(draws, CellDraws):
         obs = None if draws.observed is None else np.asarray(draws.observed)[keep]
-        return replace(draws, values=np.asarray(draws.values)[:, keep], observed=obs)
-    return np.asarray(draws)[:, keep]
+        return replace(draws, values=np.asarray(draws.values)[first][:, keep], observed=obs)
+    return np.asarray(draws)[first][:, keep]
 
 
 def predict_json(record: dict[str, Any], **columns: Any) -> np.ndarray:

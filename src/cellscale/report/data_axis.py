@@ -1,5 +1,6 @@
 """The report's data axis: the joint L(N, D) fitted to the sweep's cooldown branch points
-(``cellscale.fit.data_axis``), written to ``data_fit.json``, drawn (loss against cells seen, the
+(``cellscale.fit.data_axis``) and checked on them (``cellscale.fit.backtest``: the last doubling
+predicted by the law of the rest), written to ``data_fit.json``, drawn (loss against cells seen, the
 compute-optimal frontier), tabled (each size's converged loss and regime) and put in words.
 
 A sweep without branch points (a fixed-budget sweep) has no data axis: ``run_data_fit`` returns
@@ -16,14 +17,17 @@ import numpy as np
 import pandas as pd
 
 from cellscale.errors import FitError
+from cellscale.fit.backtest import backtest
 from cellscale.fit.core import fitted_unit
 from cellscale.fit.data_axis import Y_DATA, DataAxisFit, fit_data_axis, law_x, learned_points
+from cellscale.fit.defaults import BACKTEST_BOOTSTRAP
 from cellscale.report import plots
 from cellscale.report.doc import Callout, Fig, Figure, Para, Section, Table
 from cellscale.report.fitting import FitOutcome, eval_cell_draws, headline_depth
 from cellscale.report.fmt import fmt_int, fmt_num
 from cellscale.report.records import SweepData
 from cellscale.rules.lrgrid import select_lr
+from cellscale.runtime.io import jsonable
 
 DATA_FILE = "data_fit.json"
 _CONVERGED_HEADER = ["size", "params", "cells seen (last)", "loss there", "L(N, D -> inf)", "95% CI",
@@ -106,7 +110,10 @@ def run_data_fit(sd: SweepData) -> DataOutcome | None:
             out.fit = fit_data_axis(pts, law=law, method=str(cfg["data_method"]), bootstrap=int(cfg["bootstrap"]),
                                     seed=int(cfg["seed"]),
                                     interval=cfg.get("interval"), n_jobs=None, cell_draws=draws)
-        out.record = out.fit.to_dict()
+            held = backtest(pts, law=out.fit.result.law.name, method=str(cfg["data_method"]),
+                            bootstrap=min(int(cfg["bootstrap"]), BACKTEST_BOOTSTRAP), seed=int(cfg["seed"]),
+                            n_jobs=None, cell_draws=draws)
+        out.record = {**out.fit.to_dict(), "backtest": jsonable(held)}
     except FitError as err:
         out.error = str(err)
     except Exception as err:  # a bug in the fit must not cost the user the report
@@ -264,6 +271,43 @@ def converged_sentence(out: DataOutcome) -> str:
     return text
 
 
+def _backtest(out: DataOutcome | None) -> dict[str, Any] | None:
+    return None if out is None or out.record is None else out.record.get("backtest")
+
+
+def _inside(bt: dict[str, Any]) -> str:
+    if bt.get("inside") is None:
+        return "no prediction intervals (fit.bootstrap is 0)"
+    return f"{bt['inside']} of {bt['n']} inside their 95% prediction intervals"
+
+
+def backtest_sentence(out: DataOutcome | None) -> str:
+    """How far the law carries one doubling of cells seen, measured on the sweep's own points
+    (``cellscale.fit.backtest``)."""
+    bt = _backtest(out)
+    if not bt:
+        return ""
+    if bt.get("error"):
+        return f"The law was not checked on its own points: {bt['error']}."
+    return (f"Checked on its own points: refitted to the {bt['n_fitted']} points up to {fmt_int(bt['fitted_up_to'])} "
+            f"cells seen, the law predicts the {bt['n']} points of the last doubling with an rms error of "
+            f"{_pct(bt['rms_error'])} (largest: {bt['largest_size']}, {100 * bt['largest_error']:+.1f}%), "
+            f"{_inside(bt)}. That is how far a law of this sweep's points carried one doubling of cells seen; the "
+            f"law above rests on all {out.record['n_points']} points, and a prediction further out is less certain.")
+
+
+def prediction_clause(out: DataOutcome | None) -> str | None:
+    """The backtest as the "Law:" verdict's last clause: how far the joint law predicts; None without one."""
+    bt = _backtest(out)
+    if not bt:
+        return None
+    if bt.get("error"):
+        return f"The joint law L(N, D) was not checked on its own points ({bt['error']})."
+    return (f"The joint law L(N, D), refitted without the last doubling of cells seen, predicts it within "
+            f"{_pct(bt['rms_error'])} rms (largest miss {100 * bt['largest_error']:+.1f}%, {bt['largest_size']}; "
+            f"{_inside(bt)}).")
+
+
 def meaning_text(out: DataOutcome | None) -> str:
     """The data axis in "What this means": the regime and the converged losses, or why not."""
     if out is None:
@@ -284,7 +328,16 @@ def methods_text(out: DataOutcome | None) -> str:
             f"cooldown-branch points ({x} against the test loss of the cooled-down weights); each size's converged "
             "loss is the law at D -> inf, and intervals of derived numbers are bootstrap percentiles over "
             f"{fmt_int(rec.get('bootstrap', 0))} resamples of the fit. The regime compares the loss at {factor} "
-            f"the cells seen, and at {factor} the parameters, with the loss at each size's last point.")
+            f"the cells seen, and at {factor} the parameters, with the loss at each size's last point."
+            + _backtest_method(rec.get("backtest")))
+
+
+def _backtest_method(bt: dict[str, Any] | None) -> str:
+    if not bt or bt.get("error"):
+        return ""
+    return (f" To check it, the same law was refitted to the {bt['n_fitted']} points up to "
+            f"{fmt_int(bt['fitted_up_to'])} cells seen ({fmt_int(bt['bootstrap'])} resamples) and its predictions, "
+            "with their 95% prediction intervals, set against the measured points of the last doubling.")
 
 
 def sections(out: DataOutcome | None) -> list[Section]:
@@ -299,6 +352,8 @@ def sections(out: DataOutcome | None) -> list[Section]:
         return [Section("Scaling with cells seen", blocks)]
     blocks += [Para(converged_sentence(out)), converged_table(out), Para(regime_sentence(out)),
                Para(size_law_sentence(out))]
+    if backtest_sentence(out):
+        blocks.append(Para(backtest_sentence(out)))
     out_sections = [Section("Scaling with cells seen", blocks)]
     if "compute_optimal" in out.record:
         from cellscale.report import tables

@@ -112,7 +112,7 @@ def _headline(f: Findings) -> tuple[pd.DataFrame, dict[str, float]]:
 def _verdicts(f: Findings) -> Bullets:
     runs, baselines = _headline(f)
     fit = f.fit.data if f.fit.data is not None else {"error": f.fit.error or "no fit"}
-    return Bullets(verdict_lines(runs, fit, baselines))
+    return Bullets(verdict_lines(runs, fit, baselines, prediction=data_axis.prediction_clause(f.data)))
 
 
 def _meaning(f: Findings) -> str:

@@ -111,13 +111,16 @@ def _bits(fit: Mapping[str, Any]) -> str:
 
 
 def verdict_lines(runs: pd.DataFrame | None, fit: Mapping[str, Any] | None,
-                  baselines: Mapping[str, float]) -> list[str]:
-    """The verdicts, in order; fewer when there is no run or no fit. ``baselines`` are on the cells and
-    in the unit of the loss the best model is scored by (``best_model``)."""
+                  baselines: Mapping[str, float], *, prediction: str | None = None) -> list[str]:
+    """The verdicts, in order (at most five); fewer when there is no run or no fit. ``baselines`` are on
+    the cells and in the unit of the loss the best model is scored by (``best_model``). ``prediction``:
+    how well the data axis's joint law predicts (``report.data_axis.prediction_clause``), said on the
+    "Law:" line, as whether a law holds is one verdict."""
     best = best_model(runs) if runs is not None else None
     out = [_best(best, baselines)]
     if runs is not None and not runs.empty:
         out.append(_trained(runs))
+    tail = f" {prediction}" if prediction else ""
     if not fit or fit.get("error") or not fit.get("params"):
-        return out + ["Law: none fitted" + (f" ({fit['error']})" if fit and fit.get("error") else "") + "."]
-    return out + [_law(fit), _floor(fit), _bits(fit)]
+        return out + ["Law: none fitted" + (f" ({fit['error']})" if fit and fit.get("error") else "") + "." + tail]
+    return out + [_law(fit) + tail, _floor(fit), _bits(fit)]
