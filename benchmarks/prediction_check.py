@@ -29,7 +29,7 @@ import numpy as np
 
 from cellscale.config import load_study_config
 from cellscale.data.store import Dataset
-from cellscale.fit.backtest import prediction_error
+from cellscale.fit.compare import prediction_error
 from cellscale.report.data_axis import prediction_clause, run_data_fit
 from cellscale.report.load import load_sweep
 from cellscale.rules.lrgrid import select_lr

@@ -4,10 +4,12 @@ doubling of cells seen predicts it, and the report states what that check found.
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from cellscale.fit import fit_data_axis, simulate_branches
-from cellscale.fit.backtest import backtest, held_out, prediction_error
+from cellscale.fit.backtest import backtest, held_out
+from cellscale.fit.compare import prediction_error
 
 TRUTH = {"A": 4.0, "B": 3000.0, "E": 0.7, "alpha": 0.35, "beta": 0.9}
 SIZES = {"XXS": 50.0, "MINI": 400.0, "TINY": 2300.0, "SMALL": 26000.0, "XS": 102000.0}
@@ -89,9 +91,7 @@ def test_the_report_states_the_backtest_in_its_verdicts_and_its_data_section():
         "rests on all 25 points, and a prediction further out is less certain.")
     assert prediction_clause(_outcome({**bt, "inside": None})).endswith("; no prediction intervals (fit.bootstrap is 0)).")
     failed = {"error": "every point is in one doubling of cells seen: nothing to hold out"}
-    assert prediction_clause(_outcome(failed)) == (
-        "The joint law L(N, D) was not checked on its own points (every point is in one doubling of cells seen: "
-        "nothing to hold out).")
+    assert prediction_clause(_outcome(failed)) is None  # said in the section, not in the verdicts
     assert backtest_sentence(_outcome(failed)) == (
         "The law was not checked on its own points: every point is in one doubling of cells seen: nothing to hold out.")
     assert prediction_clause(None) is None and backtest_sentence(_outcome(None)) == ""
@@ -135,3 +135,59 @@ def test_its_interval_method_draws_the_same_laws_as_the_reports_profile(table):
     draws = {name: fit_data_axis(short, law="chinchilla", bootstrap=30, seed=3, interval=name).theta_draws
              for name in (INTERVAL, "profile")}
     assert draws[INTERVAL].shape == (30, 5) and np.array_equal(draws[INTERVAL], draws["profile"])
+
+
+def test_a_size_the_refit_never_saw_is_not_judged_and_is_named(table):
+    # SMALL's points before the last doubling are gone: the refit would predict it across parameters too
+    late = table[~((table["size"] == "SMALL") & (table["cells_seen"] < 120_000))]
+    bt = backtest(late, law="chinchilla", bootstrap=0)
+    assert bt["not_in_refit"] == ["SMALL"] and bt["n"] == 4
+    assert [p["size"] for p in bt["points"]] == ["XXS", "MINI", "TINY", "XS"]
+    only = table[table["size"].isin(["XXS", "MINI"]) | (table["cells_seen"] == 120_000)]
+    only = only[~((only["size"].isin(["XXS", "MINI"])) & (only["cells_seen"] == 120_000))]
+    assert backtest(only, law="chinchilla", bootstrap=0)["error"] == "no size of the last doubling has a point before it"
+
+
+def test_points_that_did_not_finish_are_neither_fitted_nor_judged(table):
+    broken = table.copy()
+    broken.loc[broken.index[4], "status"] = "diverged"  # XXS at 120k
+    broken.loc[broken.index[9], "test_loss"] = np.nan  # MINI at 120k
+    bt = backtest(broken, law="chinchilla", bootstrap=0)
+    assert [p["size"] for p in bt["points"]] == ["TINY", "SMALL", "XS"] and bt["n_fitted"] == 20
+    assert backtest(table.iloc[:0], law="chinchilla", bootstrap=0)["error"] == (
+        "every point is in one doubling of cells seen: nothing to hold out")
+
+
+def test_runs_on_several_training_sets_are_backtested_on_the_data_constrained_law():
+    truth = {"A": 4.0, "B": 3000.0, "E": 0.7, "alpha": 0.35, "beta": 0.9, "R_D_star": 3.0, "R_N_star": 20.0}
+    sizes = {"MINI": 400.0, "TINY": 2300.0, "SMALL": 26000.0, "XS": 102000.0}
+    small = simulate_branches("data-constrained", truth, sizes=sizes, cells=CELLS, train_cells=4000.0, noise=0.003, seed=1)
+    big = simulate_branches("data-constrained", truth, sizes=sizes, cells=CELLS, train_cells=60000.0, noise=0.003, seed=2)
+    both = pd.concat([small, big.assign(run_id=big["run_id"] + "-u60k")], ignore_index=True)
+    bt = backtest(both, law="data-constrained", bootstrap=0)
+    assert bt["n"] == 8 and bt["n_fitted"] == 32 and bt["not_in_refit"] == []
+    short = fit_data_axis(both[~held_out(both)], law="data-constrained", bootstrap=0)
+    last = both[held_out(both)]
+    expected = short.predict(last["params"], last["cells_seen"], last["train_cells"]) / last["test_loss"].to_numpy() - 1
+    assert [p["error"] for p in bt["points"]] == pytest.approx(expected, rel=1e-9)
+    assert sorted({p["train_cells"] for p in bt["points"]}) == [4000.0, 60000.0] and bt["rms_error"] < 0.03
+
+
+def test_a_backtest_that_raises_costs_only_its_own_record(tmp_path, monkeypatch):
+    from fixtures_report import add_branches, make_sweep
+
+    import cellscale.report.data_axis as report_axis
+    from cellscale.report.load import load_sweep
+
+    sweep = make_sweep(tmp_path, sizes=("XXS", "TINY", "XS", "S", "M"), seeds=(0,), diverged=None, failed=None)
+    add_branches(sweep)
+
+    def broken(*args, **kwargs):
+        raise IndexError("a bug")
+
+    monkeypatch.setattr(report_axis, "backtest", broken)
+    out = report_axis.run_data_fit(load_sweep(sweep))
+    assert out.error is None and out.record["n_points"] == 18 and "converged" in out.record
+    assert out.record["backtest"] == {"error": "the backtest raised IndexError: a bug"}
+    assert report_axis.prediction_clause(out) is None
+    assert report_axis.backtest_sentence(out) == "The law was not checked on its own points: the backtest raised IndexError: a bug."

@@ -1,8 +1,19 @@
-"""Goodness of fit and model comparison: R^2, AIC/BIC, and the leave-largest-out check."""
+"""Goodness of fit and model comparison: R^2, AIC/BIC, and how far a prediction missed."""
 
 from __future__ import annotations
 
 import numpy as np
+
+from cellscale.rules.plateau import doubling_gain
+
+
+def prediction_error(predicted: float, measured: float, unit: str = "mse") -> float:
+    """How far a prediction missed, as a share: predicted / measured - 1 for an MSE, and for bits the
+    same share of the variance a Gaussian of that entropy has (the convergence rule's measure of a
+    change, ``rules.plateau.doubling_gain``, read from the prediction to the measurement, as the size
+    law's leave-largest-out check reads it); NaN where it is not defined (an MSE not positive)."""
+    g = doubling_gain(predicted, measured, unit)
+    return float("nan") if g is None else g
 
 
 def r_squared(y: np.ndarray, pred: np.ndarray) -> float:

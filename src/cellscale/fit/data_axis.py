@@ -336,7 +336,7 @@ def fit_data_axis(branches: pd.DataFrame, *, law: str | None = None, y: str = Y_
 
 def rows_of(draws, keep: np.ndarray, resamples: int | None = None):
     """``draws`` (a (B, n) array or ``CellDraws``) at the rows ``keep``, and only its first ``resamples``
-    resamples when given (a fit refits every resample of the cells it is handed)."""
+    resamples when given (the profile and wald-t intervals refit every resample of the cells they are handed)."""
     first = slice(None) if resamples is None else slice(0, resamples)
     if isinstance(draws, CellDraws):
         obs = None if draws.observed is None else np.asarray(draws.observed)[keep]
