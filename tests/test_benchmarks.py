@@ -176,3 +176,23 @@ def test_real_counts_reads_a_gene_by_cell_table_whose_header_names_the_cells_onl
     assert adata.shape == (2, 3)
     assert list(adata.obs_names) == ["pbmc8k-V1", "pbmc8k-V2"] and list(adata.var_names) == ["ENSG01", "ENSG02", "ENSG03"]
     np.testing.assert_array_equal(adata.X.toarray(), [[0, 7, 1], [3, 0, 2]])
+
+
+def test_law_forms_fits_four_forms_and_its_chinchilla_is_the_data_axis_law(tmp_path):
+    from fixtures_report import add_branches, make_sweep
+
+    from cellscale.fit import fit_data_axis
+    from cellscale.report.data_axis import branch_points
+    from cellscale.report.load import load_sweep
+
+    sweep = make_sweep(tmp_path, sizes=("XXS", "TINY", "XS", "S", "M"), seeds=(0,), diverged=None, failed=None)
+    add_branches(sweep)
+    out = _run("law_forms.py", str(sweep), "--size", "M", "--cells", "512000", "--measured", "1.5", "--starts", "6")
+    rows = [line.strip("|").split(" | ") for line in out.splitlines()[2:]]
+    forms = ["chinchilla", "kaplan", "level-per-size", "level-and-amplitude-per-size"]
+    assert [(r[0].strip(), r[1]) for r in rows] == [(f, h) for h in ("least squares", "huber") for f in forms]
+    pts = branch_points(load_sweep(sweep))[0]
+    m = float(pts.loc[pts["size"] == "M", "params"].iloc[0])
+    law = fit_data_axis(pts, law="chinchilla", method="ls-log", bootstrap=0).predict([m], [512_000])[0]
+    assert float(rows[0][2]) == pytest.approx(law, rel=2e-3)  # the same least squares on log L
+    assert rows[0][3].strip() == f"{100 * (float(rows[0][2]) / 1.5 - 1):+.1f}%"
