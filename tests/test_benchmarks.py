@@ -196,3 +196,13 @@ def test_law_forms_fits_four_forms_and_its_chinchilla_is_the_data_axis_law(tmp_p
     law = fit_data_axis(pts, law="chinchilla", method="ls-log", bootstrap=0).predict([m], [512_000])[0]
     assert float(rows[0][2]) == pytest.approx(law, rel=2e-3)  # the same least squares on log L
     assert rows[0][3].strip() == f"{100 * (float(rows[0][2]) / 1.5 - 1):+.1f}%"
+
+
+def test_data_axis_coverage_judges_the_backtest():
+    out = _run("data_axis_coverage.py", "--backtest", "--replicates", "2", "--bootstrap", "20").splitlines()
+    assert out[0].startswith("2 replicates, ls-log, point noise 0.005, run noise 0.01, 20 resamples (")
+    assert re.fullmatch(r"backtest \(refit to 60k-120k, the 240k points held out\): 2 of 2 made; held-out points "
+                        r"inside their 95% prediction intervals: \d\.\d{3} \(MC s\.e\. \d\.\d{3}, 8 points\); rms "
+                        r"error median \d+\.\d\d%, root mean square \d+\.\d\d%", out[2])
+    assert re.fullmatch(r"the law of all points at 4x against a fresh run: rms error \d+\.\d\d%; rank correlation "
+                        r"of the backtest's rms with \|that error\| across replicates: [+-]\d\.\d\d", out[3])

@@ -192,8 +192,7 @@ def test_a_plateau_sweep_reports_its_data_axis(tmp_path):
     verdicts = [line[2:] for line in meaning.splitlines() if line.startswith("- ")]
     assert len(verdicts) == 5 and verdicts[2].startswith("Law: ") and verdicts[2].endswith(
         f" The joint law L(N, D), refitted without the last doubling of cells seen, predicts it within "
-        f"{100 * bt['rms_error']:.1f}% rms (largest miss {100 * bt['largest_error']:+.1f}%, {bt['largest_size']}; "
-        f"{bt['inside']} of 5 inside their 95% prediction intervals).")
+        f"{100 * bt['rms_error']:.1f}% rms (largest miss {100 * bt['largest_error']:+.1f}%, {bt['largest_size']}).")
     assert "Checked on its own points: refitted to the 13 points up to 64,000 cells seen" in md
     assert "cooldown-branch points (params, cells_seen against the test loss of the cooled-down weights)" in md
 
