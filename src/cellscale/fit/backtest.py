@@ -23,6 +23,7 @@ import pandas as pd
 from cellscale.errors import FitError
 from cellscale.fit import defaults
 from cellscale.fit.compare import prediction_error
+from cellscale.fit.data import finished_mask
 from cellscale.fit.data_axis import Y_DATA, fit_data_axis, rows_of
 from cellscale.rules.plateau import HALF
 
@@ -78,11 +79,11 @@ def backtest(points: pd.DataFrame, *, law: str, method: str = defaults.DATA_METH
 
 
 def _finite_points(points: pd.DataFrame) -> np.ndarray:
-    """The ok points with a finite loss and cells seen (``fit_data_axis`` fits no others)."""
-    ok = np.isfinite(pd.to_numeric(points[Y_DATA], errors="coerce").to_numpy(float))
-    ok &= np.isfinite(pd.to_numeric(points["cells_seen"], errors="coerce").to_numpy(float))
-    if "status" in points:
-        ok &= (points["status"].astype(str) == "ok").to_numpy()
+    """The finished points (``fit.data.finished_mask``, the rows every fit keeps) with a finite loss and
+    cells seen."""
+    ok = finished_mask(points)
+    for col in (Y_DATA, "cells_seen"):
+        ok &= np.isfinite(pd.to_numeric(points[col], errors="coerce").to_numpy(float))
     return ok
 
 

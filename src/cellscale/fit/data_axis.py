@@ -30,6 +30,7 @@ from cellscale.errors import FitError
 from cellscale.fit import defaults
 from cellscale.fit.cells import CellDraws
 from cellscale.fit.core import fit_table, floor_shifted
+from cellscale.fit.data import finished_mask
 from cellscale.fit.intervals import residual_levels
 from cellscale.fit.methods import METHODS
 from cellscale.fit.result import FitResult
@@ -307,7 +308,7 @@ def fit_data_axis(branches: pd.DataFrame, *, law: str | None = None, y: str = Y_
     columns); ``law`` None chooses by :func:`data_law`. FitError when they cannot carry it.
     ``cell_draws`` (aligned with the rows of ``branches``; ``fit_table``) puts the evaluation cells'
     noise into the resamples, and so into every interval read from them."""
-    keep = (branches["status"].astype(str) == "ok").to_numpy() if "status" in branches else np.ones(len(branches), bool)
+    keep = finished_mask(branches)
     ok = branches[keep]
     if cell_draws is not None:  # aligned with the points kept
         cell_draws = rows_of(cell_draws, keep)

@@ -34,8 +34,8 @@ DATA_METHOD = "ls-log"
 DATA_METHOD_NAMES = tuple(m for m in METHOD_NAMES if m != "paper")
 BOOTSTRAP = 1000  # resamples behind the intervals and prediction bands
 # resamples behind the data axis's backtest (cellscale.fit.backtest): its intervals are read only as
-# "inside or not" at one held-out doubling, and a second full bootstrap of the data-constrained law
-# would add minutes to a report (about 4.5 more on the 8k-PBMC sweep at 1000)
+# "inside or not" at one held-out doubling, and at 200 the backtest's refit already takes 57 s of the
+# 8k-PBMC report (data-constrained law, numerical Jacobian); a report's full 1000 would take minutes
 BACKTEST_BOOTSTRAP = 200
 SEED = 0  # of the resamples
 # the relative gain per doubling of N below which the compute-optimal block calls a size sufficient

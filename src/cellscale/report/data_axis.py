@@ -365,8 +365,9 @@ def sections(out: DataOutcome | None) -> list[Section]:
         return [Section("Scaling with cells seen", blocks)]
     blocks += [Para(converged_sentence(out)), converged_table(out), Para(regime_sentence(out)),
                Para(size_law_sentence(out))]
-    if backtest_sentence(out):
-        blocks.append(Para(backtest_sentence(out)))
+    checked = backtest_sentence(out)
+    if checked:
+        blocks.append(Para(checked))
     out_sections = [Section("Scaling with cells seen", blocks)]
     if "compute_optimal" in out.record:
         from cellscale.report import tables
